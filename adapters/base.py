@@ -1,0 +1,64 @@
+"""The adapter interface: how a constraint layer talks to one family of models."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from constraint_layers._grid import check_grid
+
+__all__ = ["Adapter"]
+
+
+class Adapter:
+    """How constraint layers call a model and find the quantity to constrain in its output.
+
+    Subclass it for a model family and register it with
+    :func:`constraint_layers.adapters.register`. Every method has a default that suits an
+    ``nn.Module`` called as ``model(x, ...)`` and returning a channel-first grid tensor; override
+    only what differs. Adapters hold no per-model state (one instance serves every model of the
+    type); per-wrapper state belongs on the wrapper, set up in :meth:`attach`.
+
+    Attributes
+    ----------
+    name : str
+        Unique name, shown in error messages (default: the class name).
+    targets : tuple of type or str
+        Model types served, used when the adapter is registered through an entry point.
+    """
+
+    name: ClassVar[str] = ""
+    targets: ClassVar[tuple[type | str, ...]] = ()
+
+    # ------------------------------------------------------------------------------ calling
+    def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run the model (the library's own calling convention)."""
+        return model(*args, **kwargs)
+
+    def model_input(self, args: tuple, kwargs: dict) -> Any:
+        """The model input handed to callable constraint values: the first positional argument,
+        else the keyword ``x``, else None."""
+        if args:
+            return args[0]
+        return kwargs.get("x")
+
+    # --------------------------------------------------------------------------- grid outputs
+    def grid(self, output: Any) -> Tensor:
+        """The channel-first grid ``(batch, channels, d1, ..., dn)`` inside the model's output."""
+        return check_grid(output, f"{self.name or type(self).__name__}.grid")
+
+    def with_grid(self, output: Any, grid: Tensor) -> Any:
+        """The model's output with its grid replaced by the corrected one (same kind of object)."""
+        return grid
+
+    # ------------------------------------------------------------------------------ wrappers
+    def attach(self, wrapper: nn.Module) -> None:
+        """Install per-wrapper hooks (state-dict hooks, kernel refinement). Default: none.
+
+        Hooks placed on the wrapped model must be handed to ``wrapper.add_handle`` so that
+        :func:`constraint_layers.unwrap` removes them.
+        """
+
+    def __repr__(self) -> str:
+        return f"<adapter {self.name or type(self).__name__}>"

@@ -1,0 +1,62 @@
+"""Adapter for neuraloperator models (FNO, TFNO, UNO, LocalNO, CODANO, ...).
+
+Imported only when a neuraloperator model is wrapped. It serves every ``BaseModel`` subclass whose
+output is a channel-first grid, and fixes neuraloperator's checkpoint trap: ``BaseModel.state_dict``
+writes a ``_metadata`` entry (its init kwargs, which can hold functions such as ``F.gelu``) into the
+destination without the wrapper's ``model.`` prefix; that key breaks a strict ``load_state_dict`` of
+the wrapper and refuses ``torch.load(weights_only=True)``. The hooks below keep the wrapper's
+checkpoint pure tensors, and accept a plain neuraloperator state dict (un-prefixed, with or
+without ``_metadata``) in ``wrapper.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ._registry import register
+from .base import Adapter
+
+__all__ = ["NeuralopAdapter"]
+
+_METADATA = "_metadata"
+
+
+def _drop_metadata(wrapper: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    model = wrapper.model
+    for key in (_METADATA, prefix + _METADATA, prefix + "model." + _METADATA):
+        if key in state_dict and state_dict[key] is getattr(model, "_init_kwargs", None):
+            del state_dict[key]
+
+
+def _accept_plain(
+    wrapper: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    for key in (_METADATA, prefix + _METADATA, prefix + "model." + _METADATA):
+        state_dict.pop(key, None)
+    ours = [k for k in state_dict if k.startswith(prefix)]
+    if ours and not any(k.startswith(prefix + "model.") for k in ours):
+        # a plain checkpoint of the model: its keys lack the wrapper's single prefix
+        model_keys = set(wrapper.model.state_dict(keep_vars=True)) - {_METADATA}
+        if {k[len(prefix) :] for k in ours} <= model_keys:
+            for k in ours:
+                state_dict[prefix + "model." + k[len(prefix) :]] = state_dict.pop(k)
+
+
+@register("neuralop.models.base_model.BaseModel")
+class NeuralopAdapter(Adapter):
+    """neuraloperator models: called as ``model(x, ...)``, output ``(batch, channels, *grid)``."""
+
+    name = "neuraloperator"
+
+    def attach(self, wrapper: nn.Module) -> None:
+        wrapper.register_state_dict_post_hook(_drop_metadata)
+        wrapper.register_load_state_dict_pre_hook(_accept_plain)

@@ -1,0 +1,36 @@
+"""constraint-layers: hard physics constraints as drop-in layers for operator-learning models.
+
+>>> import torch, constraint_layers as cl
+>>> net = torch.nn.Conv1d(1, 1, 5, padding=2)
+>>> model = cl.wrap(net, cl.Neumann(0.0, side="low"), cl.Neumann(5.0, side="high"))
+>>> y = model(torch.randn(4, 1, 101))
+>>> bool(cl.metrics.boundary_error(y, model.bcs).max() < 1e-3)
+True
+"""
+
+from __future__ import annotations
+
+from . import (
+    adapters,
+    errors,
+    functional,
+    metrics,
+)
+from .adapters import unwrap, wrap
+from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BoundaryCondition",
+    "BoundaryCorrection",
+    "Dirichlet",
+    "Neumann",
+    "Periodic",
+    "adapters",
+    "errors",
+    "functional",
+    "metrics",
+    "unwrap",
+    "wrap",
+]

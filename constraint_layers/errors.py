@@ -1,0 +1,36 @@
+"""Named exceptions of constraint-layers.
+
+Every exception raised for bad input is a ``ValueError`` or a ``TypeError`` (or a subclass of one)
+whose message names the call, what was expected, what was received and how to fix it. The few
+classes below exist so that callers can catch the situations they may want to handle.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConstraintError",
+    "ConstraintViolationError",
+    "GridError",
+    "NoAdapterError",
+    "SingularConstraintError",
+]
+
+
+class ConstraintError(ValueError):
+    """Base class of the value errors specific to constraint-layers."""
+
+
+class GridError(ConstraintError):
+    """A model output is not the channel-first grid a constraint needs, or the grid is too short."""
+
+
+class SingularConstraintError(ConstraintError):
+    """A constraint system cannot be solved (e.g. a conservation row that sees zero variance)."""
+
+
+class ConstraintViolationError(ConstraintError):
+    """Raised in debug mode when a corrected output does not satisfy its constraint."""
+
+
+class NoAdapterError(TypeError):
+    """No registered adapter knows how to wrap a model of this type."""
