@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._grid import check_grid, flat_channels, normalize_dim, resolve_spacing
 from ._stencils import lift_profile, ramp
-from .errors import GridError
+from .errors import ConstraintError, GridError
 
 if TYPE_CHECKING:
     from .boundary import BoundaryCondition
@@ -113,12 +113,25 @@ def _plan(
     lift: int,
     endpoint: bool,
     call: str,
+    exclusive: bool = False,
 ) -> list[_Plan]:
     n_spatial = y.ndim - 2
     dims = [normalize_dim(bc.dim, n_spatial, f"{call}: {bc!r}") for bc in bcs]
     reach_on_axis: dict[int, int] = {}
+    claimed: dict[tuple[int, str], list[BoundaryCondition]] = {}
     for bc, d in zip(bcs, dims):
         reach_on_axis[d] = max(reach_on_axis.get(d, 0), bc.reach)
+        for side in bc.sides if exclusive else ():
+            for other in claimed.get((d, side), []):
+                if bc.channels is None or other.channels is None or (
+                    set(bc.channels) & set(other.channels)
+                ):
+                    raise ConstraintError(
+                        f"{call}: {other!r} and {bc!r} both act on the {side} face of spatial "
+                        f"axis {d} for the same channel(s); a face takes one condition per "
+                        "channel. Remove one, or split them with channels=."
+                    )
+            claimed.setdefault((d, side), []).append(bc)
     plans = []
     for bc, d in zip(bcs, dims):
         size = y.shape[2 + d]
@@ -229,7 +242,7 @@ def enforce_boundary(
     bcs = _conditions(bcs, call)
     lift = _check_lift(lift, call)
     hs = resolve_spacing(y.shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call)
-    plans = _plan(y, bcs, hs, lift, endpoint, call)
+    plans = _plan(y, bcs, hs, lift, endpoint, call, exclusive=True)
     out = y.clone()
     done: list[tuple[BoundaryCondition, _Plan]] = []
     for bc, p in zip(bcs, plans):
