@@ -87,12 +87,14 @@ def register(*targets: type | str, replace: bool = False) -> Callable[[A], A]:
     >>> cl.adapters.unregister(TwiceAdapter)
     """
 
+    given = [_key(t) for t in targets]  # validate eagerly: a typo fails at the decorator line
+
     def deco(cls: A) -> A:
         if not (isinstance(cls, type) and issubclass(cls, Adapter)):
             raise TypeError(
                 f"register: expected a subclass of constraint_layers.adapters.Adapter, got {cls!r}."
             )
-        keys = [_key(t) for t in (targets or cls.targets)]
+        keys = given or [_key(t) for t in cls.targets]
         if not keys:
             raise ValueError(
                 f"register: {cls.__name__} names no model types; pass them to register(...) or set "

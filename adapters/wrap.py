@@ -7,24 +7,24 @@ from typing import Any
 from torch import nn
 
 from constraint_layers._wrapper import ConstraintLayer
-from constraint_layers.boundary import BoundaryCondition, BoundaryCorrection
+from constraint_layers.boundary import BoundaryCorrection
 
 from ._registry import find
 
 __all__ = ["unwrap", "wrap"]
 
 
-def _family(constraint: object) -> str:
-    if isinstance(constraint, BoundaryCondition):
-        return "boundary"
-    from constraint_layers.conservation import Conservation
+_FAMILIES = ("boundary", "conservation")
 
-    if isinstance(constraint, Conservation):
-        return "conservation"
-    raise TypeError(
-        "wrap: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, cl.Conservation), got "
-        f"{type(constraint).__name__}."
-    )
+
+def _family(constraint: object) -> str:
+    family = getattr(type(constraint), "family", None)
+    if family not in _FAMILIES:
+        raise TypeError(
+            "wrap: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, cl.Conservation), "
+            f"got {type(constraint).__name__}."
+        )
+    return family
 
 
 def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer:

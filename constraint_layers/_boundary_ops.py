@@ -123,8 +123,10 @@ def _plan(
         reach_on_axis[d] = max(reach_on_axis.get(d, 0), bc.reach)
         for side in bc.sides if exclusive else ():
             for other in claimed.get((d, side), []):
-                if bc.channels is None or other.channels is None or (
-                    set(bc.channels) & set(other.channels)
+                if (
+                    bc.channels is None
+                    or other.channels is None
+                    or (set(bc.channels) & set(other.channels))
                 ):
                     raise ConstraintError(
                         f"{call}: {other!r} and {bc!r} both act on the {side} face of spatial "
@@ -159,20 +161,32 @@ def _plan(
 
 
 def _tangential_weight(
-    y: Tensor, plan: _Plan, earlier: list[tuple[BoundaryCondition, _Plan]], lift: int
+    y: Tensor,
+    plan: _Plan,
+    earlier: list[tuple[BoundaryCondition, _Plan]],
+    later: list[tuple[BoundaryCondition, _Plan]],
+    lift: int,
 ) -> Tensor | None:
-    """Weights over the face that vanish on nodes read by earlier conditions on other axes."""
+    """Weights over the face for the lifted spread (None: all ones).
+
+    They vanish on nodes read by earlier conditions on other axes (so the spread cannot break
+    them) and on the face nodes of later conditions on other axes (corners and edges the later
+    condition takes over: spreading a correction from there would make the result depend on the
+    state those nodes had before, and correcting twice would move it).
+    """
     if not lift:
         return None
     masked: dict[int, list[int]] = {}
-    for bc, p in earlier:
-        if p.dim == plan.dim:
-            continue
-        lo_hi = masked.setdefault(p.dim, [0, 0])
-        if "low" in bc.sides:
-            lo_hi[0] = max(lo_hi[0], bc.reach)
-        if "high" in bc.sides:
-            lo_hi[1] = max(lo_hi[1], bc.reach)
+    for group, width in ((earlier, None), (later, 1)):
+        for bc, p in group:
+            if p.dim == plan.dim:
+                continue
+            lo_hi = masked.setdefault(p.dim, [0, 0])
+            reach = bc.reach if width is None else width
+            if "low" in bc.sides:
+                lo_hi[0] = max(lo_hi[0], reach)
+            if "high" in bc.sides:
+                lo_hi[1] = max(lo_hi[1], reach)
     if not masked:
         return None
     w = torch.ones((), dtype=y.dtype, device=y.device)
@@ -244,12 +258,11 @@ def enforce_boundary(
     hs = resolve_spacing(y.shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call)
     plans = _plan(y, bcs, hs, lift, endpoint, call, exclusive=True)
     out = y.clone()
-    done: list[tuple[BoundaryCondition, _Plan]] = []
-    for bc, p in zip(bcs, plans):
+    pairs = list(zip(bcs, plans))
+    for i, (bc, p) in enumerate(pairs):
         g = bc.resolve_value(out.dtype, out.device, p.face_shape, inputs, call)
-        w = _tangential_weight(out, p, done, lift)
+        w = _tangential_weight(out, p, pairs[:i], pairs[i + 1 :], lift)
         bc._apply(out, p.axis, p.ch, g, p.h, lift, w)
-        done.append((bc, p))
     return out
 
 

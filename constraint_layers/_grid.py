@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import GridError
 
-__all__ = ["check_grid", "normalize_dim", "resolve_spacing"]
+__all__ = ["check_grid", "check_grid_options", "flat_channels", "normalize_dim", "resolve_spacing"]
 
 Number = float | int
 
@@ -82,6 +82,20 @@ def _per_axis(value: object, n: int, name: str, call: str) -> tuple[float, ...] 
     return vals
 
 
+def check_grid_options(spacing: object, extent: object, call: str) -> None:
+    """Validate ``spacing`` / ``extent`` before the grid is known (types, signs, exclusivity)."""
+    if spacing is not None and extent is not None:
+        raise ValueError(
+            f"{call}: give either spacing= (fixed) or extent= (domain length, spacing follows the "
+            "resolution), not both."
+        )
+    for name, value in (("spacing", spacing), ("extent", extent)):
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            _per_axis(value, len(value), name, call)
+        elif value is not None:
+            _per_axis(value, 1, name, call)
+
+
 def resolve_spacing(
     grid_shape: Sequence[int],
     *,
@@ -105,11 +119,7 @@ def resolve_spacing(
         Whether the grid holds the node at the high end of each axis.
     """
     n = len(grid_shape)
-    if spacing is not None and extent is not None:
-        raise ValueError(
-            f"{call}: give either spacing= (fixed) or extent= (domain length, spacing follows the "
-            "resolution), not both."
-        )
+    check_grid_options(spacing, extent, call)
     fixed = _per_axis(spacing, n, "spacing", call)
     if fixed is not None:
         return fixed

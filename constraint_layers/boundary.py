@@ -42,7 +42,7 @@ from ._boundary_ops import (
     enforce_boundary,
     spread,
 )
-from ._grid import resolve_spacing
+from ._grid import check_grid_options, resolve_spacing
 from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
@@ -72,6 +72,8 @@ class BoundaryCondition:
     """
 
     kind: ClassVar[str] = "boundary"
+    #: Which layer enforces the constraint (``cl.wrap`` dispatches on it).
+    family: ClassVar[str] = "boundary"
 
     def __init__(
         self,
@@ -482,8 +484,7 @@ class BoundaryCorrection(ConstraintLayer):
             raise ValueError(f"{call}: expected at least one boundary condition, got none.")
         if mode not in _MODES:
             raise ValueError(f"{call}: mode must be one of {_MODES}, got {mode!r}.")
-        if spacing is not None or extent is not None:
-            resolve_spacing((2,), spacing=spacing, extent=extent, call=call)  # types and signs
+        check_grid_options(spacing, extent, call)
         self.spacing = spacing
         self.extent = extent
         self.endpoint = bool(endpoint)

@@ -1,0 +1,41 @@
+"""Worker of the DistributedDataParallel test (spawned; two CPU processes on gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import constraint_layers as cl
+
+
+def build(seed: int = 0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 8, 5, padding=2), torch.nn.GELU(), torch.nn.Conv1d(8, 1, 5, padding=2)
+    )
+    return cl.wrap(net, cl.Neumann(0.0, side="low"), cl.Neumann(5.0, side="high"))
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 2, 40, generator=gen), torch.randn(8, 1, 40, generator=gen)
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = torch.nn.parallel.DistributedDataParallel(build())
+    x, y = data()
+    shard = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    loss = (model(x[shard]) - y[shard]).pow(2).mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        after = model(x)
+    if rank == 0:
+        torch.save({"grads": grads, "after": after}, out)
+    dist.destroy_process_group()
