@@ -51,12 +51,34 @@ def _accept_plain(
                 state_dict[prefix + "model." + k[len(prefix) :]] = state_dict.pop(k)
 
 
+def _spectral_convs(model: nn.Module) -> list[nn.Module]:
+    blocks = getattr(model, "fno_blocks", None)
+    convs = getattr(blocks, "convs", None)
+    if convs is None:
+        raise ValueError(
+            f"mode='refine': {type(model).__name__} has no fno_blocks.convs; kernel refinement "
+            "serves neuraloperator's FNO and TFNO (and models built on FNOBlocks). Use "
+            "mode='output' for other models."
+        )
+    return list(convs)
+
+
 @register("neuralop.models.base_model.BaseModel")
 class NeuralopAdapter(Adapter):
-    """neuraloperator models: called as ``model(x, ...)``, output ``(batch, channels, *grid)``."""
+    """neuraloperator models: called as ``model(x, ...)``, output ``(batch, channels, *grid)``.
+
+    With ``mode="refine"`` (BOON's kernel refinement) a forward hook on every spectral convolution
+    of ``model.fno_blocks`` refines the layer so that its boundary outputs depend only on its
+    boundary inputs (see ``constraint_layers._refine``). The hooks act only inside the wrapper's
+    own calls, and :func:`constraint_layers.unwrap` removes them.
+    """
 
     name = "neuraloperator"
+    supports_refinement = True
 
     def attach(self, wrapper: nn.Module) -> None:
         wrapper.register_state_dict_post_hook(_drop_metadata)
         wrapper.register_load_state_dict_pre_hook(_accept_plain)
+        if getattr(wrapper, "mode", "output") == "refine":
+            for conv in _spectral_convs(wrapper.model):
+                wrapper.add_refinement(conv)

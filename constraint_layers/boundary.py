@@ -42,7 +42,8 @@ from ._boundary_ops import (
     enforce_boundary,
     spread,
 )
-from ._grid import check_grid_options, resolve_spacing
+from ._grid import check_grid_options, normalize_dim, resolve_spacing
+from ._refine import Refinement, RefinementContext
 from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
@@ -412,7 +413,7 @@ class Periodic(BoundaryCondition):
         high.write(0, avg)
 
 
-_MODES = ("output",)
+_MODES = ("output", "refine")
 
 
 class BoundaryCorrection(ConstraintLayer):
@@ -432,8 +433,11 @@ class BoundaryCorrection(ConstraintLayer):
     spacing, extent, endpoint, lift
         Grid description and smoothing, as for
         :func:`~constraint_layers.functional.enforce_boundary`.
-    mode : {"output"}
-        ``"output"``: correct the output grid (any grid model).
+    mode : {"output", "refine"}
+        ``"output"``: correct the output grid (any grid model). ``"refine"``: also refine every
+        Fourier layer of the model (BOON's kernel correction) so that each layer's boundary
+        outputs depend only on its boundary inputs; needs an adapter that supports it
+        (neuraloperator FNO / TFNO). The output step still makes the conditions exact.
     normalizer : object, optional
         The output normaliser of the training pipeline (``transform`` /
         ``inverse_transform``), or an object holding it as ``out_normalizer``
@@ -442,6 +446,10 @@ class BoundaryCorrection(ConstraintLayer):
         ``inverse_transform(output)`` before transforming back.
     adapter : Adapter, optional
         How to call the model and find its grid; default: looked up in the adapter registry.
+    rcond : float, default 1e-2
+        ``mode="refine"``: relative Tikhonov parameter of the boundary-block solve; directions
+        of the block with relative singular value far above it are inverted to rounding, those
+        near or below it are damped instead of blowing up.
     debug : bool, default False
         Check the residual of every condition after each call (costs a pass over the faces) and
         raise :class:`~constraint_layers.errors.ConstraintViolationError` if it exceeds rounding.
@@ -475,6 +483,7 @@ class BoundaryCorrection(ConstraintLayer):
         mode: str = "output",
         normalizer: object = None,
         adapter: Any = None,
+        rcond: float = 1e-2,
         debug: bool = False,
     ) -> None:
         call = "BoundaryCorrection"
@@ -492,7 +501,26 @@ class BoundaryCorrection(ConstraintLayer):
         self.mode = mode
         self.normalizer = check_normalizer(normalizer, call)
         self.debug = bool(debug)
+        if not (isinstance(rcond, float | int) and 0 <= rcond < 1):
+            raise ValueError(f"{call}: rcond must be a number in [0, 1), got {rcond!r}.")
+        self.rcond = float(rcond)
+        self.refinements: list[Refinement] = []
+        self._context = RefinementContext()
+        if mode == "refine" and not getattr(self.adapter, "supports_refinement", False):
+            raise ValueError(
+                f"{call}: mode='refine' needs an adapter that can refine the model's layers "
+                f"(neuraloperator FNO / TFNO); {self.adapter!r} serving {type(model).__name__} "
+                "cannot. Use mode='output' (exact all the same)."
+            )
         self._attach()
+
+    def add_refinement(self, layer: nn.Module) -> Refinement:
+        """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
+        wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
+        hook = Refinement(self._context, rcond=self.rcond)
+        self.add_handle(layer.register_forward_hook(hook))
+        self.refinements.append(hook)
+        return hook
 
     def correct(self, y: Tensor, inputs: Any = None) -> Tensor:
         """Apply the conditions to an output grid ``y`` (physical units). shape: (B, C, d1..dn)."""
@@ -509,16 +537,44 @@ class BoundaryCorrection(ConstraintLayer):
             self._check(z, inputs)
         return z
 
+    def base_output(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output as this wrapper sees it before the output step (with
+        ``mode="refine"``: the refined model's)."""
+        if self.mode == "refine":
+            return self._refined_call(args, kwargs, self.adapter.model_input(args, kwargs))
+        return self.adapter.call(self.model, args, kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.adapter.call(self.model, args, kwargs)
-        y = self.adapter.grid(out)
         inputs = self.adapter.model_input(args, kwargs)
+        out = self.base_output(*args, **kwargs)
+        y = self.adapter.grid(out)
         norm = current_normalizer(self.normalizer)
         if norm is None:
             z = self.correct(y, inputs)
         else:
             z = norm.transform(self.correct(norm.inverse_transform(y), inputs))
         return self.adapter.with_grid(out, z)
+
+    def _refined_call(self, args: tuple, kwargs: dict, inputs: Any) -> Any:
+        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
+            raise GridError(
+                "BoundaryCorrection(mode='refine'): expected the model input to be a channel-first "
+                f"grid tensor (batch, channels, d1, ..., dn), got {type(inputs).__name__}."
+            )
+        grid = tuple(inputs.shape[2:])
+        faces: dict[int, list[str]] = {}
+        for bc in self.bcs:
+            d = normalize_dim(bc.dim, len(grid), "BoundaryCorrection(mode='refine')")
+            faces.setdefault(d, [])
+            for side in bc.sides:
+                if side not in faces[d]:
+                    faces[d].append(side)
+        ctx = self._context
+        ctx.grid, ctx.faces, ctx.active = grid, {d: tuple(s) for d, s in faces.items()}, True
+        try:
+            return self.adapter.call(self.model, args, kwargs)
+        finally:
+            ctx.active = False
 
     def _check(self, z: Tensor, inputs: Any) -> None:
         res = boundary_residuals(

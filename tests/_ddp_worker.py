@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -23,10 +21,9 @@ def data():
     return torch.randn(8, 2, 40, generator=gen), torch.randn(8, 1, 40, generator=gen)
 
 
-def worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int, store: str, out: str) -> None:
+    # a file store: no TCP port to race for with other processes on the machine
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     model = torch.nn.parallel.DistributedDataParallel(build())
     x, y = data()
     shard = slice(rank * 8 // world, (rank + 1) * 8 // world)

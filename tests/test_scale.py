@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import pytest
@@ -13,18 +12,12 @@ import constraint_layers as cl
 from constraint_layers.testing import relative_residual
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_processes_same_gradients_and_exact_after_step(tmp_path):
     import _ddp_worker as w
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(w.worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(w.worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     got = torch.load(out)
     single = w.build()
     x, y = w.data()

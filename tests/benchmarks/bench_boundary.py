@@ -1,0 +1,109 @@
+"""Speed of the boundary output step: wrapped model over the plain model, measured in one run.
+
+    .venv/bin/python tests/benchmarks/bench_boundary.py [--repeats 15] [--device cpu]
+
+Prints one row per (model, pass): median time of the plain FNO, of the wrapped FNO, and their
+ratio. Timings interleave plain and wrapped calls so that drifts in machine load hit both alike.
+Not collected by the default test run (tests/benchmarks is ignored by pytest's addopts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import statistics
+import time
+import warnings
+
+import torch
+
+import constraint_layers as cl
+
+
+def _fno(n_modes, width):
+    from neuralop.models import FNO
+
+    return FNO(n_modes=n_modes, in_channels=1, out_channels=1, hidden_channels=width)
+
+
+CASES = {
+    "FNO 1D (N=1024, batch 32, width 64)": (
+        lambda: _fno((16,), 64),
+        (32, 1, 1024),
+        [cl.Neumann(0.0, side="low"), cl.Neumann(5.0, side="high")],
+    ),
+    "FNO 2D (128x128, batch 8, width 32)": (
+        lambda: _fno((16, 16), 32),
+        (8, 1, 128, 128),
+        [cl.Dirichlet(0.0, dim=0), cl.Neumann(1.0, dim=1, order=3)],
+    ),
+}
+
+
+MODES = ("output", "refine")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run(repeats: int, device: torch.device, threads: int | None, modes=MODES) -> list[tuple]:
+    if threads:
+        torch.set_num_threads(threads)
+    rows = []
+    for (name, (make, shape, bcs)), mode in itertools.product(CASES.items(), modes):
+        torch.manual_seed(0)
+        plain = make().to(device)
+        wrapped = cl.wrap(plain, *bcs, mode=mode)
+        x = torch.randn(shape, device=device)
+
+        def fwd(m, x=x):
+            with torch.no_grad():
+                m(x)
+
+        def fwd_bwd(m, x=x):
+            m(x).square().mean().backward()
+
+        for label, step in (("forward", fwd), ("forward+backward", fwd_bwd)):
+            for _ in range(2):  # warm-up
+                step(plain)
+                step(wrapped)
+            a, b = [], []
+            for _ in range(repeats):
+                a.append(_time(functools.partial(step, plain), device))
+                b.append(_time(functools.partial(step, wrapped), device))
+            ta, tb = statistics.median(a), statistics.median(b)
+            rows.append((name, mode, label, ta * 1e3, tb * 1e3, tb / ta))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: output,refine")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    rows = run(args.repeats, device, args.threads, tuple(args.modes.split(",")))
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"{'model':38s} {'mode':7s} {'pass':17s} {'plain ms':>9s} {'wrapped ms':>11s} {'ratio':>6s}"
+    )
+    for name, mode, label, ta, tb, r in rows:
+        print(f"{name:38s} {mode:7s} {label:17s} {ta:9.2f} {tb:11.2f} {r:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
