@@ -2,8 +2,10 @@
 
     .venv/bin/python tests/benchmarks/bench_boundary.py [--repeats 15] [--device cpu]
 
-Prints one row per (model, pass): median time of the plain FNO, of the wrapped FNO, and their
-ratio. Timings interleave plain and wrapped calls so that drifts in machine load hit both alike.
+Prints one row per (model, mode, pass): median time of the plain FNO, of the wrapped FNO, and
+their ratio. Passes: forward (no grad), forward+backward (weights unchanged between calls, as in
+inference with gradients), train step (forward+backward+SGD step: the weights change every call,
+so mode="refine" pays its impulse probe each time). Timings interleave plain and wrapped calls so that drifts in machine load hit both alike.
 Not collected by the default test run (tests/benchmarks is ignored by pytest's addopts).
 """
 
@@ -74,7 +76,18 @@ def run(repeats: int, device: torch.device, threads: int | None, modes=MODES) ->
         def fwd_bwd(m, x=x):
             m(x).square().mean().backward()
 
-        for label, step in (("forward", fwd), ("forward+backward", fwd_bwd)):
+        opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-9)
+        opt_wrapped = torch.optim.SGD(wrapped.parameters(), lr=1e-9)
+
+        def train_step(m, x=x):
+            # an optimizer step changes the weights: mode="refine" probes its layers again
+            opt = opt_wrapped if m is wrapped else opt_plain
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+
+        passes = (("forward", fwd), ("forward+backward", fwd_bwd), ("train step", train_step))
+        for label, step in passes:
             for _ in range(2):  # warm-up
                 step(plain)
                 step(wrapped)
