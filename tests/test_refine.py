@@ -10,7 +10,7 @@ from constraint_layers.testing import RESIDUAL_TOL, BoundaryLayerChecks, relativ
 
 pytest.importorskip("neuralop")
 
-from _models import fno, tfno, uno  # noqa: E402
+from _models import fno, tfno, uno
 
 
 class TestRefinedFNO1dNeumann(BoundaryLayerChecks):

@@ -79,9 +79,11 @@ def run(repeats: int, device: torch.device, threads: int | None, modes=MODES) ->
         opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-9)
         opt_wrapped = torch.optim.SGD(wrapped.parameters(), lr=1e-9)
 
-        def train_step(m, x=x):
+        optimizers = {id(plain): opt_plain, id(wrapped): opt_wrapped}
+
+        def train_step(m, x=x, optimizers=optimizers):
             # an optimizer step changes the weights: mode="refine" probes its layers again
-            opt = opt_wrapped if m is wrapped else opt_plain
+            opt = optimizers[id(m)]
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
