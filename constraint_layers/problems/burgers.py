@@ -62,7 +62,7 @@ class Burgers(ReferenceProblem):
         ``solver_points // 3``.
     solver_points : int, default 256
         Fourier nodes of the solver (wave numbers up to ``solver_points // 3`` are kept).
-    dt : float, default 1 / 400
+    dt : float, default 1e-3
         Largest time step.
 
     Examples
@@ -88,7 +88,7 @@ class Burgers(ReferenceProblem):
         grf_power: float = 2.0,
         grf_modes: int = 64,
         solver_points: int = 256,
-        dt: float = 1.0 / 400.0,
+        dt: float = 1e-3,
     ) -> None:
         call = "Burgers"
         self.nu = check_float(nu, "nu", call, nonnegative=True)
