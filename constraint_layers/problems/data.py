@@ -80,7 +80,9 @@ class OperatorData:
     ----------
     x : Tensor
         shape: (n, C_in, *grid). The input function (e.g. the initial condition, repeated along the
-        time axis for several frames), then the coordinate channels if asked for.
+        time axis for several frames), then the coordinate channels if asked for. Without
+        coordinate channels the repetition along time is an expanded view (no memory): call
+        ``.contiguous()`` before editing it in place.
     y : Tensor
         shape: (n, 1, *grid). The solution on the grid.
     coords : dict of str to Tensor

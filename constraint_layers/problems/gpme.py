@@ -32,7 +32,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, check_int, make_generator, out_dtype
+from ._checks import (
+    as_float64,
+    check_choice,
+    check_dtype,
+    check_int,
+    check_times,
+    make_generator,
+    out_dtype,
+)
 from .data import OperatorData, add_coordinates
 from .neural_process import NeuralProcessData, sample_neural_process
 
@@ -259,8 +267,6 @@ class ClosedForm:
         >>> data.x.shape, data.y.shape
         (torch.Size([3, 1, 11, 25]), torch.Size([3, 1, 11, 25]))
         """
-        from ._checks import check_choice, check_dtype, check_times
-
         call = f"{type(self).__name__}.operator_data"
         params = self._batch_params(call)
         task = check_choice(task, ("frames", "single"), "task", call)

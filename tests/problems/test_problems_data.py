@@ -233,3 +233,13 @@ def test_paper_size_presets():
     data = Heat().generate(task="single", cache=False)  # small preset
     assert data.y.shape == (100, 1, 128) and data.meta["size"] == "small"
     assert isinstance(data, OperatorData)
+
+
+def test_threads_option_changes_nothing_but_speed():
+    before = torch.get_num_threads()
+    a = Burgers().generate(3, resolution=17, threads=2, cache=False, dtype=torch.float64)
+    assert torch.get_num_threads() == before
+    b = Burgers().generate(3, resolution=17, cache=False, dtype=torch.float64)
+    torch.testing.assert_close(a.y, b.y, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Heat().generate(2, threads=0, cache=False)
