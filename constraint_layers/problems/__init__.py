@@ -24,9 +24,9 @@ from __future__ import annotations
 from .burgers import Burgers
 from .cache import CacheError, resolve_cache_dir
 from .cavity import Cavity, poisson_dirichlet
+from .closed_form import ClosedForm
 from .data import OperatorData, OperatorDataset, add_coordinates
 from .gpme import (
-    ClosedForm,
     Diffusion,
     InviscidBurgers,
     LinearAdvection,
