@@ -15,6 +15,7 @@ from . import (
     errors,
     functional,
     metrics,
+    problems,
 )
 from .adapters import unwrap, wrap
 from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
@@ -31,6 +32,7 @@ __all__ = [
     "errors",
     "functional",
     "metrics",
+    "problems",
     "unwrap",
     "wrap",
 ]
