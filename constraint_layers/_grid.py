@@ -127,11 +127,9 @@ def resolve_spacing(
     out = []
     for length, size in zip(lengths, grid_shape):
         intervals = size - 1 if endpoint else size
-        if intervals < 1:
-            raise GridError(
-                f"{call}: an axis of size {size} has no spacing; need at least 2 nodes."
-            )
-        out.append(length / intervals)
+        # an axis too short to have a spacing gets NaN: only a condition acting on it would use
+        # it, and conditions check their axis length first (with a clear message)
+        out.append(length / intervals if intervals >= 1 else math.nan)
     return tuple(out)
 
 

@@ -297,3 +297,12 @@ def test_property_lift_is_exact_and_idempotent(problem, lift):
     assert relative_residual(z, bcs, extent=extent) <= RESIDUAL_TOL[torch.float64]
     again = enforce_boundary(z, bcs, extent=extent, lift=lift)
     assert torch.allclose(again, z, rtol=0, atol=1e-12 * (1 + float(z.abs().max())))
+
+
+def test_axis_of_one_node_is_fine_when_no_condition_acts_on_it():
+    y = torch.randn(2, 1, 16, 1)  # a single time frame
+    bcs = [cl.Neumann(0.0, dim=0)]
+    z = enforce_boundary(y, bcs)
+    assert float(cl.metrics.boundary_error(z, bcs).max()) < 1e-4
+    with pytest.raises(GridError, match="at least 4 nodes"):
+        enforce_boundary(y, [cl.Neumann(0.0, dim=1)])
