@@ -15,9 +15,16 @@ from . import (
     errors,
     functional,
     metrics,
+    quadrature,
 )
 from .adapters import unwrap, wrap
 from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
+from .conservation import (
+    Conservation,
+    ConservationProjection,
+    IntegralConservation,
+    mass_over_time,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -33,4 +40,11 @@ __all__ = [
     "metrics",
     "unwrap",
     "wrap",
+]
+__all__ += [
+    "Conservation",
+    "ConservationProjection",
+    "IntegralConservation",
+    "mass_over_time",
+    "quadrature",
 ]

@@ -1,0 +1,924 @@
+"""Pure tensor functions behind the conservation layer (private; public names in ``functional``).
+
+A Gaussian ``u ~ N(mu, Sigma)`` on ``N`` points is conditioned on ``M`` linear constraints
+``G u = b``, observed with noise ``sigma_G`` (ProbConserv, Hansen et al., ICML 2023)::
+
+    A        = G Sigma G^T + diag(sigma_G^2)                 (M x M)
+    mu~      = mu - Sigma G^T A^{-1} (G mu - b)
+    Sigma~   = Sigma - Sigma G^T A^{-1} G Sigma = Sigma - F F^T,   F = Sigma G^T L^{-T},  A = L L^T
+
+The constraint algebra (``G mu``, ``A``, its Cholesky factor ``L``) runs in float64; the results
+come back in the input dtype. ``Sigma`` is diagonal (``variance``), diagonal plus low rank
+(``low_rank``) or full (``covariance``); the diagonal path streams over the points in chunks
+(O(N M) memory, never an ``N x N`` matrix). ``metric="euclidean"`` replaces ``Sigma`` by the
+identity in the mean update (the HardC projection) and leaves the uncertainty as given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .errors import SingularConstraintError
+
+__all__ = [
+    "ConstrainedGaussian",
+    "Gaussian",
+    "MixtureMoments",
+    "RunningMoments",
+    "conserve",
+    "conserve_mixture",
+]
+
+F64 = torch.float64
+METRICS = ("covariance", "euclidean")
+#: Points per chunk of the streaming diagonal path (float64 temporaries stay in cache).
+CHUNK = 1 << 17
+#: A squared Cholesky pivot below this fraction of its diagonal entry means dependent rows.
+PIVOT_RTOL = 1e-12
+#: Relative asymmetry tolerated in a covariance matrix, by dtype.
+SYMMETRY_RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+
+
+class Gaussian(NamedTuple):
+    """A Gaussian model output as adapters hand it to the conservation layer (and get it back).
+
+    ``Sigma = diag(variance) + low_rank @ low_rank^T``, or ``covariance`` when given; a posterior
+    coming back from the layer may add ``downdate``: ``Sigma~ = covariance - downdate downdate^T``
+    (so that a lazy covariance stays lazy). A deterministic output has neither variance nor
+    covariance.
+    """
+
+    mean: Tensor  # shape: (*batch, *event)
+    variance: Tensor | None = None  # shape: (*batch, *event); the diagonal (part) of Sigma
+    covariance: Any = None  # shape: (*batch, N, N), N = prod(event); a Tensor or linear operator
+    low_rank: Tensor | None = None  # shape: (*batch, N, K)
+    downdate: Tensor | None = None  # shape: (*batch, N, M); posteriors of a covariance only
+    event_ndim: int = 1
+
+
+# ------------------------------------------------------------------------------- validation
+def _float_tensor(x: object, name: str, call: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{call}: {name} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{call}: {name} must be a floating-point tensor, got dtype {x.dtype}. Convert it "
+            "with .double() or .float()."
+        )
+    return x
+
+
+def _check_matrix(G: object, n: int, call: str) -> tuple[Tensor, bool]:
+    """``G`` as ``(*batch, M, N)`` (``(N,)`` is one row); returns (G, single_row)."""
+    if not isinstance(G, Tensor):
+        raise TypeError(
+            f"{call}: G must be a tensor of shape (M, N) or (*batch, M, N) (or (N,) for one row), "
+            f"got {type(G).__name__}."
+        )
+    if not (G.is_floating_point() or G.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{call}: G must hold real numbers, got dtype {G.dtype}.")
+    single = G.ndim == 1
+    if single:
+        G = G.unsqueeze(0)
+    if G.ndim < 2 or G.shape[-1] != n:
+        raise ValueError(
+            f"{call}: G must have one column per output point: expected shape (M, {n}) or "
+            f"(*batch, M, {n}) for a mean with {n} points in its last axis, got G of shape "
+            f"{tuple(G.shape if not single else G.shape[1:])}. Flatten the output's event axes "
+            "(C order) to match, or build G with cl.Conservation.integral."
+        )
+    return G, single
+
+
+def _check_rhs(b: object, single: bool, m: int, call: str) -> Tensor:
+    """``b`` as a float64 tensor broadcastable to ``(*batch, M)``."""
+    if isinstance(b, bool) or not isinstance(b, (int, float, Tensor)):
+        raise TypeError(
+            f"{call}: b must be a number or a tensor of shape (*batch, M), got {type(b).__name__}."
+        )
+    bt = torch.as_tensor(b)
+    if not bt.is_floating_point():
+        bt = bt.to(F64)
+    if single and bt.ndim >= 1 and bt.shape[-1] != 1:
+        bt = bt.unsqueeze(-1)  # one row: b of shape (*batch,)
+    elif single and bt.ndim == 0:
+        bt = bt.reshape(1)
+    if bt.ndim == 0:
+        return bt.to(F64).expand(m)
+    if bt.shape[-1] not in (1, m):
+        shape = "(*batch,)" if single else f"(*batch, {m})"
+        raise ValueError(
+            f"{call}: b must hold one value per constraint row: expected shape {shape} (or a "
+            f"number), got b of shape {tuple(torch.as_tensor(b).shape)} for G with {m} row(s)."
+        )
+    return bt.to(F64)
+
+
+def _check_noise(noise: object, m: int, call: str) -> Tensor | None:
+    """Constraint noise (std) as float64 ``(*batch, M)``, or None when it is zero."""
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
+        raise TypeError(
+            f"{call}: noise must be a number or a tensor of shape (M,) or (*batch, M) (standard "
+            f"deviations), got {type(noise).__name__}."
+        )
+    nt = noise if isinstance(noise, Tensor) else torch.tensor(float(noise), dtype=F64)
+    if nt.ndim and nt.shape[-1] not in (1, m):
+        raise ValueError(
+            f"{call}: noise must be a number or hold one standard deviation per constraint row "
+            f"(last axis {m}), got shape {tuple(nt.shape)}."
+        )
+    ndet = nt.detach()
+    if bool(torch.isnan(ndet).any()) or bool((ndet < 0).any()):
+        raise ValueError(
+            f"{call}: noise must be non-negative standard deviations (inf allowed: the row is "
+            f"ignored), got {ndet.flatten()[:8].tolist()}."
+        )
+    if not nt.requires_grad and bool((ndet == 0).all()):
+        return None
+    nt = nt.to(F64)
+    return nt.reshape(1).expand(m) if nt.ndim == 0 else nt
+
+
+def _check_variance(var: Tensor, name: str, call: str) -> None:
+    """One pass: NaN propagates through ``amin``; negative values show up in it."""
+    if var.numel() == 0:
+        return
+    low = float(var.detach().amin())
+    if not low >= 0:
+        what = "NaN" if math.isnan(low) else f"a negative value ({low:.3e})"
+        raise ValueError(
+            f"{call}: {name} must be non-negative and finite, but it holds {what}. Pass "
+            "variances (squared standard deviations), not log-variances; check the model's head."
+        )
+
+
+def _check_covariance(cov: Tensor, call: str) -> None:
+    if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
+        raise ValueError(
+            f"{call}: covariance must be square, shape (*batch, N, N); got {tuple(cov.shape)}."
+        )
+    c = cov.detach()
+    diag = c.diagonal(dim1=-2, dim2=-1)
+    _check_variance(diag, "the covariance's diagonal", call)
+    scale = float(diag.amax()) if diag.numel() else 0.0
+    asym = float((c - c.mT).abs().amax()) if c.numel() else 0.0
+    tol = SYMMETRY_RTOL.get(c.dtype, 1e-5) * max(scale, torch.finfo(c.dtype).tiny)
+    if not asym <= tol:
+        raise ValueError(
+            f"{call}: covariance must be symmetric, but max |S - S^T| = {asym:.3e} exceeds "
+            f"{tol:.3e} (relative to its largest variance {scale:.3e}). Symmetrise it, e.g. "
+            "0.5 * (S + S.mT)."
+        )
+
+
+# ---------------------------------------------------------------------------------- priors
+class _Prior:
+    """Sigma in one of its structured forms; every method works in float64."""
+
+    batch_shape: torch.Size
+
+    def cross(self, Gt: Tensor) -> Tensor:  # Gt: (*b, N, M) -> Sigma Gt: (*b, N, M)
+        raise NotImplementedError
+
+    def diag(self) -> Tensor:  # (*b, N)
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:  # (*b, N, N)
+        raise NotImplementedError
+
+    def draw(self, shape: Sequence[int], n: int, generator: Any) -> Tensor:
+        """Zero-mean samples of N(0, Sigma): shape (*shape, N) (shape ends with the batch)."""
+        raise NotImplementedError
+
+
+def _randn(shape, generator, device) -> Tensor:
+    return torch.randn(*shape, dtype=F64, device=device, generator=generator)
+
+
+class _Diag(_Prior):
+    def __init__(self, d: Tensor) -> None:
+        self.d = d  # (*b, N), any float dtype
+        self.batch_shape = d.shape[:-1]
+
+    def cross(self, Gt):
+        return self.d.to(F64).unsqueeze(-1) * Gt
+
+    def diag(self):
+        return self.d.to(F64)
+
+    def dense(self):
+        return torch.diag_embed(self.d.to(F64))
+
+    def draw(self, shape, n, generator):
+        return _randn((*shape, n), generator, self.d.device) * self.d.to(F64).sqrt()
+
+
+class _LowRank(_Prior):
+    def __init__(self, d: Tensor | None, L: Tensor) -> None:
+        self.d, self.L = d, L  # (*b, N) or None; (*b, N, K)
+        shapes = [L.shape[:-2]] + ([] if d is None else [d.shape[:-1]])
+        self.batch_shape = torch.broadcast_shapes(*shapes)
+
+    def cross(self, Gt):
+        L = self.L.to(F64)
+        out = L @ (L.mT @ Gt)
+        return out if self.d is None else out + self.d.to(F64).unsqueeze(-1) * Gt
+
+    def diag(self):
+        v = self.L.to(F64).square().sum(-1)
+        return v if self.d is None else v + self.d.to(F64)
+
+    def dense(self):
+        L = self.L.to(F64)
+        out = L @ L.mT
+        return out if self.d is None else out + torch.diag_embed(self.d.to(F64))
+
+    def draw(self, shape, n, generator):
+        L = self.L.to(F64)
+        eta = _randn((*shape, L.shape[-1], 1), generator, L.device)
+        out = (L @ eta).squeeze(-1)
+        if self.d is not None:
+            out = out + _randn((*shape, n), generator, L.device) * self.d.to(F64).sqrt()
+        return out
+
+
+class _Dense(_Prior):
+    def __init__(self, S: Any) -> None:
+        self.S = S  # (*b, N, N): a tensor, or a linear operator (matmul, diagonal, to_dense)
+        self.batch_shape = torch.Size(S.shape[:-2])
+        self.lazy = not isinstance(S, Tensor)
+
+    def cross(self, Gt):
+        if self.lazy:
+            return self.S.matmul(Gt.to(self.S.dtype)).to(F64)
+        return self.S.to(F64) @ Gt
+
+    def diag(self):
+        return self.S.diagonal(dim1=-2, dim2=-1).to(F64)
+
+    def dense(self):
+        return (self.S.to_dense() if self.lazy else self.S).to(F64)
+
+    def draw(self, shape, n, generator):
+        S = self.dense()
+        root, info = torch.linalg.cholesky_ex(S)
+        if bool((info != 0).any()):  # positive semidefinite but singular: a root from eigh
+            lam, vec = torch.linalg.eigh(S)
+            root = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+        eps = _randn((*shape, n, 1), generator, S.device)
+        return (root @ eps).squeeze(-1)
+
+
+def _make_prior(variance, covariance, low_rank, n: int, call: str) -> _Prior | None:
+    if covariance is not None:
+        if variance is not None or low_rank is not None:
+            raise ValueError(
+                f"{call}: give the uncertainty once: variance= (diagonal), variance= with "
+                "low_rank= (diagonal plus low rank), or covariance= (full); got covariance= "
+                "together with another."
+            )
+        if isinstance(covariance, Tensor):
+            _float_tensor(covariance, "covariance", call)
+            _check_covariance(covariance, call)
+        elif not all(hasattr(covariance, a) for a in ("matmul", "diagonal", "to_dense", "shape")):
+            raise TypeError(
+                f"{call}: covariance must be a tensor of shape (*batch, N, N) or a linear operator "
+                f"(with matmul, diagonal, to_dense), got {type(covariance).__name__}."
+            )
+        if tuple(covariance.shape[-2:]) != (n, n):
+            raise ValueError(
+                f"{call}: covariance must have shape (*batch, {n}, {n}) for a mean with {n} "
+                f"points, got {tuple(covariance.shape)}."
+            )
+        return _Dense(covariance)
+    if variance is not None:
+        _float_tensor(variance, "variance", call)
+        if variance.ndim == 0 or variance.shape[-1] not in (1, n):
+            raise ValueError(
+                f"{call}: variance must have shape (*batch, {n}) (broadcastable to the mean), "
+                f"got {tuple(variance.shape)}."
+            )
+    if low_rank is not None:
+        _float_tensor(low_rank, "low_rank", call)
+        if low_rank.ndim < 2 or low_rank.shape[-2] != n:
+            raise ValueError(
+                f"{call}: low_rank must have shape (*batch, {n}, K) (Sigma = diag(variance) + "
+                f"L L^T), got {tuple(low_rank.shape)}."
+            )
+        return _LowRank(variance, low_rank)
+    if variance is not None:
+        return _Diag(variance)
+    return None
+
+
+# ------------------------------------------------------------------------------ the update
+def _rowdot(G: Tensor, x: Tensor) -> Tensor:
+    """``G x`` for G (*gb, M, N) and x (*xb, N): (*batch, M)."""
+    if G.ndim == 2:
+        return x @ G.mT
+    return (G @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
+    """Cholesky factor of ``A`` (float64), or a SingularConstraintError that says what to do.
+
+    ``nonzero`` (shape (*gb, M), bool): whether each row of G has a non-zero entry.
+    """
+    diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    bad = ~(diag > 0)
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        row, where = idx[-1], (f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else "")
+        if not bool(nonzero.expand(diag.shape)[tuple(idx)]):
+            why = f"row {row} of G is all zeros{where}: it constrains nothing"
+            fix = "remove the row (or its constraint)"
+        else:
+            why = (
+                f"constraint row {row}{where} sees zero variance everywhere (G Sigma G^T has a "
+                "zero diagonal entry), so no output value may move to satisfy it"
+            )
+            fix = 'add constraint noise (noise > 0) or use metric="euclidean"'
+        raise SingularConstraintError(f"{call}: {why}; {fix}.")
+    L, info = torch.linalg.cholesky_ex(A)
+    pivots = L.detach().diagonal(dim1=-2, dim2=-1).square()
+    weak = (info != 0).unsqueeze(-1) | ~(pivots > PIVOT_RTOL * diag)
+    if bool(weak.any()):
+        idx = weak.nonzero()[0].tolist()
+        where = f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else ""
+        raise SingularConstraintError(
+            f"{call}: the constraint system G Sigma G^T + noise^2 I is singular{where}: the rows "
+            "of G are linearly dependent (duplicate or redundant constraints) as seen through "
+            "the covariance, or the covariance is not positive definite along them. Remove "
+            'redundant rows, add constraint noise (noise > 0), or use metric="euclidean".'
+        )
+    return L
+
+
+def _apply_chunk(
+    mu: Tensor,  # (*b, n) any float
+    d: Tensor | None,  # (*b, n) any float, or None (Euclidean)
+    G: Tensor,  # (*gb, M, n) any float
+    coef: Tensor,  # (*batch, M) float64: A^{-1} (G mu - b)
+    linv: Tensor | None,  # (*batch, M, M) float64: L^{-1}, or None (no variance update)
+) -> tuple[Tensor, Tensor | None]:
+    """The elementwise half of the update on a block of points (float64 out)."""
+    Gt = G.to(F64).mT  # (*gb, n, M)
+    P = Gt if d is None else d.to(F64).unsqueeze(-1) * Gt  # W G^T: (*batch, n, M)
+    if G.shape[-2] == 1:
+        step = P[..., 0] * coef
+    else:
+        step = (P @ coef.unsqueeze(-1)).squeeze(-1)
+    mean = mu.to(F64) - step
+    if linv is None:
+        return mean, None
+    F = P * linv if G.shape[-2] == 1 else P @ linv.mT  # (*batch, n, M)
+    return mean, d.to(F64) - F.square().sum(-1)
+
+
+def _chunks(n: int, rows: int) -> list[slice]:
+    size = max(256, CHUNK // max(rows, 1))
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class _Solved(NamedTuple):
+    mean: Tensor  # (*batch, N) float64 or out dtype
+    variance: Tensor | None
+    chol: Tensor  # (*batch, M, M)
+    G: Tensor  # (*gb, M, N) as used (noise-scaled)
+    b: Tensor  # (*bb, M) as used
+    s2: Tensor | None  # (*nb, M) noise variance as used
+
+
+def conserve(
+    mean: Tensor,
+    G: Tensor,
+    b: float | Tensor = 0.0,
+    *,
+    variance: Tensor | None = None,
+    covariance: Any = None,
+    low_rank: Tensor | None = None,
+    noise: float | Tensor = 0.0,
+    metric: str = "covariance",
+) -> ConstrainedGaussian:
+    """Condition a Gaussian on linear equality constraints ``G u = b`` (ProbConserv).
+
+    With ``noise = 0`` the posterior mean satisfies ``G mean = b`` to rounding and the posterior
+    covariance has ``G Sigma~ G^T = 0``: the mean solves
+    ``min (u - mu)^T Sigma^{-1} (u - mu)  subject to  G u = b``. With ``noise -> inf`` the input
+    comes back unchanged. The mean moves most where the model is least certain.
+
+    Parameters
+    ----------
+    mean : Tensor
+        shape: (*batch, N). The model's mean, flattened over its event axes (C order).
+    G : Tensor
+        shape: (M, N) shared, (*batch, M, N) per sample, or (N,) for one row.
+    b : float or Tensor
+        shape: (*batch, M) (or (*batch,) when ``G`` is one row), or a number.
+    variance : Tensor, optional
+        shape: (*batch, N). Marginal variances: ``Sigma = diag(variance)``. With ``low_rank``, the
+        diagonal part of ``Sigma = diag(variance) + L L^T``.
+    covariance : Tensor or linear operator, optional
+        shape: (*batch, N, N). Full covariance (checked cheaply: symmetric, non-negative finite
+        diagonal). A gpytorch ``LinearOperator`` stays lazy (only ``Sigma G^T`` is formed).
+    low_rank : Tensor, optional
+        shape: (*batch, N, K). Low-rank part ``L`` (an ensemble's centred members over ``sqrt(K)``).
+    noise : float or Tensor, default 0.0
+        Constraint noise standard deviation ``sigma_G``; a number, or shape (M,) / (*batch, M).
+        ``inf`` ignores the row.
+    metric : {"covariance", "euclidean"}, default "covariance"
+        ``"covariance"``: the ProbConserv update with ``W = Sigma``. ``"euclidean"``: the HardC
+        projection (``W = I``) of the mean; the uncertainty is returned as given. Without any
+        uncertainty (a deterministic mean) the projection is Euclidean.
+
+    Returns
+    -------
+    ConstrainedGaussian
+        ``.mean`` and ``.variance`` (shape (*batch, N), the input dtype), the structured
+        covariance ``Sigma - F F^T`` (``.factor``, ``.covariance()`` dense on request) and
+        ``.sample(...)``.
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not match (G's columns vs the output size, b's rows); a negative or NaN
+        variance; a non-symmetric covariance; a NaN in the mean.
+    SingularConstraintError
+        ``noise = 0`` and a row that sees zero variance (add noise or use
+        ``metric="euclidean"``), or linearly dependent rows.
+
+    Notes
+    -----
+    Cost: diagonal ``Sigma``: O(N M^2) time, O(N M) memory, streamed in chunks when no gradient
+    is needed (one read of the inputs for ``G mu`` and ``A``, one for the result); low rank
+    ``K``: O(N (M + K) M); full: O(N^2 M) plus one Cholesky of the ``M x M`` matrix ``A``.
+    The caller's tensors are never modified.
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> mu = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    >>> var = torch.tensor([0.1, 0.1, 1.0, 0.1])
+    >>> post = cl.functional.conserve(mu, torch.ones(1, 4), torch.tensor([8.0]), variance=var)
+    >>> post.mean  # the uncertain point moves most
+    tensor([0.8462, 1.8462, 1.4615, 3.8462])
+    >>> float(post.mean.sum())
+    8.0
+
+    References
+    ----------
+    Hansen, Maddix, Alizadeh, Gupta, Mahoney. Learning Physical Models that Can Respect
+    Conservation Laws. ICML 2023. arXiv:2302.11002.
+    """
+    call = "conserve"
+    _float_tensor(mean, "mean", call)
+    if mean.ndim == 0:
+        raise ValueError(f"{call}: mean must have shape (*batch, N), got a scalar.")
+    n = mean.shape[-1]
+    if metric not in METRICS:
+        raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
+    G, single = _check_matrix(G, n, call)
+    m = G.shape[-2]
+    b = _check_rhs(b, single, m, call)
+    prior = _make_prior(variance, covariance, low_rank, n, call)
+    s = _check_noise(noise, m, call)
+    out_dtype = mean.dtype
+    if variance is not None:
+        out_dtype = torch.promote_types(out_dtype, variance.dtype)
+    post_metric = metric if prior is not None else "euclidean"
+    if m == 0:
+        var = None if prior is None else prior.diag().to(out_dtype)
+        return ConstrainedGaussian._make(mean, var, prior, None, G, b, None, post_metric)
+    if variance is not None:
+        _check_variance(variance, "variance", call)
+    solved = _solve(mean, G, b, prior, s, post_metric, call)
+    var = solved.variance
+    if var is None and prior is not None:
+        var = prior.diag()  # Euclidean: the uncertainty as given
+    mean_out = solved.mean.to(out_dtype)
+    var_out = None if var is None else var.clamp_min(0).to(out_dtype)
+    return ConstrainedGaussian._make(
+        mean_out, var_out, prior, solved.chol, solved.G, solved.b, solved.s2, post_metric
+    )
+
+
+def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
+    # Noise as a row rescaling: the rows g/sqrt(1+s^2), noise s/sqrt(1+s^2) (an infinite noise
+    # gives a zero row with unit noise: ignored exactly).
+    s2 = None
+    if s is not None:
+        sq = s.square()
+        c = torch.where(torch.isinf(sq), torch.zeros_like(sq), (1 + sq).rsqrt())
+        G = G.to(F64) * c.unsqueeze(-1)
+        b = b * c
+        s2 = torch.where(torch.isinf(sq), torch.ones_like(sq), sq / (1 + sq))
+    streaming = isinstance(prior, _Diag) or (prior is None or metric == "euclidean")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad
+        for t in (mean, G, b, s2, getattr(prior, "d", None))
+    )
+    d = prior.d if isinstance(prior, _Diag) else None
+    if streaming and not needs_grad:
+        return _solve_streaming(mean, G, b, d, s2, metric, prior, call)
+    # ---- one pass over whole tensors (autograd, full and low-rank covariances)
+    G64 = G.to(F64)
+    r = _rowdot(G64, mean.to(F64)) - b
+    _check_residual(r, call)
+    P = G64.mT if metric == "euclidean" else prior.cross(G64.mT)  # (*, N, M)
+    A = G64 @ P
+    if s2 is not None:
+        A = A + torch.diag_embed(s2)
+    L = _factor(A, (G64.detach() != 0).any(-1), call)
+    coef = torch.cholesky_solve(r.unsqueeze(-1), L)
+    mean_t = mean.to(F64) - (P @ coef).squeeze(-1)
+    var_t = None
+    if metric == "covariance":
+        F = torch.linalg.solve_triangular(L, P.mT, upper=False).mT
+        var_t = prior.diag() - F.square().sum(-1)
+        _check_psd(var_t, prior, call)
+    return _Solved(mean_t, var_t, L, G, b, s2)
+
+
+def _check_residual(r: Tensor, call: str) -> None:
+    if not bool(torch.isfinite(r.detach()).all()):
+        raise ValueError(
+            f"{call}: the residual G mean - b is not finite: the mean, G or b holds NaN or inf."
+        )
+
+
+def _check_psd(var_t: Tensor, prior: _Prior, call: str) -> None:
+    if isinstance(prior, _Dense):
+        v, d = var_t.detach(), prior.diag().detach()
+        tol = 1e-8 * d.abs().amax(-1, keepdim=True) + 1e-300
+        if bool((v < -tol).any()):
+            raise ValueError(
+                f"{call}: the covariance is not positive semidefinite: conditioning made a "
+                f"marginal variance negative ({float(v.min()):.3e}). Pass a valid covariance "
+                "(e.g. add jitter to its diagonal)."
+            )
+
+
+def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
+    """Diagonal or Euclidean update without autograd: two passes over chunks of points."""
+    n = mean.shape[-1]
+    m = G.shape[-2]
+    batch = torch.broadcast_shapes(
+        mean.shape[:-1], G.shape[:-2], b.shape[:-1], () if d is None else d.shape[:-1],
+        () if s2 is None else s2.shape[:-1],
+    )  # fmt: skip
+    rows = max(1, math.prod(batch)) * max(m, 1)
+    parts = _chunks(n, rows)
+    r = torch.zeros((*batch, m), dtype=F64, device=mean.device)
+    A = torch.zeros((*batch, m, m), dtype=F64, device=mean.device)
+    low = math.inf
+    for sl in parts:  # pass 1: G mu and A = G W G^T, accumulated in float64
+        Gc = G[..., sl].to(F64)
+        r += _rowdot(Gc, mean[..., sl].to(F64))
+        if metric == "euclidean":
+            A += Gc @ Gc.mT
+        else:
+            dc = d[..., sl].to(F64)
+            low = min(low, float(dc.amin()))
+            A += (Gc * dc.unsqueeze(-2)) @ Gc.mT
+    if not low >= 0:
+        _check_variance(d, "variance", call)
+    r -= b
+    _check_residual(r, call)
+    if s2 is not None:
+        A = A + torch.diag_embed(s2)
+    L = _factor(A, (G != 0).any(-1), call)
+    coef = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    linv = None
+    if metric == "covariance":
+        eye = torch.eye(m, dtype=F64, device=L.device).expand_as(L)
+        linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    out_mean = torch.empty((*batch, n), dtype=F64 if len(parts) == 1 else mean.dtype,
+                           device=mean.device)  # fmt: skip
+    out_var = None
+    if linv is not None:
+        out_var = torch.empty((*batch, n), dtype=out_mean.dtype, device=mean.device)
+    wd = None if metric == "euclidean" else d
+    for sl in parts:  # pass 2: the elementwise update, written once
+        mc, vc = _apply_chunk(
+            mean[..., sl], None if wd is None else wd[..., sl], G[..., sl], coef, linv
+        )
+        out_mean[..., sl] = mc
+        if vc is not None:
+            out_var[..., sl] = vc.clamp_min(0)
+    return _Solved(out_mean, out_var, L, G, b, s2)
+
+
+# ------------------------------------------------------------------------------ posterior
+class ConstrainedGaussian:
+    """A Gaussian conditioned on linear constraints, kept in structured form.
+
+    The covariance is ``Sigma - F F^T`` (``Sigma`` as given, ``F`` of shape (*batch, N, M),
+    computed on first use); for the Euclidean metric it is ``Sigma`` itself (HardC moves only the
+    mean). Nothing ``N x N`` is formed unless :meth:`covariance` is called.
+
+    Attributes
+    ----------
+    mean : Tensor
+        shape: (*batch, N); satisfies ``G mean = b`` to rounding when ``noise = 0``.
+    variance : Tensor or None
+        shape: (*batch, N); marginal posterior variances (None for a deterministic input).
+    metric : str
+        ``"covariance"`` or ``"euclidean"``.
+    """
+
+    mean: Tensor
+    variance: Tensor | None
+    metric: str
+
+    @classmethod
+    def _make(cls, mean, variance, prior, chol, G, b, s2, metric) -> ConstrainedGaussian:
+        self = cls.__new__(cls)
+        self.mean, self.variance, self.metric = mean, variance, metric
+        self._prior, self._chol, self._G, self._b, self._s2 = prior, chol, G, b, s2
+        self._F = None
+        return self
+
+    def __repr__(self) -> str:
+        var = "None" if self.variance is None else "tensor"
+        return (
+            f"ConstrainedGaussian(mean: {tuple(self.mean.shape)} {self.mean.dtype}, variance: "
+            f"{var}, rows: {self._G.shape[-2]}, metric={self.metric!r})"
+        )
+
+    @property
+    def num_constraints(self) -> int:
+        return int(self._G.shape[-2])
+
+    def _cross(self) -> Tensor:  # W G^T: (*, N, M) float64
+        G64 = self._G.to(F64)
+        if self.metric == "euclidean":
+            return G64.mT
+        return self._prior.cross(G64.mT)
+
+    @property
+    def factor(self) -> Tensor | None:
+        """``F`` with posterior covariance ``Sigma - F F^T``; shape (*batch, N, M), float64.
+
+        None for the Euclidean metric (the covariance is not changed) or without constraints.
+        """
+        if self.metric == "euclidean" or self._chol is None:
+            return None
+        if self._F is None:
+            P = self._cross()
+            self._F = torch.linalg.solve_triangular(self._chol, P.mT, upper=False).mT
+        return self._F
+
+    def covariance(self) -> Tensor:
+        """The dense posterior covariance; shape (*batch, N, N), in the mean's dtype.
+
+        Raises
+        ------
+        ValueError
+            The input was deterministic (no covariance to return).
+        """
+        if self._prior is None:
+            raise ValueError(
+                "ConstrainedGaussian.covariance: the input had no uncertainty (a deterministic "
+                "mean projected in the Euclidean metric); there is no covariance."
+            )
+        S = self._prior.dense()
+        F = self.factor
+        if F is not None:
+            S = S - F @ F.mT
+        batch = self.mean.shape[:-1]
+        return S.expand(*batch, *S.shape[-2:]).to(self.mean.dtype)
+
+    def _gain(self, v: Tensor) -> Tensor:
+        """``W G^T A^{-1} v`` for v (..., *batch, M): (..., *batch, N), float64."""
+        w = torch.cholesky_solve(v.unsqueeze(-1), self._chol)
+        return (self._cross() @ w).squeeze(-1)
+
+    def condition(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Apply the constraint update to samples of the unconstrained Gaussian.
+
+        ``x~ = x - W G^T A^{-1} (G x + noise * eps - b)``: samples ``x ~ N(mu, Sigma)`` become
+        samples of the posterior (Matheron's rule); no factorisation of the singular posterior
+        covariance is needed. For the Euclidean metric this is the HardC projection of each
+        sample.
+
+        Parameters
+        ----------
+        x : Tensor
+            shape: (..., *batch, N).
+
+        Returns
+        -------
+        Tensor
+            shape: (..., *batch, N), the dtype of ``x``.
+        """
+        if self._chol is None:
+            return x
+        x64 = x.to(F64)
+        v = _rowdot(self._G.to(F64), x64) - self._b
+        if self._s2 is not None:
+            eps = torch.randn(v.shape, dtype=F64, device=v.device, generator=generator)
+            v = v + self._s2.sqrt() * eps
+        return (x64 - self._gain(v)).to(x.dtype)
+
+    def sample(
+        self, sample_shape: int | Sequence[int] = (), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw samples of the posterior, ``N(mean, covariance())``, without a Cholesky factor of
+        the (singular) posterior covariance.
+
+        Parameters
+        ----------
+        sample_shape : int or sequence of int
+        generator : torch.Generator, optional
+
+        Returns
+        -------
+        Tensor
+            shape: (*sample_shape, *batch, N), in the mean's dtype.
+
+        Examples
+        --------
+        >>> import torch, constraint_layers as cl
+        >>> ones = torch.ones(5)
+        >>> post = cl.functional.conserve(torch.zeros(5), ones, 1.0, variance=ones)
+        >>> s = post.sample(3, generator=torch.Generator().manual_seed(0))
+        >>> s.shape, bool(torch.allclose(s.sum(-1), torch.ones(3)))
+        (torch.Size([3, 5]), True)
+        """
+        if self._prior is None:
+            raise ValueError(
+                "ConstrainedGaussian.sample: the input had no uncertainty (a deterministic mean); "
+                "there is nothing to sample."
+            )
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        batch = self.mean.shape[:-1]
+        e = self._prior.draw((*shape, *batch), self.mean.shape[-1], generator)
+        if self.metric == "covariance" and self._chol is not None:
+            v = _rowdot(self._G.to(F64), e)
+            if self._s2 is not None:
+                v = v + self._s2.sqrt() * torch.randn(
+                    v.shape, dtype=F64, device=v.device, generator=generator
+                )
+            e = e - self._gain(v)
+        return (self.mean.to(F64) + e).to(self.mean.dtype)
+
+
+# -------------------------------------------------------------------------------- mixtures
+class MixtureMoments(NamedTuple):
+    """Moments of an equal-weight mixture of Gaussians."""
+
+    mean: Tensor  # shape: (*batch, N)
+    variance: Tensor | None  # shape: (*batch, N): mean of variances + variance of means
+    covariance: Tensor | None  # shape: (*batch, N, N), when accumulated
+    count: int
+
+
+class RunningMoments:
+    """Moment matching of an equal-weight mixture with running sums (Welford, float64).
+
+    ``mean = average of the means``; ``variance = average of the variances + population variance
+    of the means``; optionally the dense covariance ``average of the covariances + population
+    covariance of the means``. Only sums are held, never all members.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from constraint_layers.functional import RunningMoments
+    >>> acc = RunningMoments()
+    >>> acc.add(torch.tensor([0.0]), torch.tensor([1.0]))
+    >>> acc.add(torch.tensor([2.0]), torch.tensor([1.0]))
+    >>> acc.result().mean.tolist(), acc.result().variance.tolist()
+    ([1.0], [2.0])
+    """
+
+    def __init__(self, *, covariance: bool = False) -> None:
+        self.count = 0
+        self._full = covariance
+        self._mean: Tensor | None = None
+        self._m2: Tensor | None = None  # sum of squared deviations of the means
+        self._var: Tensor | None = None  # sum of the variances
+        self._cov: Tensor | None = None  # sum of covariances + outer deviations
+        self._dtype: torch.dtype | None = None
+        self._has_var = True
+
+    def add(
+        self, mean: Tensor, variance: Tensor | None = None, covariance: Tensor | None = None
+    ) -> None:
+        """Add one member: ``mean`` (*batch, N), ``variance`` (*batch, N) or None (a point
+        mass), ``covariance`` (*batch, N, N) when the dense mixture covariance is accumulated."""
+        if self._full and covariance is None and variance is not None:
+            raise ValueError(
+                "RunningMoments.add: accumulating the covariance needs each member's covariance "
+                "(pass covariance=post.covariance())."
+            )
+        x = mean.to(F64)
+        self.count += 1
+        k = self.count
+        if self._mean is None:
+            self._dtype = mean.dtype
+            self._mean = x.clone()
+            self._m2 = torch.zeros_like(x)
+            self._has_var = variance is not None
+            self._var = None if variance is None else variance.to(F64).clone()
+            if self._full:
+                cov = torch.zeros((*x.shape, x.shape[-1]), dtype=F64, device=x.device)
+                self._cov = cov if covariance is None else cov + covariance.to(F64)
+            return
+        if (variance is not None) != self._has_var:
+            raise ValueError(
+                "RunningMoments.add: every member must give a variance, or none (point masses)."
+            )
+        delta = x - self._mean
+        self._mean = self._mean + delta / k
+        after = x - self._mean
+        self._m2 = self._m2 + delta * after
+        if variance is not None:
+            self._var = self._var + variance.to(F64)
+        if self._full:
+            outer = delta.unsqueeze(-1) * after.unsqueeze(-2)
+            self._cov = self._cov + outer + (0 if covariance is None else covariance.to(F64))
+
+    def result(self) -> MixtureMoments:
+        """The moment-matched Gaussian (in the first member's dtype)."""
+        if not self.count:
+            raise ValueError("RunningMoments.result: no member was added.")
+        k, dt = self.count, self._dtype
+        var = self._m2 / k
+        if self._var is not None:
+            var = var + self._var / k
+        cov = None
+        if self._full:
+            cov = self._cov / k
+            cov = (0.5 * (cov + cov.mT)).to(dt)
+        return MixtureMoments(self._mean.to(dt), var.to(dt), cov, k)
+
+
+def conserve_mixture(
+    means: Tensor | Iterable[Tensor],
+    G: Tensor,
+    b: float | Tensor = 0.0,
+    *,
+    variances: Tensor | Iterable[Tensor] | None = None,
+    noise: float | Tensor = 0.0,
+    metric: str = "covariance",
+    dim: int = 0,
+    covariance: bool = False,
+) -> MixtureMoments:
+    """Condition each member of an equal-weight Gaussian mixture, then moment-match.
+
+    For several samples of one model (latent samples of a neural process, ensemble members,
+    MC-dropout passes): each member ``N(mean_s, diag(variance_s))`` is conditioned on ``G u = b``
+    (:func:`conserve`), and the conditioned members are moment-matched with running sums. The
+    mixture mean satisfies ``G mean = b`` exactly (an average of exact means).
+
+    Parameters
+    ----------
+    means : Tensor or iterable of Tensor
+        shape: (S, *batch, N) with the members along ``dim``, or an iterable of (*batch, N).
+    G, b, noise, metric
+        As for :func:`conserve`.
+    variances : Tensor or iterable of Tensor, optional
+        Like ``means``; None: deterministic members (Euclidean projection each).
+    dim : int, default 0
+        The members' axis when ``means`` is a tensor.
+    covariance : bool, default False
+        Also accumulate the dense ``(*batch, N, N)`` mixture covariance (average of the members'
+        conditioned covariances plus the covariance of their means).
+
+    Returns
+    -------
+    MixtureMoments
+        ``mean``, ``variance`` (shape (*batch, N)), ``covariance`` or None, ``count``.
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> means = torch.randn(10, 4, 32)  # 10 latent samples, 4 functions, 32 points
+    >>> mix = cl.functional.conserve_mixture(
+    ...     means, torch.ones(32) / 32, 0.0, variances=torch.rand(10, 4, 32) + 0.1)
+    >>> bool(mix.mean.mean(-1).abs().max() < 1e-6), mix.count
+    (True, 10)
+    """
+    if isinstance(means, Tensor):
+        means = means.unbind(dim)
+    if variances is None:
+        variances = [None] * len(means) if isinstance(means, (list, tuple)) else None
+    elif isinstance(variances, Tensor):
+        variances = variances.unbind(dim)
+    acc = RunningMoments(covariance=covariance)
+    pairs = zip(means, variances) if variances is not None else ((m, None) for m in means)
+    for mu, var in pairs:
+        post = conserve(mu, G, b, variance=var, noise=noise, metric=metric)
+        cov = post.covariance() if covariance and var is not None else None
+        acc.add(post.mean, post.variance if var is not None else None, cov)
+    return acc.result()
