@@ -339,6 +339,12 @@ def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         row, where = idx[-1], (f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else "")
+        if bool(diag[tuple(idx)] < 0):
+            raise ValueError(
+                f"{call}: the covariance is not positive semidefinite: g Sigma g^T = "
+                f"{float(diag[tuple(idx)]):.3e} < 0 for constraint row {row}{where}. Pass a valid "
+                "covariance (symmetric positive semidefinite)."
+            )
         if not bool(nonzero.expand(diag.shape)[tuple(idx)]):
             why = f"row {row} of G is all zeros{where}: it constrains nothing"
             fix = "remove the row (or its constraint)"
@@ -397,6 +403,7 @@ class _Solved(NamedTuple):
     G: Tensor  # (*gb, M, N) as used (noise-scaled)
     b: Tensor  # (*bb, M) as used
     s2: Tensor | None  # (*nb, M) noise variance as used
+    cross: Tensor | None = None  # (*batch, N, M) W G^T when it was formed
 
 
 def conserve(
@@ -507,9 +514,11 @@ def conserve(
         var = prior.diag()  # Euclidean: the uncertainty as given
     mean_out = solved.mean.to(out_dtype)
     var_out = None if var is None else var.clamp_min(0).to(out_dtype)
-    return ConstrainedGaussian._make(
+    out = ConstrainedGaussian._make(
         mean_out, var_out, prior, solved.chol, solved.G, solved.b, solved.s2, post_metric
     )
+    out._P = solved.cross
+    return out
 
 
 def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
@@ -546,7 +555,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
         F = torch.linalg.solve_triangular(L, P.mT, upper=False).mT
         var_t = prior.diag() - F.square().sum(-1)
         _check_psd(var_t, prior, call)
-    return _Solved(mean_t, var_t, L, G, b, s2)
+    return _Solved(mean_t, var_t, L, G, b, s2, P)
 
 
 def _check_residual(r: Tensor, call: str) -> None:
@@ -559,7 +568,8 @@ def _check_residual(r: Tensor, call: str) -> None:
 def _check_psd(var_t: Tensor, prior: _Prior, call: str) -> None:
     if isinstance(prior, _Dense):
         v, d = var_t.detach(), prior.diag().detach()
-        tol = 1e-8 * d.abs().amax(-1, keepdim=True) + 1e-300
+        eps = torch.finfo(prior.S.dtype).eps
+        tol = 1e3 * eps * d.abs().amax(-1, keepdim=True) + 1e-300
         if bool((v < -tol).any()):
             raise ValueError(
                 f"{call}: the covariance is not positive semidefinite: conditioning made a "
@@ -646,6 +656,7 @@ class ConstrainedGaussian:
         self.mean, self.variance, self.metric = mean, variance, metric
         self._prior, self._chol, self._G, self._b, self._s2 = prior, chol, G, b, s2
         self._F = None
+        self._P = None  # W G^T, when the solve formed it
         return self
 
     def __repr__(self) -> str:
@@ -660,6 +671,8 @@ class ConstrainedGaussian:
         return int(self._G.shape[-2])
 
     def _cross(self) -> Tensor:  # W G^T: (*, N, M) float64
+        if self._P is not None:
+            return self._P
         G64 = self._G.to(F64)
         if self.metric == "euclidean":
             return G64.mT

@@ -595,7 +595,7 @@ def mass_over_time(
     ----------
     initial : float or Tensor
         ``U(t_0)``; a tensor broadcasts against ``inflow`` with ``dim`` removed (e.g. shape
-        (batch, 1) for one value per sample).
+        (batch,) for an inflow of shape (batch, T)).
     inflow : float, Tensor or sequence of Tensor
         The net rate at which mass enters through the boundary (inward fluxes summed over the
         faces; outflow counts negative), sampled at the times: shape (..., T) (along ``dim``). A
