@@ -355,6 +355,8 @@ def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
             )
             fix = 'add constraint noise (noise > 0) or use metric="euclidean"'
         raise SingularConstraintError(f"{call}: {why}; {fix}.")
+    if A.shape[-1] == 1:  # one row: the factor is a square root
+        return A.sqrt()
     L, info = torch.linalg.cholesky_ex(A)
     pivots = L.detach().diagonal(dim1=-2, dim2=-1).square()
     weak = (info != 0).unsqueeze(-1) | ~(pivots > PIVOT_RTOL * diag)
@@ -368,6 +370,20 @@ def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
             'redundant rows, add constraint noise (noise > 0), or use metric="euclidean".'
         )
     return L
+
+
+def _chol_solve(L: Tensor, v: Tensor) -> Tensor:
+    """``A^{-1} v`` for ``A = L L^T``; v: (*, M, K)."""
+    if L.shape[-1] == 1:
+        return v / L.square()
+    return torch.cholesky_solve(v, L)
+
+
+def _tri_solve(L: Tensor, X: Tensor) -> Tensor:
+    """``L^{-1} X``; X: (*, M, K)."""
+    if L.shape[-1] == 1:
+        return X / L
+    return torch.linalg.solve_triangular(L, X, upper=False)
 
 
 def _apply_chunk(
@@ -548,11 +564,11 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     L = _factor(A, (G64.detach() != 0).any(-1), call)
-    coef = torch.cholesky_solve(r.unsqueeze(-1), L)
+    coef = _chol_solve(L, r.unsqueeze(-1))
     mean_t = mean.to(F64) - (P @ coef).squeeze(-1)
     var_t = None
     if metric == "covariance":
-        F = torch.linalg.solve_triangular(L, P.mT, upper=False).mT
+        F = _tri_solve(L, P.mT).mT
         var_t = prior.diag() - F.square().sum(-1)
         _check_psd(var_t, prior, call)
     return _Solved(mean_t, var_t, L, G, b, s2, P)
@@ -607,11 +623,10 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     L = _factor(A, (G != 0).any(-1), call)
-    coef = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    coef = _chol_solve(L, r.unsqueeze(-1)).squeeze(-1)
     linv = None
     if metric == "covariance":
-        eye = torch.eye(m, dtype=F64, device=L.device).expand_as(L)
-        linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        linv = _tri_solve(L, torch.eye(m, dtype=F64, device=L.device).expand_as(L))
     out_mean = torch.empty((*batch, n), dtype=F64 if len(parts) == 1 else mean.dtype,
                            device=mean.device)  # fmt: skip
     out_var = None
@@ -688,7 +703,7 @@ class ConstrainedGaussian:
             return None
         if self._F is None:
             P = self._cross()
-            self._F = torch.linalg.solve_triangular(self._chol, P.mT, upper=False).mT
+            self._F = _tri_solve(self._chol, P.mT).mT
         return self._F
 
     def covariance(self) -> Tensor:
@@ -713,7 +728,7 @@ class ConstrainedGaussian:
 
     def _gain(self, v: Tensor) -> Tensor:
         """``W G^T A^{-1} v`` for v (..., *batch, M): (..., *batch, N), float64."""
-        w = torch.cholesky_solve(v.unsqueeze(-1), self._chol)
+        w = _chol_solve(self._chol, v.unsqueeze(-1))
         return (self._cross() @ w).squeeze(-1)
 
     def condition(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -83,11 +83,14 @@ class ConservationLayerTests:
     """
 
     layer_options: ClassVar[dict[str, Any]] = {}
+    #: The dtype of the main checks (float32 for models that compute in float32 only, e.g.
+    #: neuraloperator's spectral convolutions).
+    dtype: ClassVar[torch.dtype] = F64
     batched: ClassVar[bool] = True
     check_gradients: ClassVar[bool] = True
     check_float32: ClassVar[bool] = True
-    #: Tolerance of the float64 comparisons with the reference.
-    reference_tol: ClassVar[float] = 1e-10
+    #: Tolerance of the comparisons with the reference (default: by dtype).
+    reference_tol: ClassVar[float | None] = None
 
     # ------------------------------------------------------------------ to be defined
     def make_model(self, dtype: torch.dtype) -> nn.Module:
@@ -109,7 +112,8 @@ class ConservationLayerTests:
 
         return ConservationProjection(model, self.make_constraints(), **self.layer_options)
 
-    def build(self, dtype: torch.dtype = F64, batch: int = 2, seed: int = 0):
+    def build(self, dtype: torch.dtype | None = None, batch: int = 2, seed: int = 0):
+        dtype = self.dtype if dtype is None else dtype
         torch.manual_seed(seed)
         model = self.make_model(dtype)
         x = self.make_input(batch, dtype)
@@ -148,38 +152,46 @@ class ConservationLayerTests:
     def tol(self, dtype: torch.dtype) -> float:
         return TOLERANCE.get(dtype, 1e-4)
 
+    def ref_tol(self) -> float:
+        return self.reference_tol if self.reference_tol is not None else self.tol(self.dtype)
+
+    def scale(self, mean: Tensor) -> float:
+        return float(mean.detach().abs().max()) + 1.0
+
     # --------------------------------------------------------------------------- checks
     def test_non_vacuous(self):
         model, layer, x = self.build()
         with torch.no_grad():
-            res = layer.residual(model(x), x)
-        assert float(res.abs().max()) > 1e3 * self.tol(F64), (
+            out = model(x)
+            res = layer.residual(out, x)
+            scale = self.scale(self.gaussian(layer, out).mean)
+        assert float(res.abs().max()) > 100 * self.tol(self.dtype) * scale, (
             "the unconstrained model already satisfies the constraint: the test proves nothing"
         )
 
     def test_residual(self):
         model, layer, x = self.build()
         with torch.no_grad():
-            res = layer.residual(layer(x), x)
-        assert float(res.abs().max()) < self.tol(F64), f"residual {float(res.abs().max()):.3e}"
+            out = layer(x)
+            res = layer.residual(out, x)
+            scale = self.scale(self.gaussian(layer, out).mean)
+        worst = float(res.abs().max())
+        assert worst < self.tol(self.dtype) * scale, f"residual {worst:.3e}"
 
     def test_matches_reference(self):
         model, layer, x = self.build()
         with torch.no_grad():
             g = self.gaussian(layer, layer(x))
             ref_mean, ref_var = self.reference(model, x)
-        torch.testing.assert_close(
-            g.mean.to(F64), ref_mean.to(F64), rtol=self.reference_tol, atol=self.reference_tol
-        )
+        tol = self.ref_tol()
+        torch.testing.assert_close(g.mean.to(F64), ref_mean.to(F64), rtol=tol, atol=tol)
         if ref_var is not None:
             var = g.variance
             if var is None and g.covariance is not None:
                 var = torch.as_tensor(g.covariance.diagonal(dim1=-2, dim2=-1))
                 if g.downdate is not None:
                     var = var - g.downdate.square().sum(-1)
-            torch.testing.assert_close(
-                var.to(F64), ref_var.to(F64), rtol=self.reference_tol, atol=self.reference_tol
-            )
+            torch.testing.assert_close(var.to(F64), ref_var.to(F64), rtol=tol, atol=tol)
 
     def test_idempotent(self):
         model, layer, x = self.build()
@@ -187,20 +199,22 @@ class ConservationLayerTests:
             g = layer.adapter.gaussian(layer.adapter.call(model, (x,), {}))
             once = layer.project(g, x)
             twice = layer.project(g._replace(mean=once.mean), x)
-        torch.testing.assert_close(twice.mean, once.mean, rtol=self.tol(F64), atol=self.tol(F64))
+        tol = self.tol(self.dtype) * self.scale(once.mean)
+        torch.testing.assert_close(twice.mean, once.mean, rtol=tol, atol=tol)
 
     def test_gradients(self):
         if not self.check_gradients:
             return
-        model, layer, x = self.build(batch=1)
+        model, layer, x = self.build(dtype=F64, batch=1)
         if not isinstance(x, Tensor):
             return
 
         def f(inp):
-            return self.gaussian(layer, layer(inp)).mean
+            g = self.gaussian(layer, layer(inp))
+            return g.mean if g.variance is None else (g.mean, g.variance)
 
         xr = x.detach().clone().requires_grad_(True)
-        assert torch.autograd.gradcheck(f, (xr,), eps=1e-6, atol=1e-5, rtol=1e-4)
+        assert torch.autograd.gradcheck(f, (xr,), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
     def test_batching(self):
         if not self.batched:
@@ -209,7 +223,8 @@ class ConservationLayerTests:
         with torch.no_grad():
             whole = self.gaussian(layer, layer(x)).mean
             parts = [self.gaussian(layer, layer(x[i : i + 1])).mean for i in range(3)]
-        torch.testing.assert_close(whole, torch.cat(parts), rtol=1e-9, atol=1e-9)
+        tol = self.tol(self.dtype) * self.scale(whole) * 1e-2
+        torch.testing.assert_close(whole, torch.cat(parts), rtol=tol, atol=tol)
 
     def test_float32(self):
         if not self.check_float32:
@@ -220,8 +235,7 @@ class ConservationLayerTests:
             g = self.gaussian(layer, out)
             res = layer.residual(out, x)
         assert g.mean.dtype == torch.float32, f"dtype {g.mean.dtype} came back for float32"
-        scale = float(g.mean.abs().max()) + 1.0
-        assert float(res.abs().max()) < self.tol(torch.float32) * scale
+        assert float(res.abs().max()) < self.tol(torch.float32) * self.scale(g.mean)
 
     def test_state_dict_round_trip(self):
         model, layer, x = self.build()
