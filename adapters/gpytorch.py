@@ -19,7 +19,8 @@ Examples
 ...         self.mean_module = gpytorch.means.ZeroMean()
 ...         self.covar_module = gpytorch.kernels.RBFKernel()
 ...     def forward(self, x):
-...         return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+...         mean, covar = self.mean_module(x), self.covar_module(x)
+...         return gpytorch.distributions.MultivariateNormal(mean, covar)
 >>> x = torch.linspace(0, 1, 8)
 >>> gp = GP(x, torch.sin(6 * x)).eval()
 >>> model = cl.wrap(gp, cl.Conservation.integral(0.0))  # zero mean value on [0, 1]

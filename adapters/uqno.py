@@ -30,7 +30,7 @@ from __future__ import annotations
 from statistics import NormalDist
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from constraint_layers._conservation_ops import Gaussian
 
@@ -38,6 +38,17 @@ from ._registry import register
 from .neuralop import NeuralopAdapter
 
 __all__ = ["UQNOAdapter"]
+
+_METADATA = "_metadata"
+
+
+def _drop_nested_metadata(wrapper: nn.Module, state_dict: dict, prefix: str, meta: Any) -> None:
+    """UQNO nests BaseModels (base and residual model): the ``_metadata`` entry that ends up in
+    the wrapper's state dict is the innermost model's init kwargs. Drop it (pure tensors)."""
+    kwargs = [getattr(m, "_init_kwargs", None) for m in wrapper.model.modules()]
+    for key in (_METADATA, prefix + _METADATA, prefix + "model." + _METADATA):
+        if key in state_dict and any(state_dict[key] is k for k in kwargs if k is not None):
+            del state_dict[key]
 
 
 @register("neuralop.models.uqno.UQNO")
@@ -63,6 +74,10 @@ class UQNOAdapter(NeuralopAdapter):
         self.coverage = float(coverage)
         self.scale = float(scale)
         self.z = NormalDist().inv_cdf((1 + self.coverage) / 2)
+
+    def attach(self, wrapper: nn.Module) -> None:
+        super().attach(wrapper)
+        wrapper.register_state_dict_post_hook(_drop_nested_metadata)
 
     def gaussian(self, output: Any) -> Gaussian:
         where = f"{self.name}.gaussian"

@@ -40,6 +40,8 @@ METRICS = ("covariance", "euclidean")
 CHUNK = 1 << 17
 #: A squared Cholesky pivot below this fraction of its diagonal entry means dependent rows.
 PIVOT_RTOL = 1e-12
+#: Below this pivot ratio the update is followed by an exactness correction (the polish step).
+POLISH_RTOL = 1e-6
 #: Relative asymmetry tolerated in a covariance matrix, by dtype.
 SYMMETRY_RTOL = {
     torch.float64: 1e-10,
@@ -329,10 +331,11 @@ def _rowdot(G: Tensor, x: Tensor) -> Tensor:
     return (G @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
-    """Cholesky factor of ``A`` (float64), or a SingularConstraintError that says what to do.
+def _check_rows(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
+    """Zero or negative diagonal entries of ``A``: a SingularConstraintError that says what to do.
 
-    ``nonzero`` (shape (*gb, M), bool): whether each row of G has a non-zero entry.
+    ``nonzero`` (shape (*gb, M), bool): whether each row of G has a non-zero entry. Returns the
+    diagonal of ``A`` (detached).
     """
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
     bad = ~(diag > 0)
@@ -355,35 +358,81 @@ def _factor(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
             )
             fix = 'add constraint noise (noise > 0) or use metric="euclidean"'
         raise SingularConstraintError(f"{call}: {why}; {fix}.")
-    if A.shape[-1] == 1:  # one row: the factor is a square root
-        return A.sqrt()
+    return diag
+
+
+def _dependent(call: str, where: str = "") -> SingularConstraintError:
+    return SingularConstraintError(
+        f"{call}: the constraint rows are linearly dependent{where} (duplicate or redundant "
+        "constraints, also counting only the points whose variance is non-zero): no update can "
+        "satisfy them all. Remove the redundant rows, or add constraint noise (noise > 0)."
+    )
+
+
+class _Root(NamedTuple):
+    """``A^+ = R R^T`` (R: (*, M, K)); ``polish``: finish with an exactness correction."""
+
+    R: Tensor
+    polish: bool
+
+
+def _inverse_root(A: Tensor, nonzero: Tensor, metric: str, call: str) -> _Root:
+    """A root of the (pseudo-)inverse of ``A = G W G^T + noise^2 I`` (float64).
+
+    Well-conditioned ``A``: ``R = L^{-T}`` from its Cholesky factor. When the covariance leaves
+    (numerically) no freedom along some combination of the rows (a smooth GP's masses at many
+    times, a low-rank ensemble with fewer members than rows), those directions are dropped
+    (eigenvalues below ``PIVOT_RTOL`` of the largest) and the result is marked for the polish
+    step, which enforces them with the marginal variances.
+    """
+    diag = _check_rows(A, nonzero, call)
+    m = A.shape[-1]
+    if m == 1:  # one row: a square root
+        return _Root(A.rsqrt(), False)
     L, info = torch.linalg.cholesky_ex(A)
-    pivots = L.detach().diagonal(dim1=-2, dim2=-1).square()
-    weak = (info != 0).unsqueeze(-1) | ~(pivots > PIVOT_RTOL * diag)
-    if bool(weak.any()):
-        idx = weak.nonzero()[0].tolist()
-        where = f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else ""
-        raise SingularConstraintError(
-            f"{call}: the constraint system G Sigma G^T + noise^2 I is singular{where}: the rows "
-            "of G are linearly dependent (duplicate or redundant constraints) as seen through "
-            "the covariance, or the covariance is not positive definite along them. Remove "
-            'redundant rows, add constraint noise (noise > 0), or use metric="euclidean".'
-        )
-    return L
+    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
+    if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()):
+        eye = torch.eye(m, dtype=A.dtype, device=A.device).expand_as(A)
+        R = torch.linalg.solve_triangular(L, eye, upper=False).mT
+        return _Root(R, bool((ratio < POLISH_RTOL).any()))
+    if metric == "euclidean":  # W = I: ill-conditioned only if the rows are dependent
+        raise _dependent(call)
+    lam, V = torch.linalg.eigh(A)
+    keep = lam > PIVOT_RTOL * lam.amax(-1, keepdim=True)
+    scale = torch.where(keep, lam.clamp_min(torch.finfo(A.dtype).tiny).rsqrt(), 0.0)
+    return _Root(V * scale.unsqueeze(-2), True)
 
 
-def _chol_solve(L: Tensor, v: Tensor) -> Tensor:
-    """``A^{-1} v`` for ``A = L L^T``; v: (*, M, K)."""
-    if L.shape[-1] == 1:
-        return v / L.square()
-    return torch.cholesky_solve(v, L)
+def _solve_with(R: Tensor, v: Tensor) -> Tensor:
+    """``A^+ v = R R^T v``; v: (*, M)."""
+    if R.shape[-1] == 1 and R.shape[-2] == 1:
+        return v * R[..., 0].square()
+    return (R @ (R.mT @ v.unsqueeze(-1))).squeeze(-1)
 
 
-def _tri_solve(L: Tensor, X: Tensor) -> Tensor:
-    """``L^{-1} X``; X: (*, M, K)."""
-    if L.shape[-1] == 1:
-        return X / L
-    return torch.linalg.solve_triangular(L, X, upper=False)
+def _polish(
+    mean: Tensor,  # (*batch, N) float64
+    G: Tensor,  # (*gb, M, N)
+    b: Tensor,  # (*bb, M) float64
+    w: Tensor | None,  # (*b, N) marginal variances, or None (Euclidean)
+    call: str,
+) -> tuple[Tensor, Tensor | None]:
+    """Remove what is left of ``G mean - b`` with the metric ``diag(w)`` (or ``I``).
+
+    Returns the corrected mean and the Cholesky factor of ``G diag(w) G^T`` (None if no
+    correction was needed).
+    """
+    G64 = G.to(F64)
+    r = _rowdot(G64, mean) - b
+    P = G64.mT if w is None else w.to(F64).unsqueeze(-1) * G64.mT
+    A = G64 @ P
+    diag = _check_rows(A, (G64.detach() != 0).any(-1), call)
+    L, info = torch.linalg.cholesky_ex(A)
+    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
+    if bool((info != 0).any()) or not bool((ratio > PIVOT_RTOL).all()):
+        raise _dependent(call)
+    step = torch.cholesky_solve(r.unsqueeze(-1), L)
+    return mean - (P @ step).squeeze(-1), L
 
 
 def _apply_chunk(
@@ -391,19 +440,17 @@ def _apply_chunk(
     d: Tensor | None,  # (*b, n) any float, or None (Euclidean)
     G: Tensor,  # (*gb, M, n) any float
     coef: Tensor,  # (*batch, M) float64: A^{-1} (G mu - b)
-    linv: Tensor | None,  # (*batch, M, M) float64: L^{-1}, or None (no variance update)
+    R: Tensor | None,  # (*batch, M, K) float64: A^+ = R R^T, or None (no variance update)
 ) -> tuple[Tensor, Tensor | None]:
     """The elementwise half of the update on a block of points (float64 out)."""
     Gt = G.to(F64).mT  # (*gb, n, M)
     P = Gt if d is None else d.to(F64).unsqueeze(-1) * Gt  # W G^T: (*batch, n, M)
-    if G.shape[-2] == 1:
-        step = P[..., 0] * coef
-    else:
-        step = (P @ coef.unsqueeze(-1)).squeeze(-1)
+    one = G.shape[-2] == 1
+    step = P[..., 0] * coef if one else (P @ coef.unsqueeze(-1)).squeeze(-1)
     mean = mu.to(F64) - step
-    if linv is None:
+    if R is None:
         return mean, None
-    F = P * linv if G.shape[-2] == 1 else P @ linv.mT  # (*batch, n, M)
+    F = P * R if one else P @ R  # (*batch, n, K)
     return mean, d.to(F64) - F.square().sum(-1)
 
 
@@ -415,11 +462,12 @@ def _chunks(n: int, rows: int) -> list[slice]:
 class _Solved(NamedTuple):
     mean: Tensor  # (*batch, N) float64 or out dtype
     variance: Tensor | None
-    chol: Tensor  # (*batch, M, M)
+    root: Tensor  # (*batch, M, K): A^+ = R R^T
     G: Tensor  # (*gb, M, N) as used (noise-scaled)
     b: Tensor  # (*bb, M) as used
     s2: Tensor | None  # (*nb, M) noise variance as used
     cross: Tensor | None = None  # (*batch, N, M) W G^T when it was formed
+    polish: Tensor | None = None  # (*batch, M, M) Cholesky factor of the polish step
 
 
 def conserve(
@@ -531,9 +579,10 @@ def conserve(
     mean_out = solved.mean.to(out_dtype)
     var_out = None if var is None else var.clamp_min(0).to(out_dtype)
     out = ConstrainedGaussian._make(
-        mean_out, var_out, prior, solved.chol, solved.G, solved.b, solved.s2, post_metric
+        mean_out, var_out, prior, solved.root, solved.G, solved.b, solved.s2, post_metric
     )
     out._P = solved.cross
+    out._polish = solved.polish
     return out
 
 
@@ -563,15 +612,19 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     A = G64 @ P
     if s2 is not None:
         A = A + torch.diag_embed(s2)
-    L = _factor(A, (G64.detach() != 0).any(-1), call)
-    coef = _chol_solve(L, r.unsqueeze(-1))
-    mean_t = mean.to(F64) - (P @ coef).squeeze(-1)
+    root = _inverse_root(A, (G64.detach() != 0).any(-1), metric, call)
+    coef = _solve_with(root.R, r)
+    mean_t = mean.to(F64) - (P @ coef.unsqueeze(-1)).squeeze(-1)
     var_t = None
     if metric == "covariance":
-        F = _tri_solve(L, P.mT).mT
+        F = P @ root.R
         var_t = prior.diag() - F.square().sum(-1)
         _check_psd(var_t, prior, call)
-    return _Solved(mean_t, var_t, L, G, b, s2, P)
+    chol2 = None
+    if root.polish and s2 is None:
+        w = None if metric == "euclidean" else prior.diag()
+        mean_t, chol2 = _polish(mean_t, G64, b, w, call)
+    return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2)
 
 
 def _check_residual(r: Tensor, call: str) -> None:
@@ -622,25 +675,27 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     _check_residual(r, call)
     if s2 is not None:
         A = A + torch.diag_embed(s2)
-    L = _factor(A, (G != 0).any(-1), call)
-    coef = _chol_solve(L, r.unsqueeze(-1)).squeeze(-1)
-    linv = None
-    if metric == "covariance":
-        linv = _tri_solve(L, torch.eye(m, dtype=F64, device=L.device).expand_as(L))
-    out_mean = torch.empty((*batch, n), dtype=F64 if len(parts) == 1 else mean.dtype,
-                           device=mean.device)  # fmt: skip
+    root = _inverse_root(A, (G != 0).any(-1), metric, call)
+    coef = _solve_with(root.R, r)
+    R = root.R if metric == "covariance" else None
+    polish = root.polish and s2 is None
+    dtype = F64 if len(parts) == 1 or polish else mean.dtype
+    out_mean = torch.empty((*batch, n), dtype=dtype, device=mean.device)
     out_var = None
-    if linv is not None:
-        out_var = torch.empty((*batch, n), dtype=out_mean.dtype, device=mean.device)
+    if R is not None:
+        out_var = torch.empty((*batch, n), dtype=dtype, device=mean.device)
     wd = None if metric == "euclidean" else d
     for sl in parts:  # pass 2: the elementwise update, written once
         mc, vc = _apply_chunk(
-            mean[..., sl], None if wd is None else wd[..., sl], G[..., sl], coef, linv
+            mean[..., sl], None if wd is None else wd[..., sl], G[..., sl], coef, R
         )
         out_mean[..., sl] = mc
         if vc is not None:
             out_var[..., sl] = vc.clamp_min(0)
-    return _Solved(out_mean, out_var, L, G, b, s2)
+    chol2 = None
+    if polish:  # rare: an ill-conditioned system; one more pass, in float64
+        out_mean, chol2 = _polish(out_mean, G, b, wd, call)
+    return _Solved(out_mean, out_var, root.R, G, b, s2, None, chol2)
 
 
 # ------------------------------------------------------------------------------ posterior
@@ -666,12 +721,13 @@ class ConstrainedGaussian:
     metric: str
 
     @classmethod
-    def _make(cls, mean, variance, prior, chol, G, b, s2, metric) -> ConstrainedGaussian:
+    def _make(cls, mean, variance, prior, root, G, b, s2, metric) -> ConstrainedGaussian:
         self = cls.__new__(cls)
         self.mean, self.variance, self.metric = mean, variance, metric
-        self._prior, self._chol, self._G, self._b, self._s2 = prior, chol, G, b, s2
+        self._prior, self._R, self._G, self._b, self._s2 = prior, root, G, b, s2
         self._F = None
         self._P = None  # W G^T, when the solve formed it
+        self._polish = None  # Cholesky factor of G diag(w) G^T when the polish step ran
         return self
 
     def __repr__(self) -> str:
@@ -699,11 +755,10 @@ class ConstrainedGaussian:
 
         None for the Euclidean metric (the covariance is not changed) or without constraints.
         """
-        if self.metric == "euclidean" or self._chol is None:
+        if self.metric == "euclidean" or self._R is None:
             return None
         if self._F is None:
-            P = self._cross()
-            self._F = _tri_solve(self._chol, P.mT).mT
+            self._F = self._cross() @ self._R
         return self._F
 
     def covariance(self) -> Tensor:
@@ -728,8 +783,19 @@ class ConstrainedGaussian:
 
     def _gain(self, v: Tensor) -> Tensor:
         """``W G^T A^{-1} v`` for v (..., *batch, M): (..., *batch, N), float64."""
-        w = _chol_solve(self._chol, v.unsqueeze(-1))
-        return (self._cross() @ w).squeeze(-1)
+        w = _solve_with(self._R, v)
+        return (self._cross() @ w.unsqueeze(-1)).squeeze(-1)
+
+    def _polished(self, x: Tensor) -> Tensor:
+        """The exactness correction of an ill-conditioned system, applied to samples (float64)."""
+        if self._polish is None:
+            return x
+        G64 = self._G.to(F64)
+        w = None if self.metric == "euclidean" else self._prior.diag()
+        P = G64.mT if w is None else w.unsqueeze(-1) * G64.mT
+        r = _rowdot(G64, x) - self._b
+        step = torch.cholesky_solve(r.unsqueeze(-1), self._polish)
+        return x - (P @ step).squeeze(-1)
 
     def condition(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Apply the constraint update to samples of the unconstrained Gaussian.
@@ -749,14 +815,14 @@ class ConstrainedGaussian:
         Tensor
             shape: (..., *batch, N), the dtype of ``x``.
         """
-        if self._chol is None:
+        if self._R is None:
             return x
         x64 = x.to(F64)
         v = _rowdot(self._G.to(F64), x64) - self._b
         if self._s2 is not None:
             eps = torch.randn(v.shape, dtype=F64, device=v.device, generator=generator)
             v = v + self._s2.sqrt() * eps
-        return (x64 - self._gain(v)).to(x.dtype)
+        return self._polished(x64 - self._gain(v)).to(x.dtype)
 
     def sample(
         self, sample_shape: int | Sequence[int] = (), generator: torch.Generator | None = None
@@ -791,13 +857,16 @@ class ConstrainedGaussian:
         shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
         batch = self.mean.shape[:-1]
         e = self._prior.draw((*shape, *batch), self.mean.shape[-1], generator)
-        if self.metric == "covariance" and self._chol is not None:
+        if self.metric == "covariance" and self._R is not None:
             v = _rowdot(self._G.to(F64), e)
             if self._s2 is not None:
                 v = v + self._s2.sqrt() * torch.randn(
                     v.shape, dtype=F64, device=v.device, generator=generator
                 )
             e = e - self._gain(v)
+            if self._polish is not None:  # keep every sample exact
+                x = self._polished(self.mean.to(F64) + e)
+                return x.to(self.mean.dtype)
         return (self.mean.to(F64) + e).to(self.mean.dtype)
 
 

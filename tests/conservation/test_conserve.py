@@ -48,7 +48,9 @@ def test_diagonal_matches_dense_reference(per_sample):
     post = cl.functional.conserve(mu, G, b, variance=var)
     ref_mean, ref_cov = dense_update(mu, G, b, variance=var)
     torch.testing.assert_close(post.mean, ref_mean, rtol=TOL, atol=TOL)
-    torch.testing.assert_close(post.variance, ref_cov.diagonal(dim1=-2, dim2=-1), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(
+        post.variance, ref_cov.diagonal(dim1=-2, dim2=-1), rtol=TOL, atol=TOL
+    )
     torch.testing.assert_close(post.covariance(), ref_cov, rtol=TOL, atol=TOL)
 
 
@@ -60,7 +62,9 @@ def test_matches_kkt_solution():
         (cl.functional.conserve(mu, G, b, covariance=S), S),
     ]:
         for i in range(3):
-            torch.testing.assert_close(post.mean[i], kkt(mu[i], cov[i], G, b[i]), rtol=TOL, atol=TOL)
+            torch.testing.assert_close(
+                post.mean[i], kkt(mu[i], cov[i], G, b[i]), rtol=TOL, atol=TOL
+            )
 
 
 def test_exact_at_zero_noise_and_posterior_rank():
@@ -106,9 +110,10 @@ def test_diagonal_low_rank_full_agree():
     torch.testing.assert_close(diag.mean, dense.mean, rtol=TOL, atol=TOL)
     torch.testing.assert_close(diag.covariance(), dense.covariance(), rtol=TOL, atol=TOL)
     only_lr = cl.functional.conserve(mu, G, b, low_rank=L)  # K = 4 >= M = 2
-    torch.testing.assert_close(only_lr.mean, dense_update(mu.reshape(6, 30), G, b.reshape(6, 2),
-                               covariance=(L @ L.mT).reshape(6, 30, 30))[0].reshape(2, 3, 30),
-                               rtol=1e-9, atol=1e-9)  # fmt: skip
+    ref, _ = dense_update(
+        mu.reshape(6, 30), G, b.reshape(6, 2), covariance=(L @ L.mT).reshape(6, 30, 30)
+    )
+    torch.testing.assert_close(only_lr.mean, ref.reshape(2, 3, 30), rtol=1e-9, atol=1e-9)
 
 
 def test_euclidean_is_orthogonal_projection():
@@ -185,7 +190,9 @@ def test_sampler_statistics():
 def test_condition_maps_prior_samples_to_posterior():
     mu, var, G, b = problem(n=10, m=2, batch=(1,))
     post = cl.functional.conserve(mu, G, b, variance=var)
-    x = mu + var.sqrt() * torch.randn(50000, 1, 10, dtype=F64, generator=torch.Generator().manual_seed(1))
+    x = mu + var.sqrt() * torch.randn(
+        50000, 1, 10, dtype=F64, generator=torch.Generator().manual_seed(1)
+    )
     y = post.condition(x)
     assert float((y @ G.mT - b).abs().max()) < 1e-10
     torch.testing.assert_close(y.var(0), post.variance, rtol=0.05, atol=1e-3)
@@ -210,7 +217,9 @@ def test_gradcheck_through_conserve():
     assert torch.autograd.gradcheck(diag, args)
     assert torch.autograd.gradcheck(full, [t.clone().requires_grad_() for t in (mu, S, b)])
     s = torch.tensor([0.3, 0.7], dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(noisy, [mu.clone().requires_grad_(), var.clone().requires_grad_(), s])
+    assert torch.autograd.gradcheck(
+        noisy, [mu.clone().requires_grad_(), var.clone().requires_grad_(), s]
+    )
 
 
 def test_mixture_moment_matching():
@@ -232,9 +241,9 @@ def test_mixture_moment_matching():
     torch.testing.assert_close(mix.mean @ G.mT, b, rtol=0, atol=1e-12)
     assert mix.count == 6
     det = cl.functional.conserve_mixture(list(means), G, b)  # point masses: HardC each
-    torch.testing.assert_close(det.variance, (means - means.mean(0)).square().mean(0).new_zeros(()) +
-                               torch.stack([dense_update(x, G, b)[0] for x in means]).var(0, unbiased=False),
-                               rtol=TOL, atol=TOL)  # fmt: skip
+    hardc = torch.stack([dense_update(x, G, b)[0] for x in means])
+    torch.testing.assert_close(det.mean, hardc.mean(0), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(det.variance, hardc.var(0, unbiased=False), rtol=TOL, atol=TOL)
 
 
 @settings(max_examples=40, deadline=None)
@@ -261,3 +270,25 @@ def test_property_exact_and_kkt(n, m, batch, seed, log_scale):
     assert bool((post.variance <= var * (1 + 1e-12)).all())  # conditioning never adds variance
     again = cl.functional.conserve(post.mean, G, b, variance=var)  # idempotent
     torch.testing.assert_close(again.mean, post.mean, rtol=1e-9, atol=1e-9 * 10**log_scale)
+
+
+def test_ill_conditioned_system_stays_exact():
+    """Covariances that leave (numerically) no freedom along some row combinations: a rank-2
+    ensemble covariance with 5 rows, and a smooth kernel's masses at many times."""
+    g = torch.Generator().manual_seed(7)
+    mu = torch.randn(3, 40, dtype=F64, generator=g)
+    G = torch.randn(5, 40, dtype=F64, generator=g)
+    b = torch.randn(3, 5, dtype=F64, generator=g)
+    L = torch.randn(3, 40, 2, dtype=F64, generator=g)
+    post = cl.functional.conserve(mu, G, b, low_rank=L)
+    assert float((post.mean @ G.mT - b).abs().max()) < 1e-12
+    s = post.sample(8, generator=g)
+    assert float((s @ G.mT - b).abs().max()) < 1e-10
+    t = torch.linspace(0, 1, 12, dtype=F64)
+    x = torch.linspace(0, 1, 15, dtype=F64)
+    pts = torch.cartesian_prod(t, x)
+    K = torch.exp(-0.5 * torch.cdist(pts, pts).square() / 0.8**2)  # smooth in t: masses ~ low rank
+    rows = cl.Conservation.integral(0.0, dim=1).dense((1, 1, 12, 15))[0]
+    post = cl.functional.conserve(torch.sin(6 * pts[:, 1]) + pts[:, 0], rows, 0.0, covariance=K)
+    assert float((post.mean @ rows.mT).abs().max()) < 1e-12
+    assert bool(torch.isfinite(post.variance).all())

@@ -31,7 +31,12 @@ CASES = [
     ("b type", dict(b="one"), TypeError, ["b must be", "str"]),
     ("G type", dict(G=[[1.0] * 10]), TypeError, ["G must be a tensor", "list"]),
     ("negative var", dict(var=-torch.ones(3, 10, dtype=F64)), ValueError, ["negative", "variance"]),
-    ("NaN var", dict(var=torch.full((3, 10), math.nan, dtype=F64)), ValueError, ["NaN", "variance"]),
+    (
+        "NaN var",
+        dict(var=torch.full((3, 10), math.nan, dtype=F64)),
+        ValueError,
+        ["NaN", "variance"],
+    ),
     ("var shape", dict(var=torch.ones(3, 7, dtype=F64)), ValueError, ["(*batch, 10)", "(3, 7)"]),
     ("NaN mean", dict(mu=torch.full((3, 10), math.nan, dtype=F64)), ValueError, ["not finite"]),
     ("int mean", dict(mu=torch.ones(3, 10, dtype=torch.int64)), TypeError, ["floating-point"]),
@@ -134,7 +139,7 @@ def test_conservation_spec_errors():
     with pytest.raises(ValueError, match="one per integrated axis"):
         cl.Conservation.integral(0.0, dim=(0, 1), rule=("trapezoid",))
     c = cl.Conservation(torch.ones(2, 5))
-    with pytest.raises(ValueError, match="5 columns.*6 values"):
+    with pytest.raises(ValueError, match=r"5 columns.*6 values"):
         c.rows((1, 6))
     c = cl.Conservation.integral(torch.ones(4))
     with pytest.raises(GridError, match=r"does not broadcast to the rows' shape \(2, 1, 3\)"):

@@ -35,7 +35,9 @@ class TestDeterministicGrid(_Reference):
     """A plain grid model: the Euclidean (HardC) projection; total a callable of the input."""
 
     def make_model(self, dtype):
-        return nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.Tanh(), nn.Conv1d(8, 1, 5, padding=2)).to(dtype)
+        return nn.Sequential(
+            nn.Conv1d(2, 8, 5, padding=2), nn.Tanh(), nn.Conv1d(8, 1, 5, padding=2)
+        ).to(dtype)
 
     def make_constraints(self):
         return cl.Conservation.integral(lambda x: x[:, :1].mean(-1), rule="simpson", extent=2.0)
@@ -95,7 +97,7 @@ class TestDictHeadJoint(_Reference):
         return torch.randn(batch, 4, dtype=dtype)
 
     def test_dict_comes_back(self):
-        model, layer, x = self.build()
+        _model, layer, x = self.build()
         out = layer(x)
         assert set(out) == {"mean", "std", "extra"} and out["extra"] == "kept"
 
@@ -178,7 +180,9 @@ class TestEnsembleOfPoints(ConservationLayerTests):
 
 def test_ensemble_modes_and_mc_dropout():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.Dropout(0.3), nn.Conv1d(8, 1, 3, padding=1))
+    net = nn.Sequential(
+        nn.Conv1d(1, 8, 3, padding=1), nn.Dropout(0.3), nn.Conv1d(8, 1, 3, padding=1)
+    )
     net.eval()
     ens = cl.adapters.Ensemble(net, passes=16)
     model = cl.wrap(ens, cl.Conservation.integral(0.0))
@@ -208,7 +212,7 @@ def test_ensemble_members_update_on_points_is_hardc_per_member():
     nets = [nn.Conv1d(1, 1, 3, padding=1) for _ in range(3)]
     x = torch.randn(2, 1, 13)
     c = cl.Conservation.integral(0.0)
-    mean, var = cl.wrap(cl.adapters.Ensemble(nets, update="members"), c)(x)
+    mean, _var = cl.wrap(cl.adapters.Ensemble(nets, update="members"), c)(x)
     proj = [cl.functional.enforce_conservation(n(x), c).mean for n in nets]
     torch.testing.assert_close(mean, torch.stack(proj).mean(0), rtol=1e-6, atol=1e-6)
 

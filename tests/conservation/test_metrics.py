@@ -34,7 +34,9 @@ def test_mse_and_log_likelihood():
     assert cl.metrics.mse(a, b).shape == (2, 3)
     assert float(cl.metrics.mse(a, b, dim=None)) == 1.0
     ll = cl.metrics.gaussian_log_likelihood(b, a, torch.full_like(a, 4.0))
-    torch.testing.assert_close(ll, torch.full((2, 3), -0.5 * (math.log(8 * math.pi) + 0.25), dtype=F64))
+    torch.testing.assert_close(
+        ll, torch.full((2, 3), -0.5 * (math.log(8 * math.pi) + 0.25), dtype=F64)
+    )
     with pytest.raises(ValueError, match="min_variance"):
         cl.metrics.gaussian_log_likelihood(b, a, torch.zeros_like(a))
     ll = cl.metrics.gaussian_log_likelihood(a, a, torch.zeros_like(a), min_variance=1e-8)

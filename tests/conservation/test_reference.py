@@ -22,7 +22,9 @@ CASES = ["pme", "stefan"]
 def ref(request):
     path = DATA / f"{request.param}.npz"
     if not path.is_file():
-        pytest.skip(f"reference data not found at {path.resolve()} (the shared data folder is absent)")
+        pytest.skip(
+            f"reference data not found at {path.resolve()} (the shared data folder is absent)"
+        )
     with np.load(path) as d:
         return {k: torch.from_numpy(d[k]) for k in d.files}
 
