@@ -17,7 +17,7 @@ identity in the mean update (the HardC projection) and leaves the uncertainty as
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -128,6 +128,8 @@ def _check_rhs(b: object, single: bool, m: int, call: str) -> Tensor:
 
 def _check_noise(noise: object, m: int, call: str) -> Tensor | None:
     """Constraint noise (std) as float64 ``(*batch, M)``, or None when it is zero."""
+    if type(noise) in (int, float) and noise == 0:
+        return None
     if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
         raise TypeError(
             f"{call}: noise must be a number or a tensor of shape (M,) or (*batch, M) (standard "
@@ -331,11 +333,11 @@ def _rowdot(G: Tensor, x: Tensor) -> Tensor:
     return (G @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_rows(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
+def _check_rows(A: Tensor, nonzero: Callable[[], Tensor], call: str) -> Tensor:
     """Zero or negative diagonal entries of ``A``: a SingularConstraintError that says what to do.
 
-    ``nonzero`` (shape (*gb, M), bool): whether each row of G has a non-zero entry. Returns the
-    diagonal of ``A`` (detached).
+    ``nonzero()`` (shape (*gb, M), bool): whether each row of G has a non-zero entry (evaluated
+    only to word the error). Returns the diagonal of ``A`` (detached).
     """
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
     bad = ~(diag > 0)
@@ -348,7 +350,7 @@ def _check_rows(A: Tensor, nonzero: Tensor, call: str) -> Tensor:
                 f"{float(diag[tuple(idx)]):.3e} < 0 for constraint row {row}{where}. Pass a valid "
                 "covariance (symmetric positive semidefinite)."
             )
-        if not bool(nonzero.expand(diag.shape)[tuple(idx)]):
+        if not bool(nonzero().expand(diag.shape)[tuple(idx)]):
             why = f"row {row} of G is all zeros{where}: it constrains nothing"
             fix = "remove the row (or its constraint)"
         else:
@@ -376,7 +378,7 @@ class _Root(NamedTuple):
     polish: bool
 
 
-def _inverse_root(A: Tensor, nonzero: Tensor, metric: str, call: str) -> _Root:
+def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: str) -> _Root:
     """A root of the (pseudo-)inverse of ``A = G W G^T + noise^2 I`` (float64).
 
     Well-conditioned ``A``: ``R = L^{-T}`` from its Cholesky factor. When the covariance leaves
@@ -426,7 +428,7 @@ def _polish(
     r = _rowdot(G64, mean) - b
     P = G64.mT if w is None else w.to(F64).unsqueeze(-1) * G64.mT
     A = G64 @ P
-    diag = _check_rows(A, (G64.detach() != 0).any(-1), call)
+    diag = _check_rows(A, lambda: (G64.detach() != 0).any(-1), call)
     L, info = torch.linalg.cholesky_ex(A)
     ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
     if bool((info != 0).any()) or not bool((ratio > PIVOT_RTOL).all()):
@@ -570,14 +572,12 @@ def conserve(
     if m == 0:
         var = None if prior is None else prior.diag().to(out_dtype)
         return ConstrainedGaussian._make(mean, var, prior, None, G, b, None, post_metric)
-    if variance is not None:
-        _check_variance(variance, "variance", call)
     solved = _solve(mean, G, b, prior, s, post_metric, call)
     var = solved.variance
     if var is None and prior is not None:
         var = prior.diag()  # Euclidean: the uncertainty as given
     mean_out = solved.mean.to(out_dtype)
-    var_out = None if var is None else var.clamp_min(0).to(out_dtype)
+    var_out = None if var is None else var.to(out_dtype)
     out = ConstrainedGaussian._make(
         mean_out, var_out, prior, solved.root, solved.G, solved.b, solved.s2, post_metric
     )
@@ -605,6 +605,8 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if streaming and not needs_grad:
         return _solve_streaming(mean, G, b, d, s2, metric, prior, call)
     # ---- one pass over whole tensors (autograd, full and low-rank covariances)
+    if isinstance(prior, (_Diag, _LowRank)) and prior.d is not None:
+        _check_variance(prior.d, "variance", call)
     G64 = G.to(F64)
     r = _rowdot(G64, mean.to(F64)) - b
     _check_residual(r, call)
@@ -612,7 +614,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     A = G64 @ P
     if s2 is not None:
         A = A + torch.diag_embed(s2)
-    root = _inverse_root(A, (G64.detach() != 0).any(-1), metric, call)
+    root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call)
     coef = _solve_with(root.R, r)
     mean_t = mean.to(F64) - (P @ coef.unsqueeze(-1)).squeeze(-1)
     var_t = None
@@ -620,6 +622,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
         F = P @ root.R
         var_t = prior.diag() - F.square().sum(-1)
         _check_psd(var_t, prior, call)
+        var_t = var_t.clamp_min(0)
     chol2 = None
     if root.polish and s2 is None:
         w = None if metric == "euclidean" else prior.diag()
@@ -647,10 +650,66 @@ def _check_psd(var_t: Tensor, prior: _Prior, call: str) -> None:
             )
 
 
+def _solve_one_row(mean, G, b, d, s2, metric, call) -> _Solved:
+    """One constraint row, diagonal or Euclidean, no autograd: the memory-bound fast path.
+
+    Pass 1 accumulates ``g . mu`` and ``a = sum g^2 d`` in float64 over cache-sized chunks;
+    pass 2 writes ``mu - (d g) r / a`` and ``d - (d g)^2 / a`` once, in the input dtype, with
+    fused multiply-adds (the step is formed in the input dtype: its rounding is that of the
+    stored result).
+    """
+    n = mean.shape[-1]
+    g = G[..., 0, :]  # (*gb, N)
+    w = None if metric == "euclidean" else d  # the metric's diagonal
+    batch = torch.broadcast_shapes(
+        mean.shape[:-1], g.shape[:-1], b.shape[:-1], () if d is None else d.shape[:-1],
+        () if s2 is None else s2.shape[:-1],
+    )  # fmt: skip
+    parts = _chunks(n, max(1, math.prod(batch)))
+    r = torch.zeros(batch, dtype=F64, device=mean.device)
+    a = torch.zeros(batch, dtype=F64, device=mean.device)
+    for sl in parts:  # pass 1
+        gc = g[..., sl]
+        r += (mean[..., sl] * gc).sum(-1, dtype=F64)
+        if d is not None:
+            dc = d[..., sl]
+            if not float(dc.amin()) >= 0:  # NaN or negative: say which
+                _check_variance(d, "variance", call)
+        if w is None:
+            a += (gc * gc).sum(-1, dtype=F64)
+        else:
+            a += (dc * gc * gc).sum(-1, dtype=F64)
+    r -= b[..., 0]
+    _check_residual(r, call)
+    A = a.reshape(*batch, 1, 1)
+    if s2 is not None:
+        A = A + s2.reshape(*s2.shape, 1)
+    _check_rows(A, lambda: (G != 0).any(-1), call)
+    R = A.rsqrt()  # (*batch, 1, 1)
+    coef = r * R[..., 0, 0].square()
+    dtype = torch.promote_types(mean.dtype, g.dtype if w is None else w.dtype)
+    step = (-coef).to(dtype).unsqueeze(-1)
+    out_mean = torch.empty((*batch, n), dtype=dtype, device=mean.device)
+    out_var = None
+    if metric == "covariance":
+        out_var = torch.empty((*batch, n), dtype=dtype, device=mean.device)
+        shrink = (-R[..., 0].square()).to(dtype)  # (*batch, 1)
+    for sl in parts:  # pass 2: written once
+        gc = g[..., sl].to(dtype)
+        t = gc if w is None else w[..., sl].to(dtype) * gc  # W g
+        torch.addcmul(mean[..., sl].to(dtype), t, step, out=out_mean[..., sl])
+        if out_var is not None:
+            torch.addcmul(d[..., sl].to(dtype), t, t * shrink, out=out_var[..., sl])
+            out_var[..., sl].clamp_(min=0)
+    return _Solved(out_mean, out_var, R, G, b, s2)
+
+
 def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     """Diagonal or Euclidean update without autograd: two passes over chunks of points."""
     n = mean.shape[-1]
     m = G.shape[-2]
+    if m == 1:
+        return _solve_one_row(mean, G, b, d, s2, metric, call)
     batch = torch.broadcast_shapes(
         mean.shape[:-1], G.shape[:-2], b.shape[:-1], () if d is None else d.shape[:-1],
         () if s2 is None else s2.shape[:-1],
@@ -659,23 +718,22 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     parts = _chunks(n, rows)
     r = torch.zeros((*batch, m), dtype=F64, device=mean.device)
     A = torch.zeros((*batch, m, m), dtype=F64, device=mean.device)
-    low = math.inf
     for sl in parts:  # pass 1: G mu and A = G W G^T, accumulated in float64
         Gc = G[..., sl].to(F64)
         r += _rowdot(Gc, mean[..., sl].to(F64))
+        if d is not None:
+            dc = d[..., sl].to(F64)
+            if not float(dc.amin()) >= 0:  # NaN or negative: say which
+                _check_variance(d, "variance", call)
         if metric == "euclidean":
             A += Gc @ Gc.mT
         else:
-            dc = d[..., sl].to(F64)
-            low = min(low, float(dc.amin()))
             A += (Gc * dc.unsqueeze(-2)) @ Gc.mT
-    if not low >= 0:
-        _check_variance(d, "variance", call)
     r -= b
     _check_residual(r, call)
     if s2 is not None:
         A = A + torch.diag_embed(s2)
-    root = _inverse_root(A, (G != 0).any(-1), metric, call)
+    root = _inverse_root(A, lambda: (G != 0).any(-1), metric, call)
     coef = _solve_with(root.R, r)
     R = root.R if metric == "covariance" else None
     polish = root.polish and s2 is None
