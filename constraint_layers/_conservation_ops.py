@@ -167,20 +167,28 @@ def _check_variance(var: Tensor, name: str, call: str) -> None:
 
 
 def _check_covariance(cov: Tensor, call: str) -> None:
+    """O(N) checks of a dense covariance: square, finite non-negative diagonal. (Symmetry is
+    probed inside the product ``Sigma G^T``, see :meth:`_Dense.cross`.)"""
     if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(
             f"{call}: covariance must be square, shape (*batch, N, N); got {tuple(cov.shape)}."
         )
-    c = cov.detach()
-    diag = c.diagonal(dim1=-2, dim2=-1)
-    _check_variance(diag, "the covariance's diagonal", call)
-    scale = float(diag.amax()) if diag.numel() else 0.0
-    asym = float((c - c.mT).abs().amax()) if c.numel() else 0.0
-    tol = SYMMETRY_RTOL.get(c.dtype, 1e-5) * max(scale, torch.finfo(c.dtype).tiny)
-    if not asym <= tol:
+    _check_variance(cov.detach().diagonal(dim1=-2, dim2=-1), "the covariance's diagonal", call)
+
+
+def _probe_symmetry(SV: Tensor, V: Tensor, dtype: torch.dtype, call: str) -> None:
+    """``v^T (S w)`` against ``w^T (S v)`` for two random probes: a cheap symmetry test that
+    costs two extra columns in the product ``S [G^T, v, w]``."""
+    v, w = V[:, 0], V[:, 1]
+    Sv, Sw = SV[..., 0].detach(), SV[..., 1].detach()
+    gap = ((Sw * v).sum(-1) - (Sv * w).sum(-1)).abs()
+    scale = v.norm() * (Sw.norm(dim=-1) + Sv.norm(dim=-1)) + torch.finfo(SV.dtype).tiny
+    ratio = float((gap / scale).amax())
+    if not ratio <= SYMMETRY_RTOL.get(dtype, 1e-5):
         raise ValueError(
-            f"{call}: covariance must be symmetric, but max |S - S^T| = {asym:.3e} exceeds "
-            f"{tol:.3e} (relative to its largest variance {scale:.3e}). Symmetrise it, e.g. "
+            f"{call}: covariance must be symmetric, but a random probe finds "
+            f"|v^T (S - S^T) w| = {ratio:.2e} relative to |v| |S w| (tolerance "
+            f"{SYMMETRY_RTOL.get(dtype, 1e-5):.0e} for {dtype}). Symmetrise it, e.g. "
             "0.5 * (S + S.mT)."
         )
 
@@ -265,7 +273,19 @@ class _Dense(_Prior):
     def cross(self, Gt):
         if self.lazy:
             return self.S.matmul(Gt.to(self.S.dtype)).to(F64)
-        return self.S.to(F64) @ Gt
+        return (self.S @ Gt.to(self.S.dtype)).to(F64)
+
+    def cross_checked(self, Gt: Tensor, call: str) -> Tensor:
+        """``Sigma G^T``, with the symmetry probe riding along (dense tensors only)."""
+        if self.lazy:
+            return self.cross(Gt)
+        n = Gt.shape[-2]
+        gen = torch.Generator(device=self.S.device).manual_seed(0)
+        V = torch.randn(n, 2, dtype=self.S.dtype, device=self.S.device, generator=gen)
+        Gt = Gt.to(self.S.dtype).expand(*self.S.shape[:-2], *Gt.shape[-2:])
+        out = self.S @ torch.cat([Gt, V.expand(*Gt.shape[:-1], 2)], dim=-1)
+        _probe_symmetry(out[..., -2:], V, self.S.dtype, call)
+        return out[..., :-2].to(F64)
 
     def diag(self):
         return self.S.diagonal(dim1=-2, dim2=-1).to(F64)
@@ -610,7 +630,12 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     G64 = G.to(F64)
     r = _rowdot(G64, mean.to(F64)) - b
     _check_residual(r, call)
-    P = G64.mT if metric == "euclidean" else prior.cross(G64.mT)  # (*, N, M)
+    if metric == "euclidean":
+        P = G64.mT  # (*, N, M)
+    elif isinstance(prior, _Dense):
+        P = prior.cross_checked(G64.mT, call)
+    else:
+        P = prior.cross(G64.mT)
     A = G64 @ P
     if s2 is not None:
         A = A + torch.diag_embed(s2)
@@ -694,12 +719,21 @@ def _solve_one_row(mean, G, b, d, s2, metric, call) -> _Solved:
     if metric == "covariance":
         out_var = torch.empty((*batch, n), dtype=dtype, device=mean.device)
         shrink = (-R[..., 0].square()).to(dtype)  # (*batch, 1)
+    scalar = step.numel() == 1  # one sample: the factors as Python numbers (fewer passes)
     for sl in parts:  # pass 2: written once
         gc = g[..., sl].to(dtype)
         t = gc if w is None else w[..., sl].to(dtype) * gc  # W g
-        torch.addcmul(mean[..., sl].to(dtype), t, step, out=out_mean[..., sl])
+        mc = mean[..., sl].to(dtype)
+        if scalar:
+            torch.add(mc, t, alpha=float(step), out=out_mean[..., sl])
+        else:
+            torch.addcmul(mc, t, step, out=out_mean[..., sl])
         if out_var is not None:
-            torch.addcmul(d[..., sl].to(dtype), t, t * shrink, out=out_var[..., sl])
+            dc = d[..., sl].to(dtype)
+            if scalar:
+                torch.addcmul(dc, t, t, value=float(shrink), out=out_var[..., sl])
+            else:
+                torch.addcmul(dc, t, t * shrink, out=out_var[..., sl])
             out_var[..., sl].clamp_(min=0)
     return _Solved(out_mean, out_var, R, G, b, s2)
 
