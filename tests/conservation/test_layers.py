@@ -291,3 +291,45 @@ def test_training_through_the_wrapper():
         first = float(loss.detach()) if first is None else first
     assert float(loss.detach()) < first
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_multi_axis_integral_and_rules_match_dense():
+    """A 2-D domain per time frame (tensor-product Simpson x trapezoid), against the rows."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 1, 7, 6, 3, dtype=F64, generator=g)  # (B, C, x, y, t)
+    var = torch.rand(2, 1, 7, 6, 3, dtype=F64, generator=g) + 0.1
+    c = cl.Conservation.integral(
+        torch.tensor([1.0, 0.0, -1.0]), dim=(0, 1), rule=("simpson", "right"), extent=(2.0, 1.0)
+    )
+    out = cl.functional.enforce_conservation(mean, c, variance=var)
+    G, b = c.dense(mean.shape)
+    assert G.shape == (3, 7 * 6 * 3) and b.shape == (2, 3)
+    ref, cov = ConservationLayerTests.dense_update(flat(mean), G, b, variance=flat(var))
+    torch.testing.assert_close(flat(out.mean), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(flat(out.variance), cov.diagonal(dim1=-2, dim2=-1))
+    assert float(cl.metrics.conservation_error(out.mean, c).abs().max()) < 1e-13
+    w = cl.quadrature.tensor_product(
+        cl.quadrature.simpson(7, extent=2.0), cl.quadrature.right_riemann(6)
+    )
+    torch.testing.assert_close(G[0].reshape(7, 6, 3)[..., 0], w)
+
+
+def test_layer_noise_and_euclidean_metric():
+    torch.manual_seed(0)
+    head = VarianceHead().double()
+    x = torch.randn(2, 1, 9, 4, dtype=F64)
+    c = cl.Conservation.integral(0.0, dim=0)
+    mean0, var0 = head(x)
+    hardc_mean, hardc_var = cl.wrap(head, c, metric="euclidean")(x)
+    assert torch.equal(hardc_var, var0)  # HardC: the variance as given
+    proj = cl.functional.enforce_conservation(mean0, c)  # deterministic: the same projection
+    torch.testing.assert_close(hardc_mean, proj.mean)
+    soft_mean, soft_var = cl.wrap(head, c, noise=1e-2)(x)
+    exact_mean, _ = cl.wrap(head, c)(x)
+    ce_soft = cl.metrics.conservation_error(soft_mean, c).abs().max()
+    ce_raw = cl.metrics.conservation_error(mean0, c).abs().max()
+    assert 1e-12 < float(ce_soft) < float(ce_raw)  # noise > 0: close, not exact
+    assert bool((soft_var <= var0 + 1e-15).all())
+    loose, _ = cl.wrap(head, c, noise=float("inf"))(x)
+    torch.testing.assert_close(loose, mean0)
+    del exact_mean
