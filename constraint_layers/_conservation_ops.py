@@ -693,17 +693,23 @@ def _solve_one_row(mean, G, b, d, s2, metric, call) -> _Solved:
     parts = _chunks(n, max(1, math.prod(batch)))
     r = torch.zeros(batch, dtype=F64, device=mean.device)
     a = torch.zeros(batch, dtype=F64, device=mean.device)
+    # float64 inputs and one shared row: BLAS dot products (float64 accumulation, no temporary)
+    blas = g.dim() >= 1 and g[..., 0].numel() == 1 and mean.dtype == g.dtype == F64
+    blas = blas and (d is None or d.dtype == F64)
+    g1 = g.reshape(-1) if blas else None
     for sl in parts:  # pass 1
-        gc = g[..., sl]
-        r += (mean[..., sl] * gc).sum(-1, dtype=F64)
+        gc = g1[sl] if blas else g[..., sl]
         if d is not None:
             dc = d[..., sl]
             if not float(dc.amin()) >= 0:  # NaN or negative: say which
                 _check_variance(d, "variance", call)
-        if w is None:
-            a += (gc * gc).sum(-1, dtype=F64)
-        else:
-            a += (dc * gc * gc).sum(-1, dtype=F64)
+        wg = gc if w is None else dc * gc
+        if blas:
+            r += mean[..., sl] @ gc
+            a += wg @ gc
+        else:  # products in the input dtype, sums accumulated in float64
+            r += (mean[..., sl] * gc).sum(-1, dtype=F64)
+            a += (wg * gc).sum(-1, dtype=F64)
     r -= b[..., 0]
     _check_residual(r, call)
     A = a.reshape(*batch, 1, 1)
