@@ -5,10 +5,13 @@ A Gaussian ``u ~ N(mu, Sigma)`` on ``N`` points is conditioned on ``M`` linear c
 
     A        = G Sigma G^T + diag(sigma_G^2)                 (M x M)
     mu~      = mu - Sigma G^T A^{-1} (G mu - b)
-    Sigma~   = Sigma - Sigma G^T A^{-1} G Sigma = Sigma - F F^T,   F = Sigma G^T L^{-T},  A = L L^T
+    Sigma~   = Sigma - Sigma G^T A^{-1} G Sigma = Sigma - F F^T,   F = Sigma G^T R,  A^{-1} = R R^T
 
-The constraint algebra (``G mu``, ``A``, its Cholesky factor ``L``) runs in float64; the results
-come back in the input dtype. ``Sigma`` is diagonal (``variance``), diagonal plus low rank
+The constraint algebra (``G mu``, ``A``, its inverse root ``R``) runs in float64; the results
+come back in the input dtype. When ``A`` is numerically singular although the rows are
+independent (the covariance leaves no freedom along some combination of them), ``R`` is a root of
+the pseudo-inverse and a final correction in the metric of the marginal variances (the "polish")
+keeps ``G mu~ = b`` exact. ``Sigma`` is diagonal (``variance``), diagonal plus low rank
 (``low_rank``) or full (``covariance``); the diagonal path streams over the points in chunks
 (O(N M) memory, never an ``N x N`` matrix). ``metric="euclidean"`` replaces ``Sigma`` by the
 identity in the mean update (the HardC projection) and leaves the uncertainty as given.
@@ -168,7 +171,7 @@ def _check_variance(var: Tensor, name: str, call: str) -> None:
 
 def _check_covariance(cov: Tensor, call: str) -> None:
     """O(N) checks of a dense covariance: square, finite non-negative diagonal. (Symmetry is
-    probed inside the product ``Sigma G^T``, see :meth:`_Dense.cross`.)"""
+    probed inside the product ``Sigma G^T``, see :meth:`_Dense.cross_checked`.)"""
     if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
         raise ValueError(
             f"{call}: covariance must be square, shape (*batch, N, N); got {tuple(cov.shape)}."
@@ -195,7 +198,7 @@ def _probe_symmetry(SV: Tensor, V: Tensor, dtype: torch.dtype, call: str) -> Non
 
 # ---------------------------------------------------------------------------------- priors
 class _Prior:
-    """Sigma in one of its structured forms; every method works in float64."""
+    """Sigma in one of its structured forms; every method returns float64."""
 
     batch_shape: torch.Size
 
@@ -282,8 +285,8 @@ class _Dense(_Prior):
         n = Gt.shape[-2]
         gen = torch.Generator(device=self.S.device).manual_seed(0)
         V = torch.randn(n, 2, dtype=self.S.dtype, device=self.S.device, generator=gen)
-        Gt = Gt.to(self.S.dtype).expand(*self.S.shape[:-2], *Gt.shape[-2:])
-        out = self.S @ torch.cat([Gt, V.expand(*Gt.shape[:-1], 2)], dim=-1)
+        Gt = Gt.to(self.S.dtype)
+        out = self.S @ torch.cat([Gt, V.expand(*Gt.shape[:-2], n, 2)], dim=-1)
         _probe_symmetry(out[..., -2:], V, self.S.dtype, call)
         return out[..., :-2].to(F64)
 
@@ -353,18 +356,27 @@ def _rowdot(G: Tensor, x: Tensor) -> Tensor:
     return (G @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def _check_rows(A: Tensor, nonzero: Callable[[], Tensor], call: str) -> Tensor:
+def _check_rows(
+    A: Tensor, nonzero: Callable[[], Tensor], call: str, allow_tiny: bool = False
+) -> Tensor:
     """Zero or negative diagonal entries of ``A``: a SingularConstraintError that says what to do.
 
     ``nonzero()`` (shape (*gb, M), bool): whether each row of G has a non-zero entry (evaluated
-    only to word the error). Returns the diagonal of ``A`` (detached).
+    only to word the error). ``allow_tiny``: let entries that are zero to rounding (within
+    ``PIVOT_RTOL`` of the largest, either sign, not exactly zero) through to the pseudo-inverse.
+    Returns the diagonal of ``A`` (detached).
     """
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
     bad = ~(diag > 0)
+    if allow_tiny and bool(bad.any()):
+        scale = diag.abs().amax(-1, keepdim=True)
+        bad = bad & ((diag == 0) | (diag < -PIVOT_RTOL * scale))
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         row, where = idx[-1], (f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else "")
-        if bool(diag[tuple(idx)] < 0):
+        if bool(diag[tuple(idx)] < 0) and bool(
+            diag[tuple(idx)] < -PIVOT_RTOL * diag[tuple(idx[:-1])].abs().amax()
+        ):
             raise ValueError(
                 f"{call}: the covariance is not positive semidefinite: g Sigma g^T = "
                 f"{float(diag[tuple(idx)]):.3e} < 0 for constraint row {row}{where}. Pass a valid "
@@ -407,12 +419,12 @@ def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: s
     (eigenvalues below ``PIVOT_RTOL`` of the largest) and the result is marked for the polish
     step, which enforces them with the marginal variances.
     """
-    diag = _check_rows(A, nonzero, call)
     m = A.shape[-1]
+    diag = _check_rows(A, nonzero, call, allow_tiny=m > 1 and metric == "covariance")
     if m == 1:  # one row: a square root
         return _Root(A.rsqrt(), False)
     L, info = torch.linalg.cholesky_ex(A)
-    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
+    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.abs()
     if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()):
         eye = torch.eye(m, dtype=A.dtype, device=A.device).expand_as(A)
         R = torch.linalg.solve_triangular(L, eye, upper=False).mT
@@ -477,7 +489,9 @@ def _apply_chunk(
 
 
 def _chunks(n: int, rows: int) -> list[slice]:
-    size = max(256, CHUNK // max(rows, 1))
+    """Column blocks of about ``CHUNK`` values per intra-op thread (float64 temporaries of a block
+    stay in cache; fewer blocks, fewer thread synchronisations)."""
+    size = max(256, CHUNK * max(1, torch.get_num_threads()) // max(rows, 1))
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 

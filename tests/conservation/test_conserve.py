@@ -292,3 +292,25 @@ def test_ill_conditioned_system_stays_exact():
     post = cl.functional.conserve(torch.sin(6 * pts[:, 1]) + pts[:, 0], rows, 0.0, covariance=K)
     assert float((post.mean @ rows.mT).abs().max()) < 1e-12
     assert bool(torch.isfinite(post.variance).all())
+
+
+def test_per_sample_rows_with_shared_dense_covariance():
+    mu, _, G, b = problem(n=12, m=2, batch=(3,), per_sample=True)
+    S = spd((), 12)
+    post = cl.functional.conserve(mu, G, b, covariance=S)
+    ref, _ = dense_update(mu, G, b, covariance=S.expand(3, 12, 12))
+    torch.testing.assert_close(post.mean, ref, rtol=TOL, atol=TOL)
+
+
+def test_row_outside_the_covariance_range_is_enforced_by_the_polish():
+    """A row that sees zero variance only through cancellation (g in the null space of Sigma,
+    G Sigma G^T ~ +-1e-17): dropped from the conditioning, enforced with the marginal variances."""
+    g = torch.Generator().manual_seed(11)
+    L = torch.randn(20, 3, dtype=F64, generator=g)
+    G = torch.randn(3, 20, dtype=F64, generator=g)
+    Q, _ = torch.linalg.qr(L)
+    G[0] = G[0] - Q @ (Q.mT @ G[0])  # g_0 orthogonal to range(L): g_0 Sigma g_0 = 0 (rounding)
+    mu = torch.randn(2, 20, dtype=F64, generator=g)
+    b = torch.randn(2, 3, dtype=F64, generator=g)
+    post = cl.functional.conserve(mu, G, b, low_rank=L)
+    assert float((post.mean @ G.mT - b).abs().max()) < 1e-12
