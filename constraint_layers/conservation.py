@@ -746,7 +746,7 @@ def enforce_conservation(
         raise ValueError(f"{call}: metric must be one of {_METRICS}, got {metric!r}.")
     if not isinstance(mean, Tensor):
         raise TypeError(f"{call}: mean must be a tensor, got {type(mean).__name__}.")
-    k = mean.ndim - 1 if event_ndim is None else int(event_ndim)
+    k = max(mean.ndim - 1, 1) if event_ndim is None else int(event_ndim)
     shape = _grid_view(mean, k, grid_shape, call)
     lead = mean.shape[: mean.ndim - k]
     if variance is not None and isinstance(variance, Tensor) and variance.shape != mean.shape:
