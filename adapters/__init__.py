@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._registry import ENTRY_POINT_GROUP, find, register, registered, unregister
 from .base import Adapter
+from .ensemble import Ensemble, EnsembleAdapter
 from .generic import ModuleAdapter
 from .wrap import unwrap, wrap
 
@@ -29,3 +30,4 @@ __all__ = [
     "unwrap",
     "wrap",
 ]
+__all__ += ["Ensemble", "EnsembleAdapter"]

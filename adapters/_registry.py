@@ -30,6 +30,8 @@ _NAMES: dict[str, str] = {}  # adapter name -> first dotted type name it serves
 #: Built-in adapters for third-party libraries, imported only when a model of theirs shows up.
 _LAZY: dict[str, str] = {
     "neuralop.models.base_model.BaseModel": "constraint_layers.adapters.neuralop",
+    "gpytorch.models.gp.GP": "constraint_layers.adapters.gpytorch",
+    "neuralop.models.uqno.UQNO": "constraint_layers.adapters.uqno",
 }
 _lock = threading.RLock()
 _entry_points_loaded = False

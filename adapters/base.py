@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from constraint_layers._conservation_ops import Gaussian
 from constraint_layers._grid import check_grid
 
 __all__ = ["Adapter"]
@@ -51,6 +53,47 @@ class Adapter:
     def with_grid(self, output: Any, grid: Tensor) -> Any:
         """The model's output with its grid replaced by the corrected one (same kind of object)."""
         return grid
+
+    # ---------------------------------------------------------------- conservation outputs
+    def gaussian(self, output: Any) -> Gaussian:
+        """The (possibly deterministic) Gaussian in the model's output, for conservation.
+
+        Default: a floating-point tensor ``(batch, *event)`` read as a deterministic mean (it is
+        projected orthogonally). Override for probabilistic heads: return a
+        :class:`~constraint_layers.functional.Gaussian` with ``variance`` (marginal, same shape as
+        the mean), ``covariance`` (over the flattened event), or ``low_rank``; ``event_ndim``
+        says how many trailing axes of the mean are one sample.
+        """
+        where = f"{self.name or type(self).__name__}.gaussian"
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{where}: expected the model output to be a tensor (batch, *event), got "
+                f"{type(output).__name__}. If your model returns a Gaussian in another form, "
+                "register an adapter whose gaussian() reads it "
+                "(constraint_layers.adapters.register)."
+            )
+        if not output.is_floating_point() or output.ndim == 0:
+            raise TypeError(
+                f"{where}: expected a floating-point tensor of shape (batch, *event), got dtype "
+                f"{output.dtype} and shape {tuple(output.shape)}."
+            )
+        return Gaussian(output, event_ndim=max(output.ndim - 1, 1))
+
+    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
+        """The model's output with its Gaussian replaced by the posterior (same kind of object).
+
+        ``posterior`` has the layout :meth:`gaussian` gave: ``mean``, marginal ``variance``, and
+        for a full covariance the ``downdate`` ``F`` (posterior covariance ``covariance - F F^T``).
+        """
+        return posterior.mean
+
+    def constrain(self, output: Any, project: Callable[[Gaussian], Gaussian]) -> Any:
+        """Apply ``project`` (the constraint update of one Gaussian) to the model's output.
+
+        Default: one Gaussian per output. Mixtures (ensembles, latent samples) override this to
+        update each member and moment-match.
+        """
+        return self.with_gaussian(output, project(self.gaussian(output)))
 
     # ------------------------------------------------------------------------------ wrappers
     def attach(self, wrapper: nn.Module) -> None:

@@ -1,17 +1,164 @@
-"""The generic adapter: any ``nn.Module`` whose output is a channel-first grid tensor."""
+"""The generic adapter: any ``nn.Module`` whose output is a channel-first grid tensor.
+
+For conservation it also reads the common probabilistic heads, and gives back the same kind:
+
+- a tensor: a deterministic mean (projected orthogonally: the HardC baseline);
+- a ``(mean, variance)`` tuple (variances, not standard deviations);
+- a dict with a mean (``"mean"``, ``"loc"`` or ``"mu"``) and a variance (``"variance"``,
+  ``"var"``) or a standard deviation (``"std"``, ``"stddev"``, ``"scale"``, ``"sigma"``); other
+  entries pass through unchanged;
+- a ``torch.distributions.Normal`` (or ``Independent(Normal)``).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent, Normal
+
+from constraint_layers._conservation_ops import Gaussian
 
 from ._registry import register
 from .base import Adapter
 
-__all__ = ["ModuleAdapter"]
+__all__ = ["ModuleAdapter", "read_gaussian", "write_gaussian"]
+
+_MEAN_KEYS = ("mean", "loc", "mu")
+_VAR_KEYS = ("variance", "var")
+_STD_KEYS = ("std", "stddev", "scale", "sigma")
+
+
+def _tensor(x: object, what: str, where: str) -> Tensor:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(
+            f"{where}: expected {what} to be a floating-point tensor, got "
+            f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}."
+        )
+    return x
+
+
+def _event_ndim(mean: Tensor) -> int:
+    return max(mean.ndim - 1, 1)
+
+
+def _key(d: dict, keys: tuple[str, ...]) -> str | None:
+    found = [k for k in keys if k in d]
+    return found[0] if found else None
+
+
+def read_gaussian(output: Any, where: str = "ModuleAdapter.gaussian") -> Gaussian:
+    """Read a tensor, ``(mean, variance)`` tuple, dict or ``Normal`` as a Gaussian record.
+
+    Shapes: the mean is (batch, *event) (grid outputs: (batch, channels, d1, ..., dn)); the
+    variance has the mean's shape (or broadcasts to it).
+    """
+    if isinstance(output, Tensor):
+        mean = _tensor(output, "the output", where)
+        if mean.ndim == 0:
+            raise TypeError(f"{where}: expected an output of shape (batch, *event), got a scalar.")
+        return Gaussian(mean, event_ndim=_event_ndim(mean))
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        if len(output) != 2:
+            raise TypeError(
+                f"{where}: a tuple output must be (mean, variance), got {len(output)} items. "
+                "Register an adapter for other layouts (constraint_layers.adapters.register)."
+            )
+        mean = _tensor(output[0], "the tuple's mean", where)
+        var = _tensor(output[1], "the tuple's variance (item 1)", where)
+        return Gaussian(mean, _broadcast(var, mean, where), event_ndim=_event_ndim(mean))
+    if isinstance(output, dict):
+        mk = _key(output, _MEAN_KEYS)
+        if mk is None:
+            raise TypeError(
+                f"{where}: a dict output needs a mean under one of {_MEAN_KEYS}; got keys "
+                f"{sorted(map(str, output))}."
+            )
+        mean = _tensor(output[mk], f"output[{mk!r}]", where)
+        vk, sk = _key(output, _VAR_KEYS), _key(output, _STD_KEYS)
+        if vk is not None and sk is not None:
+            raise TypeError(
+                f"{where}: the dict holds both a variance ({vk!r}) and a standard deviation "
+                f"({sk!r}); keep one."
+            )
+        var = None
+        if vk is not None:
+            var = _tensor(output[vk], f"output[{vk!r}]", where)
+        elif sk is not None:
+            var = _tensor(output[sk], f"output[{sk!r}]", where).square()
+        var = None if var is None else _broadcast(var, mean, where)
+        return Gaussian(mean, var, event_ndim=_event_ndim(mean))
+    if isinstance(output, Independent) and isinstance(output.base_dist, Normal):
+        base = output.base_dist
+        return Gaussian(base.loc, base.scale.square(), event_ndim=_event_ndim(base.loc))
+    if isinstance(output, Normal):
+        return Gaussian(output.loc, output.scale.square(), event_ndim=_event_ndim(output.loc))
+    raise TypeError(
+        f"{where}: cannot read a Gaussian from a model output of type {type(output).__name__}. "
+        "Supported: a tensor (deterministic), a (mean, variance) tuple, a dict with 'mean' and "
+        "'variance' or 'std', torch.distributions.Normal. Register an adapter for other kinds "
+        "(constraint_layers.adapters.register)."
+    )
+
+
+def _broadcast(var: Tensor, mean: Tensor, where: str) -> Tensor:
+    try:
+        return torch.broadcast_to(var, mean.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{where}: the variance of shape {tuple(var.shape)} does not broadcast to the mean's "
+            f"shape {tuple(mean.shape)}."
+        ) from None
+
+
+def _std(var: Tensor) -> Tensor:
+    return var.sqrt()
+
+
+def write_gaussian(output: Any, post: Gaussian) -> Any:
+    """The output of :func:`read_gaussian`'s kind, carrying the posterior."""
+    if isinstance(output, Tensor):
+        return post.mean
+    if isinstance(output, tuple):
+        return (post.mean, post.variance)
+    if isinstance(output, dict):
+        out = dict(output)
+        out[_key(output, _MEAN_KEYS)] = post.mean
+        vk, sk = _key(output, _VAR_KEYS), _key(output, _STD_KEYS)
+        if vk is not None:
+            out[vk] = post.variance
+        elif sk is not None:
+            out[sk] = _std(post.variance)
+        return out
+    if isinstance(output, Independent):
+        return Independent(
+            _normal(post, output.base_dist), output.reinterpreted_batch_ndims,
+            validate_args=output._validate_args,
+        )  # fmt: skip
+    if isinstance(output, Normal):
+        return _normal(post, output)
+    raise TypeError(f"write_gaussian: unsupported output type {type(output).__name__}.")
+
+
+def _normal(post: Gaussian, like: Normal) -> Normal:
+    scale = _std(post.variance)
+    validate = like._validate_args and not bool((scale.detach() == 0).any())
+    return Normal(post.mean, scale, validate_args=validate)
 
 
 @register(nn.Module)
 class ModuleAdapter(Adapter):
-    """Any ``torch.nn.Module`` called as ``model(x, ...)``; the last resort of the registry."""
+    """Any ``torch.nn.Module`` called as ``model(x, ...)``; the last resort of the registry.
+
+    Boundary conditions read its output as a channel-first grid; conservation constraints read a
+    tensor, a ``(mean, variance)`` tuple, a dict or a ``Normal`` (see the module docstring).
+    """
 
     name = "torch.nn.Module"
+
+    def gaussian(self, output: Any) -> Gaussian:
+        return read_gaussian(output, f"{self.name}.gaussian")
+
+    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
+        return write_gaussian(output, posterior)

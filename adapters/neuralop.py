@@ -24,10 +24,11 @@ _METADATA = "_metadata"
 
 
 def _drop_metadata(wrapper: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    model = wrapper.model
-    for key in (_METADATA, prefix + _METADATA, prefix + "model." + _METADATA):
-        if key in state_dict and state_dict[key] is getattr(model, "_init_kwargs", None):
-            del state_dict[key]
+    # every neuraloperator model inside (a UQNO holds two FNOs) writes its init kwargs under the
+    # bare key `_metadata`, whatever its prefix: drop exactly those objects
+    kwargs = {id(m._init_kwargs) for m in wrapper.model.modules() if hasattr(m, "_init_kwargs")}
+    for key in [k for k, v in state_dict.items() if k.endswith(_METADATA) and id(v) in kwargs]:
+        del state_dict[key]
 
 
 def _accept_plain(

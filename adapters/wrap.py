@@ -43,7 +43,7 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
         Boundary conditions, or conservation constraints (one family per call).
     **options
         Keyword options of the layer (``spacing``, ``lift``, ``normalizer``, ``mode``, ``noise``,
-        ...).
+        ...). ``adapter=`` overrides the registry's choice (e.g. an adapter with settings).
 
     Returns
     -------
@@ -80,7 +80,7 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
             "constraints per call."
         )
     family, items = next(iter(families.items()))
-    adapter = find(model)
+    adapter = options.pop("adapter", None) or find(model)
     if family == "boundary":
         return BoundaryCorrection(model, items, adapter=adapter, **options)
     from constraint_layers.conservation import ConservationProjection

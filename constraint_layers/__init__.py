@@ -16,23 +16,35 @@ from . import (
     functional,
     metrics,
     problems,
+    quadrature,
 )
 from .adapters import unwrap, wrap
 from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
+from .conservation import (
+    Conservation,
+    ConservationProjection,
+    IntegralConservation,
+    mass_over_time,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BoundaryCondition",
     "BoundaryCorrection",
+    "Conservation",
+    "ConservationProjection",
     "Dirichlet",
+    "IntegralConservation",
     "Neumann",
     "Periodic",
     "adapters",
     "errors",
     "functional",
+    "mass_over_time",
     "metrics",
     "problems",
+    "quadrature",
     "unwrap",
     "wrap",
 ]

@@ -1,8 +1,9 @@
 """Test helpers shipped with the library: dense references and a test mixin for constraint layers.
 
 Adapter authors get the same checks the library runs on its own wrappers: subclass
-:class:`BoundaryLayerChecks`, say how to build the model, its input and the conditions, and
-pytest collects the checks (residual, non-vacuity, agreement with a dense float64 projection,
+:class:`BoundaryLayerChecks` (boundary conditions) or :class:`ConservationLayerTests`
+(conservation), say how to build the model, its input and the constraints, and pytest collects the
+checks (residual, non-vacuity, agreement with a dense float64 projection,
 idempotence, gradients, batching, dtypes, ``state_dict`` round trip, ``unwrap`` identity, no
 mutation of the caller's tensors).
 
@@ -33,8 +34,16 @@ from torch import Tensor, nn
 
 from ._boundary_ops import boundary_residuals, boundary_rows
 from ._grid import resolve_spacing
+from ._testing_conservation import ConservationLayerTests, dense_update
 
-__all__ = ["RESIDUAL_TOL", "BoundaryLayerChecks", "reference_enforce", "relative_residual"]
+__all__ = [
+    "RESIDUAL_TOL",
+    "BoundaryLayerChecks",
+    "ConservationLayerTests",
+    "dense_update",
+    "reference_enforce",
+    "relative_residual",
+]
 
 #: Relative residual tolerance of the exactness checks, by dtype (architecture.md: float32 about
 #: 1e-5 relative, float64 about 1e-12).
