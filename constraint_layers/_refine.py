@@ -19,14 +19,16 @@ is one, on the padded grid inside an FNO):
   node, plus one zero input, gives the impulse response; by shift invariance it holds every block of
   ``L`` the refinement needs. This probe and the solve operator built from it are cached and
   recomputed only when the layer's parameters change (their version counters): once per optimizer
-  step in training, never in inference. They are treated as constants in backpropagation (like a
-  preconditioner): gradients are exact for the refined layer at fixed ``K_BB^+``.
+  step in training (or every ``refresh`` steps), never in inference. They are treated as
+  constants in backpropagation (like a preconditioner): gradients are exact for the refined layer
+  at fixed ``K_BB^+`` and impulse response.
 - The faces of one axis are coupled along the tangential axes by a convolution, so ``K_BB`` is
   block diagonal in the tangential Fourier basis: one ``(S C) x (S C)`` system per tangential
   frequency (``S`` = number of constrained sides), factorised in float64.
-- ``L(E_B delta)``: on 1D grids, a small matrix product with the cached impulse responses at the
-  faces (frozen with the probe); on grids with tangential axes, one more evaluation of the layer on
-  the face-supported update, batched with a zero input for ``A(0)``.
+- ``L(E_B delta)`` comes from the probe too: in Fourier space the layer's response to the
+  face-supported update is a ``C x C`` product per frequency it responds to (a spectral
+  convolution keeps a few modes per axis), then one inverse FFT. No second evaluation of the layer
+  on the data; ``A(0)`` (with gradients) is an evaluation on a batch of one.
 
 Ill-conditioned ``K_BB`` (the rule, not the exception: a smooth kernel sees the two end nodes of a
 periodic grid almost alike; measured smallest relative singular values 1e-5 to 1e-11 at paper
@@ -91,17 +93,87 @@ class _Probe:
         self.response = out[:c] - self.bias  # L(e_ci at origin), shape: (C_in, C_out, *grid)
         self.origin = origin
         self.ops: dict[tuple, Tensor] = {}  # per (axis, face positions): the K_BB solve operator
-        self._faces: dict[tuple, Tensor] = {}
+        self._box: dict | None = None
 
-    def face_responses(self, axis: int, pos: tuple[int, ...]) -> Tensor:
-        """Responses to impulses at the face nodes ``pos``: (S, C_in, C_out, *grid)."""
-        key = (axis, pos)
-        if key not in self._faces:
-            a = 2 + axis
-            self._faces[key] = torch.stack(
-                [torch.roll(self.response, p - self.origin[axis], dims=a) for p in pos]
-            )
-        return self._faces[key]
+    def _spectrum(self) -> dict:
+        """The impulse response in Fourier space, kept on the box of frequencies where the layer
+        responds at all (a spectral convolution keeps a few modes per axis)."""
+        if self._box is None:
+            grid = list(self.response.shape[2:])
+            n = len(grid)
+            dims = list(range(2, 2 + n))
+            spec = torch.fft.rfftn(self.response, dim=dims)  # (C_in, C_out, *freq)
+            rgrid = [*grid[:-1], grid[-1] // 2 + 1]
+            mag = spec.abs()
+            # above the rounding of the probe (FFTs of a float32 layer: about 1e-5 relative)
+            floor = max(1e-6, 1e3 * torch.finfo(self.response.dtype).eps) * float(mag.max())
+            idx = []
+            for d in dims:
+                others = [e for e in range(mag.ndim) if e != d]
+                keep = torch.nonzero(mag.amax(dim=others) > floor).flatten()
+                idx.append(keep)
+                spec = spec.index_select(d, keep)
+            c_in, c_out = spec.shape[:2]
+            # (K, 2 C_in, 2 C_out): the complex product per frequency as one real batched
+            # product, [x_re, x_im] @ [[k_re, k_im], [-k_im, k_re]] = [y_re, y_im]
+            kc = spec.permute(*dims, 0, 1).reshape(-1, c_in, c_out)
+            kmat = torch.cat(
+                [torch.cat([kc.real, kc.imag], -1), torch.cat([-kc.imag, kc.real], -1)], -2
+            ).contiguous()
+            flat = torch.zeros((), dtype=torch.long, device=spec.device)
+            for d, i in enumerate(idx):  # flat positions of the box in the rfftn grid
+                flat = flat.unsqueeze(-1) * rgrid[d] + i
+            real = spec.real.dtype
+            omega = [2 * math.pi * i.to(real) / g for i, g in zip(idx, grid)]
+            self._box = {
+                "idx": idx,
+                "kmat": kmat,
+                "flat": flat.reshape(-1),
+                "omega": omega,
+                "rgrid": rgrid,
+                "box": [len(i) for i in idx],
+            }
+        return self._box
+
+    def correction(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
+        """``L(E_B delta)``: the layer's response to the face update ``delta``
+        (batch, C, S, *tangential) placed at positions ``pos`` along ``axis``.
+
+        Computed on the box of frequencies where the layer responds: a ``C x C`` product per
+        frequency and one inverse FFT, instead of another evaluation of the layer.
+        """
+        box = self._spectrum()
+        idx, kmat, omega = box["idx"], box["kmat"], box["omega"]
+        grid = list(self.response.shape[2:])
+        n = len(grid)
+        tan = [d for d in range(n) if d != axis]
+        # DFT of the update over the tangential axes, in the layout of rfftn over the full grid,
+        # kept on the box
+        real = kmat.dtype
+        dd = delta.to(real)
+        if tan:
+            tdims = [3 + j for j in range(len(tan))]
+            dd = (torch.fft.rfftn if n - 1 in tan else torch.fft.fftn)(dd, dim=tdims)
+            for j, d in enumerate(tan):
+                dd = dd.index_select(3 + j, idx[d])
+                # the probe's impulse sat at the origin, not at 0, along tangential axes
+                sh = [1] * (dd.ndim - 3 - j - 1)
+                dd = dd * torch.exp(1j * self.origin[d] * omega[d]).reshape(-1, *sh)
+        else:
+            dd = torch.complex(dd, torch.zeros_like(dd))
+        # phases of the face positions along the axis: (S, box_axis)
+        shifts = torch.tensor([p - self.origin[axis] for p in pos], dtype=real)
+        phase = torch.exp(-1j * shifts.to(kmat.device)[:, None] * omega[axis][None, :])
+        x = torch.einsum("bcs...,sk->bck...", dd, phase)  # (B, C, box_axis, *box_tan)
+        x = x.movedim(2, 2 + axis)  # (B, C, *box)
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1).permute(2, 0, 1)  # (K, B, C_in)
+        y = torch.bmm(torch.cat([x.real, x.imag], -1), kmat)  # (K, B, 2 C_out)
+        c_out = kmat.shape[-1] // 2
+        y = torch.complex(y[..., :c_out], y[..., c_out:]).permute(1, 2, 0)  # (B, C_out, K)
+        full = torch.zeros((b, c_out, math.prod(box["rgrid"])), dtype=y.dtype, device=y.device)
+        full = full.index_copy(2, box["flat"], y).reshape(b, -1, *box["rgrid"])
+        return torch.fft.irfftn(full, s=grid, dim=list(range(2, 2 + n))).to(delta.dtype)
 
 
 class Refinement:
@@ -114,12 +186,17 @@ class Refinement:
         on its own is not refined.
     rcond : float
         Relative Tikhonov parameter of the ``K_BB`` solve.
+    refresh : int
+        Probe the layer again after this many changes of its weights (1: after every optimizer
+        step). Larger values amortise the probe over several training steps; in between the
+        update uses the last probe, and T1 keeps the boundary rows exact all the same.
     """
 
-    def __init__(self, context: RefinementContext, rcond: float = 1e-2) -> None:
+    def __init__(self, context: RefinementContext, rcond: float = 1e-2, refresh: int = 1) -> None:
         self.context = context
         self.rcond = rcond
-        self._cache: tuple[tuple, _Probe] | None = None
+        self.refresh = refresh
+        self._cache: dict | None = None
         #: Diagnostics: smallest singular value of K_BB relative to the largest, per axis
         #: (frequencies where the layer does not respond at all left out).
         self.stats: dict[int, float] = {}
@@ -129,18 +206,19 @@ class Refinement:
 
     # -------------------------------------------------------------------------------- probe
     def _probe(self, module: torch.nn.Module, v: Tensor, origin: tuple[int, ...]) -> _Probe:
-        key = (
-            tuple(v.shape[1:]),
-            v.dtype,
-            v.device,
-            origin,
-            tuple((id(p), p._version) for p in module.parameters()),
-        )
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        params = list(module.parameters())
+        key = (tuple(v.shape[1:]), v.dtype, v.device, origin, tuple(id(p) for p in params))
+        versions = tuple(p._version for p in params)
+        cache = self._cache
+        if cache is not None and cache["key"] == key:
+            if versions != cache["versions"]:  # the weights changed (an optimizer step)
+                cache["versions"] = versions
+                cache["changes"] += 1
+            if cache["changes"] < self.refresh:
+                return cache["probe"]
         with torch.no_grad():
             probe = _Probe(module.forward, v, origin)
-        self._cache = (key, probe)
+        self._cache = {"key": key, "versions": versions, "changes": 0, "probe": probe}
         return probe
 
     # ---------------------------------------------------------------------------- the hook
@@ -170,9 +248,8 @@ class Refinement:
                 )
             pads.append((m - n) // 2)
         probe = self._probe(module, v, tuple(pads))
-        zero = torch.zeros_like(v[:1])
+        bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
         out = output
-        bias = None
         faces = []
         for axis, sides in ctx.faces.items():
             pos = [pads[axis] if s == "low" else pads[axis] + phys[axis] - 1 for s in sides]
@@ -180,22 +257,8 @@ class Refinement:
             op = self._operator(probe, axis, tuple(pos))
             # T2 on the layer's ORIGINAL boundary inputs (an earlier axis's update at shared
             # corner nodes is not a boundary value)
-            lin = out - (probe.bias if bias is None else bias)
-            delta = self._delta(op, v, lin, axis, pos)
-            if v.ndim == 3:
-                # 1D: L(E_B delta) from the cached impulse responses at the faces (a small
-                # matrix product instead of another evaluation of the layer)
-                if bias is None:
-                    bias = module.forward(zero)  # A(0), with grad
-                resp = probe.face_responses(axis, tuple(pos))  # (S, C_in, C_out, M)
-                out = out + torch.einsum("bcs,scom->bom", delta, resp)
-            else:
-                update = torch.zeros_like(v)
-                for j, p in enumerate(pos):
-                    update.select(2 + axis, p).copy_(delta[:, :, j])
-                both = module.forward(torch.cat([update, zero]))  # L(update) and A(0), with grad
-                bias = both[-1:]
-                out = out + (both[:-1] - bias)
+            delta = self._delta(op, v, out - bias, axis, pos)
+            out = out + probe.correction(delta, axis, pos)  # + L(E_B delta)
         # T1: the boundary rows pass the boundary inputs through (plus the bias)
         with torch.no_grad():
             gap = max(
@@ -256,10 +319,11 @@ class Refinement:
         if n_tan:
             r = torch.fft.rfftn(r, dim=fdims)
         b, c, s = r.shape[:3]
-        vec = r.permute(0, *range(3, r.ndim), 2, 1).reshape(b, *r.shape[3:], s * c, 1)
-        d = (op @ vec).squeeze(-1).reshape(b, *r.shape[3:], s, c)
+        freq = r.shape[3:]
+        vec = r.permute(*range(3, r.ndim), 2, 1, 0).reshape(-1, s * c, b)  # (F, S*C, B)
+        d = (op.reshape(-1, s * c, s * c) @ vec).reshape(*freq, s, c, b)
         nd = d.ndim
-        d = d.permute(0, nd - 1, nd - 2, *range(1, nd - 2))  # (batch, C, S, *freq)
+        d = d.permute(nd - 1, nd - 2, nd - 3, *range(nd - 3))  # (batch, C, S, *freq)
         if n_tan:
             d = torch.fft.irfftn(d, s=tan_sizes, dim=fdims)
         return d.to(v.dtype)

@@ -450,6 +450,10 @@ class BoundaryCorrection(ConstraintLayer):
         ``mode="refine"``: relative Tikhonov parameter of the boundary-block solve; directions
         of the block with relative singular value far above it are inverted to rounding, those
         near or below it are damped instead of blowing up.
+    refresh : int, default 1
+        ``mode="refine"``: probe each refined layer again after this many changes of its weights
+        (1: after every optimizer step). Larger values amortise the probe's cost over training
+        steps; the boundary rows stay exact either way.
     debug : bool, default False
         Check the residual of every condition after each call (costs a pass over the faces) and
         raise :class:`~constraint_layers.errors.ConstraintViolationError` if it exceeds rounding.
@@ -484,6 +488,7 @@ class BoundaryCorrection(ConstraintLayer):
         normalizer: object = None,
         adapter: Any = None,
         rcond: float = 1e-2,
+        refresh: int = 1,
         debug: bool = False,
     ) -> None:
         call = "BoundaryCorrection"
@@ -504,6 +509,9 @@ class BoundaryCorrection(ConstraintLayer):
         if not (isinstance(rcond, float | int) and 0 <= rcond < 1):
             raise ValueError(f"{call}: rcond must be a number in [0, 1), got {rcond!r}.")
         self.rcond = float(rcond)
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"{call}: refresh must be a positive int, got {refresh!r}.")
+        self.refresh = refresh
         self.refinements: list[Refinement] = []
         self._context = RefinementContext()
         if mode == "refine" and not getattr(self.adapter, "supports_refinement", False):
@@ -517,7 +525,7 @@ class BoundaryCorrection(ConstraintLayer):
     def add_refinement(self, layer: nn.Module) -> Refinement:
         """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
         wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
-        hook = Refinement(self._context, rcond=self.rcond)
+        hook = Refinement(self._context, rcond=self.rcond, refresh=self.refresh)
         self.add_handle(layer.register_forward_hook(hook))
         self.refinements.append(hook)
         return hook

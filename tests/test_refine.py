@@ -183,6 +183,17 @@ def test_probe_is_cached_until_the_weights_change():
         calls.clear()
         wrapped(x)
         assert calls.count(5) == 1  # probed again after the step
+        # refresh=3: the probe is reused for two more weight changes, redone at the third
+        wrapped.refinements[0].refresh = 3
+        counts = []
+        for _ in range(3):
+            opt.zero_grad()
+            wrapped(x).square().mean().backward()
+            opt.step()
+            calls.clear()
+            wrapped(x)
+            counts.append(calls.count(5))
+        assert counts == [0, 0, 1]
     finally:
         conv.forward = original
 
@@ -302,3 +313,5 @@ def test_refine_errors_are_clear():
         cl.wrap(uno(), cl.Dirichlet(0.0), mode="refine")(torch.randn(2, 1, 32))
     with pytest.raises(ValueError, match="rcond must be"):
         cl.wrap(fno((4,)), cl.Dirichlet(0.0), mode="refine", rcond=-1.0)
+    with pytest.raises(ValueError, match="refresh must be a positive int"):
+        cl.wrap(fno((4,)), cl.Dirichlet(0.0), mode="refine", refresh=0)

@@ -43,7 +43,7 @@ CASES = {
 }
 
 
-MODES = ("output", "refine")
+MODES = ("output", "refine", "refine/10")  # refine/10: mode="refine", refresh=10
 
 
 def _sync(device):
@@ -66,7 +66,8 @@ def run(repeats: int, device: torch.device, threads: int | None, modes=MODES) ->
     for (name, (make, shape, bcs)), mode in itertools.product(CASES.items(), modes):
         torch.manual_seed(0)
         plain = make().to(device)
-        wrapped = cl.wrap(plain, *bcs, mode=mode)
+        kind, _, every = mode.partition("/")
+        wrapped = cl.wrap(plain, *bcs, mode=kind, **({"refresh": int(every)} if every else {}))
         x = torch.randn(shape, device=device)
 
         def fwd(m, x=x):
@@ -107,17 +108,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: output,refine")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, from " + str(MODES))
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     device = torch.device(args.device)
     rows = run(args.repeats, device, args.threads, tuple(args.modes.split(",")))
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"{'model':38s} {'mode':7s} {'pass':17s} {'plain ms':>9s} {'wrapped ms':>11s} {'ratio':>6s}"
+        f"{'model':38s} {'mode':9s} {'pass':17s} {'plain ms':>9s} {'wrapped ms':>11s} {'ratio':>6s}"
     )
     for name, mode, label, ta, tb, r in rows:
-        print(f"{name:38s} {mode:7s} {label:17s} {ta:9.2f} {tb:11.2f} {r:6.3f}")
+        print(f"{name:38s} {mode:9s} {label:17s} {ta:9.2f} {tb:11.2f} {r:6.3f}")
 
 
 if __name__ == "__main__":
