@@ -153,7 +153,18 @@ def conservation_error(
             "conservation_error: b= is only for a matrix G; a Conservation carries its own "
             "right-hand side."
         )
-    items = [constraint] if isinstance(constraint, Conservation) else list(constraint)
+    if isinstance(constraint, Conservation):
+        items = [constraint]
+    elif isinstance(constraint, list | tuple) and all(
+        isinstance(c, Conservation) for c in constraint
+    ):
+        items = list(constraint)
+    else:
+        raise TypeError(
+            "conservation_error: expected a cl.Conservation (or a list of them), or a matrix G "
+            f"with b=; got {type(constraint).__name__}. For a known total use "
+            "cl.Conservation.integral(total)."
+        )
     return torch.cat([c.residual(u, inputs=inputs).detach() for c in items], dim=-1)
 
 

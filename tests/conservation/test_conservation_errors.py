@@ -181,3 +181,8 @@ def test_layer_errors():
 
     with pytest.raises(TypeError, match=r"\(mean, variance\)"):
         cl.wrap(Bad(), cl.Conservation.integral(0.0))(torch.randn(1, 1, 5))
+
+
+def test_conservation_error_names_what_it_expects():
+    with pytest.raises(TypeError, match="expected a cl.Conservation .* got float"):
+        cl.metrics.conservation_error(torch.ones(1, 1, 5), 1.0)
