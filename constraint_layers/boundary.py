@@ -26,9 +26,7 @@ boundary constraints. ICLR 2023. arXiv:2212.07477.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -45,6 +43,7 @@ from ._boundary_ops import (
 from ._grid import check_grid_options, normalize_dim, resolve_spacing
 from ._refine import Refinement, RefinementContext
 from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
+from ._values import check_value, evaluate_value
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
 
@@ -53,17 +52,6 @@ __all__ = ["BoundaryCondition", "BoundaryCorrection", "Dirichlet", "Neumann", "P
 Side = Literal["low", "high", "both"]
 Value = float | Tensor | Callable[[Any], Tensor]
 _SIDES = ("low", "high", "both")
-
-
-def _is_compiling() -> bool:
-    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-
-
-def _check_finite(value: Tensor, where: str) -> None:
-    if _is_compiling():  # a data-dependent check would break the graph
-        return
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{where}: the boundary value holds NaN or inf; expected finite values.")
 
 
 class BoundaryCondition:
@@ -115,22 +103,8 @@ class BoundaryCondition:
 
     @staticmethod
     def _check_value(value: object, name: str) -> Value:
-        if isinstance(value, Tensor):
-            if not value.is_floating_point():
-                value = value.to(torch.get_default_dtype())
-            if not value.requires_grad:
-                _check_finite(value, name)
-            return value
-        if isinstance(value, Real) and not isinstance(value, bool):
-            value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: value must be finite, got {value}.")
-            return value
-        if callable(value):
-            return value
-        raise TypeError(
-            f"{name}: value must be a number, a tensor broadcastable to the face (batch, channels, "
-            f"*face dims), or a callable of the model input; got {type(value).__name__}."
+        return check_value(
+            value, name, "value", shapes=" broadcastable to the face (batch, channels, *face dims)"
         )
 
     # ------------------------------------------------------------------------------- geometry
@@ -158,28 +132,8 @@ class BoundaryCondition:
         call: str,
     ) -> Tensor | float:
         """The value as a float or a tensor broadcastable to ``face_shape`` (in ``dtype``)."""
-        value = self.value
         where = f"{call}: {self!r}"
-        if callable(value) and not isinstance(value, Tensor):
-            if inputs is None:
-                raise ValueError(
-                    f"{where}: the value is a callable of the model input, but no input was given "
-                    "(pass inputs= to the functional call)."
-                )
-            value = value(inputs)
-            if isinstance(value, Real) and not isinstance(value, bool):
-                value = float(value)
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"{where}: the value callable returned {value}; expected finite."
-                    )
-                return value
-            if not isinstance(value, Tensor):
-                raise TypeError(
-                    f"{where}: the value callable must return a number or a tensor, got "
-                    f"{type(value).__name__}."
-                )
-            _check_finite(value, where)
+        value = evaluate_value(self.value, inputs, where, "value")
         if isinstance(value, float):
             return value
         value = value.to(dtype=dtype, device=device)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from . import quadrature
 from ._conservation_ops import ConstrainedGaussian, Gaussian, conserve
 from ._grid import normalize_dim
+from ._values import check_value, evaluate_value
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
 
@@ -69,48 +70,6 @@ class ConservationRows(NamedTuple):
         lead = self.coeff.shape[:-2]
         c = torch.zeros((*lead, m, size), dtype=F64, device=self.coeff.device)
         return c.scatter_add_(-1, self.index.expand(*lead, *self.index.shape), self.coeff)
-
-
-def _resolve_value(value: Any, inputs: Any, where: str) -> Tensor | float:
-    """A number or a tensor; callables are evaluated on the model input."""
-    if callable(value) and not isinstance(value, Tensor):
-        if inputs is None:
-            raise ValueError(
-                f"{where}: the right-hand side is a callable of the model input, but no input was "
-                "given (pass inputs=)."
-            )
-        value = value(inputs)
-    if isinstance(value, Real) and not isinstance(value, bool):
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: the right-hand side must be finite, got {value}.")
-        return value
-    if not isinstance(value, Tensor):
-        raise TypeError(
-            f"{where}: the right-hand side must be a number, a tensor or a callable of the model "
-            f"input returning one; got {type(value).__name__}."
-        )
-    if not value.requires_grad and not bool(torch.isfinite(value.detach()).all()):
-        raise ValueError(f"{where}: the right-hand side holds NaN or inf; expected finite values.")
-    return value
-
-
-def _check_rhs_value(value: object, name: str) -> Total:
-    if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            value = value.to(torch.get_default_dtype())
-        return value
-    if isinstance(value, Real) and not isinstance(value, bool):
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{name}: the right-hand side must be finite, got {value}.")
-        return value
-    if callable(value):
-        return value
-    raise TypeError(
-        f"{name}: the right-hand side must be a number, a tensor, or a callable of the model "
-        f"input; got {type(value).__name__}."
-    )
 
 
 class Conservation:
@@ -162,7 +121,7 @@ class Conservation:
         self.G = (G.unsqueeze(0) if self.single else G).to(
             G.dtype if G.is_floating_point() else F64
         )
-        self.b = _check_rhs_value(b, name)
+        self.b = check_value(b, name, "right-hand side")
 
     @property
     def num_rows(self) -> int | None:
@@ -171,7 +130,7 @@ class Conservation:
 
     # --------------------------------------------------------------------------- rows
     def _rhs(self, batch: int, m: int, inputs: Any, call: str) -> Tensor:
-        value = _resolve_value(self.b, inputs, f"{call}: {self!r}")
+        value = evaluate_value(self.b, inputs, f"{call}: {self!r}", "right-hand side")
         b = torch.as_tensor(value, dtype=F64)
         if self.single and b.ndim >= 1:
             b = b.unsqueeze(-1)
@@ -378,7 +337,7 @@ class IntegralConservation(Conservation):
                 )
         self.channels = channels
         self.single = False
-        self.b = _check_rhs_value(total, name)
+        self.b = check_value(total, name, "right-hand side")
 
     @property
     def total(self) -> Total:
@@ -448,7 +407,7 @@ class IntegralConservation(Conservation):
 
     def _totals(self, lay: _Layout, inputs: Any, call: str) -> Tensor:
         """The total per row, float64: shape (batch, channels', *remaining axes)."""
-        value = _resolve_value(self.b, inputs, f"{call}: {self!r}")
+        value = evaluate_value(self.b, inputs, f"{call}: {self!r}", "right-hand side")
         t = torch.as_tensor(value, dtype=F64) if not isinstance(value, Tensor) else value.to(F64)
         try:
             return torch.broadcast_to(t, lay.row_shape)
