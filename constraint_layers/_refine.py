@@ -37,9 +37,10 @@ frequencies. Directions far above ``lam`` are inverted to rounding, those near o
 damped instead of blowing up; ``T1`` keeps the boundary rows exact either way. The smallest relative
 singular value seen is kept in :attr:`Refinement.stats`.
 
-Several constrained axes (a 2D cavity): ``T2`` runs one axis after the other (a joint solve over
-the whole frame of faces is a dense system too large to factorise at every step); ``T1`` writes the
-boundary rows of every face, so the decoupling of the boundary rows is exact for every axis.
+Several constrained axes (a 2D cavity): ``T2`` solves each axis's faces from the same residual (a
+block-Jacobi step: a joint solve over the whole frame of faces is a dense system too large to
+factorise at every step); ``T1`` writes the boundary rows of every face, so the decoupling of the
+boundary rows is exact for every axis.
 """
 
 from __future__ import annotations
@@ -136,11 +137,10 @@ class _Probe:
         return self._box
 
     def correction(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
-        """``L(E_B delta)``: the layer's response to the face update ``delta``
-        (batch, C, S, *tangential) placed at positions ``pos`` along ``axis``.
-
-        Computed on the box of frequencies where the layer responds: a ``C x C`` product per
-        frequency and one inverse FFT, instead of another evaluation of the layer.
+        """The spectrum of ``L(E_B delta)`` on the box, (batch, C_out, K): the layer's response
+        to the face update ``delta`` (batch, C, S, *tangential) placed at positions ``pos`` along
+        ``axis``. A ``C x C`` product per frequency where the layer responds, instead of another
+        evaluation of the layer; :meth:`to_grid` turns (sums of) them into a field.
         """
         box = self._spectrum()
         idx, kmat, omega = box["idx"], box["kmat"], box["omega"]
@@ -171,9 +171,16 @@ class _Probe:
         y = torch.bmm(torch.cat([x.real, x.imag], -1), kmat)  # (K, B, 2 C_out)
         c_out = kmat.shape[-1] // 2
         y = torch.complex(y[..., :c_out], y[..., c_out:]).permute(1, 2, 0)  # (B, C_out, K)
+        return y
+
+    def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """The real field whose spectrum on the box is ``y`` (batch, C_out, K)."""
+        box = self._spectrum()
+        grid = list(self.response.shape[2:])
+        b, c_out = y.shape[:2]
         full = torch.zeros((b, c_out, math.prod(box["rgrid"])), dtype=y.dtype, device=y.device)
-        full = full.index_copy(2, box["flat"], y).reshape(b, -1, *box["rgrid"])
-        return torch.fft.irfftn(full, s=grid, dim=list(range(2, 2 + n))).to(delta.dtype)
+        full = full.index_copy(2, box["flat"], y).reshape(b, c_out, *box["rgrid"])
+        return torch.fft.irfftn(full, s=grid, dim=list(range(2, 2 + len(grid)))).to(dtype)
 
 
 class Refinement:
@@ -249,16 +256,18 @@ class Refinement:
             pads.append((m - n) // 2)
         probe = self._probe(module, v, tuple(pads))
         bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
-        out = output
+        lin = output - bias
         faces = []
+        spectrum = 0
         for axis, sides in ctx.faces.items():
             pos = [pads[axis] if s == "low" else pads[axis] + phys[axis] - 1 for s in sides]
             faces += [(axis, p) for p in pos]
             op = self._operator(probe, axis, tuple(pos))
-            # T2 on the layer's ORIGINAL boundary inputs (an earlier axis's update at shared
-            # corner nodes is not a boundary value)
-            delta = self._delta(op, v, out - bias, axis, pos)
-            out = out + probe.correction(delta, axis, pos)  # + L(E_B delta)
+            # T2 per axis from the same residual (several axes: a block-Jacobi step, the same
+            # whatever the order of the conditions); all updates leave in one inverse FFT
+            delta = self._delta(op, v, lin, axis, pos)
+            spectrum = spectrum + probe.correction(delta, axis, pos)  # L(E_B delta)
+        out = output + probe.to_grid(spectrum, output.dtype)
         # T1: the boundary rows pass the boundary inputs through (plus the bias)
         with torch.no_grad():
             gap = max(
