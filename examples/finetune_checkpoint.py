@@ -47,7 +47,7 @@ def main() -> None:
     if not (args.checkpoint / "fno_metadata.pkl").exists():
         print(f"no checkpoint in {args.checkpoint}: training a plain FNO first")
         fno = FNO(n_modes=(16,), in_channels=2, out_channels=1, hidden_channels=32)
-        train(fno, train_set, args.pretrain_epochs)
+        train(fno, train_set, args.pretrain_epochs)  # (epochs, seconds)
         fno.save_checkpoint(args.checkpoint, "fno")
 
     fno = FNO.from_checkpoint(args.checkpoint, "fno")  # the user's existing model

@@ -5,7 +5,7 @@ heater at x = 1 (du/dx = U sin(pi t), U = 5), initial condition cos(omega pi x).
 the library's exact cosine-series solver (`cl.problems.Heat`). We train a small FNO for about a
 minute to map u(0, .) to u(0.5, .), wrap it with the two Neumann conditions, and compare.
 
-    make demo            # or: .venv/bin/python examples/quickstart.py [--epochs 60]
+    make demo            # or: .venv/bin/python examples/quickstart.py [--seconds 60]
 
 Prints a table (relative L2 error and wall-flux error at each wall, FNO vs wrapped) and saves the
 figure "Insulator at boundary" to out/quickstart_heat.png.
@@ -36,8 +36,11 @@ def make_data(n_train: int, n_test: int, resolution: int, seed: int):
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
-def train(model, train_set, epochs: int, batch: int = 20, seed: int = 0) -> float:
-    """Adam with relative-L2 loss; returns the seconds spent."""
+def train(
+    model, train_set, epochs: int, batch: int = 20, seed: int = 0, seconds: float | None = None
+) -> tuple[int, float]:
+    """Adam with relative-L2 loss for ``epochs`` epochs, or until ``seconds`` have passed;
+    returns (epochs done, seconds spent)."""
     from tqdm.auto import tqdm
 
     x, y = train_set
@@ -46,7 +49,10 @@ def train(model, train_set, epochs: int, batch: int = 20, seed: int = 0) -> floa
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 3), gamma=0.5)
     start = time.perf_counter()
     bar = tqdm(range(epochs), desc="training FNO", unit="epoch")
+    done = 0
     for _ in bar:
+        if seconds is not None and time.perf_counter() - start > seconds:
+            break
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch):
             idx = perm[i : i + batch]
@@ -55,8 +61,10 @@ def train(model, train_set, epochs: int, batch: int = 20, seed: int = 0) -> floa
             loss.backward()
             opt.step()
         sched.step()
+        done += 1
         bar.set_postfix(rel_l2=f"{loss.item():.3f}")
-    return time.perf_counter() - start
+    bar.close()
+    return done, time.perf_counter() - start
 
 
 def wall_flux_error(y, bcs) -> list[float]:
@@ -104,7 +112,8 @@ def figure(x, truth, plain, wrapped, bcs, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=150, help="at most this many epochs")
+    ap.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     ap.add_argument("--n-train", type=int, default=400)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("out"))
@@ -115,7 +124,7 @@ def main() -> None:
 
     train_set, (x_test, y_test) = make_data(args.n_train, 100, args.resolution, seed=0)
     fno = FNO(n_modes=(16,), in_channels=2, out_channels=1, hidden_channels=32)
-    seconds = train(fno, train_set, args.epochs)
+    epochs, seconds = train(fno, train_set, args.epochs, seconds=args.seconds)
 
     # the one call: insulated wall (outward flux 0) and heater (du/dx = U sin(pi t) at t = 0.5)
     bcs = [cl.Neumann(0.0, side="low"), cl.Neumann(U * math.sin(math.pi * T_END), side="high")]
@@ -128,7 +137,7 @@ def main() -> None:
         ("FNO + cl.wrap", wrapped),
         ("truth (same stencil)", y_test),
     ]
-    print(f"\ntrained {args.epochs} epochs in {seconds:.0f} s; test set of {len(x_test)} samples")
+    print(f"\ntrained {epochs} epochs in {seconds:.0f} s; test set of {len(x_test)} samples")
     print(f"{'model':22s} {'relative L2':>12s} {'flux err x=0':>13s} {'flux err x=1':>13s}")
     for name, y in rows:
         l2 = float(cl.metrics.relative_l2(y, y_test))
