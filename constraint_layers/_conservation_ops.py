@@ -444,6 +444,14 @@ def _solve_with(R: Tensor, v: Tensor) -> Tensor:
     return (R @ (R.mT @ v.unsqueeze(-1))).squeeze(-1)
 
 
+def _inexact(mean: Tensor, G: Tensor, b: Tensor) -> bool:
+    """Whether ``G mean = b`` misses by more than float64 rounding of the products (a solve with
+    a badly conditioned ``A`` loses digits even when its Cholesky pivots look healthy)."""
+    r = (_rowdot(G, mean) - b).abs()
+    scale = _rowdot(G.abs(), mean.abs()) + b.abs()
+    return bool((r > 64 * torch.finfo(F64).eps * scale).any())
+
+
 def _polish(
     mean: Tensor,  # (*batch, N) float64
     G: Tensor,  # (*gb, M, N)
@@ -663,7 +671,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
         _check_psd(var_t, prior, call)
         var_t = var_t.clamp_min(0)
     chol2 = None
-    if root.polish and s2 is None:
+    if s2 is None and (root.polish or _inexact(mean_t, G64, b)):
         w = None if metric == "euclidean" else prior.diag()
         mean_t, chol2 = _polish(mean_t, G64, b, w, call)
     return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2)
