@@ -8,7 +8,7 @@ Per function (one parameter draw): 10 stratified times x 10 sorted uniform posit
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ class Config:
     epochs: int
     batch: int  # functions per step
     lr: float
+    lr_schedule: str  # "constant" (the paper) or "cosine" (decay to 0 over the run)
     hidden: int  # ANP width (the paper: 128)
     dropout: float  # ANP attention dropout, training only
     latent_samples: int  # at inference (the paper: 100)
@@ -57,7 +58,6 @@ class Config:
     n_grid_x: int = 201
     n_grid_t: int = 201
     max_steps: int | None = None  # cap on optimiser steps per model (smoke runs)
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,11 +69,12 @@ QUICK = Config(
     epochs=4,
     batch=10,
     lr=1e-3,
+    lr_schedule="cosine",
     hidden=32,
     dropout=0.0,
     latent_samples=50,
     n_test=10,
-    softc_weight=10.0,
+    softc_weight=100.0,
     softc_points=33,
     ens_members=5,
     ens_width=64,
@@ -90,11 +91,12 @@ FULL = Config(
     epochs=500,
     batch=250,
     lr=1e-4,
+    lr_schedule="constant",
     hidden=128,
     dropout=0.1,
     latent_samples=100,
     n_test=50,
-    softc_weight=10.0,
+    softc_weight=100.0,
     softc_points=65,
     ens_members=5,
     ens_width=128,

@@ -99,6 +99,7 @@ def noise_figure(sweeps: dict[str, dict], path: Path) -> None:
         finite = [i for i, s in enumerate(noise) if 0 < s < math.inf]
         xs = [noise[i] for i in finite]
         for ax, key in zip(axes, ("CE", "MSE", "LL")):
+
             def val(v, key=key):  # |CE| on a log axis, floored at 1e-18
                 return max(abs(v), 1e-18) if key == "CE" else v
 

@@ -264,6 +264,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=1,
         help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 4x slower)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. --set lr=3e-3 epochs=8",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = CONFIGS["quick" if args.quick else "full" if args.full else "tiny"]
@@ -271,6 +278,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = replace(cfg, name=cfg.name + "-smoke", max_steps=2, n_test=2, fig_times=11)
     if args.problems:
         cfg = replace(cfg, problems=tuple(args.problems))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        current = getattr(cfg, key)
+        cast = type(current) if current is not None else int
+        if isinstance(current, tuple):
+            value = tuple(float(v) for v in value.split(","))
+        cfg = replace(cfg, **{key: cast(value) if not isinstance(value, tuple) else value})
     print(f"constraint-layers {cl.__version__}, config {cfg.name}, device {args.device}")
     return run(cfg, args.out, device=args.device)
 

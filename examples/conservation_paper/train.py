@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import gpytorch
@@ -60,7 +61,15 @@ def train_anp(
             cfg.softc_points, extent=length, dtype=cx.dtype, device=device
         )
     gen = torch.Generator().manual_seed(seed)
-    steps, start, history = 0, time.perf_counter(), []
+    total_steps = cfg.epochs * math.ceil(n / cfg.batch)
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    sched = None
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    elif cfg.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    steps, start, history, parts = 0, time.perf_counter(), [], []
     model.train()
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -74,10 +83,14 @@ def train_anp(
             if softc:
                 u = extra_mean.reshape(len(idx), tt.shape[1], cfg.softc_points)
                 mass_err = (u * weights).sum(-1) - tmass[idx]
-                loss = loss + cfg.softc_weight * (mass_err / length).square().mean()
+                penalty = (mass_err / length).square().mean()
+                parts.append((float(loss.detach()), float(penalty.detach())))
+                loss = loss + cfg.softc_weight * penalty
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1
@@ -88,9 +101,19 @@ def train_anp(
             break
     seconds = time.perf_counter() - start
     name = "SoftC-ANP" if softc else "ANP"
-    log(f"  {name}: {steps} steps, {len(history)} epochs, loss {history[-1]:.4f}, {seconds:.1f} s")
+    info = {"steps": steps, "epochs": len(history), "loss": history, "seconds": seconds}
+    msg = f"  {name}: {steps} steps, {len(history)} epochs, loss {history[-1]:.4f}"
+    if parts:
+        last = parts[-max(1, len(parts) // max(len(history), 1)) :]  # the last epoch
+        info["last_epoch_elbo_loss"] = sum(p[0] for p in last) / len(last)
+        info["last_epoch_mass_penalty"] = sum(p[1] for p in last) / len(last)
+        msg += (
+            f" (negative ELBO {info['last_epoch_elbo_loss']:.4f}, mass penalty "
+            f"{info['last_epoch_mass_penalty']:.2e})"
+        )
+    log(f"{msg}, {seconds:.1f} s")
     model.eval()
-    return model, {"steps": steps, "epochs": len(history), "loss": history, "seconds": seconds}
+    return model, info
 
 
 # ------------------------------------------------------------------------------- ensemble
