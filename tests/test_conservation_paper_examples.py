@@ -84,3 +84,22 @@ def test_shock_positions_read_from_the_grid(results):
         for name in ("ANP", "ProbConserv-ANP"):
             pos = [p for p in sh[name]["positions"] if not math.isnan(p)]
             assert all(0.0 <= p <= 1.0 for p in pos)
+
+
+@pytest.mark.slow
+def test_full_budget_starts(tmp_path):
+    """``--full --smoke``: the paper's architecture (1.1e6 parameters), data (10,000 training
+    functions, batch 250) and inference (100 latent samples), two optimiser steps per model."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--full", "--smoke", "--problems", "stefan",
+         "--out", str(tmp_path), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["training"]["stefan"]["anp_parameters"] > 1_000_000
+    assert res["config"]["n_train"] == 10_000 and res["config"]["latent_samples"] == 100
+    for case in res["cases"].values():
+        assert case["table"]["ProbConserv-ANP"]["CE_max_abs"] < 1e-12
