@@ -119,7 +119,9 @@ class ScalarPivotRefinement:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self.fno.fno_blocks.non_linearity = self._act
+        blocks = self.fno.fno_blocks
+        del blocks.non_linearity  # the masked module; then the original function again
+        blocks.non_linearity = self._act
 
     def _record_grid(self, module: nn.Module, args: tuple) -> None:
         self.grid = tuple(args[0].shape[2:])

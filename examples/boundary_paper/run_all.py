@@ -1,0 +1,92 @@
+"""Run every boundary-paper experiment and write one combined markdown table.
+
+    .venv/bin/python examples/boundary_paper/run_all.py                # every --quick run
+    .venv/bin/python examples/boundary_paper/run_all.py --table-only   # rebuild the table only
+
+Each experiment runs in its own process (``heat.py``, ``stokes.py``, ``burgers.py``,
+``cavity.py``); extra options (``--threads``, ``--full``, ``--smoke``, ``--seeds``) are passed on.
+The combined table goes to ``<out>/boundary_paper.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import describe_sizes, markdown_table  # noqa: E402
+
+EXPERIMENTS = ("heat", "stokes", "burgers", "cavity")
+
+
+def combined_markdown(out: Path, experiments=EXPERIMENTS, timings: dict | None = None) -> str:
+    """The markdown report of every ``<out>/<experiment>/results.json`` found."""
+    parts = ["# Boundary paper (BOON) reproduced side by side", ""]
+    env = None
+    for name in experiments:
+        path = out / name / "results.json"
+        if not path.exists():
+            parts += [f"## {name}", "", f"(no results: {path} is missing)", ""]
+            continue
+        payload = json.loads(path.read_text())
+        env = env or payload["environment"]
+        wall = payload["wall_seconds"]
+        if timings and name in timings:
+            wall = timings[name]  # the whole process, imports included
+        parts += [
+            f"## {name}",
+            "",
+            f"`{payload['command']}` ({payload['size']}; {wall:.0f} s wall, "
+            f"{payload['environment']['threads']} threads, {payload['environment']['device']})",
+            "",
+        ]
+        for results in payload["tasks"].values():
+            parts += [f"**{describe_sizes(results)}**", "", markdown_table(results), ""]
+    if env:
+        parts += [
+            "Relative L2: mean over seeds (standard error). Boundary error: largest absolute "
+            "residual of each wall's condition on the test set (Neumann: flux with the "
+            "2nd-order one-sided stencil), mean over seeds. s/epoch: median training time.",
+            "",
+            f"Environment: python {env['python']}, torch {env['torch']}, neuraloperator "
+            f"{env['neuraloperator']}, {env['device']}.",
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="out")
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    args, passthrough = p.parse_known_args(argv)
+    out = Path(args.out)
+    timing_file = out / "run_all_timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    if not args.table_only:
+        for name in args.experiments:
+            cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out), *passthrough]
+            if not any(a in passthrough for a in ("--quick", "--full")):
+                cmd.insert(2, "--quick")
+            print("$", " ".join(cmd), flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            timings[name] = time.perf_counter() - start
+            print(f"{name}: {timings[name]:.1f} s wall (process)", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            timing_file.write_text(json.dumps(timings, indent=1))
+    report = combined_markdown(out, args.experiments, timings or None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "boundary_paper.md").write_text(report)
+    print(report)
+    print(f"wrote {out / 'boundary_paper.md'}")
+
+
+if __name__ == "__main__":
+    main()
