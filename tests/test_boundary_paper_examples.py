@@ -87,9 +87,10 @@ def test_combined_table(tmp_path):
 def test_scalar_pivots_exact_for_one_channel():
     """With one hidden channel the scalar pivots ARE the boundary block: the elimination leaves
     the boundary rows equal to the boundary inputs before T1 (1D, one or two sides)."""
-    import constraint_layers as cl
     from neuralop.models import FNO
     from scalar_pivot import attach_scalar_pivots
+
+    import constraint_layers as cl
 
     for bcs in ([cl.Dirichlet(0.0)], [cl.Neumann(0.0, side="high")]):
         torch.manual_seed(0)
