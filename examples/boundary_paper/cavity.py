@@ -27,12 +27,12 @@ import constraint_layers as cl
 
 SIZES = {
     "quick": {
-        "n_train": 32,
-        "n_test": 16,
-        "resolution": 17,
+        "n_train": 24,
+        "n_test": 12,
+        "resolution": 13,
         "refine": 2,
-        "frames": 10,
-        "epochs": 10,
+        "frames": 8,
+        "epochs": 6,
         "batch": 4,
     },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 50, "epochs": 500, "batch": 20},

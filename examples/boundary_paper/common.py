@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,11 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scalar_pivot import attach_scalar_pivots
 
 MODELS = ("fno", "output", "refine", "scalar_pivot")
+#: ``refine_exact``: the library's refinement with its impulse probe kept in the autograd graph
+#: (exact gradients); a workaround studied in ``refine_gradients.py``, not a default model.
+ALL_MODELS = (*MODELS, "refine_exact")
 LABELS = {
     "fno": "FNO",
     "output": "FNO + output step",
     "refine": "FNO + refine (library)",
     "scalar_pivot": "FNO + scalar pivots (reference scheme)",
+    "refine_exact": "FNO + refine, probe in the graph (workaround)",
 }
 
 
@@ -236,7 +241,23 @@ def build_model(kind: str, task: Task, seed: int) -> tuple[nn.Module, Any]:
     if kind == "scalar_pivot":
         hooks = attach_scalar_pivots(fno, task.bcs)
         return cl.wrap(fno, *task.bcs, spacing=task.spacing), hooks
-    raise ValueError(f"build_model: unknown model kind {kind!r}; expected one of {MODELS}.")
+    if kind == "refine_exact":
+        model = cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine")
+        for hook in model.refinements:
+            hook._probe = types.MethodType(_probe_in_graph, hook)
+        return model, None
+    raise ValueError(f"build_model: unknown model kind {kind!r}; expected one of {ALL_MODELS}.")
+
+
+def _probe_in_graph(self, module: nn.Module, v: Tensor, origin: tuple[int, ...]):
+    """Replacement of ``Refinement._probe`` (per hook object): the impulse probe evaluated at
+    every call WITH gradients and never cached, so that backpropagation sees how K_BB^+ and the
+    face responses depend on the layer's weights (exact gradients of the refined layer).
+
+    Uses the library's private ``_Probe``: a workaround for this study, not an API."""
+    from constraint_layers._refine import _Probe
+
+    return _Probe(module.forward, v, origin)
 
 
 def _sync(device: torch.device) -> None:
@@ -332,7 +353,7 @@ def evaluate(pred: Tensor, task: Task) -> dict:
 
 def diagnostics(kind: str, model: nn.Module, hooks: Any) -> dict:
     """What the corrections report about themselves after training."""
-    if kind == "refine":
+    if kind in ("refine", "refine_exact"):
         stats = [r.stats for r in model.refinements]
         smin = [min(s.values()) for s in stats if s]
         gaps = [r.t1_gap for r in model.refinements]
@@ -482,7 +503,9 @@ def write_results(path: Path, payload: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ CLI
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    description: str, argv: Sequence[str] | None = None, models: Sequence[str] = MODELS
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CPU sizes, minutes (default)")
@@ -494,7 +517,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds")
     p.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(models))
     p.add_argument("--tasks", nargs="+", default=None, help="run only these tasks (names)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
@@ -524,12 +547,18 @@ def run_experiment(
     figures: Callable[[Task, dict, dict, Path], list[str]] | None,
     argv: Sequence[str] | None = None,
     description: str | None = None,
+    models: Sequence[str] = MODELS,
+    extra: Callable[[], dict] | None = None,
 ) -> dict:
-    """The body of every experiment script: parse, train, evaluate, write, draw, print."""
-    args = parse_args(description or experiment, argv)
+    """The body of every experiment script: parse, train, evaluate, write, draw, print.
+
+    ``extra``: called once; what it returns is stored under ``"extra"`` in results.json."""
+    args = parse_args(description or experiment, argv, models)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warnings.filterwarnings("ignore", module="neuralop")
+    # refine_exact: the library's diagnostics read a scalar off a tensor that carries gradients
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     start = time.perf_counter()
     out_dir = Path(args.out) / experiment
     payload: dict[str, Any] = {
@@ -555,6 +584,8 @@ def run_experiment(
             results["figures"] = figures(task, results, preds, out_dir)
         payload["tasks"][task.name] = results
         tables.append(f"**{describe_sizes(results)}**\n\n{markdown_table(results)}")
+    if extra is not None:
+        payload["extra"] = extra()
     payload["wall_seconds"] = time.perf_counter() - start
     write_results(out_dir / "results.json", payload)
     print("\n\n".join(tables))

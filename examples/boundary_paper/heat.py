@@ -26,7 +26,7 @@ import constraint_layers as cl
 
 SIZES = {
     "single": {
-        "quick": {"n_train": 100, "n_test": 50, "resolution": 128, "epochs": 30, "batch": 20},
+        "quick": {"n_train": 100, "n_test": 50, "resolution": 128, "epochs": 25, "batch": 20},
         "full": {"n_train": 500, "n_test": 100, "resolution": 500, "epochs": 500, "batch": 20},
         "smoke": {"resolution": 33},
     },
@@ -36,7 +36,7 @@ SIZES = {
             "n_test": 32,
             "resolution": 64,
             "frames": 13,
-            "epochs": 12,
+            "epochs": 15,
             "batch": 16,
         },
         "full": {"n_train": 1000, "n_test": 200, "resolution": 1024, "epochs": 500, "batch": 20},

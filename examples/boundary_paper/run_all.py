@@ -22,7 +22,8 @@ sys.path.insert(0, str(HERE))
 
 from common import describe_sizes, markdown_table  # noqa: E402
 
-EXPERIMENTS = ("heat", "stokes", "burgers", "cavity")
+#: the four experiment families, then the study of the refinement's gradients
+EXPERIMENTS = ("heat", "stokes", "burgers", "cavity", "refine_gradients")
 
 
 def combined_markdown(out: Path, experiments=EXPERIMENTS, timings: dict | None = None) -> str:
@@ -48,6 +49,17 @@ def combined_markdown(out: Path, experiments=EXPERIMENTS, timings: dict | None =
         ]
         for results in payload["tasks"].values():
             parts += [f"**{describe_sizes(results)}**", "", markdown_table(results), ""]
+        if "extra" in payload:
+            parts += [
+                "Directional derivative of sum(c * output) along a random spectral-weight "
+                "direction (float64; finite differences with eps = 1e-3):",
+                "",
+                "| grid | " + " | ".join(next(iter(payload["extra"].values()))) + " |",
+                "|---|" + "---:|" * len(next(iter(payload["extra"].values()))),
+            ]
+            for grid, vals in payload["extra"].items():
+                parts.append(f"| {grid} | " + " | ".join(f"{v:.4g}" for v in vals.values()) + " |")
+            parts.append("")
     if env:
         parts += [
             "Relative L2: mean over seeds (standard error). Boundary error: largest absolute "

@@ -30,7 +30,7 @@ SIZES = {
         "n_test": 32,
         "resolution": 64,
         "frames": 13,
-        "epochs": 30,
+        "epochs": 22,
         "batch": 16,
     },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 500, "epochs": 500, "batch": 20},
