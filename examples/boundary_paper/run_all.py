@@ -40,11 +40,12 @@ def combined_markdown(out: Path, experiments=EXPERIMENTS, timings: dict | None =
         wall = payload["wall_seconds"]
         if timings and name in timings:
             wall = timings[name]  # the whole process, imports included
+        command = payload["command"].replace(str(Path.cwd()) + "/", "")
         parts += [
             f"## {name}",
             "",
-            f"`{payload['command']}` ({payload['size']}; {wall:.0f} s wall, "
-            f"{payload['environment']['threads']} threads, {payload['environment']['device']})",
+            f"`{command}` ({payload['size']}; {wall:.0f} s wall, "
+            f"threads={payload['environment']['threads']}, {payload['environment']['device']})",
             "",
         ]
         for results in payload["tasks"].values():
