@@ -405,9 +405,10 @@ class BoundaryCorrection(ConstraintLayer):
         of the block with relative singular value far above it are inverted to rounding, those
         near or below it are damped instead of blowing up.
     refresh : int, default 1
-        ``mode="refine"``: probe each refined layer again after this many changes of its weights
-        (1: after every optimizer step). Larger values amortise the probe's cost over training
-        steps; the boundary rows stay exact either way.
+        ``mode="refine"``: 1 gives exact gradients (each refined layer is probed inside the
+        autograd graph at every training call); ``k > 1`` reuses a frozen probe for ``k`` weight
+        changes: cheaper training steps, approximate gradients (the boundary-paper study found
+        frozen probes train worse). Inference caches the probe either way.
     debug : bool, default False
         Check the residual of every condition after each call (costs a pass over the faces) and
         raise :class:`~constraint_layers.errors.ConstraintViolationError` if it exceeds rounding.

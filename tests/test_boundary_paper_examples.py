@@ -30,7 +30,7 @@ EXPERIMENTS = {  # script -> tasks it runs
     "refine_gradients": ["heat_single", "burgers_dirichlet"],
 }
 MODELS = ["fno", "output", "refine", "scalar_pivot"]
-STUDY_MODELS = ["fno", "output", "refine", "refine_exact"]
+STUDY_MODELS = ["fno", "output", "refine", "refine_frozen"]
 
 
 @pytest.fixture(autouse=True)

@@ -156,7 +156,7 @@ def test_hooks_act_only_inside_the_wrapper_and_unwrap_removes_them():
     assert torch.equal(model(x), before)
 
 
-def test_probe_is_cached_until_the_weights_change():
+def test_probe_cached_in_inference_in_the_graph_in_training():
     torch.manual_seed(0)
     model = fno((8,), hidden=4)
     wrapped = cl.wrap(model, cl.Dirichlet(0.0), mode="refine")
@@ -169,33 +169,75 @@ def test_probe_is_cached_until_the_weights_change():
         return original(*args, **kwargs)
 
     conv.forward = counting
-    try:
-        x = torch.randn(3, 1, 32)
-        wrapped(x)
-        first = list(calls)
+    x = torch.randn(3, 1, 32)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+
+    def probes(fn):
         calls.clear()
-        wrapped(x)
-        assert 5 in first  # the probe: C + 1 = 5 impulses and zero, once
-        assert calls.count(5) == 0  # cached: only the data call (through the hook) and the update
-        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+        fn()
+        return calls.count(5)  # the probe: C + 1 = 5 impulses and zero
+
+    def step():
+        opt.zero_grad()
         wrapped(x).square().mean().backward()
         opt.step()  # bumps the parameters' version counters
-        calls.clear()
-        wrapped(x)
-        assert calls.count(5) == 1  # probed again after the step
-        # refresh=3: the probe is reused for two more weight changes, redone at the third
+
+    try:
+        with torch.no_grad():
+            assert probes(lambda: wrapped(x)) == 1
+            assert probes(lambda: wrapped(x)) == 0  # inference: cached
+        assert probes(step) == 1  # training: probed inside the graph at every call
+        assert probes(step) == 1
+        with torch.no_grad():
+            assert probes(lambda: wrapped(x)) == 1  # new weights: probed again, then cached
+            assert probes(lambda: wrapped(x)) == 0
+        # refresh=3: a frozen probe serves training until the weights changed three times
         wrapped.refinements[0].refresh = 3
-        counts = []
-        for _ in range(3):
-            opt.zero_grad()
-            wrapped(x).square().mean().backward()
-            opt.step()
-            calls.clear()
-            wrapped(x)
-            counts.append(calls.count(5))
-        assert counts == [0, 0, 1]
+        assert [probes(step) for _ in range(5)] == [0, 0, 0, 1, 0]  # seen at the next forward
     finally:
         conv.forward = original
+
+
+def test_exact_gradients_in_training_frozen_with_refresh():
+    """The directional derivative along a spectral weight, by autograd and by central finite
+    differences: equal with the probe in the graph (refresh=1), not with a frozen probe."""
+    torch.manual_seed(0)
+    model = CircularNet().double()
+    x = torch.randn(2, 1, 12, dtype=torch.float64)
+    wrapped = cl.BoundaryCorrection(
+        model, [cl.Dirichlet(0.5)], mode="refine", adapter=CircularAdapter()
+    )
+    weight = model.mix[0].weight
+    direction = torch.randn_like(weight)
+    cotangent = torch.randn(2, 1, 12, dtype=torch.float64)
+
+    def value():
+        return (wrapped(x) * cotangent).sum().item()
+
+    def autograd_derivative():
+        model.zero_grad()
+        (wrapped(x) * cotangent).sum().backward()
+        return float((weight.grad * direction).sum())
+
+    def finite_difference(eps=1e-6):
+        with torch.no_grad():
+            weight.add_(eps * direction)
+        up = value()
+        with torch.no_grad():
+            weight.sub_(2 * eps * direction)
+        down = value()
+        with torch.no_grad():
+            weight.add_(eps * direction)
+        return (up - down) / (2 * eps)
+
+    exact = finite_difference()
+    assert abs(autograd_derivative() - exact) < 1e-6 * (1 + abs(exact))
+    wrapped.refinements[0].refresh = 10**6  # frozen from now on
+    wrapped.refinements[1].refresh = 10**6
+    with torch.no_grad():
+        wrapped(x)  # probe once, without the graph
+    frozen = autograd_derivative()
+    assert abs(frozen - exact) > 1e-6 * (1 + abs(exact))
 
 
 def test_training_step_with_refinement():

@@ -47,15 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scalar_pivot import attach_scalar_pivots
 
 MODELS = ("fno", "output", "refine", "scalar_pivot")
-#: ``refine_exact``: the library's refinement with its impulse probe kept in the autograd graph
-#: (exact gradients); a workaround studied in ``refine_gradients.py``, not a default model.
-ALL_MODELS = (*MODELS, "refine_exact")
+#: ``refine_frozen``: the refinement with its impulse probe frozen (a constant for autograd, as
+#: the library first did); studied in ``refine_gradients.py``, not a default model.
+ALL_MODELS = (*MODELS, "refine_frozen")
 LABELS = {
     "fno": "FNO",
     "output": "FNO + output step",
-    "refine": "FNO + refine (library)",
+    "refine": "FNO + refine (library, exact gradients)",
     "scalar_pivot": "FNO + scalar pivots (reference scheme)",
-    "refine_exact": "FNO + refine, probe in the graph (workaround)",
+    "refine_frozen": "FNO + refine, frozen probe (approximate gradients)",
 }
 
 
@@ -241,23 +241,24 @@ def build_model(kind: str, task: Task, seed: int) -> tuple[nn.Module, Any]:
     if kind == "scalar_pivot":
         hooks = attach_scalar_pivots(fno, task.bcs)
         return cl.wrap(fno, *task.bcs, spacing=task.spacing), hooks
-    if kind == "refine_exact":
+    if kind == "refine_frozen":
         model = cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine")
         for hook in model.refinements:
-            hook._probe = types.MethodType(_probe_in_graph, hook)
+            hook._probe = types.MethodType(_probe_frozen, hook)
         return model, None
     raise ValueError(f"build_model: unknown model kind {kind!r}; expected one of {ALL_MODELS}.")
 
 
-def _probe_in_graph(self, module: nn.Module, v: Tensor, origin: tuple[int, ...]):
-    """Replacement of ``Refinement._probe`` (per hook object): the impulse probe evaluated at
-    every call WITH gradients and never cached, so that backpropagation sees how K_BB^+ and the
-    face responses depend on the layer's weights (exact gradients of the refined layer).
+def _probe_frozen(self, module: nn.Module, v: Tensor, origin: tuple[int, ...]):
+    """Replacement of ``Refinement._probe`` (per hook object): the impulse probe recomputed at
+    every call but WITHOUT gradients, so backpropagation treats ``K_BB^+`` and the impulse
+    response as constants (the library's first behaviour, kept for this study).
 
-    Uses the library's private ``_Probe``: a workaround for this study, not an API."""
+    Uses the library's private ``_Probe``: a study device, not an API."""
     from constraint_layers._refine import _Probe
 
-    return _Probe(module.forward, v, origin)
+    with torch.no_grad():
+        return _Probe(module.forward, v, origin)
 
 
 def _sync(device: torch.device) -> None:
@@ -353,7 +354,7 @@ def evaluate(pred: Tensor, task: Task) -> dict:
 
 def diagnostics(kind: str, model: nn.Module, hooks: Any) -> dict:
     """What the corrections report about themselves after training."""
-    if kind in ("refine", "refine_exact"):
+    if kind in ("refine", "refine_frozen"):
         stats = [r.stats for r in model.refinements]
         smin = [min(s.values()) for s in stats if s]
         gaps = [r.t1_gap for r in model.refinements]
@@ -557,8 +558,6 @@ def run_experiment(
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warnings.filterwarnings("ignore", module="neuralop")
-    # refine_exact: the library's diagnostics read a scalar off a tensor that carries gradients
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     start = time.perf_counter()
     out_dir = Path(args.out) / experiment
     payload: dict[str, Any] = {

@@ -20,7 +20,7 @@ STYLE = {
     "output": {"color": "tab:green", "lw": 1.4, "ls": "-.", "label": "FNO + output step"},
     "refine": {"color": "tab:blue", "lw": 1.4, "ls": ":", "label": "FNO + refine (ours)"},
     "scalar_pivot": {"color": "tab:purple", "lw": 1.0, "ls": (0, (1, 2)), "label": "scalar pivots"},
-    "refine_exact": {"color": "tab:orange", "lw": 1.2, "ls": "-", "label": "refine, exact grad"},
+    "refine_frozen": {"color": "tab:orange", "lw": 1.2, "ls": "-", "label": "refine, frozen probe"},
 }
 
 

@@ -1,15 +1,16 @@
-"""How the gradients of ``mode="refine"`` affect training (a study of a library issue).
+"""How the gradients of ``mode="refine"`` affect training.
 
-The library's refinement treats its impulse probe (``K_BB^+`` and, on 1D grids, the face impulse
-responses used for ``L(E_B delta)``) as constants in backpropagation. This script
+The library first treated the refinement's impulse probe (``K_BB^+`` and the impulse response) as
+constants in backpropagation; this study showed that the dependence it dropped dominates the
+gradient, and the library now keeps the probe in the autograd graph while training (exact
+gradients; ``refresh > 1`` freezes it again, for speed). This script
 
 1. measures the directional derivative of a refined FNO's output with respect to one spectral
-   weight three ways: autograd, and central finite differences with the probe recomputed (the
-   true derivative) or frozen (what autograd differentiates);
+   weight three ways: autograd (the library), and central finite differences with the probe
+   recomputed (the true derivative) or frozen (``refresh`` large);
 2. trains, on the two 1D single-step tasks (heat, Neumann; Burgers, Dirichlet), the plain FNO, the
-   output step, the library's refinement and the same refinement with its probe evaluated in the
-   autograd graph at every call (``refine_exact`` in ``common.py``, a per-hook replacement of a
-   private method: a workaround for this study, not an API).
+   output step, the library's refinement and the same refinement with its probe frozen at every
+   call (``refine_frozen`` in ``common.py``).
 
     .venv/bin/python examples/boundary_paper/refine_gradients.py --quick
 """
@@ -29,7 +30,7 @@ from common import run_experiment
 
 import constraint_layers as cl
 
-MODELS = ("fno", "output", "refine", "refine_exact")
+MODELS = ("fno", "output", "refine", "refine_frozen")
 
 
 def make_tasks(size: str, smoke: bool):
@@ -39,13 +40,6 @@ def make_tasks(size: str, smoke: bool):
 def directional_derivatives(eps: float = 1e-3) -> dict:
     """d/ds of sum(c * model(x)) along a random direction of one spectral weight (float64)."""
     from neuralop.models import FNO
-
-    from constraint_layers import _refine
-
-    original = _refine.Refinement._probe
-
-    def frozen(self, module, v, origin):  # keep the probe of the unperturbed weights
-        return self._cache[1] if self._cache is not None else original(self, module, v, origin)
 
     out = {}
     for name, shape, modes, bcs in (
@@ -62,25 +56,25 @@ def directional_derivatives(eps: float = 1e-3) -> dict:
         d = torch.randn_like(p)
         res = {}
         for variant in ("plain", "refine autograd", "refine recomputed", "refine frozen"):
-            model = fno if variant == "plain" else cl.wrap(fno, *bcs, mode="refine")
-            if variant == "plain" or variant == "refine autograd":
+            if variant == "plain":
+                model = fno
+            else:
+                refresh = 10**9 if variant == "refine frozen" else 1
+                model = cl.wrap(fno, *bcs, mode="refine", refresh=refresh)
+            if variant in ("plain", "refine autograd"):
                 (g,) = torch.autograd.grad((model(x) * c).sum(), p)
                 res[variant] = float((g.conj() * d).real.sum())
-                if variant == "plain":
-                    continue
-            if variant != "refine autograd":
-                model(x)  # fill the caches at the unperturbed weights
-                if variant == "refine frozen":
-                    for hook in model.refinements:
-                        hook._probe = frozen.__get__(hook)
+            else:
                 with torch.no_grad():
+                    model(x)  # the frozen variant keeps this probe of the unperturbed weights
                     p.add_(eps * d)
                     hi = float((model(x) * c).sum())
                     p.sub_(2 * eps * d)
                     lo = float((model(x) * c).sum())
                     p.add_(eps * d)
                 res[variant] = (hi - lo) / (2 * eps)
-            cl.unwrap(model)
+            if variant != "plain":
+                cl.unwrap(model)
         out[name] = res
         print(
             f"directional derivative, {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items())
