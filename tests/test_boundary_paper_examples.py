@@ -90,7 +90,7 @@ def test_combined_table(tmp_path):
     run_all = importlib.import_module("run_all")
     run_all.main(["--table-only", "--out", str(tmp_path), "--experiments", "stokes", "heat"])
     text = (tmp_path / "boundary_paper.md").read_text()
-    assert "FNO + refine (library)" in text
+    assert "FNO + refine (library, exact gradients)" in text
     assert "heat.json" not in text and "missing" in text  # heat was not run here
 
 
