@@ -18,6 +18,7 @@ from . import (
     problems,
     quadrature,
 )
+from ._values import Given
 from .adapters import unwrap, wrap
 from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
 from .conservation import (
@@ -35,6 +36,7 @@ __all__ = [
     "Conservation",
     "ConservationProjection",
     "Dirichlet",
+    "Given",
     "IntegralConservation",
     "Neumann",
     "Periodic",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from numbers import Real
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["check_value", "evaluate_value", "is_compiling"]
+__all__ = ["Given", "bind_given", "check_value", "evaluate_value", "is_compiling"]
 
 
 def is_compiling() -> bool:
@@ -27,7 +28,10 @@ def _check_finite(value: Tensor, where: str, what: str) -> None:
 def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
     """Validate a value given at construction: a finite number, a floating tensor without NaN or
     inf (tensors that require grad are checked when evaluated instead), or a callable of the
-    model input. ``shapes`` completes the message of the TypeError."""
+    model input; or :class:`Given` (supplied at call time). ``shapes`` completes the message of
+    the TypeError."""
+    if isinstance(value, Given):
+        return value
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             value = value.to(torch.get_default_dtype())
@@ -49,6 +53,12 @@ def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
 
 def evaluate_value(value: Any, inputs: Any, where: str, what: str) -> Tensor | float:
     """A checked value: callables are evaluated on the model input and their result checked."""
+    if isinstance(value, Given):
+        raise ValueError(
+            f"{where}: the {what} is {value!r}: it is supplied as a keyword argument of the "
+            f"wrapped model's call (model(x, {value.name}=...)); the functional API needs the "
+            "value itself."
+        )
     if not callable(value) or isinstance(value, Tensor):
         return value
     if inputs is None:
@@ -69,3 +79,60 @@ def evaluate_value(value: Any, inputs: Any, where: str, what: str) -> Tensor | f
         )
     _check_finite(result, where, what)
     return result
+
+
+class Given:
+    """A constraint value supplied at call time, as a keyword argument of the wrapped model's call.
+
+    Per-sample data (boundary values measured with each sample, the total mass of each test
+    function) usually travel with the batch, not with the model input. ``Given("name")`` declares
+    that the value arrives as ``wrapped(x, name=value)``; the wrapper takes the keyword out of the
+    call (the model never sees it) and uses it as the value, checked like any other. With
+    neuraloperator's ``Trainer``, which calls ``model(**sample)``, a data set whose samples carry
+    the key ``name`` feeds it automatically.
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> model = cl.wrap(torch.nn.Conv1d(1, 1, 3, padding=1), cl.Dirichlet(cl.Given("wall")))
+    >>> wall = torch.tensor([[1.0], [2.0]])  # one value per sample: shape (batch, channels)
+    >>> y = model(torch.randn(2, 1, 8), wall=wall)
+    >>> y[:, 0, 0].tolist(), y[:, 0, -1].tolist()
+    ([1.0, 2.0], [1.0, 2.0])
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"Given: name must be a valid keyword-argument name (an identifier), got {name!r}."
+            )
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Given({self.name!r})"
+
+
+def bind_given(constraints: Any, attr: str, kwargs: dict, call: str, what: str) -> Any:
+    """Replace ``Given`` values of ``constraints`` (attribute ``attr``) by the call's keyword
+    arguments, which are removed from ``kwargs``. Returns the constraints to use for this call."""
+    wanted = {getattr(c, attr).name for c in constraints if isinstance(getattr(c, attr), Given)}
+    if not wanted:
+        return constraints
+    missing = sorted(wanted - set(kwargs))
+    if missing:
+        raise ValueError(
+            f"{call}: the constraints take their {what} from the keyword argument(s) {missing} "
+            f"(cl.Given), but the call passed {sorted(kwargs) or 'none'}. Call the wrapped model "
+            f"as model(x, {missing[0]}=...)."
+        )
+    given = {name: kwargs.pop(name) for name in wanted}
+    out = []
+    for c in constraints:
+        value = getattr(c, attr)
+        if isinstance(value, Given):
+            c = copy.copy(c)
+            setattr(c, attr, check_value(given[value.name], f"{call}: {c!r}", what))
+        out.append(c)
+    return type(constraints)(out) if isinstance(constraints, tuple) else out

@@ -43,14 +43,14 @@ from ._boundary_ops import (
 from ._grid import check_grid_options, normalize_dim, resolve_spacing
 from ._refine import Refinement, RefinementContext
 from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
-from ._values import check_value, evaluate_value
+from ._values import Given, bind_given, check_value, evaluate_value
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
 
 __all__ = ["BoundaryCondition", "BoundaryCorrection", "Dirichlet", "Neumann", "Periodic"]
 
 Side = Literal["low", "high", "both"]
-Value = float | Tensor | Callable[[Any], Tensor]
+Value = float | Tensor | Callable[[Any], Tensor] | Given
 _SIDES = ("low", "high", "both")
 
 
@@ -201,10 +201,12 @@ class Dirichlet(BoundaryCondition):
 
     Parameters
     ----------
-    value : float, Tensor or callable, default 0.0
+    value : float, Tensor, callable or Given, default 0.0
         The boundary value: a number; a tensor broadcastable to the face
         ``(batch, channels, *face dims)`` (face dims: the spatial axes other than ``dim``, in order,
-        e.g. time frames); or a callable of the model input that returns such a tensor.
+        e.g. time frames); a callable of the model input that returns such a tensor; or
+        ``cl.Given("name")``: supplied with each call of the wrapped model as the keyword
+        argument ``name`` (per-sample data that travel with the batch).
     dim : int, default 0
         The spatial axis (0 is the first axis after the channels).
     side : {"low", "high", "both"}, default "both"
@@ -485,11 +487,15 @@ class BoundaryCorrection(ConstraintLayer):
         self.refinements.append(hook)
         return hook
 
-    def correct(self, y: Tensor, inputs: Any = None) -> Tensor:
-        """Apply the conditions to an output grid ``y`` (physical units). shape: (B, C, d1..dn)."""
+    def correct(
+        self, y: Tensor, inputs: Any = None, bcs: Sequence[BoundaryCondition] | None = None
+    ) -> Tensor:
+        """Apply the conditions (default: this wrapper's) to an output grid ``y`` in physical
+        units. shape: (batch, channels, d1, ..., dn)."""
+        bcs = self.bcs if bcs is None else bcs
         z = enforce_boundary(
             y,
-            self.bcs,
+            bcs,
             spacing=self.spacing,
             extent=self.extent,
             endpoint=self.endpoint,
@@ -497,25 +503,30 @@ class BoundaryCorrection(ConstraintLayer):
             inputs=inputs,
         )
         if self.debug:
-            self._check(z, inputs)
+            self._check(z, inputs, bcs)
         return z
 
     def base_output(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output as this wrapper sees it before the output step (with
-        ``mode="refine"``: the refined model's)."""
+        ``mode="refine"``: the refined model's). Keywords that feed ``cl.Given`` values are left
+        out of the model call."""
+        given = {bc.value.name for bc in self.bcs if isinstance(bc.value, Given)}
+        kwargs = {k: v for k, v in kwargs.items() if k not in given}
         if self.mode == "refine":
             return self._refined_call(args, kwargs, self.adapter.model_input(args, kwargs))
         return self.adapter.call(self.model, args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = dict(kwargs)
+        bcs = bind_given(self.bcs, "value", kwargs, "BoundaryCorrection", "value")
         inputs = self.adapter.model_input(args, kwargs)
         out = self.base_output(*args, **kwargs)
         y = self.adapter.grid(out)
         norm = current_normalizer(self.normalizer)
         if norm is None:
-            z = self.correct(y, inputs)
+            z = self.correct(y, inputs, bcs)
         else:
-            z = norm.transform(self.correct(norm.inverse_transform(y), inputs))
+            z = norm.transform(self.correct(norm.inverse_transform(y), inputs, bcs))
         return self.adapter.with_grid(out, z)
 
     def _refined_call(self, args: tuple, kwargs: dict, inputs: Any) -> Any:
@@ -539,10 +550,13 @@ class BoundaryCorrection(ConstraintLayer):
         finally:
             ctx.active = False
 
-    def _check(self, z: Tensor, inputs: Any) -> None:
+    def _check(
+        self, z: Tensor, inputs: Any, bcs: Sequence[BoundaryCondition] | None = None
+    ) -> None:
+        bcs = self.bcs if bcs is None else bcs
         res = boundary_residuals(
             z,
-            self.bcs,
+            bcs,
             spacing=self.spacing,
             extent=self.extent,
             endpoint=self.endpoint,
@@ -554,15 +568,14 @@ class BoundaryCorrection(ConstraintLayer):
             z.shape[2:], spacing=self.spacing, extent=self.extent, endpoint=self.endpoint
         )
         scale = float(z.detach().abs().max()) + 1.0
-        for bc, parts in zip(self.bcs, res):
+        for bc, parts in zip(bcs, res):
             h = hs[bc.dim % (z.ndim - 2)] if bc.kind == "neumann" else 1.0
             worst = max(float(r.detach().abs().max()) for r in parts) * h
             if worst > tol * scale:
                 raise ConstraintViolationError(
                     f"BoundaryCorrection(debug=True): {bc!r} has residual {worst / h:.3e} after "
                     f"correction (tolerance {tol * scale / h:.3e} for {z.dtype}). This is a bug: "
-                    "please "
-                    "report it with the conditions and the output shape."
+                    "please report it with the conditions and the output shape."
                 )
 
     def extra_repr(self) -> str:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import quadrature
 from ._conservation_ops import ConstrainedGaussian, Gaussian, conserve
 from ._grid import normalize_dim
-from ._values import check_value, evaluate_value
+from ._values import bind_given, check_value, evaluate_value
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
 from .errors import ConstraintViolationError, GridError
 
@@ -871,24 +871,36 @@ class ConservationProjection(ConstraintLayer):
         self.debug = bool(debug)
         self._attach()
 
+    def _bind(self, kwargs: dict) -> tuple[Conservation, ...]:
+        """The constraints of this call: ``cl.Given`` right-hand sides taken out of ``kwargs``."""
+        return bind_given(
+            self.constraints, "b", kwargs, "ConservationProjection", "right-hand side"
+        )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = dict(kwargs)
+        constraints = self._bind(kwargs)
         out = self.adapter.call(self.model, args, kwargs)
         inputs = self.adapter.model_input(args, kwargs)
-        return self.adapter.constrain(out, lambda g: self.project(g, inputs))
+        return self.adapter.constrain(out, lambda g: self.project(g, inputs, constraints))
 
-    def project(self, g: Gaussian, inputs: Any = None) -> Gaussian:
+    def project(
+        self, g: Gaussian, inputs: Any = None, constraints: Sequence[Conservation] | None = None
+    ) -> Gaussian:
         """Condition (or project) one Gaussian output record; returns the posterior record.
 
         ``g`` as the adapter reads it (:class:`~constraint_layers.functional.Gaussian`); the
-        result has the same layout (see :func:`enforce_conservation`).
+        result has the same layout (see :func:`enforce_conservation`). ``constraints``: default,
+        this layer's.
         """
+        constraints = self.constraints if constraints is None else constraints
         norm = current_normalizer(self.normalizer)
         scale = None
         if norm is not None:
             g, scale = _to_physical(g, norm)
         post = enforce_conservation(
             g.mean,
-            self.constraints,
+            constraints,
             variance=g.variance,
             covariance=g.covariance,
             low_rank=g.low_rank,
@@ -899,7 +911,7 @@ class ConservationProjection(ConstraintLayer):
             inputs=inputs,
         )
         if self.debug:
-            self._check(post, inputs)
+            self._check(post, inputs, constraints)
         if norm is not None:
             post = _from_physical(post, norm, scale)
         return post
@@ -916,6 +928,8 @@ class ConservationProjection(ConstraintLayer):
         ConstrainedGaussian
             ``mean`` of shape (*batch, N), N the flattened event.
         """
+        kwargs = dict(kwargs)
+        constraints = self._bind(kwargs)
         out = self.adapter.call(self.model, args, kwargs)
         g = self.adapter.gaussian(out)
         norm = current_normalizer(self.normalizer)
@@ -925,26 +939,28 @@ class ConservationProjection(ConstraintLayer):
         shape = _grid_view(g.mean, k, self.grid_shape, "ConservationProjection.posterior")
         lead = g.mean.shape[: g.mean.ndim - k]
         return _posterior(
-            g.mean, g.variance, g.covariance, g.low_rank, self.constraints, shape, lead, k,
+            g.mean, g.variance, g.covariance, g.low_rank, constraints, shape, lead, k,
             self.noise, self.metric, self.adapter.model_input(args, kwargs),
         )  # fmt: skip
 
-    def residual(self, output: Any, inputs: Any = None) -> Tensor:
+    def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
         """Signed residual ``G mean - b`` of a model output (physical units); shape (batch, M)
-        with all constraints' rows concatenated, float64."""
+        with all constraints' rows concatenated, float64. ``given``: values of ``cl.Given``
+        right-hand sides."""
+        constraints = self._bind(dict(given))
         g = self.adapter.gaussian(output)
         norm = current_normalizer(self.normalizer)
         if norm is not None:
             g, _ = _to_physical(g, norm)
-        return self._residual(g, inputs)
+        return self._residual(g, inputs, constraints)
 
-    def _residual(self, g: Gaussian, inputs: Any) -> Tensor:
+    def _residual(self, g: Gaussian, inputs: Any, constraints: Sequence[Conservation]) -> Tensor:
         shape = _grid_view(g.mean, g.event_ndim, self.grid_shape, "ConservationProjection")
         y = g.mean.reshape(shape)
-        return torch.cat([c.residual(y, inputs=inputs) for c in self.constraints], dim=-1)
+        return torch.cat([c.residual(y, inputs=inputs) for c in constraints], dim=-1)
 
-    def _check(self, post: Gaussian, inputs: Any) -> None:
-        res = self._residual(post, inputs).detach()
+    def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Conservation]) -> None:
+        res = self._residual(post, inputs, constraints).detach()
         tol = TOLERANCE.get(post.mean.dtype, 1e-4)
         scale = float(post.mean.detach().abs().max()) + 1.0
         worst = float(res.abs().max()) if res.numel() else 0.0
