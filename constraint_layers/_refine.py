@@ -34,9 +34,10 @@ is one, on the padded grid inside an FNO):
 
 Ill-conditioned ``K_BB`` (the rule, not the exception: a smooth kernel sees the two end nodes of a
 periodic grid almost alike; measured smallest relative singular values 1e-5 to 1e-11 at paper
-sizes): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond * max singular value`` over all
-frequencies. Directions far above ``lam`` are inverted to rounding, those near or below it are
-damped instead of blowing up; ``T1`` keeps the boundary rows exact either way. The smallest relative
+sizes): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the root-mean-square
+singular value of the largest block over all frequencies. Directions far above ``lam`` are
+inverted to rounding, those near or below it are damped instead of blowing up; ``T1`` keeps the
+boundary rows exact either way. The smallest relative
 singular value seen is kept in :attr:`Refinement.stats`.
 
 Several constrained axes (a 2D cavity): ``T2`` solves each axis's faces from the same residual (a
@@ -301,28 +302,27 @@ class Refinement:
         c = resp.shape[0]
         tan = [d for d in range(2, resp.ndim) if d != a]
         shifts = [-probe.origin[d - 2] for d in tan]
-        rows = []
-        for p_out in pos:
-            row = []
-            for p_in in pos:
-                k = resp.select(a, (p_out - p_in + probe.origin[axis]) % m)
-                if shifts:  # tangential offset tau = 0 at index 0
-                    k = torch.roll(k, shifts=shifts, dims=list(range(2, k.ndim)))
-                row.append(k)  # (C_in, C_out, *tan)
-            rows.append(torch.stack(row, dim=0))
-        kbb = torch.stack(rows, dim=0).to(torch.float64)  # (S_out, S_in, C_in, C_out, *tan)
+        s = len(pos)
+        # every slab K(p_out <- p_in) in one gather (one scatter in the backward pass)
+        offsets = [(p_out - p_in + probe.origin[axis]) % m for p_out in pos for p_in in pos]
+        slabs = resp.index_select(a, torch.tensor(offsets, device=resp.device))
+        slabs = slabs.movedim(a, 0).reshape(s, s, c, resp.shape[1], *[resp.shape[d] for d in tan])
+        if shifts:  # tangential offset tau = 0 at index 0
+            slabs = torch.roll(slabs, shifts=shifts, dims=list(range(4, slabs.ndim)))
+        kbb = slabs.to(torch.float64)  # (S_out, S_in, C_in, C_out, *tan)
         n_tan = len(tan)
         if n_tan:
             kbb = torch.fft.rfftn(kbb, dim=list(range(-n_tan, 0)))
-        s = len(pos)
         k = kbb.permute(*range(4, kbb.ndim), 0, 3, 1, 2).reshape(*kbb.shape[4:], s * c, s * c)
         kh = k.mH
         gram = kh @ k
-        # lam follows the weights too (a constant lam would leave a term out of the gradient)
-        smax2_t = torch.linalg.matrix_norm(k, ord=2).amax().square()
-        smax2 = float(smax2_t.detach())
+        # lam = rcond * the root-mean-square singular value of the largest block (its Frobenius
+        # norm over sqrt(S C)): cheap, and it follows the weights (a constant lam would leave a
+        # term out of the gradient)
+        scale2 = gram.diagonal(dim1=-2, dim2=-1).real.sum(-1).amax() / (s * c)
+        smax2 = float(torch.linalg.matrix_norm(k.detach(), ord=2).amax()) ** 2
         eye = torch.eye(s * c, dtype=gram.dtype, device=gram.device)
-        op = torch.linalg.solve(gram + (self.rcond**2 * smax2_t) * eye, kh)
+        op = torch.linalg.solve(gram + (self.rcond**2 * scale2) * eye, kh)
         self._record(axis, gram.detach(), smax2)
         probe.ops[key] = op
         return op
