@@ -34,10 +34,10 @@ is one, on the padded grid inside an FNO):
 
 Ill-conditioned ``K_BB`` (the rule, not the exception: a smooth kernel sees the two end nodes of a
 periodic grid almost alike; measured smallest relative singular values 1e-5 to 1e-11 at paper
-sizes): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the root-mean-square
-singular value of the largest block over all frequencies. Directions far above ``lam`` are
-inverted to rounding, those near or below it are damped instead of blowing up; ``T1`` keeps the
-boundary rows exact either way. The smallest relative
+sizes): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the largest singular
+value over all frequencies. Directions far above ``lam`` are inverted to rounding, those near or
+below it are damped instead of blowing up; ``T1`` keeps the boundary rows exact either way. The
+smallest relative
 singular value seen is kept in :attr:`Refinement.stats`.
 
 Several constrained axes (a 2D cavity): ``T2`` solves each axis's faces from the same residual (a
@@ -316,13 +316,12 @@ class Refinement:
         k = kbb.permute(*range(4, kbb.ndim), 0, 3, 1, 2).reshape(*kbb.shape[4:], s * c, s * c)
         kh = k.mH
         gram = kh @ k
-        # lam = rcond * the root-mean-square singular value of the largest block (its Frobenius
-        # norm over sqrt(S C)): cheap, and it follows the weights (a constant lam would leave a
-        # term out of the gradient)
-        scale2 = gram.diagonal(dim1=-2, dim2=-1).real.sum(-1).amax() / (s * c)
-        smax2 = float(torch.linalg.matrix_norm(k.detach(), ord=2).amax()) ** 2
+        # lam = rcond * the largest singular value over all frequencies; it follows the weights
+        # (a constant lam would leave a term out of the gradient)
+        smax2_t = torch.linalg.matrix_norm(k, ord=2).amax().square()
+        smax2 = float(smax2_t.detach())
         eye = torch.eye(s * c, dtype=gram.dtype, device=gram.device)
-        op = torch.linalg.solve(gram + (self.rcond**2 * scale2) * eye, kh)
+        op = torch.linalg.solve(gram + (self.rcond**2 * smax2_t) * eye, kh)
         self._record(axis, gram.detach(), smax2)
         probe.ops[key] = op
         return op

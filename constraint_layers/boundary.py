@@ -404,8 +404,8 @@ class BoundaryCorrection(ConstraintLayer):
         How to call the model and find its grid; default: looked up in the adapter registry.
     rcond : float, default 1e-2
         ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
-        block's root-mean-square singular value; directions far above it are inverted to
-        rounding, those near or below it are damped instead of blowing up.
+        block's largest singular value; directions far above it are inverted to rounding, those
+        near or below it are damped instead of blowing up.
     refresh : int, default 1
         ``mode="refine"``: 1 gives exact gradients (each refined layer is probed inside the
         autograd graph at every training call); ``k > 1`` reuses a frozen probe for ``k`` weight
