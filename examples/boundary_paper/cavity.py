@@ -4,8 +4,9 @@ Vorticity ``w0 -> w(x, y, t_1..t_25)`` on the unit square, t_final = 2 (8 modes,
 50 x 50 x 25 in the paper). The wall vorticity of every frame (from the simulation) is the
 Dirichlet data: every model gets it as four input channels (each wall's values broadcast across
 the square), and the constrained models read their values back from those channels. Two
-constrained axes: the library's refinement eliminates along x then y (T2 sequential) and writes the
-boundary rows of every face (T1), so the decoupling is exact for every axis.
+constrained axes: the library's refinement solves the x and the y faces from the same residual
+(T2, a block-Jacobi step) and writes the boundary rows of every face (T1), so the decoupling is
+exact for every axis.
 
     .venv/bin/python examples/boundary_paper/cavity.py --quick          # CPU, minutes
     .venv/bin/python examples/boundary_paper/cavity.py --full           # paper sizes (GPU)
