@@ -93,8 +93,9 @@ class _Probe:
                 "mode='refine': a refined layer must map C channels to C channels (its boundary "
                 f"outputs become its boundary inputs), got {c} -> {out.shape[1]}."
             )
-        self.bias = out[c:]  # A(0), shape: (1, C, *grid)
-        self.response = out[:c] - self.bias  # L(e_ci at origin), shape: (C_in, C_out, *grid)
+        self.response = (
+            out[:c] - out[c:]
+        )  # L(e_ci at origin) = A(e_ci) - A(0): (C_in, C_out, *grid)
         self.origin = origin
         self.ops: dict[tuple, Tensor] = {}  # per (axis, face positions): the K_BB solve operator
         self._box: dict | None = None
@@ -208,12 +209,35 @@ class Refinement:
         self.rcond = rcond
         self.refresh = refresh
         self._cache: dict | None = None
-        #: Diagnostics: smallest singular value of K_BB relative to the largest, per axis
-        #: (frequencies where the layer does not respond at all left out).
-        self.stats: dict[int, float] = {}
-        #: How far the T2 update left the boundary rows from the boundary inputs before T1 wrote
-        #: them, relative to max |v| (rounding when K_BB is well conditioned and rcond small).
-        self.t1_gap: float = float("nan")
+        # diagnostics, kept as detached tensors and evaluated only when read (no eigenvalue
+        # solve or host synchronisation on the training path)
+        self._grams: dict[int, tuple[Tensor, Tensor]] = {}
+        self._gap: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def stats(self) -> dict[int, float]:
+        """Smallest singular value of K_BB relative to the largest, per axis, from the last
+        probe (frequencies where the layer does not respond at all left out)."""
+        out = {}
+        for axis, (gram, smax2_t) in self._grams.items():
+            smax2 = float(smax2_t)
+            eig = torch.linalg.eigvalsh(gram).clamp_min(0) if smax2 > 0 else None
+            live = None if eig is None else eig[..., -1] > 1e-10 * smax2
+            if live is None or not bool(live.any()):
+                out[axis] = 0.0
+            else:
+                out[axis] = math.sqrt(float(eig[live][..., 0].min()) / smax2)
+        return out
+
+    @property
+    def t1_gap(self) -> float:
+        """How far the T2 update left the boundary rows from the boundary inputs before T1
+        wrote them in the last call, relative to max |v| (rounding when K_BB is well conditioned
+        and rcond small); NaN before the first call."""
+        if self._gap is None:
+            return float("nan")
+        gap, vmax = self._gap
+        return float(gap) / (float(vmax) + 1e-30)
 
     # -------------------------------------------------------------------------------- probe
     def _probe(self, module: torch.nn.Module, v: Tensor, origin: tuple[int, ...]) -> _Probe:
@@ -280,13 +304,13 @@ class Refinement:
         out = output + probe.to_grid(spectrum, output.dtype)
         # T1: the boundary rows pass the boundary inputs through (plus the bias)
         with torch.no_grad():
-            gap = max(
-                float(
-                    (out.select(2 + a, p) - v.select(2 + a, p) - bias.select(2 + a, p)).abs().max()
-                )
-                for a, p in faces
-            )
-            self.t1_gap = gap / (float(v.abs().max()) + 1e-30)
+            gap = torch.stack(
+                [
+                    (out.select(2 + a, p) - v.select(2 + a, p) - bias.select(2 + a, p)).abs().amax()
+                    for a, p in faces
+                ]
+            ).amax()
+            self._gap = (gap, v.abs().amax())
         for axis, p in faces:
             out.select(2 + axis, p).copy_(v.select(2 + axis, p) + bias.select(2 + axis, p))
         return out
@@ -319,10 +343,9 @@ class Refinement:
         # lam = rcond * the largest singular value over all frequencies; it follows the weights
         # (a constant lam would leave a term out of the gradient)
         smax2_t = torch.linalg.matrix_norm(k, ord=2).amax().square()
-        smax2 = float(smax2_t.detach())
         eye = torch.eye(s * c, dtype=gram.dtype, device=gram.device)
         op = torch.linalg.solve(gram + (self.rcond**2 * smax2_t) * eye, kh)
-        self._record(axis, gram.detach(), smax2)
+        self._grams[axis] = (gram.detach(), smax2_t.detach())
         probe.ops[key] = op
         return op
 
@@ -346,14 +369,3 @@ class Refinement:
         if n_tan:
             d = torch.fft.irfftn(d, s=tan_sizes, dim=fdims)
         return d.to(v.dtype)
-
-    def _record(self, axis: int, gram: Tensor, smax2: float) -> None:
-        if smax2 == 0.0:
-            self.stats[axis] = 0.0
-            return
-        eig = torch.linalg.eigvalsh(gram).clamp_min(0)  # squared singular values, per frequency
-        live = eig[..., -1] > 1e-10 * smax2  # frequencies where the layer responds at all
-        if not bool(live.any()):
-            self.stats[axis] = 0.0
-            return
-        self.stats[axis] = math.sqrt(float(eig[live][..., 0].min()) / smax2)

@@ -55,9 +55,6 @@ class ConstraintLayer(nn.Module):
             self._handles.pop().remove()
         return self.model
 
-    def model_input(self, args: tuple, kwargs: dict) -> Any:
-        return self.adapter.model_input(args, kwargs)
-
 
 def check_normalizer(obj: object, call: str) -> object:
     """Validate an output normaliser (``transform`` / ``inverse_transform``) or its holder."""

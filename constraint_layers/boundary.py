@@ -118,10 +118,6 @@ class BoundaryCondition:
         """How many nodes, counted inward from the face, the condition reads."""
         return 1
 
-    def min_size(self, lift: int = 0) -> int:
-        """Fewest nodes along the axis for an exact correction (see ``enforce_boundary``)."""
-        return self.reach + 1 + lift
-
     # -------------------------------------------------------------------------------- values
     def resolve_value(
         self,
