@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from constraint_layers._conservation_ops import Gaussian
+from constraint_layers.conservation.conserve import Gaussian
 from constraint_layers._grid import check_grid
 
 __all__ = ["Adapter"]

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from constraint_layers._conservation_ops import Gaussian, RunningMoments
+from constraint_layers.conservation.conserve import Gaussian, RunningMoments
 
 from ._registry import register
 from .base import Adapter

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Independent, Normal
 
-from constraint_layers._conservation_ops import Gaussian
+from constraint_layers.conservation.conserve import Gaussian
 
 from ._registry import register
 from .base import Adapter

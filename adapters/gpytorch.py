@@ -37,7 +37,7 @@ from typing import Any
 import gpytorch
 from linear_operator.operators import LowRankRootLinearOperator
 
-from constraint_layers._conservation_ops import Gaussian
+from constraint_layers.conservation.conserve import Gaussian
 
 from ._registry import register
 from .base import Adapter

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from constraint_layers._wrapper import ConstraintLayer
+from constraint_layers.layer import ConstraintLayer
 from constraint_layers.boundary import BoundaryCorrection
 
 from ._registry import find
@@ -83,7 +83,7 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
     adapter = options.pop("adapter", None) or find(model)
     if family == "boundary":
         return BoundaryCorrection(model, items, adapter=adapter, **options)
-    from constraint_layers.conservation import ConservationProjection
+    from constraint_layers.conservation.constraint import ConservationProjection
 
     return ConservationProjection(model, items, adapter=adapter, **options)
 

@@ -5,8 +5,8 @@ Each layer's ``forward`` is the model call plus one of these functions.
 
 from __future__ import annotations
 
-from ._boundary_ops import BoundaryRows, boundary_residuals, boundary_rows, enforce_boundary
-from ._conservation_ops import (
+from .boundary.enforce import BoundaryRows, boundary_residuals, boundary_rows, enforce_boundary
+from .conservation.conserve import (
     ConstrainedGaussian,
     Gaussian,
     MixtureMoments,
@@ -14,7 +14,7 @@ from ._conservation_ops import (
     conserve,
     conserve_mixture,
 )
-from .conservation import ConservationRows, conservation_rows, enforce_conservation
+from .conservation.constraint import ConservationRows, conservation_rows, enforce_conservation
 
 __all__ = ["BoundaryRows", "boundary_residuals", "boundary_rows", "enforce_boundary"]
 __all__ += [

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._boundary_ops import boundary_residuals
+from .boundary.enforce import boundary_residuals
 
 __all__ = [
     "boundary_error",

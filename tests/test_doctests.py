@@ -10,15 +10,9 @@ import pytest
 
 
 def _modules() -> list[str]:
-    names = []
-    for pkg_name in (
-        "constraint_layers",
-        "constraint_layers.adapters",
-        "constraint_layers.problems",
-    ):
-        pkg = importlib.import_module(pkg_name)
-        names.append(pkg.__name__)
-        names += [m.name for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + ".")]
+    root = importlib.import_module("constraint_layers")
+    names = [root.__name__]
+    names += [m.name for m in pkgutil.walk_packages(root.__path__, root.__name__ + ".")]
     return sorted(set(names))
 
 

@@ -255,7 +255,7 @@ def _probe_frozen(self, module: nn.Module, v: Tensor, origin: tuple[int, ...]):
     response as constants (the library's first behaviour, kept for this study).
 
     Uses the library's private ``_Probe``: a study device, not an API."""
-    from constraint_layers._refine import _Probe
+    from constraint_layers.boundary.refine import _Probe
 
     with torch.no_grad():
         return _Probe(module.forward, v, origin)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import constraint_layers as cl
-from constraint_layers._testing_conservation import ConservationLayerTests
+from constraint_layers.testing import ConservationLayerTests
 from constraint_layers.adapters.generic import read_gaussian
 
 F64 = torch.float64

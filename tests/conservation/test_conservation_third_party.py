@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import constraint_layers as cl
-from constraint_layers._testing_conservation import ConservationLayerTests
+from constraint_layers.testing import ConservationLayerTests
 
 gpytorch = pytest.importorskip("gpytorch")
 neuralop = pytest.importorskip("neuralop")

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import constraint_layers as cl
-from constraint_layers import _conservation_ops as ops
-from constraint_layers._testing_conservation import dense_update
+from constraint_layers.conservation import conserve as ops
+from constraint_layers.testing import dense_update
 
 F64 = torch.float64
 TOL = 1e-10

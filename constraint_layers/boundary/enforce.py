@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ._grid import check_grid, flat_channels, normalize_dim, resolve_spacing
-from ._stencils import lift_profile, ramp
-from .errors import ConstraintError, GridError
+from .._grid import check_grid, flat_channels, normalize_dim, resolve_spacing
+from .stencils import lift_profile, ramp
+from ..errors import ConstraintError, GridError
 
 if TYPE_CHECKING:
-    from .boundary import BoundaryCondition
+    from .conditions import BoundaryCondition
 
 __all__ = ["BoundaryRows", "boundary_residuals", "boundary_rows", "enforce_boundary"]
 
@@ -72,7 +72,7 @@ def spread(delta: Tensor, lift: int, w: Tensor | None) -> Tensor:
 
 
 def _conditions(bcs: object, call: str) -> tuple[BoundaryCondition, ...]:
-    from .boundary import BoundaryCondition  # local: boundary imports this module
+    from .conditions import BoundaryCondition  # local: boundary imports this module
 
     if isinstance(bcs, BoundaryCondition):
         bcs = (bcs,)

@@ -32,12 +32,12 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import quadrature
-from ._conservation_ops import ConstrainedGaussian, Gaussian, conserve
-from ._grid import normalize_dim
-from ._values import bind_given, check_value, evaluate_value
-from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
-from .errors import ConstraintViolationError, GridError
+from .. import quadrature
+from .conserve import ConstrainedGaussian, Gaussian, conserve
+from .._grid import normalize_dim
+from .._values import bind_given, check_value, evaluate_value
+from ..layer import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
+from ..errors import ConstraintViolationError, GridError
 
 __all__ = [
     "Conservation",

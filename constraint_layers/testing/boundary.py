@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._boundary_ops import boundary_residuals, boundary_rows
-from ._grid import resolve_spacing
-from ._testing_conservation import ConservationLayerTests, dense_update
-from .errors import GridError
+from ..boundary.enforce import boundary_residuals, boundary_rows
+from .._grid import resolve_spacing
+from .conservation import ConservationLayerTests, dense_update
+from ..errors import GridError
 
 __all__ = [
     "RESIDUAL_TOL",
@@ -132,7 +132,7 @@ class BoundaryLayerChecks:
 
     # ------------------------------------------------------------------------------ helpers
     def _setup(self, dtype: torch.dtype) -> tuple[nn.Module, nn.Module, Any]:
-        from .adapters import wrap
+        from ..adapters import wrap
 
         torch.manual_seed(self.seed)
         model = self.make_model(dtype)
@@ -246,7 +246,7 @@ class BoundaryLayerChecks:
             raise AssertionError("outputs differ after a state_dict round trip")
 
     def test_unwrap_identity(self) -> None:
-        from .adapters import unwrap
+        from ..adapters import unwrap
 
         model, wrapped, _ = self._setup(torch.float64)
         if wrapped.model is not model or unwrap(wrapped) is not model:

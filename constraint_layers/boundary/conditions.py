@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ._boundary_ops import (
+from .enforce import (
     _check_lift,
     _conditions,
     _Face,
@@ -40,12 +40,12 @@ from ._boundary_ops import (
     enforce_boundary,
     spread,
 )
-from ._grid import check_grid_options, normalize_dim, resolve_spacing
-from ._refine import Refinement, RefinementContext
-from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
-from ._values import Given, bind_given, check_value, evaluate_value
-from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
-from .errors import ConstraintViolationError, GridError
+from .._grid import check_grid_options, normalize_dim, resolve_spacing
+from .refine import Refinement, RefinementContext
+from .stencils import OUTWARD_STENCILS, neumann_lift_profile
+from .._values import Given, bind_given, check_value, evaluate_value
+from ..layer import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
+from ..errors import ConstraintViolationError, GridError
 
 __all__ = ["BoundaryCondition", "BoundaryCorrection", "Dirichlet", "Neumann", "Periodic"]
 

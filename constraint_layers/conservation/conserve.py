@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .errors import SingularConstraintError
+from ..errors import SingularConstraintError
 
 __all__ = [
     "ConstrainedGaussian",

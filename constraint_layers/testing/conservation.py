@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._wrapper import TOLERANCE
-from .conservation import Conservation, _constraints
+from ..layer import TOLERANCE
+from ..conservation.constraint import Conservation, _constraints
 
 __all__ = ["ConservationLayerTests", "dense_update"]
 
@@ -108,7 +108,7 @@ class ConservationLayerTests:
 
     # ------------------------------------------------------------------------ helpers
     def wrap(self, model: nn.Module) -> nn.Module:
-        from .conservation import ConservationProjection
+        from ..conservation.constraint import ConservationProjection
 
         return ConservationProjection(model, self.make_constraints(), **self.layer_options)
 
@@ -128,7 +128,7 @@ class ConservationLayerTests:
         """All constraints' rows for an output mean of ``shape``: ``(G, b)`` of shapes
         (M, N) or (batch, M, N), and (batch, M); ``event_ndim`` defaults to all axes but the
         first."""
-        from .conservation import _grid_view
+        from ..conservation.constraint import _grid_view
 
         shape = tuple(shape)
         grid = _grid_view(
@@ -254,7 +254,7 @@ class ConservationLayerTests:
         torch.testing.assert_close(a, b)
 
     def test_unwrap_identity(self):
-        from .adapters import unwrap
+        from ..adapters import unwrap
 
         model, layer, _ = self.build()
         assert layer.model is model

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .errors import GridError
+from ..errors import GridError
 
 __all__ = ["Refinement", "RefinementContext"]
 
