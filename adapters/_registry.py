@@ -79,10 +79,10 @@ def register(*targets: type | str, replace: bool = False) -> Callable[[A], A]:
     >>> @cl.adapters.register(Twice)
     ... class TwiceAdapter(cl.adapters.Adapter):
     ...     name = "doc-twice"
-    ...     def grid(self, output):
-    ...         return output["u"]
-    ...     def with_grid(self, output, grid):
-    ...         return {**output, "u": grid}
+    ...     def read(self, output):
+    ...         return super().read(output["u"])
+    ...     def write(self, output, prediction):
+    ...         return {**output, "u": prediction.mean}
     >>> wrapped = cl.wrap(Twice(), cl.Dirichlet(0.0))
     >>> float(wrapped(torch.ones(1, 1, 5))["u"][0, 0, 0])
     0.0

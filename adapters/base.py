@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from constraint_layers.conservation.conserve import Gaussian
-from constraint_layers._grid import check_grid
 
 __all__ = ["Adapter"]
 
@@ -17,10 +16,12 @@ class Adapter:
     """How constraint layers call a model and find the quantity to constrain in its output.
 
     Subclass it for a model family and register it with
-    :func:`constraint_layers.adapters.register`. Every method has a default that suits an
-    ``nn.Module`` called as ``model(x, ...)`` and returning a channel-first grid tensor; override
-    only what differs. Adapters hold no per-model state (one instance serves every model of the
-    type); per-wrapper state belongs on the wrapper, set up in :meth:`attach`.
+    :func:`constraint_layers.adapters.register`. One protocol serves every constraint family:
+    :meth:`read` finds the prediction in the model's output (a grid tensor or a Gaussian, as one
+    record), :meth:`write` puts the constrained one back. Every method has a default that suits an
+    ``nn.Module`` called as ``model(x, ...)`` and returning a tensor; override only what differs.
+    Adapters hold no per-model state (one instance serves every model of the type); per-wrapper
+    state belongs on the wrapper, set up in :meth:`attach`.
 
     Attributes
     ----------
@@ -28,10 +29,14 @@ class Adapter:
         Unique name, shown in error messages (default: the class name).
     targets : tuple of type or str
         Model types served, used when the adapter is registered through an entry point.
+    supports_refinement : bool
+        Whether ``mode="refine"`` (BOON's kernel refinement) can refine the model's layers: the
+        adapter's :meth:`attach` then calls ``wrapper.add_refinement`` on them.
     """
 
     name: ClassVar[str] = ""
     targets: ClassVar[tuple[type | str, ...]] = ()
+    supports_refinement: ClassVar[bool] = False
 
     # ------------------------------------------------------------------------------ calling
     def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -45,55 +50,47 @@ class Adapter:
             return args[0]
         return kwargs.get("x")
 
-    # --------------------------------------------------------------------------- grid outputs
-    def grid(self, output: Any) -> Tensor:
-        """The channel-first grid ``(batch, channels, d1, ..., dn)`` inside the model's output."""
-        return check_grid(output, f"{self.name or type(self).__name__}.grid")
+    # ------------------------------------------------------------------------------ outputs
+    def read(self, output: Any) -> Gaussian:
+        """The prediction inside the model's output, as a Gaussian record.
 
-    def with_grid(self, output: Any, grid: Tensor) -> Any:
-        """The model's output with its grid replaced by the corrected one (same kind of object)."""
-        return grid
+        Every constraint family reads the same record: a deterministic output is a Gaussian
+        without uncertainty (``variance``, ``covariance`` and ``low_rank`` all None; a grid
+        output's mean is ``(batch, channels, d1, ..., dn)``); a probabilistic head gives
+        ``variance`` (marginal, the mean's shape), ``covariance`` (over the flattened event) or
+        ``low_rank``; ``event_ndim`` says how many trailing axes of the mean are one sample.
 
-    # ---------------------------------------------------------------- conservation outputs
-    def gaussian(self, output: Any) -> Gaussian:
-        """The (possibly deterministic) Gaussian in the model's output, for conservation.
-
-        Default: a floating-point tensor ``(batch, *event)`` read as a deterministic mean (it is
-        projected orthogonally). Override for probabilistic heads: return a
-        :class:`~constraint_layers.functional.Gaussian` with ``variance`` (marginal, same shape as
-        the mean), ``covariance`` (over the flattened event), or ``low_rank``; ``event_ndim``
-        says how many trailing axes of the mean are one sample.
+        Default: a floating-point tensor ``(batch, *event)``, read as a deterministic prediction.
         """
-        where = f"{self.name or type(self).__name__}.gaussian"
         if not isinstance(output, Tensor):
             raise TypeError(
-                f"{where}: expected the model output to be a tensor (batch, *event), got "
-                f"{type(output).__name__}. If your model returns a Gaussian in another form, "
-                "register an adapter whose gaussian() reads it "
+                f"{self!r}: expected the model's output to be a tensor (batch, *event), got "
+                f"{type(output).__name__}. If your model returns another kind of output, register "
+                "an adapter whose read() finds the prediction in it "
                 "(constraint_layers.adapters.register)."
             )
-        if not output.is_floating_point() or output.ndim == 0:
+        if not (output.is_floating_point() or output.is_complex()) or output.ndim < 2:
             raise TypeError(
-                f"{where}: expected a floating-point tensor of shape (batch, *event), got dtype "
+                f"{self!r}: expected the model's output to be a floating-point tensor of shape "
+                f"(batch, *event) (a grid: (batch, channels, d1, ..., dn)), got dtype "
                 f"{output.dtype} and shape {tuple(output.shape)}."
             )
-        return Gaussian(output, event_ndim=max(output.ndim - 1, 1))
+        return Gaussian(output, event_ndim=output.ndim - 1)
 
-    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
-        """The model's output with its Gaussian replaced by the posterior (same kind of object).
-
-        ``posterior`` has the layout :meth:`gaussian` gave: ``mean``, marginal ``variance``, and
-        for a full covariance the ``downdate`` ``F`` (posterior covariance ``covariance - F F^T``).
-        """
-        return posterior.mean
+    def write(self, output: Any, prediction: Gaussian) -> Any:
+        """The model's output with its prediction replaced by the constrained one (the same kind
+        of object). ``prediction`` has the layout :meth:`read` gave: ``mean``, marginal
+        ``variance``, and for a full covariance the ``downdate`` ``F`` (posterior covariance
+        ``covariance - F F^T``)."""
+        return prediction.mean
 
     def constrain(self, output: Any, project: Callable[[Gaussian], Gaussian]) -> Any:
-        """Apply ``project`` (the constraint update of one Gaussian) to the model's output.
+        """Apply ``project`` (the constraint step on one prediction) to the model's output.
 
-        Default: one Gaussian per output. Mixtures (ensembles, latent samples) override this to
+        Default: one prediction per output. Mixtures (ensembles, latent samples) override this to
         update each member and moment-match.
         """
-        return self.with_gaussian(output, project(self.gaussian(output)))
+        return self.write(output, project(self.read(output)))
 
     # ------------------------------------------------------------------------------ wrappers
     def attach(self, wrapper: nn.Module) -> None:

@@ -207,12 +207,12 @@ class EnsembleAdapter(Adapter):
     def call(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
         return _Members(model, args, kwargs)
 
-    def gaussian(self, output: Any) -> Gaussian:
+    def read(self, output: Any) -> Gaussian:
         if isinstance(output, _Members):
             return _moments(iter(output))
-        return read_gaussian(output, f"{self.name}.gaussian")
+        return read_gaussian(output, f"{self.name}.read")
 
-    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
+    def write(self, output: Any, posterior: Gaussian) -> Any:
         return posterior.mean, posterior.variance
 
     def constrain(self, output: Any, project: Callable[[Gaussian], Gaussian]) -> Any:
@@ -234,7 +234,7 @@ class EnsembleAdapter(Adapter):
             post = project(g)
             acc.add(post.mean, post.variance)
         res = acc.result()
-        return self.with_gaussian(output, Gaussian(res.mean, res.variance, event_ndim=k))
+        return self.write(output, Gaussian(res.mean, res.variance, event_ndim=k))
 
 
 def _chain(first: Gaussian, rest: Iterator[Gaussian]) -> Iterator[Gaussian]:

@@ -48,7 +48,7 @@ def _key(d: dict, keys: tuple[str, ...]) -> str | None:
     return found[0] if found else None
 
 
-def read_gaussian(output: Any, where: str = "ModuleAdapter.gaussian") -> Gaussian:
+def read_gaussian(output: Any, where: str = "ModuleAdapter.read") -> Gaussian:
     """Read a tensor, ``(mean, variance)`` tuple, dict or ``Normal`` as a Gaussian record.
 
     Shapes: the mean is (batch, *event) (grid outputs: (batch, channels, d1, ..., dn)); the
@@ -56,8 +56,12 @@ def read_gaussian(output: Any, where: str = "ModuleAdapter.gaussian") -> Gaussia
     """
     if isinstance(output, Tensor):
         mean = _tensor(output, "the output", where)
-        if mean.ndim == 0:
-            raise TypeError(f"{where}: expected an output of shape (batch, *event), got a scalar.")
+        if mean.ndim < 2:
+            raise TypeError(
+                f"{where}: expected the model's output to have shape (batch, *event) (a grid: "
+                f"(batch, channels, d1, ..., dn)), got shape {tuple(mean.shape)}. Add the missing "
+                "axis with unsqueeze."
+            )
         return Gaussian(mean, event_ndim=_event_ndim(mean))
     if isinstance(output, tuple) and not hasattr(output, "_fields"):
         if len(output) != 2:
@@ -151,14 +155,15 @@ def _normal(post: Gaussian, like: Normal) -> Normal:
 class ModuleAdapter(Adapter):
     """Any ``torch.nn.Module`` called as ``model(x, ...)``; the last resort of the registry.
 
-    Boundary conditions read its output as a channel-first grid; conservation constraints read a
-    tensor, a ``(mean, variance)`` tuple, a dict or a ``Normal`` (see the module docstring).
+    It reads a tensor (a deterministic prediction; a grid for boundary conditions), a
+    ``(mean, variance)`` tuple, a dict or a ``Normal`` (see the module docstring), for every
+    constraint family.
     """
 
     name = "torch.nn.Module"
 
-    def gaussian(self, output: Any) -> Gaussian:
-        return read_gaussian(output, f"{self.name}.gaussian")
+    def read(self, output: Any) -> Gaussian:
+        return read_gaussian(output, "cl.wrap(model, ...)")
 
-    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
-        return write_gaussian(output, posterior)
+    def write(self, output: Any, prediction: Gaussian) -> Any:
+        return write_gaussian(output, prediction)

@@ -55,8 +55,8 @@ class GPyTorchAdapter(Adapter):
 
     name = "gpytorch"
 
-    def gaussian(self, output: Any) -> Gaussian:
-        where = f"{self.name}.gaussian"
+    def read(self, output: Any) -> Gaussian:
+        where = f"{self.name}.read"
         if isinstance(output, gpytorch.distributions.MultitaskMultivariateNormal):
             raise TypeError(
                 f"{where}: multitask GP outputs (MultitaskMultivariateNormal) are not supported; "
@@ -70,7 +70,7 @@ class GPyTorchAdapter(Adapter):
             )
         return Gaussian(output.mean, None, output.lazy_covariance_matrix, None, None, 1)
 
-    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
+    def write(self, output: Any, posterior: Gaussian) -> Any:
         cov = posterior.covariance
         if posterior.downdate is not None:
             root = posterior.downdate.to(dtype=cov.dtype, device=cov.device)

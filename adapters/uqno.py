@@ -64,8 +64,8 @@ class UQNOAdapter(NeuralopAdapter):
         self.scale = float(scale)
         self.z = NormalDist().inv_cdf((1 + self.coverage) / 2)
 
-    def gaussian(self, output: Any) -> Gaussian:
-        where = f"{self.name}.gaussian"
+    def read(self, output: Any) -> Gaussian:
+        where = f"{self.name}.read"
         if not (isinstance(output, tuple) and len(output) == 2):
             raise TypeError(
                 f"{where}: expected UQNO's (solution, quantile) pair, got {type(output).__name__}."
@@ -81,7 +81,7 @@ class UQNOAdapter(NeuralopAdapter):
         var = (band * (self.scale / self.z)).square()
         return Gaussian(solution, var, event_ndim=max(solution.ndim - 1, 1))
 
-    def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
+    def write(self, output: Any, posterior: Gaussian) -> Any:
         band = posterior.variance.sqrt() * (self.z / self.scale)
         return posterior.mean, band
 

@@ -6,41 +6,31 @@ from typing import Any
 
 from torch import nn
 
-from constraint_layers.layer import ConstraintLayer
-from constraint_layers.boundary import BoundaryCorrection
+from constraint_layers.layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
+from constraint_layers.rows import FAMILIES
 
 from ._registry import find
 
 __all__ = ["unwrap", "wrap"]
 
 
-_FAMILIES = ("boundary", "conservation")
-
-
-def _family(constraint: object) -> str:
-    family = getattr(type(constraint), "family", None)
-    if family not in _FAMILIES:
-        raise TypeError(
-            "wrap: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, cl.Conservation), "
-            f"got {type(constraint).__name__}."
-        )
-    return family
-
-
 def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer:
     """Add exact constraints to ``model``; returns an ``nn.Module`` wrapping it.
 
-    The adapter registered for the model's type decides how the model is called and where the
-    constrained quantity sits in its output; boundary conditions give a
-    :class:`~constraint_layers.BoundaryCorrection`, conservation constraints a
-    :class:`~constraint_layers.ConservationProjection`.
+    Any mix of families in one call: boundary conditions and conservation constraints are
+    enforced jointly, every row exact (see :class:`~constraint_layers.ConstraintLayer`). One
+    family alone gives the preset of the first release (a
+    :class:`~constraint_layers.BoundaryCorrection` or a
+    :class:`~constraint_layers.ConservationProjection`), with the same numbers. The adapter
+    registered for the model's type decides how the model is called and where the prediction sits
+    in its output.
 
     Parameters
     ----------
     model : nn.Module
         The model to wrap; ``wrapped.model`` is this very object (not a copy).
     *constraints
-        Boundary conditions, or conservation constraints (one family per call).
+        Boundary conditions and / or conservation constraints.
     **options
         Keyword options of the layer (``spacing``, ``lift``, ``normalizer``, ``mode``, ``noise``,
         ...). ``adapter=`` overrides the registry's choice (e.g. an adapter with settings).
@@ -52,6 +42,8 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
 
     Raises
     ------
+    TypeError
+        ``model`` is not an ``nn.Module``, or an argument is not a constraint.
     NoAdapterError
         No adapter is registered for the model's type.
 
@@ -65,27 +57,29 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
     >>> cl.unwrap(wrapped) is net
     True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"wrap: expected the model to be a torch.nn.Module, got {type(model).__name__}. "
+            "Wrap a plain function in an nn.Module (a subclass whose forward calls it) first."
+        )
     if not constraints:
         raise ValueError(
             "wrap: expected at least one constraint after the model, e.g. "
             "cl.wrap(model, cl.Dirichlet(0.0)); got none."
         )
-    families: dict[str, list[Any]] = {}
     for c in constraints:
-        families.setdefault(_family(c), []).append(c)
-    if len(families) > 1:
-        raise ValueError(
-            "wrap: boundary conditions and conservation constraints in one call are not supported "
-            "yet (enforcing both exactly needs a joint projection). Wrap with one family of "
-            "constraints per call."
-        )
-    family, items = next(iter(families.items()))
+        if getattr(type(c), "family", None) not in FAMILIES:
+            raise TypeError(
+                "wrap: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, "
+                f"cl.Conservation, cl.Conservation.integral), got {type(c).__name__}."
+            )
     adapter = options.pop("adapter", None) or find(model)
-    if family == "boundary":
-        return BoundaryCorrection(model, items, adapter=adapter, **options)
-    from constraint_layers.conservation.constraint import ConservationProjection
-
-    return ConservationProjection(model, items, adapter=adapter, **options)
+    families = {c.family for c in constraints}
+    if families == {"boundary"}:
+        return BoundaryCorrection(model, list(constraints), adapter=adapter, **options)
+    if families == {"conservation"}:
+        return ConservationProjection(model, list(constraints), adapter=adapter, **options)
+    return ConstraintLayer(model, list(constraints), adapter=adapter, **options)
 
 
 def unwrap(wrapped: nn.Module) -> nn.Module:
@@ -101,7 +95,7 @@ def unwrap(wrapped: nn.Module) -> nn.Module:
     """
     if not isinstance(wrapped, ConstraintLayer):
         raise TypeError(
-            "unwrap: expected a wrapper made by cl.wrap (a BoundaryCorrection or "
-            f"ConservationProjection), got {type(wrapped).__name__}."
+            "unwrap: expected a wrapper made by cl.wrap (a ConstraintLayer), got "
+            f"{type(wrapped).__name__}."
         )
     return wrapped.release()

@@ -17,16 +17,14 @@ from . import (
     metrics,
     problems,
     quadrature,
+    rows,
 )
 from ._values import Given
 from .adapters import unwrap, wrap
-from .boundary import BoundaryCondition, BoundaryCorrection, Dirichlet, Neumann, Periodic
-from .conservation import (
-    Conservation,
-    ConservationProjection,
-    IntegralConservation,
-    mass_over_time,
-)
+from .boundary import BoundaryCondition, Dirichlet, Neumann, Periodic
+from .conservation import Conservation, IntegralConservation, mass_over_time
+from .layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
+from .rows import GridSpec, Rows
 
 __version__ = "0.1.0.dev0"
 
@@ -35,11 +33,14 @@ __all__ = [
     "BoundaryCorrection",
     "Conservation",
     "ConservationProjection",
+    "ConstraintLayer",
     "Dirichlet",
     "Given",
+    "GridSpec",
     "IntegralConservation",
     "Neumann",
     "Periodic",
+    "Rows",
     "adapters",
     "errors",
     "functional",
@@ -47,6 +48,7 @@ __all__ = [
     "metrics",
     "problems",
     "quadrature",
+    "rows",
     "unwrap",
     "wrap",
 ]

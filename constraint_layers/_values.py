@@ -10,19 +10,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Given", "bind_given", "check_value", "evaluate_value", "is_compiling"]
+__all__ = ["Given", "bind_given", "check_finite_now", "check_value", "evaluate_value"]
 
 
-def is_compiling() -> bool:
-    """True while torch.compile traces (data-dependent checks would break the graph)."""
-    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
-
-
-def _check_finite(value: Tensor, where: str, what: str) -> None:
-    if is_compiling():
-        return
+@torch.compiler.disable
+def check_finite_now(value: Tensor, where: str, what: str) -> None:
+    """Raise if ``value`` holds NaN or inf. Runs eagerly under ``torch.compile`` too (a graph
+    break): the checks are part of the contract, not of the debug mode."""
     if not bool(torch.isfinite(value.detach()).all()):
         raise ValueError(f"{where}: the {what} holds NaN or inf; expected finite values.")
+
+
+_check_finite = check_finite_now
 
 
 def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
@@ -33,7 +32,7 @@ def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
     if isinstance(value, Given):
         return value
     if isinstance(value, Tensor):
-        if not value.is_floating_point():
+        if not (value.is_floating_point() or value.is_complex()):
             value = value.to(torch.get_default_dtype())
         if not value.requires_grad:
             _check_finite(value, where, what)
@@ -59,7 +58,11 @@ def evaluate_value(value: Any, inputs: Any, where: str, what: str) -> Tensor | f
             f"wrapped model's call (model(x, {value.name}=...)); the functional API needs the "
             "value itself."
         )
-    if not callable(value) or isinstance(value, Tensor):
+    if isinstance(value, Tensor):
+        if value.requires_grad:  # learnable values are checked at each call, not at construction
+            _check_finite(value, where, what)
+        return value
+    if not callable(value):
         return value
     if inputs is None:
         raise ValueError(
@@ -114,25 +117,34 @@ class Given:
         return f"Given({self.name!r})"
 
 
-def bind_given(constraints: Any, attr: str, kwargs: dict, call: str, what: str) -> Any:
-    """Replace ``Given`` values of ``constraints`` (attribute ``attr``) by the call's keyword
-    arguments, which are removed from ``kwargs``. Returns the constraints to use for this call."""
-    wanted = {getattr(c, attr).name for c in constraints if isinstance(getattr(c, attr), Given)}
+def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
+    """Replace ``Given`` values of ``constraints`` (each's attribute ``value_attr``) by the call's
+    keyword arguments, which are removed from ``kwargs``. Returns the constraints to use for this
+    call (copies where a value was bound; the originals are not changed)."""
+    wanted = {
+        getattr(c, c.value_attr).name
+        for c in constraints
+        if isinstance(getattr(c, c.value_attr), Given)
+    }
     if not wanted:
         return constraints
     missing = sorted(wanted - set(kwargs))
     if missing:
         raise ValueError(
-            f"{call}: the constraints take their {what} from the keyword argument(s) {missing} "
+            f"{call}: the constraints take their values from the keyword argument(s) {missing} "
             f"(cl.Given), but the call passed {sorted(kwargs) or 'none'}. Call the wrapped model "
             f"as model(x, {missing[0]}=...)."
         )
     given = {name: kwargs.pop(name) for name in wanted}
     out = []
     for c in constraints:
+        attr = c.value_attr
         value = getattr(c, attr)
         if isinstance(value, Given):
             c = copy.copy(c)
-            setattr(c, attr, check_value(given[value.name], f"{call}: {c!r}", what))
+            bound = check_value(given[value.name], f"{call}: {c!r}", "value")
+            if isinstance(bound, Tensor) and bound.requires_grad:
+                _check_finite(bound, f"{call}: {c!r}", "value")
+            setattr(c, attr, bound)
         out.append(c)
     return type(constraints)(out) if isinstance(constraints, tuple) else out

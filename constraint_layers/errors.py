@@ -11,6 +11,7 @@ __all__ = [
     "ConstraintError",
     "ConstraintViolationError",
     "GridError",
+    "IncompatibleConstraintsError",
     "NoAdapterError",
     "SingularConstraintError",
 ]
@@ -26,6 +27,18 @@ class GridError(ConstraintError):
 
 class SingularConstraintError(ConstraintError):
     """A constraint system cannot be solved (e.g. a conservation row that sees zero variance)."""
+
+
+class IncompatibleConstraintsError(SingularConstraintError):
+    """Constraints that cannot hold together (e.g. a total that the wall values make impossible).
+
+    The message names the constraints and rows involved; ``rows`` holds their indices in the
+    stacked system (in the order the constraints were given).
+    """
+
+    def __init__(self, message: str, rows: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 class ConstraintViolationError(ConstraintError):

@@ -1,11 +1,12 @@
-"""Pure tensor functions behind the constraint layers (no module state).
+"""Pure tensor functions behind the constraint layers (no module state; imports no layer).
 
-Each layer's ``forward`` is the model call plus one of these functions.
+A layer's ``forward`` is the model call plus the projection these functions compute.
 """
 
 from __future__ import annotations
 
-from .boundary.enforce import BoundaryRows, boundary_residuals, boundary_rows, enforce_boundary
+from ._project import dense_projection
+from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
 from .conservation.conserve import (
     ConstrainedGaussian,
     Gaussian,
@@ -14,17 +15,26 @@ from .conservation.conserve import (
     conserve,
     conserve_mixture,
 )
-from .conservation.constraint import ConservationRows, conservation_rows, enforce_conservation
+from .conservation.constraint import conservation_rows
+from .conservation.enforce import enforce_conservation
+from .rows import Rows
 
-__all__ = ["BoundaryRows", "boundary_residuals", "boundary_rows", "enforce_boundary"]
-__all__ += [
-    "ConservationRows",
+#: The prediction record adapters read and write (a deterministic one has no variance).
+Prediction = Gaussian
+
+__all__ = [
     "ConstrainedGaussian",
     "Gaussian",
     "MixtureMoments",
+    "Prediction",
+    "Rows",
     "RunningMoments",
+    "boundary_residuals",
+    "boundary_rows",
     "conservation_rows",
     "conserve",
     "conserve_mixture",
+    "dense_projection",
+    "enforce_boundary",
     "enforce_conservation",
 ]

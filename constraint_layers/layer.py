@@ -1,37 +1,156 @@
-"""The base of every constraint layer: one wrapped model, one adapter (private)."""
+"""The one constraint layer: any mix of constraint families, one call path.
+
+A wrapper holds the model under the single name ``model`` (its ``state_dict`` is the model's under
+the prefix ``model.``; ``unwrap`` returns the very object). Each call runs the same path:
+
+    read the output through the adapter -> bind ``cl.Given`` values -> un-normalise ->
+    project (the engine, :mod:`constraint_layers._project`) -> re-normalise -> write back
+    (-> optional debug check)
+
+:class:`BoundaryCorrection` and :class:`ConservationProjection` are presets of it that accept one
+family each, with the signatures of the first release.
+
+Checks (one policy for every family)
+------------------------------------
+Always, at every call (under ``torch.compile`` too, at the cost of a graph break): values given
+per call (callables, ``cl.Given``, tensors that require grad) are finite and fit the output dtype;
+the model's output (mean, variance) is finite and variances are non-negative; the result is finite
+when the output was. Values given at construction are checked once, at construction. Only with
+``debug=True``: every row's residual after the projection, against the tolerance table of
+``constraint_layers._tolerance``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["TOLERANCE", "ConstraintLayer", "check_normalizer", "current_normalizer"]
+from . import _project
+from ._grid import check_grid_options, resolve_spacing
+from ._tolerance import tolerance
+from ._values import Given, bind_given, check_finite_now
+from .boundary.enforce import boundary_residuals, check_lift
+from .boundary.enforce import conditions as boundary_conditions
+from .boundary.refine import Refinement, RefinementContext
+from .conservation.conserve import Gaussian
+from .conservation.constraint import constraints_of
+from .conservation.enforce import METRICS, flat_event, grid_view
+from .errors import ConstraintViolationError, GridError
+from .rows import FAMILIES, GridSpec
 
-#: Relative tolerance of the residual checks (debug mode, tests) by dtype.
-TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.bfloat16: 5e-2,
-    torch.float16: 5e-3,
-}
+__all__ = [
+    "BoundaryCorrection",
+    "ConservationProjection",
+    "ConstraintLayer",
+    "check_normalizer",
+    "current_normalizer",
+]
+
+_MODES = ("output", "refine")
+
+
+def _check_constraints(items: Any, call: str) -> tuple[Any, ...]:
+    if isinstance(items, (list, tuple)):
+        items = tuple(items)
+    else:
+        items = (items,)
+    for c in items:
+        if getattr(type(c), "family", None) not in FAMILIES:
+            raise TypeError(
+                f"{call}: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, "
+                f"cl.Conservation, cl.Conservation.integral), got {type(c).__name__}."
+            )
+    if not items:
+        raise ValueError(
+            f"{call}: expected at least one constraint, e.g. cl.Dirichlet(0.0); got none."
+        )
+    return items
 
 
 class ConstraintLayer(nn.Module):
-    """A module that holds the wrapped model under the single name ``model``.
+    """Wrap a model so that its outputs satisfy constraints of any family exactly.
 
-    The wrapper's ``state_dict`` is the model's under the prefix ``model.``; ``unwrap`` returns the
-    very object that was wrapped. Adapters customise a wrapper instance through ``attach`` (hooks),
-    never by subclassing the model.
+    ``forward`` is the model call followed by one projection of its output through the model's
+    adapter: boundary conditions by the face-local step, conservation by conditioning (Gaussian
+    outputs: ProbConserv) or the Euclidean projection (deterministic outputs: HardC); both at once
+    jointly, every row exact (see the README's "Boundary and conservation together"). The output
+    comes back as the same kind of object the model returns.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; held as ``self.model``, not copied.
+    constraints : constraint or sequence of constraints
+        Boundary conditions (applied in order: where two meet the later one holds) and
+        conservation constraints (stacked), in any mix.
+    spacing, extent, endpoint, lift
+        Grid description and smoothing for boundary conditions, as for
+        :func:`~constraint_layers.functional.enforce_boundary`.
+    mode : {"output", "refine"}
+        ``"refine"``: also refine every Fourier layer of the model (BOON's kernel correction);
+        needs an adapter that supports it (neuraloperator FNO / TFNO).
+    rcond, refresh
+        ``mode="refine"``: see :class:`BoundaryCorrection`.
+    noise : float, Tensor or sequence, default 0.0
+        Constraint noise standard deviation of the conservation rows (0: exact); a sequence gives
+        one value per constraint in the order given (boundary conditions included).
+    metric : {"covariance", "euclidean"}, default "covariance"
+        For Gaussian outputs: condition with the model's covariance (ProbConserv) or move the
+        mean by the Euclidean projection (HardC). Deterministic outputs are always Euclidean.
+    grid_shape : sequence of int, optional
+        For flat outputs (a GP on grid points flattened in C order): the grid ``(d1, ..., dn)``.
+    normalizer : object, optional
+        The output normaliser of the training pipeline (``transform`` / ``inverse_transform``), or
+        an object holding it as ``out_normalizer`` (neuraloperator's ``DefaultDataProcessor``).
+        Constraints are stated and enforced in physical units. Held, not owned: it adds no keys
+        to the wrapper's ``state_dict`` and is not moved by ``.to()``.
+    adapter : Adapter, optional
+        How to call the model and read its output; default: looked up in the registry.
+    debug : bool, default False
+        Check every row's residual after each call; raise
+        :class:`~constraint_layers.errors.ConstraintViolationError` beyond rounding.
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> net = torch.nn.Conv1d(1, 1, 5, padding=2).double()
+    >>> heat = cl.Conservation.integral(1.0)                  # the total heat is 1
+    >>> model = cl.wrap(net, cl.Neumann(0.0), heat)           # and the walls are insulated
+    >>> y = model(torch.randn(4, 1, 65, dtype=torch.float64))
+    >>> bool(cl.metrics.boundary_error(y, model.bcs).max() < 1e-9)
+    True
+    >>> bool(cl.metrics.conservation_error(y, heat).abs().max() < 1e-12)
+    True
     """
 
-    def __init__(self, model: nn.Module, adapter: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        constraints: Any,
+        *,
+        spacing: float | Sequence[float] | None = None,
+        extent: float | Sequence[float] | None = None,
+        endpoint: bool = True,
+        lift: int = 0,
+        mode: str = "output",
+        rcond: float = 1e-2,
+        refresh: int = 1,
+        noise: float | Tensor | Sequence[float] = 0.0,
+        metric: str = "covariance",
+        grid_shape: Sequence[int] | None = None,
+        normalizer: object = None,
+        adapter: Any = None,
+        debug: bool = False,
+    ) -> None:
+        call = type(self).__name__
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(
-                f"{type(self).__name__}: expected the model to be a torch.nn.Module, got "
-                f"{type(model).__name__}."
+                f"{call}: expected the model to be a torch.nn.Module, got {type(model).__name__}."
+                " Wrap a plain function in an nn.Module first."
             )
         self.model = model
         if adapter is None:
@@ -40,10 +159,75 @@ class ConstraintLayer(nn.Module):
             adapter = find(model)
         self.adapter = adapter
         self._handles: list[Any] = []
-
-    def _attach(self) -> None:
-        """Let the adapter install its hooks; subclasses call this last in ``__init__``."""
+        self.constraints = self._accept(constraints, call)
+        check_grid_options(spacing, extent, call)
+        self.spacing = spacing
+        self.extent = extent
+        self.endpoint = bool(endpoint)
+        self.lift = check_lift(lift, call)
+        if mode not in _MODES:
+            raise ValueError(f"{call}: mode must be one of {_MODES}, got {mode!r}.")
+        self.mode = mode
+        if not (isinstance(rcond, float | int) and not isinstance(rcond, bool) and 0 <= rcond < 1):
+            raise ValueError(f"{call}: rcond must be a number in [0, 1), got {rcond!r}.")
+        self.rcond = float(rcond)
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"{call}: refresh must be a positive int, got {refresh!r}.")
+        self.refresh = refresh
+        self.noise = _check_noise(noise, len(self.constraints), call)
+        if metric not in METRICS:
+            raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
+        self.metric = metric
+        if grid_shape is not None:
+            grid_shape = tuple(int(s) for s in grid_shape)
+            if not grid_shape or min(grid_shape) < 1:
+                raise ValueError(f"{call}: grid_shape must hold positive sizes, got {grid_shape}.")
+        self.grid_shape = grid_shape
+        # held, not owned: a module assigned normally would join state_dict, .to() and .train()
+        object.__setattr__(self, "normalizer", check_normalizer(normalizer, call))
+        self.debug = bool(debug)
+        self.refinements: list[Refinement] = []
+        self._context = RefinementContext()
+        if mode == "refine":
+            if not self.bcs:
+                raise ValueError(
+                    f"{call}: mode='refine' refines the model for boundary conditions; none "
+                    "were given."
+                )
+            if not getattr(self.adapter, "supports_refinement", False):
+                raise ValueError(
+                    f"{call}: mode='refine' needs an adapter that can refine the model's layers "
+                    f"(neuraloperator FNO / TFNO); {self.adapter!r} serving "
+                    f"{type(model).__name__} cannot. Use mode='output' (exact all the same)."
+                )
         self.adapter.attach(self)
+
+    # ------------------------------------------------------------------------------ setup
+    def _accept(self, constraints: Any, call: str) -> tuple[Any, ...]:
+        return _check_constraints(constraints, call)
+
+    @property
+    def bcs(self) -> tuple[Any, ...]:
+        """The boundary conditions, in the order given."""
+        return tuple(c for c in self.constraints if c.family == "boundary")
+
+    @property
+    def conservation(self) -> tuple[Any, ...]:
+        """The conservation constraints, in the order given."""
+        return tuple(c for c in self.constraints if c.family == "conservation")
+
+    @property
+    def grid(self) -> GridSpec:
+        return GridSpec(self.spacing, self.extent, self.endpoint)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            adapter = self.__dict__.get("adapter")
+            if adapter is None or (name.startswith("__") and name.endswith("__")):
+                raise
+            return adapter.wrapper_attribute(self, name)
 
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle that :meth:`release` removes (hooks on the wrapped model)."""
@@ -55,7 +239,343 @@ class ConstraintLayer(nn.Module):
             self._handles.pop().remove()
         return self.model
 
+    def add_refinement(self, layer: nn.Module) -> Refinement:
+        """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
+        wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
+        hook = Refinement(self._context, rcond=self.rcond, refresh=self.refresh)
+        self.add_handle(layer.register_forward_hook(hook))
+        self.refinements.append(hook)
+        return hook
 
+    # ------------------------------------------------------------------------ the call path
+    def _bind(self, kwargs: dict) -> tuple[Any, ...]:
+        """This call's constraints: ``cl.Given`` values taken out of ``kwargs`` (checked)."""
+        return bind_given(self.constraints, kwargs, type(self).__name__)
+
+    def base_output(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's output as this wrapper sees it before the projection (with
+        ``mode="refine"``: the refined model's). Keywords that feed ``cl.Given`` values are left
+        out of the model call."""
+        given = {
+            getattr(c, c.value_attr).name
+            for c in self.constraints
+            if isinstance(getattr(c, c.value_attr), Given)
+        }
+        kwargs = {k: v for k, v in kwargs.items() if k not in given}
+        return self._call_model(args, kwargs)
+
+    def _call_model(self, args: tuple, kwargs: dict) -> Any:
+        if self.mode != "refine":
+            return self.adapter.call(self.model, args, kwargs)
+        inputs = self.adapter.model_input(args, kwargs)
+        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
+            raise GridError(
+                f"{type(self).__name__}(mode='refine'): expected the model input to be a "
+                "channel-first grid tensor (batch, channels, d1, ..., dn), got "
+                f"{type(inputs).__name__}."
+            )
+        grid = tuple(inputs.shape[2:])
+        faces: dict[int, list[str]] = {}
+        for bc in self.bcs:
+            d = bc.axis(len(grid), f"{type(self).__name__}(mode='refine')")
+            faces.setdefault(d, [])
+            for side in bc.sides:
+                if side not in faces[d]:
+                    faces[d].append(side)
+        ctx = self._context
+        ctx.grid, ctx.faces, ctx.active = grid, {d: tuple(s) for d, s in faces.items()}, True
+        try:
+            return self.adapter.call(self.model, args, kwargs)
+        finally:
+            ctx.active = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs = dict(kwargs)
+        constraints = self._bind(kwargs)
+        inputs = self.adapter.model_input(args, kwargs)
+        out = self._call_model(args, kwargs)
+        return self.adapter.constrain(out, lambda pred: self.project(pred, inputs, constraints))
+
+    def project(
+        self, pred: Gaussian | Tensor, inputs: Any = None, constraints: Sequence[Any] | None = None
+    ) -> Gaussian | Tensor:
+        """Enforce the constraints (default: this wrapper's) on one prediction.
+
+        ``pred``: the record the adapter reads (:class:`~constraint_layers.functional.Gaussian`;
+        a deterministic one has no variance), or a grid tensor; returns the same kind.
+        """
+        constraints = self.constraints if constraints is None else constraints
+        if isinstance(pred, Tensor):
+            return self.project(Gaussian(pred, event_ndim=max(pred.ndim - 1, 1)), inputs,
+                                constraints).mean  # fmt: skip
+        call = type(self).__name__
+        _check_prediction(pred, call)
+        if pred.mean.numel() == 0:
+            return pred  # an empty batch: nothing to constrain
+        norm = current_normalizer(self.normalizer)
+        scale = None
+        if norm is not None:
+            pred, scale = _to_physical(pred, norm)
+        post = _project.project(
+            pred,
+            constraints,
+            grid=self.grid,
+            lift=self.lift,
+            noise=self.noise,
+            metric=self.metric,
+            grid_shape=self.grid_shape,
+            inputs=inputs,
+            call=call,
+        )
+        check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
+                         f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
+        if self.debug:
+            self._check(post, inputs, constraints)
+        if norm is not None:
+            post = _from_physical(post, norm, scale)
+        return post
+
+    def correct(self, y: Tensor, inputs: Any = None, bcs: Sequence[Any] | None = None) -> Tensor:
+        """Enforce the constraints (default: this wrapper's) on an output grid ``y`` in physical
+        units. shape: (batch, channels, d1, ..., dn)."""
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.correct: expected a tensor, got {type(y).__name__}."
+            )
+        norm = object.__getattribute__(self, "normalizer")
+        try:
+            object.__setattr__(self, "normalizer", None)
+            return self.project(y, inputs, bcs)
+        finally:
+            object.__setattr__(self, "normalizer", norm)
+
+    def posterior(self, *args: Any, **kwargs: Any) -> Any:
+        """The structured posterior of the model's output for these inputs (flattened event):
+        a :class:`~constraint_layers.functional.ConstrainedGaussian` with ``.sample()``.
+
+        The model's Gaussian as its adapter reads it (for an ensemble: its moment-matched
+        Gaussian); in physical units when a normaliser is set.
+        """
+        from .conservation.enforce import _posterior
+
+        kwargs = dict(kwargs)
+        constraints = self._bind(kwargs)
+        bnd, con = _project.split_families(constraints)
+        if bnd:
+            raise NotImplementedError(
+                f"{type(self).__name__}.posterior: the structured posterior serves conservation "
+                "constraints; with boundary conditions call the wrapper (its output carries the "
+                "conditioned Gaussian)."
+            )
+        out = self.adapter.call(self.model, args, kwargs)
+        g = self.adapter.read(out)
+        norm = current_normalizer(self.normalizer)
+        if norm is not None:
+            g, _ = _to_physical(g, norm)
+        k = g.event_ndim
+        shape = grid_view(g.mean, k, self.grid_shape, f"{type(self).__name__}.posterior")
+        lead = g.mean.shape[: g.mean.ndim - k]
+        return _posterior(
+            g.mean, g.variance, g.covariance, g.low_rank, con, shape, lead, k,
+            self.noise, self.metric, self.adapter.model_input(args, kwargs),
+        )  # fmt: skip
+
+    def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
+        """Signed residual of every row on a model output (physical units), float64: shape
+        (batch, M), the boundary rows (where each condition is in charge) then the conservation
+        rows. ``given``: values of ``cl.Given`` constraints."""
+        constraints = self._bind(dict(given))
+        g = self.adapter.read(output)
+        norm = current_normalizer(self.normalizer)
+        if norm is not None:
+            g, _ = _to_physical(g, norm)
+        return self._residual(g, inputs, constraints)
+
+    def _residual(self, g: Gaussian, inputs: Any, constraints: Sequence[Any]) -> Tensor:
+        call = type(self).__name__
+        shape = grid_view(g.mean, g.event_ndim, self.grid_shape, call)
+        y = g.mean.reshape(shape)
+        bnd, con = _project.split_families(constraints)
+        parts = []
+        if bnd:
+            res = boundary_residuals(
+                y, bnd, spacing=self.spacing, extent=self.extent, endpoint=self.endpoint,
+                inputs=inputs, include_overridden=False,
+            )  # fmt: skip
+            for sides in res:
+                for r in sides:
+                    parts.append(r.reshape(shape[0], -1).to(torch.float64))
+        for c in con:
+            parts.append(c.residual(y, inputs=inputs))
+        return torch.cat(parts, dim=-1)
+
+    def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Any]) -> None:
+        """The debug check: every row's residual against the residual tolerance."""
+        call = type(self).__name__
+        shape = grid_view(post.mean, post.event_ndim, self.grid_shape, call)
+        y = post.mean.detach().reshape(shape)
+        tol = tolerance(y.dtype).residual
+        scale = float(y.abs().max()) + 1.0 if y.numel() else 1.0
+        bnd, con = _project.split_families(constraints)
+        worst: list[tuple[float, Any]] = []
+        if bnd:
+            res = boundary_residuals(
+                y, bnd, spacing=self.spacing, extent=self.extent, endpoint=self.endpoint,
+                inputs=inputs, include_overridden=False,
+            )  # fmt: skip
+            hs = resolve_spacing(y.shape[2:], spacing=self.spacing, extent=self.extent,
+                                 endpoint=self.endpoint)  # fmt: skip
+            for bc, sides in zip(bnd, res):
+                h = hs[bc.axis(len(hs), call)] if bc.derivative else 1.0
+                size = max((float(r.abs().max()) if r.numel() else 0.0) for r in sides)
+                worst.append((size * h / (scale * _value_scale(bc, h)), bc))
+        for c in con:
+            r = c.residual(y, inputs=inputs)
+            size = float(r.abs().max()) if r.numel() else 0.0
+            worst.append((size / (scale * _row_scale(c, y)), c))
+        for rel, c in worst:
+            if not rel <= tol:  # NaN fails too
+                raise ConstraintViolationError(
+                    f"{call}(debug=True): {c!r} has relative residual {rel:.3e} after the "
+                    f"projection (tolerance {tol:.1e} for {y.dtype}). This is a bug: please "
+                    "report it with the constraints and the output shape."
+                )
+
+    def extra_repr(self) -> str:
+        opts = [f"constraints={list(self.constraints)}"]
+        if self.bcs:
+            opts.append(f"mode={self.mode!r}")
+        if self.lift:
+            opts.append(f"lift={self.lift}")
+        if self.conservation:
+            opts.append(f"metric={self.metric!r}")
+            if not (isinstance(self.noise, (int, float)) and self.noise == 0):
+                opts.append(f"noise={self.noise}")
+        if self.grid_shape is not None:
+            opts.append(f"grid_shape={self.grid_shape}")
+        return ", ".join(opts)
+
+
+def _value_scale(bc: Any, h: float) -> float:
+    v = bc.value
+    return 1.0 + (abs(v) * h if isinstance(v, float) else 0.0)
+
+
+def _row_scale(c: Any, y: Tensor) -> float:
+    """The size of the terms a conservation row balances, relative to ``max |u|``: its total
+    weight (an integral over an extent L weighs L)."""
+    rows = c.rows(y.shape)
+    return max(1.0, float(rows.coeff.abs().sum(-1).max()))
+
+
+def _check_noise(noise: Any, n: int, call: str) -> Any:
+    if isinstance(noise, (list, tuple)):
+        if len(noise) != n:
+            raise ValueError(
+                f"{call}: noise given per constraint must have one value per constraint ({n}), "
+                f"got {len(noise)}."
+            )
+        for v in noise:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{call}: noise values must be numbers >= 0, got {v!r}.")
+        return tuple(float(v) for v in noise)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
+        raise TypeError(f"{call}: noise must be a number, a tensor or a sequence, got {noise!r}.")
+    if not isinstance(noise, Tensor) and not float(noise) >= 0:
+        raise ValueError(f"{call}: noise must be non-negative, got {noise}.")
+    return noise
+
+
+def _check_prediction(pred: Gaussian, call: str) -> None:
+    check_finite_now(pred.mean, call, "model's output (mean)")
+    if pred.variance is not None:
+        check_finite_now(pred.variance, call, "model's output variance")
+        if not bool((pred.variance.detach() >= 0).all()):
+            raise ValueError(
+                f"{call}: the model's output variance holds negative values "
+                f"(min {float(pred.variance.detach().min()):.3e}); expected variances >= 0."
+            )
+
+
+class BoundaryCorrection(ConstraintLayer):
+    """Wrap a grid model so that its outputs satisfy boundary conditions exactly (BOON's output
+    step; with ``mode="refine"`` also its kernel refinement).
+
+    ``cl.BoundaryCorrection(model, bcs, **options)`` is the one layer
+    (:class:`ConstraintLayer`) restricted to boundary conditions; see it for the options.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model whose output is (or, through its adapter, contains) a channel-first grid.
+    bcs : BoundaryCondition or sequence of them
+        Applied in order; where two meet the later one holds.
+    rcond : float, default 1e-2
+        ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
+        block's largest singular value.
+    refresh : int, default 1
+        ``mode="refine"``: 1 gives exact gradients; ``k > 1`` reuses a frozen probe for ``k``
+        weight changes (cheaper, approximate gradients).
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> net = torch.nn.Conv1d(2, 1, 3, padding=1)
+    >>> model = cl.BoundaryCorrection(net, [cl.Dirichlet(0.0)])
+    >>> out = model(torch.randn(8, 2, 32))
+    >>> bool((out[..., 0] == 0).all() and (out[..., -1] == 0).all())
+    True
+    >>> cl.unwrap(model) is net
+    True
+
+    References
+    ----------
+    Saad et al., "Guiding continuous operator learning through physics-based boundary
+    constraints", ICLR 2023.
+    """
+
+    def __init__(self, model: nn.Module, bcs: Any, **options: Any) -> None:
+        super().__init__(model, bcs, **options)
+
+    def _accept(self, constraints: Any, call: str) -> tuple[Any, ...]:
+        items = boundary_conditions(constraints, call)
+        if not items:
+            raise ValueError(f"{call}: expected at least one boundary condition, got none.")
+        return items
+
+
+class ConservationProjection(ConstraintLayer):
+    """Wrap a model so that its outputs satisfy conservation constraints exactly (ProbConserv;
+    HardC for deterministic outputs).
+
+    ``cl.ConservationProjection(model, constraints, **options)`` is the one layer
+    (:class:`ConstraintLayer`) restricted to conservation constraints; see it for the options.
+
+    Examples
+    --------
+    >>> import torch, constraint_layers as cl
+    >>> class Head(torch.nn.Module):  # returns (mean, variance) on a (batch, 1, x) grid
+    ...     def forward(self, x):
+    ...         return torch.sin(x), 0.1 + x**2
+    >>> model = cl.wrap(Head(), cl.Conservation.integral(0.0, extent=2.0))
+    >>> mean, var = model(torch.linspace(0, 2, 21).reshape(1, 1, 21))
+    >>> float(cl.metrics.conservation_error(mean, model.constraints[0]).abs().max()) < 1e-6
+    True
+
+    References
+    ----------
+    Hansen et al., "Learning Physical Models that Can Respect Conservation Laws", ICML 2023,
+    arXiv:2302.11002.
+    """
+
+    def __init__(self, model: nn.Module, constraints: Any, **options: Any) -> None:
+        super().__init__(model, constraints, **options)
+
+    def _accept(self, constraints: Any, call: str) -> tuple[Any, ...]:
+        return constraints_of(constraints, call)
+
+
+# ------------------------------------------------------------------------ normalisation
 def check_normalizer(obj: object, call: str) -> object:
     """Validate an output normaliser (``transform`` / ``inverse_transform``) or its holder."""
     if obj is None or (hasattr(obj, "transform") and hasattr(obj, "inverse_transform")):
@@ -75,3 +595,35 @@ def current_normalizer(obj: object) -> Any:
     if obj is None or hasattr(obj, "transform"):
         return obj
     return obj.out_normalizer
+
+
+def _scale(norm: Any, like: Tensor) -> Tensor:
+    """The elementwise scale of an affine ``inverse_transform``: ``inv(1) - inv(0)``."""
+    return norm.inverse_transform(torch.ones_like(like)) - norm.inverse_transform(
+        torch.zeros_like(like)
+    )
+
+
+def _to_physical(g: Gaussian, norm: Any) -> tuple[Gaussian, Tensor]:
+    s = _scale(norm, g.mean)
+    mean = norm.inverse_transform(g.mean)
+    var = None if g.variance is None else g.variance * s.square()
+    sf = flat_event(s, g.event_ndim)
+    cov, low = g.covariance, g.low_rank
+    if cov is not None:
+        cov = cov * (sf.unsqueeze(-1) * sf.unsqueeze(-2))
+    if low is not None:
+        low = low * sf.unsqueeze(-1)
+    return g._replace(mean=mean, variance=var, covariance=cov, low_rank=low), s
+
+
+def _from_physical(post: Gaussian, norm: Any, s: Tensor) -> Gaussian:
+    mean = norm.transform(post.mean)
+    var = None if post.variance is None else post.variance / s.square()
+    sf = flat_event(s, post.event_ndim)
+    cov, down = post.covariance, post.downdate
+    if cov is not None:
+        cov = cov / (sf.unsqueeze(-1) * sf.unsqueeze(-2))
+    if down is not None:
+        down = down / sf.unsqueeze(-1)
+    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down)

@@ -11,7 +11,7 @@ __all__ = ["BoundaryCondition", "BoundaryCorrection", "Dirichlet", "Neumann", "P
 
 def __getattr__(name: str) -> Any:  # the layer lives in constraint_layers.layer (no import cycle)
     if name == "BoundaryCorrection":
-        from .conditions import BoundaryCorrection
+        from ..layer import BoundaryCorrection
 
         return BoundaryCorrection
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,10 @@
-"""Boundary conditions on channel-first grid outputs, and the layer that enforces them.
+"""Boundary conditions on channel-first grid outputs: Dirichlet, Neumann, Periodic.
 
-The conditions (:class:`Dirichlet`, :class:`Neumann`, :class:`Periodic`) are small immutable
-specifications. :class:`BoundaryCorrection` wraps a model and corrects every output so that the
-conditions hold exactly (the output step of BOON, Saad et al., ICLR 2023).
-
-Every condition is linear in the output ``u``: it states rows of ``C u = d`` (see
-:meth:`BoundaryCondition.rows`). The fast path moves only the boundary node of each row (or spreads
-the move smoothly over ``lift`` nodes next to the face); it equals the projection
-``u - W C^T (C W C^T)^{-1} (C u - d)`` with ``W`` the mask of the nodes that may move.
+A condition is data: on each face point it states one row ``c . u = d`` (its stencil), the
+direction in which the face-local output step moves the nodes to satisfy it (its mobility, with or
+without a smooth lift next to the face) and the entry re-solved exactly at the end (its pivot).
+The engine (:func:`constraint_layers.functional.enforce_boundary`) runs every condition through
+the same update; the rows are public through :meth:`BoundaryCondition.rows`.
 
 Conventions
 -----------
@@ -30,54 +27,51 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .enforce import (
-    _check_lift,
-    _conditions,
-    _Face,
-    boundary_residuals,
-    enforce_boundary,
-    spread,
-)
-from .._grid import check_grid_options, normalize_dim, resolve_spacing
-from .refine import Refinement, RefinementContext
-from .stencils import OUTWARD_STENCILS, neumann_lift_profile
-from .._values import Given, bind_given, check_value, evaluate_value
-from ..layer import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
-from ..errors import ConstraintViolationError, GridError
+from .._values import Given, check_value, evaluate_value
+from ..errors import GridError
+from ..rows import DEFAULT_GRID, GridSpec, Rows
+from .stencils import OUTWARD_STENCILS, lift_profile, neumann_lift_profile
 
-__all__ = ["BoundaryCondition", "BoundaryCorrection", "Dirichlet", "Neumann", "Periodic"]
+__all__ = ["BoundaryCondition", "Dirichlet", "Neumann", "Periodic"]
 
 Side = Literal["low", "high", "both"]
 Value = float | Tensor | Callable[[Any], Tensor] | Given
+#: One entry of a row or a direction: (side, inward offset from that face, coefficient).
+Term = tuple[str, int, float]
 _SIDES = ("low", "high", "both")
 
 
 class BoundaryCondition:
     """Base class of the boundary conditions: a linear condition on one spatial axis.
 
-    Subclasses define the stencil (:meth:`_terms`) and the fast correction (:meth:`_apply_side`).
+    Subclasses state their data: :meth:`stencil` (the row on one face point), :meth:`mobility`
+    (how the output step moves the nodes), :meth:`pivot` (the node re-solved exactly), and
+    :attr:`row_sides` (the faces that carry rows).
     """
 
-    kind: ClassVar[str] = "boundary"
-    #: Which layer enforces the constraint (``cl.wrap`` dispatches on it).
+    #: Which layer step enforces the constraint (``cl.wrap`` dispatches on it).
     family: ClassVar[str] = "boundary"
+    #: The attribute holding the constraint's value (``cl.Given`` binding).
+    value_attr: ClassVar[str] = "value"
+    #: Whether the row is a derivative (its residual compares with ``value * h``).
+    derivative: ClassVar[bool] = False
 
     def __init__(
         self,
         value: Value = 0.0,
         *,
-        dim: int = 0,
+        dim: int | None = None,
         side: Side = "both",
         channels: int | Sequence[int] | None = None,
     ) -> None:
         name = type(self).__name__
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
             raise TypeError(f"{name}: dim must be an int (a spatial axis index), got {dim!r}.")
         if side not in _SIDES:
             raise ValueError(f"{name}: side must be one of {_SIDES}, got {side!r}.")
-        self.dim = dim
+        self._dim = dim
         self.side: Side = side
         self.channels = self._check_channels(channels, name)
         self.value = self._check_value(value, name)
@@ -109,14 +103,92 @@ class BoundaryCondition:
 
     # ------------------------------------------------------------------------------- geometry
     @property
+    def dim(self) -> int:
+        """The spatial axis (0 when none was given: valid on one-axis grids only)."""
+        return 0 if self._dim is None else self._dim
+
+    def axis(self, n_spatial: int, call: str) -> int:
+        """The spatial axis on a grid of ``n_spatial`` axes, ``0 <= axis < n_spatial``.
+
+        A condition given without ``dim`` is valid on one-axis grids only: on several axes (time
+        counts as an axis) it would be a guess which faces are meant.
+        """
+        from .._grid import normalize_dim
+
+        if self._dim is None:
+            if n_spatial > 1:
+                raise GridError(
+                    f"{call}: {self!r} was given without dim=, but the output has {n_spatial} "
+                    "spatial axes (time frames count as one). Say which axis it holds on: "
+                    f"{type(self).__name__}(..., dim=0) for the first axis after the channels; "
+                    "give one condition per constrained axis."
+                )
+            return 0
+        return normalize_dim(self._dim, n_spatial, f"{call}: {self!r}")
+
+    @property
     def sides(self) -> tuple[str, ...]:
         """The sides this condition acts on: ``("low",)``, ``("high",)`` or both."""
         return ("low", "high") if self.side == "both" else (self.side,)
 
     @property
+    def row_sides(self) -> tuple[str, ...]:
+        """The faces whose points carry one row each."""
+        return self.sides
+
+    @property
     def reach(self) -> int:
         """How many nodes, counted inward from the face, the condition reads."""
         return 1
+
+    # ------------------------------------------------------------------------------ the data
+    def stencil(self, side: str, h: float) -> list[Term]:
+        """The row on one face point of ``side``: entries ``(side, inward offset, coefficient)``."""
+        raise NotImplementedError
+
+    def mobility(self, side: str, h: float, lift: int) -> list[Term]:
+        """The direction ``v`` in which the output step moves the nodes for that row, scaled so
+        that ``c . v = 1``; with ``lift = k`` the move is spread smoothly over the ``k`` nodes
+        next to the face."""
+        raise NotImplementedError
+
+    def pivot(self, side: str) -> tuple[str, int]:
+        """The entry ``(side, offset)`` of the row re-solved exactly at the end of the step."""
+        return (side, 0)
+
+    def rows(
+        self, shape: Sequence[int], *, grid: GridSpec = DEFAULT_GRID, inputs: Any = None
+    ) -> Rows:
+        """The rows ``C u = d`` this condition states for an output of ``shape``.
+
+        Parameters
+        ----------
+        shape : sequence of int
+            The output shape ``(batch, channels, d1, ..., dn)``.
+        grid : GridSpec, optional
+            Spacing / extent / endpoint of the grid (default: unit extent, both ends on the grid).
+        inputs : any, optional
+            The model input, for values given as callables.
+
+        Returns
+        -------
+        Rows
+            One row per face point (and channel), with the mobility of the face-local step.
+        """
+        from .enforce import boundary_rows  # the set-level builder (corners, lift)
+
+        return boundary_rows(
+            shape,
+            [self],
+            spacing=grid.spacing,
+            extent=grid.extent,
+            endpoint=grid.endpoint,
+            inputs=inputs,
+        )[0]
+
+    def structure_key(self) -> tuple:
+        """What the rows' structure depends on (not the value): for caches."""
+        return (type(self), self._dim, self.side, self.channels, self.reach)
 
     # -------------------------------------------------------------------------------- values
     def resolve_value(
@@ -132,6 +204,11 @@ class BoundaryCondition:
         value = evaluate_value(self.value, inputs, where, "value")
         if isinstance(value, float):
             return value
+        if value.is_complex() and not dtype.is_complex:
+            raise TypeError(
+                f"{where}: the value is complex ({value.dtype}) but the output is real ({dtype}); "
+                "a real output cannot take a complex boundary value."
+            )
         value = value.to(dtype=dtype, device=device)
         face_shape = tuple(face_shape)
         try:
@@ -141,44 +218,11 @@ class BoundaryCondition:
         if shape != face_shape:
             raise GridError(
                 f"{where}: value of shape {tuple(value.shape)} does not broadcast to the face "
-                "shape "
-                f"{face_shape} = (batch, channels, *face dims). Give one value per face point, "
-                "broadcastable from the right (e.g. shape (T,) for one value per time frame, "
-                "(batch, 1, 1, ...) for one value per sample)."
+                f"shape {face_shape} = (batch, channels, *face dims). Give one value per face "
+                "point, broadcastable from the right (e.g. shape (T,) for one value per time "
+                "frame, (batch, 1, 1, ...) for one value per sample)."
             )
         return value
-
-    # -------------------------------------------------------------------- stencil description
-    def _terms(self, side: str, h: float) -> list[tuple[str, int, float]]:
-        """Row entries ``(side, inward offset, coefficient)`` of the condition at one face point."""
-        raise NotImplementedError
-
-    def _moves(self, side: str) -> list[tuple[str, int]]:
-        """The nodes the output step moves, as ``(side, inward offset)``."""
-        return [(side, 0)]
-
-    def _row_sides(self) -> tuple[str, ...]:
-        return self.sides
-
-    def _apply_side(
-        self, face: _Face, side: str, g: Tensor | float, h: float, lift: int, w: Tensor | None
-    ) -> None:
-        raise NotImplementedError
-
-    def _apply(
-        self, out: Tensor, axis: int, ch: Tensor | None, g, h: float, lift: int, w: Tensor | None
-    ) -> None:
-        """Correct ``out`` in place (``out`` is a tensor the caller owns)."""
-        for side in self.sides:
-            self._apply_side(_Face(out, axis, side, ch), side, g, h, lift, w)
-
-    def _residuals(self, y: Tensor, axis: int, ch: Tensor | None, g, h: float) -> list[Tensor]:
-        """The residual of each row family (one face tensor per side the rows live on)."""
-        faces = {s: _Face(y, axis, s, ch) for s in ("low", "high")}
-        return [
-            sum(c * faces[s].read(j) for s, j, c in self._terms(side, h)) - g
-            for side in self._row_sides()
-        ]
 
     def __repr__(self) -> str:
         value = self.value
@@ -186,10 +230,17 @@ class BoundaryCondition:
             value = f"tensor{tuple(value.shape)}"
         elif callable(value):
             value = getattr(value, "__name__", "callable")
-        parts = [f"{value}", f"dim={self.dim}", f"side={self.side!r}"]
+        parts = [f"{value}"]
+        if self._dim is not None:
+            parts.append(f"dim={self._dim}")
+        parts.append(f"side={self.side!r}")
         if self.channels is not None:
             parts.append(f"channels={list(self.channels)}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _profile(side: str, weights: Sequence[float], scale: float = 1.0) -> list[Term]:
+    return [(side, j, scale * w) for j, w in enumerate(weights)]
 
 
 class Dirichlet(BoundaryCondition):
@@ -203,8 +254,9 @@ class Dirichlet(BoundaryCondition):
         e.g. time frames); a callable of the model input that returns such a tensor; or
         ``cl.Given("name")``: supplied with each call of the wrapped model as the keyword
         argument ``name`` (per-sample data that travel with the batch).
-    dim : int, default 0
-        The spatial axis (0 is the first axis after the channels).
+    dim : int, optional
+        The spatial axis (0 is the first axis after the channels). Required when the output has
+        more than one spatial axis (time frames count as one).
     side : {"low", "high", "both"}, default "both"
         Which end(s) of the axis.
     channels : int or sequence of int, optional
@@ -223,15 +275,11 @@ class Dirichlet(BoundaryCondition):
     True
     """
 
-    kind = "dirichlet"
-
-    def _terms(self, side, h):
+    def stencil(self, side, h):
         return [(side, 0, 1.0)]
 
-    def _apply_side(self, face, side, g, h, lift, w):
-        if lift:
-            face.add_block(spread(g - face.read(0), lift, w))
-        face.write(0, g)  # exact assignment last: bit-exact value
+    def mobility(self, side, h, lift):
+        return _profile(side, lift_profile(lift) if lift else (1.0,))
 
 
 class Neumann(BoundaryCondition):
@@ -261,13 +309,13 @@ class Neumann(BoundaryCondition):
     2.0
     """
 
-    kind = "neumann"
+    derivative = True
 
     def __init__(
         self,
         value: Value = 0.0,
         *,
-        dim: int = 0,
+        dim: int | None = None,
         side: Side = "both",
         channels: int | Sequence[int] | None = None,
         order: int = 2,
@@ -283,28 +331,17 @@ class Neumann(BoundaryCondition):
     def reach(self) -> int:
         return self.order + 1
 
-    def _terms(self, side, h):
+    def stencil(self, side, h):
         return [(side, j, c / h) for j, c in enumerate(OUTWARD_STENCILS[self.order])]
 
-    def _apply_side(self, face, side, g, h, lift, w):
+    def mobility(self, side, h, lift):
         c = OUTWARD_STENCILS[self.order]
-        rest = sum(c[j] * face.read(j) for j in range(1, len(c)))
         if not lift:
-            face.write(0, (h * g - rest) / c[0])
-            return
-        # residual of the flux, removed by a slope correction psi (psi_0 = 0) spread over the
-        # `lift` nodes next to the face; where the spread must stay off nodes read by earlier
-        # conditions (weight w < 1), the rest is taken by the boundary node alone.
-        r = h * g - (c[0] * face.read(0) + rest)  # h * (g - du/dn)
+            return [(side, 0, h / c[0])]
+        # a slope correction psi (psi_0 = 0) spread over the lift nodes: c . psi = 1 after scaling
         psi = neumann_lift_profile(lift)
         dpsi = sum(c[j] * psi[j] for j in range(1, min(len(c), lift + 1)))
-        prof = torch.tensor(psi, dtype=face.v.dtype, device=face.v.device) / dpsi
-        block = r.unsqueeze(-1) * prof
-        if w is not None:
-            node = torch.zeros_like(prof)
-            node[0] = 1.0 / c[0]
-            block = r.unsqueeze(-1) * (w.unsqueeze(-1) * prof + (1 - w).unsqueeze(-1) * node)
-        face.add_block(block)
+        return _profile(side, psi, h / dpsi)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", order={self.order})"
@@ -314,12 +351,12 @@ class Periodic(BoundaryCondition):
     """Periodicity along one axis of a grid that holds both end points: ``u(low) = u(high)``.
 
     The correction sets both end nodes to their average (equal weight: the Euclidean projection
-    onto ``u_0 = u_{N-1}``).
+    onto ``u_0 = u_{N-1}``); both end up equal to the bit.
 
     Parameters
     ----------
-    dim : int, default 0
-        The spatial axis.
+    dim : int, optional
+        The spatial axis. Required when the output has more than one spatial axis.
     channels : int or sequence of int, optional
         The output channels the condition applies to (default: all).
 
@@ -337,245 +374,27 @@ class Periodic(BoundaryCondition):
     True
     """
 
-    kind = "periodic"
-
-    def __init__(self, *, dim: int = 0, channels: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self, *, dim: int | None = None, channels: int | Sequence[int] | None = None
+    ) -> None:
         super().__init__(0.0, dim=dim, side="both", channels=channels)
 
-    def _row_sides(self):
+    @property
+    def row_sides(self):
         return ("low",)  # one row per face point links both ends
 
-    def _terms(self, side, h):
+    def stencil(self, side, h):
         return [("low", 0, 1.0), ("high", 0, -1.0)]
 
-    def _moves(self, side):
-        return [("low", 0), ("high", 0)]
+    def mobility(self, side, h, lift):
+        prof = lift_profile(lift) if lift else (1.0,)
+        return _profile("low", prof, 0.5) + _profile("high", prof, -0.5)
+
+    def pivot(self, side):
+        return ("high", 0)
 
     def __repr__(self) -> str:
-        chans = "" if self.channels is None else f", channels={list(self.channels)}"
-        return f"Periodic(dim={self.dim}{chans})"
-
-    def _apply(self, out, axis, ch, g, h, lift, w):
-        low, high = _Face(out, axis, "low", ch), _Face(out, axis, "high", ch)
-        avg = 0.5 * (low.read(0) + high.read(0))
-        if lift:
-            for face in (low, high):
-                face.add_block(spread(avg - face.read(0), lift, w))
-        low.write(0, avg)
-        high.write(0, avg)
-
-
-_MODES = ("output", "refine")
-
-
-class BoundaryCorrection(ConstraintLayer):
-    """Wrap a grid model so that its outputs satisfy boundary conditions exactly.
-
-    ``forward`` is the model call followed by :func:`constraint_layers.functional.enforce_boundary`
-    on the output grid. The wrapper is an ordinary module: it trains, fine-tunes, saves and loads
-    like the model (its ``state_dict`` is the model's under the prefix ``model.``).
-
-    Parameters
-    ----------
-    model : nn.Module
-        A model whose output is (or, through its adapter, contains) a channel-first grid
-        ``(batch, channels, d1, ..., dn)``. Held as ``self.model``, not copied.
-    bcs : BoundaryCondition or sequence of them
-        Applied in order; where two meet the later one holds.
-    spacing, extent, endpoint, lift
-        Grid description and smoothing, as for
-        :func:`~constraint_layers.functional.enforce_boundary`.
-    mode : {"output", "refine"}
-        ``"output"``: correct the output grid (any grid model). ``"refine"``: also refine every
-        Fourier layer of the model (BOON's kernel correction) so that each layer's boundary
-        outputs depend only on its boundary inputs; needs an adapter that supports it
-        (neuraloperator FNO / TFNO). The output step still makes the conditions exact.
-    normalizer : object, optional
-        The output normaliser of the training pipeline (``transform`` /
-        ``inverse_transform``), or an object holding it as ``out_normalizer``
-        (neuraloperator's ``DefaultDataProcessor``). The model then outputs normalised values;
-        the conditions are stated in physical units and enforced on
-        ``inverse_transform(output)`` before transforming back.
-    adapter : Adapter, optional
-        How to call the model and find its grid; default: looked up in the adapter registry.
-    rcond : float, default 1e-2
-        ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
-        block's largest singular value; directions far above it are inverted to rounding, those
-        near or below it are damped instead of blowing up.
-    refresh : int, default 1
-        ``mode="refine"``: 1 gives exact gradients (each refined layer is probed inside the
-        autograd graph at every training call); ``k > 1`` reuses a frozen probe for ``k`` weight
-        changes: cheaper training steps, approximate gradients (the boundary-paper study found
-        frozen probes train worse). Inference caches the probe either way.
-    debug : bool, default False
-        Check the residual of every condition after each call (costs a pass over the faces) and
-        raise :class:`~constraint_layers.errors.ConstraintViolationError` if it exceeds rounding.
-
-    Examples
-    --------
-    >>> import torch, constraint_layers as cl
-    >>> net = torch.nn.Conv1d(2, 1, 3, padding=1)
-    >>> model = cl.BoundaryCorrection(net, [cl.Dirichlet(0.0)])
-    >>> out = model(torch.randn(8, 2, 32))
-    >>> bool((out[..., 0] == 0).all() and (out[..., -1] == 0).all())
-    True
-    >>> cl.unwrap(model) is net
-    True
-
-    References
-    ----------
-    Saad et al., "Guiding continuous operator learning through physics-based boundary
-    constraints", ICLR 2023.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        bcs: BoundaryCondition | Sequence[BoundaryCondition],
-        *,
-        spacing: float | Sequence[float] | None = None,
-        extent: float | Sequence[float] | None = None,
-        endpoint: bool = True,
-        lift: int = 0,
-        mode: str = "output",
-        normalizer: object = None,
-        adapter: Any = None,
-        rcond: float = 1e-2,
-        refresh: int = 1,
-        debug: bool = False,
-    ) -> None:
-        call = "BoundaryCorrection"
-        super().__init__(model, adapter)
-        self.bcs = _conditions(bcs, call)
-        if not self.bcs:
-            raise ValueError(f"{call}: expected at least one boundary condition, got none.")
-        if mode not in _MODES:
-            raise ValueError(f"{call}: mode must be one of {_MODES}, got {mode!r}.")
-        check_grid_options(spacing, extent, call)
-        self.spacing = spacing
-        self.extent = extent
-        self.endpoint = bool(endpoint)
-        self.lift = _check_lift(lift, call)
-        self.mode = mode
-        self.normalizer = check_normalizer(normalizer, call)
-        self.debug = bool(debug)
-        if not (isinstance(rcond, float | int) and 0 <= rcond < 1):
-            raise ValueError(f"{call}: rcond must be a number in [0, 1), got {rcond!r}.")
-        self.rcond = float(rcond)
-        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"{call}: refresh must be a positive int, got {refresh!r}.")
-        self.refresh = refresh
-        self.refinements: list[Refinement] = []
-        self._context = RefinementContext()
-        if mode == "refine" and not getattr(self.adapter, "supports_refinement", False):
-            raise ValueError(
-                f"{call}: mode='refine' needs an adapter that can refine the model's layers "
-                f"(neuraloperator FNO / TFNO); {self.adapter!r} serving {type(model).__name__} "
-                "cannot. Use mode='output' (exact all the same)."
-            )
-        self._attach()
-
-    def add_refinement(self, layer: nn.Module) -> Refinement:
-        """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
-        wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
-        hook = Refinement(self._context, rcond=self.rcond, refresh=self.refresh)
-        self.add_handle(layer.register_forward_hook(hook))
-        self.refinements.append(hook)
-        return hook
-
-    def correct(
-        self, y: Tensor, inputs: Any = None, bcs: Sequence[BoundaryCondition] | None = None
-    ) -> Tensor:
-        """Apply the conditions (default: this wrapper's) to an output grid ``y`` in physical
-        units. shape: (batch, channels, d1, ..., dn)."""
-        bcs = self.bcs if bcs is None else bcs
-        z = enforce_boundary(
-            y,
-            bcs,
-            spacing=self.spacing,
-            extent=self.extent,
-            endpoint=self.endpoint,
-            lift=self.lift,
-            inputs=inputs,
-        )
-        if self.debug:
-            self._check(z, inputs, bcs)
-        return z
-
-    def base_output(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's output as this wrapper sees it before the output step (with
-        ``mode="refine"``: the refined model's). Keywords that feed ``cl.Given`` values are left
-        out of the model call."""
-        given = {bc.value.name for bc in self.bcs if isinstance(bc.value, Given)}
-        kwargs = {k: v for k, v in kwargs.items() if k not in given}
-        if self.mode == "refine":
-            return self._refined_call(args, kwargs, self.adapter.model_input(args, kwargs))
-        return self.adapter.call(self.model, args, kwargs)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = dict(kwargs)
-        bcs = bind_given(self.bcs, "value", kwargs, "BoundaryCorrection", "value")
-        inputs = self.adapter.model_input(args, kwargs)
-        out = self.base_output(*args, **kwargs)
-        y = self.adapter.grid(out)
-        norm = current_normalizer(self.normalizer)
-        if norm is None:
-            z = self.correct(y, inputs, bcs)
-        else:
-            z = norm.transform(self.correct(norm.inverse_transform(y), inputs, bcs))
-        return self.adapter.with_grid(out, z)
-
-    def _refined_call(self, args: tuple, kwargs: dict, inputs: Any) -> Any:
-        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
-            raise GridError(
-                "BoundaryCorrection(mode='refine'): expected the model input to be a channel-first "
-                f"grid tensor (batch, channels, d1, ..., dn), got {type(inputs).__name__}."
-            )
-        grid = tuple(inputs.shape[2:])
-        faces: dict[int, list[str]] = {}
-        for bc in self.bcs:
-            d = normalize_dim(bc.dim, len(grid), "BoundaryCorrection(mode='refine')")
-            faces.setdefault(d, [])
-            for side in bc.sides:
-                if side not in faces[d]:
-                    faces[d].append(side)
-        ctx = self._context
-        ctx.grid, ctx.faces, ctx.active = grid, {d: tuple(s) for d, s in faces.items()}, True
-        try:
-            return self.adapter.call(self.model, args, kwargs)
-        finally:
-            ctx.active = False
-
-    def _check(
-        self, z: Tensor, inputs: Any, bcs: Sequence[BoundaryCondition] | None = None
-    ) -> None:
-        bcs = self.bcs if bcs is None else bcs
-        res = boundary_residuals(
-            z,
-            bcs,
-            spacing=self.spacing,
-            extent=self.extent,
-            endpoint=self.endpoint,
-            inputs=inputs,
-            include_overridden=False,
-        )
-        tol = TOLERANCE.get(z.dtype, 1e-4)
-        hs = resolve_spacing(
-            z.shape[2:], spacing=self.spacing, extent=self.extent, endpoint=self.endpoint
-        )
-        scale = float(z.detach().abs().max()) + 1.0
-        for bc, parts in zip(bcs, res):
-            h = hs[bc.dim % (z.ndim - 2)] if bc.kind == "neumann" else 1.0
-            worst = max(float(r.detach().abs().max()) for r in parts) * h
-            if worst > tol * scale:
-                raise ConstraintViolationError(
-                    f"BoundaryCorrection(debug=True): {bc!r} has residual {worst / h:.3e} after "
-                    f"correction (tolerance {tol * scale / h:.3e} for {z.dtype}). This is a bug: "
-                    "please report it with the conditions and the output shape."
-                )
-
-    def extra_repr(self) -> str:
-        opts = [f"bcs={list(self.bcs)}", f"mode={self.mode!r}"]
-        if self.lift:
-            opts.append(f"lift={self.lift}")
-        return ", ".join(opts)
+        parts = [] if self._dim is None else [f"dim={self._dim}"]
+        if self.channels is not None:
+            parts.append(f"channels={list(self.channels)}")
+        return f"Periodic({', '.join(parts)})"

@@ -1,79 +1,51 @@
-"""Pure tensor functions behind the boundary layer (private; public names in ``functional``)."""
+"""The face-local output step: boundary rows and their exact enforcement (private; public names in
+``functional``).
+
+Each condition states, per face point, a row ``c . u = d``, a direction ``v`` (``c . v = 1``) and
+a pivot ``p``. The step applies the conditions in order; for each it moves the nodes along ``v``
+by the residual, then re-solves the pivot from its row::
+
+    u <- u + v (d - c . u)                       (all rows of the condition at once)
+    u_p <- (d - sum_{j != p} c_j u_j) / c_p      (exact: a Dirichlet value holds to the bit)
+
+which is the projection ``u - V (C V)^{-1} (C u - d)`` (``V = W C^T`` with ``W`` the nodes that may
+move; a smooth profile next to the face with ``lift``). The rows' structure (positions,
+coefficients, directions) depends only on the conditions and the grid, so it is built once per
+output shape and cached; each call computes the right-hand sides and runs gathers and
+scatters over the flattened output.
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .._grid import check_grid, flat_channels, normalize_dim, resolve_spacing
-from .stencils import lift_profile, ramp
+from .._grid import check_grid, flat_channels, resolve_spacing
 from ..errors import ConstraintError, GridError
+from ..rows import Rows
+from .conditions import BoundaryCondition
+from .stencils import ramp
 
-if TYPE_CHECKING:
-    from .conditions import BoundaryCondition
+__all__ = [
+    "BoundaryPlan",
+    "apply_plan",
+    "boundary_residuals",
+    "boundary_rows",
+    "condition_rhs",
+    "enforce_boundary",
+    "plan",
+]
 
-__all__ = ["BoundaryRows", "boundary_residuals", "boundary_rows", "enforce_boundary"]
-
-
-class _Face:
-    """The nodes of one side of one axis, counted inward from the face.
-
-    ``out`` must be a tensor the caller owns (a clone) when writing: writes go into it.
-    """
-
-    def __init__(self, out: Tensor, axis: int, side: str, channels: Tensor | None) -> None:
-        self.v = out.movedim(axis, -1)  # a view: (batch, channels, *tangential, n)
-        self.n = self.v.shape[-1]
-        self.low = side == "low"
-        self.ch = channels
-
-    def _index(self, last: int | slice) -> tuple:
-        if self.ch is None:
-            return (..., last)
-        return (slice(None), self.ch, ..., last)
-
-    def _pos(self, j: int) -> int:
-        return j if self.low else self.n - 1 - j
-
-    def read(self, j: int) -> Tensor:
-        """Node ``j`` counted inward: shape ``(batch, channels, *tangential)``."""
-        return self.v[self._index(self._pos(j))]
-
-    def write(self, j: int, value: Tensor | float) -> None:
-        self.v[self._index(self._pos(j))] = value
-
-    def add_block(self, block: Tensor) -> None:
-        """Add ``block[..., j]`` to node ``j`` for ``j = 0 .. k`` (inward order)."""
-        k = block.shape[-1]
-        if self.low:
-            idx = self._index(slice(0, k))
-            self.v[idx] = self.v[idx] + block
-        else:
-            idx = self._index(slice(self.n - k, self.n))
-            self.v[idx] = self.v[idx] + block.flip(-1)
+F64 = torch.float64
 
 
-def spread(delta: Tensor, lift: int, w: Tensor | None) -> Tensor:
-    """A face correction ``delta`` spread over the face node and ``lift`` nodes inward.
-
-    The face node gets all of ``delta``; node ``j`` gets ``phi_j * w * delta`` with the smooth
-    profile ``phi`` and the tangential weight ``w`` (which keeps the spread off nodes read by
-    earlier conditions on other axes).
-    """
-    phi = torch.tensor(lift_profile(lift), dtype=delta.dtype, device=delta.device)
-    out = delta.unsqueeze(-1) * phi
-    if w is not None:
-        out = torch.cat([out[..., :1], out[..., 1:] * w.unsqueeze(-1)], dim=-1)
-    return out
-
-
-def _conditions(bcs: object, call: str) -> tuple[BoundaryCondition, ...]:
-    from .conditions import BoundaryCondition  # local: boundary imports this module
-
+def conditions(bcs: object, call: str) -> tuple[BoundaryCondition, ...]:
+    """``bcs`` as a tuple of boundary conditions (a clear TypeError otherwise)."""
     if isinstance(bcs, BoundaryCondition):
         bcs = (bcs,)
     if not isinstance(bcs, Iterable):
@@ -91,37 +63,99 @@ def _conditions(bcs: object, call: str) -> tuple[BoundaryCondition, ...]:
     return bcs
 
 
-def _check_lift(lift: object, call: str) -> int:
+def check_lift(lift: object, call: str) -> int:
     if isinstance(lift, bool) or not isinstance(lift, int) or lift < 0:
         raise ValueError(f"{call}: lift must be a non-negative int (nodes), got {lift!r}.")
     return lift
 
 
-class _Plan(NamedTuple):
-    axis: int  # tensor axis (2 + spatial dim)
-    dim: int  # spatial dim, normalised
-    size: int
+class _Cond(NamedTuple):
+    """One condition's rows on one output shape (structure only: no values)."""
+
+    axis: int  # spatial axis
     h: float
-    ch: Tensor | None
-    face_shape: tuple[int, ...]
+    face_shape: tuple[int, ...]  # (channels', *tangential): one row per entry, per row side
+    index: Tensor  # (M, K) long
+    coeff: Tensor  # (M, K) float64
+    moves: Tensor  # (M, J) long
+    weights: Tensor  # (M, J) float64
+    pivot: Tensor  # (M,) long: column of index
+    solve_only: bool  # the pivot is the only node moved: the exact re-solve is the whole step
+    overridden: Tensor  # (M,) bool: face points a later condition on another axis takes over
+
+    def rows(self, rhs: Tensor) -> Rows:
+        return Rows(self.index, self.coeff, rhs, self.moves, self.weights, self.pivot)
 
 
-def _plan(
-    y: Tensor,
+class BoundaryPlan(NamedTuple):
+    """The structure of every condition of a set on one output shape, with fast-path tensors."""
+
+    conds: tuple[_Cond, ...]
+    fast: tuple[dict[str, Tensor], ...]  # per condition, per (dtype, device) on first use
+
+    def device_tensors(self, i: int, dtype: torch.dtype, device: torch.device) -> dict:
+        key = (dtype, device)
+        cache = self.fast[i]
+        t = cache.get(key)
+        if t is None:
+            c = self.conds[i]
+            cp = c.coeff.gather(1, c.pivot.unsqueeze(1))  # (M, 1)
+            rest = c.coeff.scatter(1, c.pivot.unsqueeze(1), 0.0) / cp
+            t = {
+                "index": c.index.to(device),
+                "coeff": c.coeff.to(device=device, dtype=dtype),
+                "rest": rest.to(device=device, dtype=dtype),
+                "inv_pivot": (1.0 / cp.squeeze(1)).to(device=device, dtype=dtype),
+                "unit_pivot": bool((cp == 1).all()),
+                "pos": c.index.gather(1, c.pivot.unsqueeze(1)).squeeze(1).to(device),
+                "moves": c.moves.reshape(-1).to(device),
+                "weights": c.weights.to(device=device, dtype=dtype),
+            }
+            cache[key] = t
+        return t
+
+
+_CACHE: dict[tuple, BoundaryPlan] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 64
+
+
+def plan(
+    shape: Sequence[int],
     bcs: Sequence[BoundaryCondition],
     hs: Sequence[float],
     lift: int,
     endpoint: bool,
     call: str,
-    exclusive: bool = False,
-) -> list[_Plan]:
-    n_spatial = y.ndim - 2
-    dims = [normalize_dim(bc.dim, n_spatial, f"{call}: {bc!r}") for bc in bcs]
-    reach_on_axis: dict[int, int] = {}
+    exclusive: bool = True,
+) -> BoundaryPlan:
+    """The rows' structure of ``bcs`` on an output of ``shape`` (cached per structure)."""
+    shape = tuple(int(s) for s in shape)
+    key = (
+        tuple(bc.structure_key() for bc in bcs),
+        shape[1:],
+        tuple(hs),
+        lift,
+        endpoint,
+        exclusive,
+    )
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    conds = _build(shape, bcs, hs, lift, endpoint, call, exclusive)
+    out = BoundaryPlan(conds, tuple({} for _ in conds))
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = out
+    return out
+
+
+def _check_claims(bcs: Sequence[BoundaryCondition], axes: Sequence[int], call: str) -> None:
     claimed: dict[tuple[int, str], list[BoundaryCondition]] = {}
-    for bc, d in zip(bcs, dims):
-        reach_on_axis[d] = max(reach_on_axis.get(d, 0), bc.reach)
-        for side in bc.sides if exclusive else ():
+    for bc, d in zip(bcs, axes):
+        for side in bc.sides:
             for other in claimed.get((d, side), []):
                 if (
                     bc.channels is None
@@ -134,54 +168,37 @@ def _plan(
                         "channel. Remove one, or split them with channels=."
                     )
             claimed.setdefault((d, side), []).append(bc)
-    plans = []
-    for bc, d in zip(bcs, dims):
-        size = y.shape[2 + d]
-        need = reach_on_axis[d] + 1 + lift
-        if size < need:
-            raise GridError(
-                f"{call}: {bc!r} needs at least {need} nodes along spatial axis {d} (stencil reach "
-                f"{reach_on_axis[d]} per side, lift={lift}), got {size} (output shape "
-                f"{tuple(y.shape)})."
-            )
-        if not endpoint and (bc.kind == "periodic" or "high" in bc.sides):
-            raise GridError(
-                f"{call}: {bc!r} acts on the high end, but endpoint=False says the grid leaves out "
-                "the node at the high end (a periodic grid such as linspace(0, 1, N + 1)[:-1]). "
-                "There is no boundary node to correct there: use a grid that holds both ends, or "
-                "a model that is periodic by construction."
-            )
-        ch = flat_channels(bc.channels, y.shape[1], f"{call}: {bc!r}")
-        if ch is not None:
-            ch = ch.to(y.device)
-        n_ch = y.shape[1] if ch is None else len(ch)
-        tangential = tuple(s for i, s in enumerate(y.shape[2:]) if i != d)
-        plans.append(_Plan(2 + d, d, size, hs[d], ch, (y.shape[0], n_ch, *tangential)))
-    return plans
+
+
+def _face(ids: Tensor, axis: int, side: str, ch: Tensor | None, j: int) -> Tensor:
+    """Flat ids of node ``j`` (inward) of a face: shape (channels', *tangential)."""
+    v = ids.movedim(1 + axis, -1)  # ids: (C, *grid) -> (C, *tangential, n)
+    if ch is not None:
+        v = v[ch]
+    n = v.shape[-1]
+    return v[..., j if side == "low" else n - 1 - j]
 
 
 def _tangential_weight(
-    y: Tensor,
-    plan: _Plan,
-    earlier: list[tuple[BoundaryCondition, _Plan]],
-    later: list[tuple[BoundaryCondition, _Plan]],
+    grid: tuple[int, ...],
+    axis: int,
+    earlier: Sequence[tuple[BoundaryCondition, int]],
+    later: Sequence[tuple[BoundaryCondition, int]],
     lift: int,
 ) -> Tensor | None:
-    """Weights over the face for the lifted spread (None: all ones).
+    """Weights over the face (shape: tangential) for the lifted spread; None: all ones.
 
     They vanish on nodes read by earlier conditions on other axes (so the spread cannot break
     them) and on the face nodes of later conditions on other axes (corners and edges the later
     condition takes over: spreading a correction from there would make the result depend on the
     state those nodes had before, and correcting twice would move it).
     """
-    if not lift:
-        return None
     masked: dict[int, list[int]] = {}
     for group, width in ((earlier, None), (later, 1)):
-        for bc, p in group:
-            if p.dim == plan.dim:
+        for bc, d in group:
+            if d == axis:
                 continue
-            lo_hi = masked.setdefault(p.dim, [0, 0])
+            lo_hi = masked.setdefault(d, [0, 0])
             reach = bc.reach if width is None else width
             if "low" in bc.sides:
                 lo_hi[0] = max(lo_hi[0], reach)
@@ -189,14 +206,174 @@ def _tangential_weight(
                 lo_hi[1] = max(lo_hi[1], reach)
     if not masked:
         return None
-    w = torch.ones((), dtype=y.dtype, device=y.device)
-    for i, size in enumerate(y.shape[2:]):
-        if i == plan.dim:
+    w = torch.ones((), dtype=F64)
+    for i, size in enumerate(grid):
+        if i == axis:
             continue
         lo, hi = masked.get(i, (0, 0))
-        r = torch.tensor(ramp(size, lo, hi, lift), dtype=y.dtype, device=y.device)
-        w = w.unsqueeze(-1) * r
+        w = w.unsqueeze(-1) * torch.tensor(ramp(size, lo, hi, lift), dtype=F64)
     return w
+
+
+def _build(shape, bcs, hs, lift, endpoint, call, exclusive) -> tuple[_Cond, ...]:
+    n_spatial = len(shape) - 2
+    grid = shape[2:]
+    axes = [bc.axis(n_spatial, call) for bc in bcs]
+    if exclusive:
+        _check_claims(bcs, axes, call)
+    reach_on_axis: dict[int, int] = {}
+    for bc, d in zip(bcs, axes):
+        reach_on_axis[d] = max(reach_on_axis.get(d, 0), bc.reach)
+    ids = torch.arange(math.prod(shape[1:])).reshape(shape[1:])
+    pairs = list(zip(bcs, axes))
+    out = []
+    for i, (bc, d) in enumerate(pairs):
+        size = grid[d]
+        need = reach_on_axis[d] + 1 + lift
+        if size < need:
+            raise GridError(
+                f"{call}: {bc!r} needs at least {need} nodes along spatial axis {d} (stencil reach "
+                f"{reach_on_axis[d]} per side, lift={lift}), got {size} (output shape "
+                f"{tuple(shape)})."
+            )
+        if not endpoint and "high" in {s for s, _, _ in bc.stencil("low", 1.0)} | set(bc.sides):
+            raise GridError(
+                f"{call}: {bc!r} acts on the high end, but endpoint=False says the grid leaves out "
+                "the node at the high end (a periodic grid such as linspace(0, 1, N + 1)[:-1]). "
+                "There is no boundary node to correct there: use a grid that holds both ends, or "
+                "a model that is periodic by construction."
+            )
+        ch = flat_channels(bc.channels, shape[1], f"{call}: {bc!r}")
+        h = hs[d]
+        w = _tangential_weight(grid, d, pairs[:i], pairs[i + 1 :], lift) if lift else None
+        index, coeff, moves, weights, pivot = [], [], [], [], []
+        for side in bc.row_sides:
+            terms = bc.stencil(side, h)
+            idx = torch.stack([_face(ids, d, s, ch, j).flatten() for s, j, _ in terms], -1)
+            m = idx.shape[0]
+            index.append(idx)
+            coeff.append(torch.tensor([c for *_, c in terms], dtype=F64).expand(m, -1))
+            piv = bc.pivot(side)
+            pivot.append(torch.full((m,), [(s, j) for s, j, _ in terms].index(piv)))
+            q = bc.mobility(side, h, 0)
+            p = bc.mobility(side, h, lift) if lift else q
+            nodes = sorted({(s, j) for s, j, _ in p} | {(s, j) for s, j, _ in q})
+            mv = torch.stack([_face(ids, d, s, ch, j).flatten() for s, j in nodes], -1)
+            pw = torch.tensor(
+                [dict(((s, j), c) for s, j, c in p).get(n, 0.0) for n in nodes], dtype=F64
+            )
+            qw = torch.tensor(
+                [dict(((s, j), c) for s, j, c in q).get(n, 0.0) for n in nodes], dtype=F64
+            )
+            if w is None:
+                wt = pw.to(F64).expand(m, -1)
+            else:  # the blend w P + (1 - w) Q per face point (c . v = 1 for both)
+                wf = w.expand(*_face(ids, d, side, ch, 0).shape[1:]).reshape(1, -1)
+                wf = wf.expand(idx.shape[0] // wf.shape[1], -1).reshape(-1, 1)
+                wt = wf * pw.to(F64) + (1 - wf) * qw.to(F64)
+            moves.append(mv)
+            weights.append(wt)
+        face_shape = tuple(_face(ids, d, bc.row_sides[0], ch, 0).shape)
+        mv = torch.cat(moves)
+        piv = torch.cat(pivot)
+        idx = torch.cat(index)
+        solve_only = mv.shape[1] == 1 and bool(
+            (mv[:, 0] == idx.gather(1, piv[:, None])[:, 0]).all()
+        )
+        over = _overridden(face_shape, len(bc.row_sides), bc, d, pairs[i + 1 :])
+        out.append(
+            _Cond(
+                d,
+                h,
+                face_shape,
+                idx,
+                torch.cat(coeff),
+                mv,
+                torch.cat(weights),
+                piv,
+                solve_only,
+                over,
+            )
+        )
+    return tuple(out)
+
+
+def _overridden(
+    face_shape: tuple[int, ...],
+    n_sides: int,
+    bc: BoundaryCondition,
+    axis: int,
+    later: Sequence[tuple[BoundaryCondition, int]],
+) -> Tensor:
+    """(M,) bool: the face points that a later condition on another axis takes over."""
+    mask = torch.zeros(face_shape, dtype=torch.bool)
+    for other, q in later:
+        if q == axis:
+            continue
+        if bc.channels is not None and other.channels is not None:
+            if not set(bc.channels) & set(other.channels):
+                continue
+        pos = 1 + (q if q < axis else q - 1)  # in (channels', *tangential)
+        if "low" in other.sides:
+            mask.index_fill_(pos, torch.tensor([0]), True)
+        if "high" in other.sides:
+            mask.index_fill_(pos, torch.tensor([face_shape[pos] - 1]), True)
+    return mask.flatten().repeat(n_sides)
+
+
+def condition_rhs(
+    c: _Cond,
+    bc: BoundaryCondition,
+    batch: int,
+    dtype: torch.dtype,
+    device: Any,
+    inputs: Any,
+    call: str,
+) -> Tensor:
+    """The right-hand sides of condition ``bc`` (structure ``c``): shape (batch, M) in ``dtype``.
+
+    The value must be finite in ``dtype`` (a value beyond its range raises, naming it).
+    """
+    face = (batch, *c.face_shape)
+    g = bc.resolve_value(dtype, device, face, inputs, call)
+    if isinstance(g, float):
+        if math.isfinite(g) and abs(g) > torch.finfo(dtype).max:
+            raise ValueError(
+                f"{call}: {bc!r}: the value {g:g} overflows the output dtype {dtype} (largest "
+                f"{torch.finfo(dtype).max:g}); use a wider dtype."
+            )
+    g = torch.as_tensor(g, dtype=dtype, device=device)
+    g = torch.broadcast_to(g, face).reshape(batch, -1)
+    return g.repeat(1, len(bc.row_sides)) if len(bc.row_sides) > 1 else g
+
+
+def _grid_options(y_shape, spacing, extent, endpoint, call):
+    return resolve_spacing(
+        y_shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call
+    )
+
+
+def apply_plan(y: Tensor, bplan: BoundaryPlan, rhs: Sequence[Tensor]) -> Tensor:
+    """Run the face-local step of every condition of ``bplan`` on ``y`` (not modified).
+
+    ``rhs[i]``: shape (batch, M_i), the right-hand sides of condition ``i`` in ``y``'s dtype.
+    """
+    b = y.shape[0]
+    u = y.reshape(b, -1).clone()
+    for i, c in enumerate(bplan.conds):
+        t = bplan.device_tensors(i, u.dtype, u.device)
+        d = rhs[i]
+        if not c.solve_only:  # the rank-one step along each row's direction
+            r = d - (u[:, t["index"]] * t["coeff"]).sum(-1)  # (B, M)
+            step = (t["weights"] * r.unsqueeze(-1)).reshape(b, -1)
+            u = u.index_add(1, t["moves"], step)
+        # the exact re-solve of the pivot: u_p = (d - sum_{j != p} c_j u_j) / c_p
+        rest = (u[:, t["index"]] * t["rest"]).sum(-1)
+        new = (d * t["inv_pivot"] - rest) if not t["unit_pivot"] else d - rest
+        if t["unit_pivot"] and c.index.shape[1] == 1:
+            new = d  # a Dirichlet row: the value itself, bit for bit
+        u = u.index_copy(1, t["pos"], new)
+    return u.reshape(y.shape)
 
 
 def enforce_boundary(
@@ -237,8 +414,8 @@ def enforce_boundary(
     Raises
     ------
     GridError
-        ``y`` is not a channel-first grid, ``dim`` is out of range, the grid is too short for a
-        stencil, or a value does not broadcast to its face.
+        ``y`` is not a channel-first grid, ``dim`` is out of range or missing on a multi-axis
+        grid, the grid is too short for a stencil, or a value does not broadcast to its face.
     ValueError
         A value holds NaN or inf.
 
@@ -253,17 +430,15 @@ def enforce_boundary(
     """
     call = "enforce_boundary"
     check_grid(y, call)
-    bcs = _conditions(bcs, call)
-    lift = _check_lift(lift, call)
-    hs = resolve_spacing(y.shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call)
-    plans = _plan(y, bcs, hs, lift, endpoint, call, exclusive=True)
-    out = y.clone()
-    pairs = list(zip(bcs, plans))
-    for i, (bc, p) in enumerate(pairs):
-        g = bc.resolve_value(out.dtype, out.device, p.face_shape, inputs, call)
-        w = _tangential_weight(out, p, pairs[:i], pairs[i + 1 :], lift)
-        bc._apply(out, p.axis, p.ch, g, p.h, lift, w)
-    return out
+    bcs = conditions(bcs, call)
+    lift = check_lift(lift, call)
+    hs = _grid_options(y.shape, spacing, extent, endpoint, call)
+    bplan = plan(y.shape, bcs, hs, lift, endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, y.shape[0], y.dtype, y.device, inputs, call)
+        for c, bc in zip(bplan.conds, bcs)
+    ]
+    return apply_plan(y, bplan, rhs)
 
 
 def boundary_residuals(
@@ -285,56 +460,19 @@ def boundary_residuals(
     """
     call = "boundary_residuals"
     check_grid(y, call)
-    bcs = _conditions(bcs, call)
-    hs = resolve_spacing(y.shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call)
-    plans = _plan(y, bcs, hs, 0, endpoint, call)
+    bcs = conditions(bcs, call)
+    hs = _grid_options(y.shape, spacing, extent, endpoint, call)
+    bplan = plan(y.shape, bcs, hs, 0, endpoint, call, exclusive=False)
+    u = y.reshape(y.shape[0], -1)
     out = []
-    for i, (bc, p) in enumerate(zip(bcs, plans)):
-        g = bc.resolve_value(y.dtype, y.device, p.face_shape, inputs, call)
-        parts = bc._residuals(y, p.axis, p.ch, g, p.h)
+    for c, bc in zip(bplan.conds, bcs):
+        d = condition_rhs(c, bc, y.shape[0], y.dtype, y.device, inputs, call)
+        r = (u[:, c.index.to(y.device)] * c.coeff.to(device=y.device, dtype=y.dtype)).sum(-1) - d
         if not include_overridden:
-            parts = [_drop_overridden(r, bc, p, bcs[i + 1 :], plans[i + 1 :]) for r in parts]
-        out.append(parts)
+            r = r.masked_fill(c.overridden.to(y.device), 0.0)
+        parts = r.reshape(y.shape[0], len(bc.row_sides), *c.face_shape).unbind(1)
+        out.append(list(parts))
     return out
-
-
-def _drop_overridden(
-    r: Tensor,
-    bc: BoundaryCondition,
-    p: _Plan,
-    later: Sequence[BoundaryCondition],
-    later_plans: Sequence[_Plan],
-) -> Tensor:
-    """Zero the residual on face points that a later condition on another axis takes over."""
-    for other, q in zip(later, later_plans):
-        if q.dim == p.dim:
-            continue
-        if bc.channels is not None and other.channels is not None:
-            if not set(bc.channels) & set(other.channels):
-                continue
-        pos = 2 + (q.dim if q.dim < p.dim else q.dim - 1)
-        if "low" in other.sides:
-            r = r.index_fill(pos, torch.tensor([0], device=r.device), 0.0)
-        if "high" in other.sides:
-            r = r.index_fill(pos, torch.tensor([r.shape[pos] - 1], device=r.device), 0.0)
-    return r
-
-
-class BoundaryRows(NamedTuple):
-    """Rows of ``C u = d`` of one condition over the flattened per-sample output.
-
-    ``u`` is one sample flattened in C order over ``(channels, d1, ..., dn)``.
-    """
-
-    index: Tensor  # shape: (M, K), long: the flat positions each row reads
-    coeff: Tensor  # shape: (M, K), float64: their coefficients
-    rhs: Tensor  # shape: (batch, M), float64: the right-hand sides d
-    moves: Tensor  # shape: (M, Km), long: the positions the output step may move for each row
-
-    def dense(self, size: int) -> Tensor:
-        """The dense ``(M, size)`` float64 matrix ``C``."""
-        c = torch.zeros(self.index.shape[0], size, dtype=torch.float64)
-        return c.scatter_add_(1, self.index, self.coeff)
 
 
 def boundary_rows(
@@ -344,40 +482,32 @@ def boundary_rows(
     spacing: float | Sequence[float] | None = None,
     extent: float | Sequence[float] | None = None,
     endpoint: bool = True,
+    lift: int = 0,
     inputs: Any = None,
-) -> list[BoundaryRows]:
+    include_overridden: bool = True,
+) -> list[Rows]:
     """The linear rows ``C u = d`` each condition states for an output of ``shape``.
 
-    This is the structured form every constraint of the library shares (see the architecture's
-    "one idea under both layers"); tests check the fast correction against the projection
-    ``u - W C^T (C W C^T)^{-1} (C u - d)`` built from these rows.
+    With their mobility: the face-local step equals, condition by condition, the projection
+    ``u - V (C V)^{-1} (C u - d)`` with ``V`` the rows' directions (tests check it against the
+    dense formula). ``include_overridden=False`` leaves out the rows at face points that a later
+    condition on another axis takes over (what a joint projection conditions on).
+
+    Examples
+    --------
+    >>> import constraint_layers as cl
+    >>> rows = cl.functional.boundary_rows((2, 1, 9), [cl.Neumann(1.0, side="high", order=1)])
+    >>> rows[0].index.tolist(), rows[0].coeff.tolist()
+    ([[8, 7]], [[8.0, -8.0]])
     """
     call = "boundary_rows"
     shape = tuple(int(s) for s in shape)
-    size = math.prod(shape[1:])
-    ids = torch.arange(size, dtype=torch.float64).reshape(1, *shape[1:])
-    probe = torch.zeros((), dtype=torch.float64).expand(shape)  # no allocation
-    bcs = _conditions(bcs, call)
-    hs = resolve_spacing(shape[2:], spacing=spacing, extent=extent, endpoint=endpoint, call=call)
-    plans = _plan(probe, bcs, hs, 0, endpoint, call)
+    bcs = conditions(bcs, call)
+    lift = check_lift(lift, call)
+    hs = _grid_options(shape, spacing, extent, endpoint, call)
+    bplan = plan(shape, bcs, hs, lift, endpoint, call, exclusive=False)
     out = []
-    for bc, p in zip(bcs, plans):
-        g = bc.resolve_value(torch.float64, torch.device("cpu"), p.face_shape, inputs, call)
-        faces = {s: _Face(ids, p.axis, s, p.ch) for s in ("low", "high")}
-        idx, coef, rhs, mov = [], [], [], []
-        for side in bc._row_sides():
-            terms = bc._terms(side, p.h)
-            idx.append(torch.stack([faces[s].read(j).flatten() for s, j, _ in terms], -1))
-            m = idx[-1].shape[0]
-            coef.append(torch.tensor([c for *_, c in terms], dtype=torch.float64).expand(m, -1))
-            mov.append(torch.stack([faces[s].read(j).flatten() for s, j in bc._moves(side)], -1))
-            rhs.append(torch.broadcast_to(torch.as_tensor(g, dtype=torch.float64), p.face_shape))
-        out.append(
-            BoundaryRows(
-                torch.cat(idx).long(),
-                torch.cat(coef),
-                torch.cat([r.reshape(shape[0], -1) for r in rhs], dim=1),
-                torch.cat(mov).long(),
-            )
-        )
+    for c, bc in zip(bplan.conds, bcs):
+        rows = c.rows(condition_rhs(c, bc, shape[0], F64, torch.device("cpu"), inputs, call))
+        out.append(rows if include_overridden else rows.select(~c.overridden))
     return out

@@ -11,7 +11,7 @@ __all__ = ["Conservation", "ConservationProjection", "IntegralConservation", "ma
 
 def __getattr__(name: str) -> Any:  # the layer lives in constraint_layers.layer (no import cycle)
     if name == "ConservationProjection":
-        from .constraint import ConservationProjection
+        from ..layer import ConservationProjection
 
         return ConservationProjection
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,12 @@
-"""Conservation constraints, and the layer that makes a probabilistic model respect them exactly.
+"""Conservation constraints: linear equality rows ``G u = b`` on a model's output.
 
 A conservation law ``u_t + div F(u) = 0`` has the integral form ``d/dt U(t) = net inflow``, with
 ``U(t)`` the integral of ``u(t, .)`` over the domain. Discretised with a quadrature rule on the
 output grid, "the total at time t equals b(t)" is a LINEAR constraint on the predicted values:
 ``G u = b``, one row per time frame. :class:`Conservation` states such constraints
-(:meth:`Conservation.integral` builds them from a quadrature rule); :class:`ConservationProjection`
-wraps a model so that every output satisfies them (ProbConserv, Hansen et al., ICML 2023):
+(:meth:`Conservation.integral` builds them from a quadrature rule); the layer
+(:class:`~constraint_layers.ConservationProjection`, or ``cl.wrap``) makes every output of a model
+satisfy them (ProbConserv, Hansen et al., ICML 2023):
 
 - a Gaussian output ``N(mu, Sigma)`` (a GP, a variance head, an ensemble, a UQNO band) is
   conditioned on ``G u = b``: the mean conserves exactly and moves most where the model is least
@@ -30,46 +31,24 @@ from numbers import Real
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import quadrature
-from .conserve import ConstrainedGaussian, Gaussian, conserve
 from .._grid import normalize_dim
-from .._values import bind_given, check_value, evaluate_value
-from ..layer import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
-from ..errors import ConstraintViolationError, GridError
+from .._values import check_value, evaluate_value
+from ..errors import GridError
+from ..rows import DEFAULT_GRID, GridSpec, Rows
 
 __all__ = [
     "Conservation",
-    "ConservationProjection",
-    "ConservationRows",
     "IntegralConservation",
     "conservation_rows",
-    "enforce_conservation",
+    "constraints_of",
     "mass_over_time",
 ]
 
 F64 = torch.float64
 Total = float | Tensor | Callable[[Any], Any]
-
-
-class ConservationRows(NamedTuple):
-    """Rows of ``C u = d`` of one conservation constraint over the flattened per-sample output.
-
-    ``u`` is one sample flattened in C order over its event axes (``(channels, d1, ..., dn)`` for
-    grid outputs).
-    """
-
-    index: Tensor  # shape: (M, K), long: the flat positions each row reads
-    coeff: Tensor  # shape: (M, K) or (batch, M, K), float64: their coefficients
-    rhs: Tensor  # shape: (batch, M), float64: the right-hand sides d
-
-    def dense(self, size: int) -> Tensor:
-        """The dense float64 matrix ``C``: shape (M, size), or (batch, M, size) per sample."""
-        m = self.index.shape[0]
-        lead = self.coeff.shape[:-2]
-        c = torch.zeros((*lead, m, size), dtype=F64, device=self.coeff.device)
-        return c.scatter_add_(-1, self.index.expand(*lead, *self.index.shape), self.coeff)
 
 
 class Conservation:
@@ -99,10 +78,10 @@ class Conservation:
     True
     """
 
-    #: Which layer enforces the constraint (``cl.wrap`` dispatches on it).
+    #: Which step of the engine enforces the constraint.
     family: ClassVar[str] = "conservation"
-
-    kind = "conservation"
+    #: The attribute holding the constraint's value (``cl.Given`` binding).
+    value_attr: ClassVar[str] = "b"
 
     def __init__(self, G: Tensor, b: Total = 0.0) -> None:
         name = type(self).__name__
@@ -144,12 +123,16 @@ class Conservation:
                 f"{shape}."
             ) from None
 
-    def rows(self, shape: Sequence[int], *, inputs: Any = None) -> ConservationRows:
+    def rows(
+        self, shape: Sequence[int], *, grid: GridSpec = DEFAULT_GRID, inputs: Any = None
+    ) -> Rows:
         """The rows ``C u = d`` for an output of ``shape`` = (batch, *event).
+
+        ``grid`` is accepted for the common constraint protocol (a matrix ``G`` needs none).
 
         Returns
         -------
-        ConservationRows
+        Rows
             ``index`` (M, N), ``coeff`` (M, N) or (batch, M, N), ``rhs`` (batch, M).
         """
         call = "Conservation.rows"
@@ -157,7 +140,7 @@ class Conservation:
         self._check_size(n, batch, call)
         m = self.G.shape[-2]
         index = torch.arange(n, device=self.G.device).expand(m, n)
-        return ConservationRows(index, self.G.to(F64), self._rhs(batch, m, inputs, call))
+        return Rows(index, self.G.to(F64), self._rhs(batch, m, inputs, call))
 
     def _check_size(self, n: int, batch: int, call: str) -> None:
         if self.G.shape[-1] != n:
@@ -419,12 +402,17 @@ class IntegralConservation(Conservation):
                 "time frame, (batch, 1, 1) for one value per sample)."
             ) from None
 
-    def rows(self, shape: Sequence[int], *, inputs: Any = None) -> ConservationRows:
+    def rows(
+        self, shape: Sequence[int], *, grid: GridSpec = DEFAULT_GRID, inputs: Any = None
+    ) -> Rows:
         """The rows ``C u = d`` for a grid output of ``shape`` = (batch, channels, d1, ..., dn).
+
+        ``grid`` is accepted for the common constraint protocol; the integral's own ``spacing``,
+        ``extent`` and ``grid`` describe its axes.
 
         Returns
         -------
-        ConservationRows
+        Rows
             ``index`` and ``coeff`` (M, K) with ``M = channels' * prod(remaining axes)`` rows of
             ``K = prod(integrated axes)`` entries, ``rhs`` (batch, M).
         """
@@ -436,7 +424,7 @@ class IntegralConservation(Conservation):
         m = math.prod(index.shape[:-1])
         coeff = w.flatten().expand(m, -1)
         rhs = self._totals(lay, inputs, call).reshape(shape[0], m)
-        return ConservationRows(index.reshape(m, -1), coeff, rhs)
+        return Rows(index.reshape(m, -1), coeff, rhs)
 
     def residual(self, y: Tensor, *, inputs: Any = None) -> Tensor:
         lay = self.layout(y.shape, "Conservation.residual")
@@ -504,7 +492,7 @@ def conservation_rows(
     constraints: Conservation | Sequence[Conservation],
     *,
     inputs: Any = None,
-) -> list[ConservationRows]:
+) -> list[Rows]:
     """The rows ``C u = d`` each conservation constraint states for an output of ``shape``.
 
     The structured form every constraint of the library shares (compare
@@ -517,10 +505,10 @@ def conservation_rows(
     >>> rows[0].index.shape, rows[0].rhs.shape
     (torch.Size([3, 11]), torch.Size([2, 3]))
     """
-    return [c.rows(shape, inputs=inputs) for c in _constraints(constraints, "conservation_rows")]
+    return [c.rows(shape, inputs=inputs) for c in constraints_of(constraints, "conservation_rows")]
 
 
-def _constraints(items: object, call: str) -> tuple[Conservation, ...]:
+def constraints_of(items: object, call: str) -> tuple[Conservation, ...]:
     if isinstance(items, Conservation):
         items = (items,)
     if not isinstance(items, Sequence):
@@ -606,408 +594,3 @@ def mass_over_time(
     if t is not None and dt is not None:
         raise ValueError("mass_over_time: give either t= or dt=, not both.")
     return quadrature.cumulative_trapezoid(inflow, t, spacing=dt, dim=dim, initial=initial)
-
-
-# ------------------------------------------------------------------------ the functional
-_METRICS = ("covariance", "euclidean")
-
-
-def _flat_event(x: Tensor | None, event_ndim: int) -> Tensor | None:
-    return None if x is None else x.reshape(*x.shape[: x.ndim - event_ndim], -1)
-
-
-def _grid_view(mean: Tensor, event_ndim: int, grid_shape, call: str) -> tuple[int, ...]:
-    """The (batch, channels, d1, ..., dn) shape the constraint rows are stated on."""
-    k = event_ndim
-    if not 1 <= k <= mean.ndim:
-        raise ValueError(
-            f"{call}: event_ndim must be between 1 and mean.ndim = {mean.ndim}, got {k}."
-        )
-    batch = math.prod(mean.shape[: mean.ndim - k])
-    event = tuple(mean.shape[mean.ndim - k :])
-    if k == 1:
-        n = event[0]
-        grid = tuple(grid_shape) if grid_shape is not None else (n,)
-        if math.prod(grid) != n:
-            raise GridError(
-                f"{call}: grid_shape={grid} holds {math.prod(grid)} points, but the output has "
-                f"{n} per sample."
-            )
-        return (batch, 1, *grid)
-    if grid_shape is not None and tuple(grid_shape) != event[1:]:
-        raise GridError(
-            f"{call}: grid_shape={tuple(grid_shape)} does not match the output's grid "
-            f"{event[1:]} (event shape {event} = (channels, d1, ..., dn))."
-        )
-    return (batch, *event)
-
-
-def enforce_conservation(
-    mean: Tensor,
-    constraints: Conservation | Sequence[Conservation],
-    *,
-    variance: Tensor | None = None,
-    covariance: Any = None,
-    low_rank: Tensor | None = None,
-    noise: float | Tensor = 0.0,
-    metric: str = "covariance",
-    event_ndim: int | None = None,
-    grid_shape: Sequence[int] | None = None,
-    inputs: Any = None,
-) -> Gaussian:
-    """Make a (Gaussian or deterministic) model output satisfy conservation constraints.
-
-    The functional behind :class:`ConservationProjection`: the constraints' rows are stated on
-    the output's layout and :func:`~constraint_layers.functional.conserve` conditions the
-    Gaussian on them (or projects a deterministic output orthogonally). A single integral
-    constraint on a diagonal (or no) covariance runs as independent single-row updates, one per
-    frame (O(N) time and memory).
-
-    Parameters
-    ----------
-    mean : Tensor
-        shape: (*batch, *event). Grid outputs: event = (channels, d1, ..., dn). Flat outputs
-        (``event_ndim=1``): event = (N,), read as one channel on ``grid_shape``.
-    constraints : Conservation or sequence of them
-        Enforced jointly.
-    variance : Tensor, optional
-        shape: like ``mean`` (broadcastable). Marginal variances (the diagonal part when
-        ``low_rank`` is given).
-    covariance : Tensor or linear operator, optional
-        shape: (*batch, N, N) over the flattened event.
-    low_rank : Tensor, optional
-        shape: (*batch, N, K).
-    noise, metric
-        As for :func:`~constraint_layers.functional.conserve`.
-    event_ndim : int, optional
-        Number of trailing event axes (default: all but the first axis, i.e. a (batch, ...)
-        output).
-    grid_shape : sequence of int, optional
-        The grid of a flat event (``event_ndim=1``).
-    inputs : any, optional
-        The model input, passed to callable right-hand sides.
-
-    Returns
-    -------
-    Gaussian
-        ``mean`` and ``variance`` (marginal) in the input's layout and dtype; with a full
-        ``covariance``, ``downdate`` ``F`` (shape (*batch, N, M)): the posterior covariance is
-        ``covariance - F F^T``.
-
-    Examples
-    --------
-    >>> import torch, constraint_layers as cl
-    >>> c = cl.Conservation.integral(0.0, dim=0)  # a (batch, 1, x, t) output, zero mass per t
-    >>> out = cl.functional.enforce_conservation(torch.randn(2, 1, 33, 5), c)
-    >>> float(cl.metrics.conservation_error(out.mean, c).abs().max()) < 1e-6
-    True
-    """
-    call = "enforce_conservation"
-    cons = _constraints(constraints, call)
-    if metric not in _METRICS:
-        raise ValueError(f"{call}: metric must be one of {_METRICS}, got {metric!r}.")
-    if not isinstance(mean, Tensor):
-        raise TypeError(f"{call}: mean must be a tensor, got {type(mean).__name__}.")
-    k = max(mean.ndim - 1, 1) if event_ndim is None else int(event_ndim)
-    shape = _grid_view(mean, k, grid_shape, call)
-    lead = mean.shape[: mean.ndim - k]
-    if variance is not None and isinstance(variance, Tensor) and variance.shape != mean.shape:
-        try:
-            variance = torch.broadcast_to(variance, mean.shape)
-        except RuntimeError:
-            raise ValueError(
-                f"{call}: variance of shape {tuple(variance.shape)} does not broadcast to the "
-                f"mean's shape {tuple(mean.shape)}."
-            ) from None
-    structured = covariance is None and low_rank is None
-    if len(cons) == 1 and isinstance(cons[0], IntegralConservation) and structured:
-        return _enforce_integral(mean, variance, cons[0], shape, k, noise, metric, inputs, call)
-    post = _posterior(
-        mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs
-    )
-    ev = mean.shape[mean.ndim - k :]
-    var = None if post.variance is None else post.variance.reshape(*lead, *ev)
-    down = None
-    if covariance is not None and post.factor is not None:
-        down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k)
-
-
-def _posterior(
-    mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs
-) -> ConstrainedGaussian:
-    """The general path: every constraint's rows stacked, one ``conserve`` call."""
-    n = math.prod(shape[1:])
-    Gs, bs = [], []
-    for con in cons:
-        r = con.rows(shape, inputs=inputs)
-        Gs.append(r.dense(n))
-        bs.append(r.rhs)
-    per_sample = any(x.ndim == 3 for x in Gs)
-    if per_sample:
-        Gs = [x if x.ndim == 3 else x.expand(shape[0], *x.shape) for x in Gs]
-    G = torch.cat(Gs, dim=-2).to(mean.device)
-    b = torch.cat(bs, dim=-1).to(mean.device)
-    if per_sample:
-        G = G.reshape(*lead, *G.shape[-2:])
-    b = b.reshape(*lead, b.shape[-1])
-    return conserve(
-        _flat_event(mean, k),
-        G,
-        b,
-        variance=_flat_event(variance, k),
-        covariance=covariance,
-        low_rank=low_rank,
-        noise=noise,
-        metric=metric,
-    )
-
-
-def _enforce_integral(mean, variance, con, shape, k, noise, metric, inputs, call) -> Gaussian:
-    """Integral rows on a diagonal (or no) covariance: independent single-row updates."""
-    lay = con.layout(shape, call)
-    grid = mean.reshape(shape)
-    var_grid = None if variance is None else variance.reshape(shape)
-    w = con.weights(lay.sizes, device=mean.device).reshape(1, -1)
-    total = con._totals(lay, inputs, call).to(mean.device).unsqueeze(-1)
-    post = conserve(
-        lay.to_rows(grid),
-        w,
-        total,
-        variance=None if var_grid is None else lay.to_rows(var_grid),
-        noise=noise,
-        metric=metric,
-    )
-    new_mean = lay.from_rows(post.mean, grid).reshape(mean.shape)
-    new_var = None
-    if var_grid is not None:
-        new_var = lay.from_rows(post.variance, var_grid).reshape(mean.shape)
-    return Gaussian(new_mean, new_var, None, None, None, k)
-
-
-# ------------------------------------------------------------------------------ the layer
-class ConservationProjection(ConstraintLayer):
-    """Wrap a model so that its outputs satisfy conservation constraints exactly.
-
-    ``forward`` is the model call followed by one update of its output (through the model's
-    adapter): a Gaussian output is conditioned on ``G u = b`` (ProbConserv), a deterministic one is
-    projected orthogonally (HardC); the output comes back as the same kind of object (a tensor, a
-    ``(mean, variance)`` tuple, a dict, a ``torch.distributions.Normal``, a gpytorch
-    ``MultivariateNormal``, ...). The wrapper trains, saves and loads like the model (its
-    ``state_dict`` is the model's under the prefix ``model.``).
-
-    Parameters
-    ----------
-    model : nn.Module
-        The model; held as ``self.model``, not copied.
-    constraints : Conservation or sequence of them
-        Several constraints are enforced jointly (their rows stacked).
-    noise : float or Tensor, default 0.0
-        Constraint noise standard deviation (0: exact conservation).
-    metric : {"covariance", "euclidean"}, default "covariance"
-        ``"euclidean"`` moves the mean by the orthogonal projection and leaves the uncertainty as
-        the model gave it (the HardC baseline). Deterministic outputs always use it.
-    grid_shape : sequence of int, optional
-        For flat outputs (a GP evaluated at grid points flattened in C order): the grid
-        ``(d1, ..., dn)``, so that :meth:`Conservation.integral` can find its axes (the output is
-        read as one channel).
-    normalizer : object, optional
-        The output normaliser of the training pipeline (``transform`` / ``inverse_transform``,
-        elementwise affine) or an object holding it as ``out_normalizer``. The constraint is stated
-        in physical units and enforced on ``inverse_transform(output)``; variances scale with the
-        square of the normaliser's scale.
-    adapter : Adapter, optional
-        How to call the model and read its Gaussian; default: looked up in the adapter registry.
-    debug : bool, default False
-        Check the residual after every call and raise
-        :class:`~constraint_layers.errors.ConstraintViolationError` beyond rounding.
-
-    Examples
-    --------
-    >>> import torch, constraint_layers as cl
-    >>> class Head(torch.nn.Module):  # returns (mean, variance) on a (batch, 1, x) grid
-    ...     def forward(self, x):
-    ...         return torch.sin(x), 0.1 + x**2
-    >>> model = cl.wrap(Head(), cl.Conservation.integral(0.0, extent=2.0))
-    >>> mean, var = model(torch.linspace(0, 2, 21).reshape(1, 1, 21))
-    >>> float(cl.metrics.conservation_error(mean, model.constraints[0]).abs().max()) < 1e-6
-    True
-
-    References
-    ----------
-    Hansen et al., "Learning Physical Models that Can Respect Conservation Laws", ICML 2023,
-    arXiv:2302.11002.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        constraints: Conservation | Sequence[Conservation],
-        *,
-        noise: float | Tensor = 0.0,
-        metric: str = "covariance",
-        grid_shape: Sequence[int] | None = None,
-        normalizer: object = None,
-        adapter: Any = None,
-        debug: bool = False,
-    ) -> None:
-        call = "ConservationProjection"
-        super().__init__(model, adapter)
-        self.constraints = _constraints(constraints, call)
-        if metric not in _METRICS:
-            raise ValueError(f"{call}: metric must be one of {_METRICS}, got {metric!r}.")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
-            raise TypeError(f"{call}: noise must be a number or a tensor, got {noise!r}.")
-        if not isinstance(noise, Tensor) and not float(noise) >= 0:
-            raise ValueError(f"{call}: noise must be non-negative, got {noise}.")
-        self.noise = noise
-        self.metric = metric
-        if grid_shape is not None:
-            grid_shape = tuple(int(s) for s in grid_shape)
-            if not grid_shape or min(grid_shape) < 1:
-                raise ValueError(f"{call}: grid_shape must hold positive sizes, got {grid_shape}.")
-        self.grid_shape = grid_shape
-        self.normalizer = check_normalizer(normalizer, call)
-        self.debug = bool(debug)
-        self._attach()
-
-    def _bind(self, kwargs: dict) -> tuple[Conservation, ...]:
-        """The constraints of this call: ``cl.Given`` right-hand sides taken out of ``kwargs``."""
-        return bind_given(
-            self.constraints, "b", kwargs, "ConservationProjection", "right-hand side"
-        )
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs = dict(kwargs)
-        constraints = self._bind(kwargs)
-        out = self.adapter.call(self.model, args, kwargs)
-        inputs = self.adapter.model_input(args, kwargs)
-        return self.adapter.constrain(out, lambda g: self.project(g, inputs, constraints))
-
-    def project(
-        self, g: Gaussian, inputs: Any = None, constraints: Sequence[Conservation] | None = None
-    ) -> Gaussian:
-        """Condition (or project) one Gaussian output record; returns the posterior record.
-
-        ``g`` as the adapter reads it (:class:`~constraint_layers.functional.Gaussian`); the
-        result has the same layout (see :func:`enforce_conservation`). ``constraints``: default,
-        this layer's.
-        """
-        constraints = self.constraints if constraints is None else constraints
-        norm = current_normalizer(self.normalizer)
-        scale = None
-        if norm is not None:
-            g, scale = _to_physical(g, norm)
-        post = enforce_conservation(
-            g.mean,
-            constraints,
-            variance=g.variance,
-            covariance=g.covariance,
-            low_rank=g.low_rank,
-            noise=self.noise,
-            metric=self.metric,
-            event_ndim=g.event_ndim,
-            grid_shape=self.grid_shape,
-            inputs=inputs,
-        )
-        if self.debug:
-            self._check(post, inputs, constraints)
-        if norm is not None:
-            post = _from_physical(post, norm, scale)
-        return post
-
-    def posterior(self, *args: Any, **kwargs: Any) -> ConstrainedGaussian:
-        """The structured posterior of the model's output for these inputs (flattened event).
-
-        For sampling (e.g. shock positions): ``layer.posterior(x).sample(500)``. The model's
-        Gaussian as its adapter reads it (for an ensemble: its moment-matched Gaussian); in
-        physical units when a normaliser is set.
-
-        Returns
-        -------
-        ConstrainedGaussian
-            ``mean`` of shape (*batch, N), N the flattened event.
-        """
-        kwargs = dict(kwargs)
-        constraints = self._bind(kwargs)
-        out = self.adapter.call(self.model, args, kwargs)
-        g = self.adapter.gaussian(out)
-        norm = current_normalizer(self.normalizer)
-        if norm is not None:
-            g, _ = _to_physical(g, norm)
-        k = g.event_ndim
-        shape = _grid_view(g.mean, k, self.grid_shape, "ConservationProjection.posterior")
-        lead = g.mean.shape[: g.mean.ndim - k]
-        return _posterior(
-            g.mean, g.variance, g.covariance, g.low_rank, constraints, shape, lead, k,
-            self.noise, self.metric, self.adapter.model_input(args, kwargs),
-        )  # fmt: skip
-
-    def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
-        """Signed residual ``G mean - b`` of a model output (physical units); shape (batch, M)
-        with all constraints' rows concatenated, float64. ``given``: values of ``cl.Given``
-        right-hand sides."""
-        constraints = self._bind(dict(given))
-        g = self.adapter.gaussian(output)
-        norm = current_normalizer(self.normalizer)
-        if norm is not None:
-            g, _ = _to_physical(g, norm)
-        return self._residual(g, inputs, constraints)
-
-    def _residual(self, g: Gaussian, inputs: Any, constraints: Sequence[Conservation]) -> Tensor:
-        shape = _grid_view(g.mean, g.event_ndim, self.grid_shape, "ConservationProjection")
-        y = g.mean.reshape(shape)
-        return torch.cat([c.residual(y, inputs=inputs) for c in constraints], dim=-1)
-
-    def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Conservation]) -> None:
-        res = self._residual(post, inputs, constraints).detach()
-        tol = TOLERANCE.get(post.mean.dtype, 1e-4)
-        scale = float(post.mean.detach().abs().max()) + 1.0
-        worst = float(res.abs().max()) if res.numel() else 0.0
-        if not worst <= tol * scale:
-            raise ConstraintViolationError(
-                f"ConservationProjection(debug=True): residual {worst:.3e} after the update "
-                f"(tolerance {tol * scale:.3e} for {post.mean.dtype}). This is a bug: please "
-                "report it with the constraints and the output shape."
-            )
-
-    def extra_repr(self) -> str:
-        opts = [f"constraints={list(self.constraints)}", f"metric={self.metric!r}"]
-        if not (isinstance(self.noise, (int, float)) and self.noise == 0):
-            opts.append(f"noise={self.noise}")
-        if self.grid_shape is not None:
-            opts.append(f"grid_shape={self.grid_shape}")
-        return ", ".join(opts)
-
-
-# ------------------------------------------------------------------------ normalisation
-def _scale(norm: Any, like: Tensor) -> Tensor:
-    """The elementwise scale of an affine ``inverse_transform``: ``inv(1) - inv(0)``."""
-    return norm.inverse_transform(torch.ones_like(like)) - norm.inverse_transform(
-        torch.zeros_like(like)
-    )
-
-
-def _to_physical(g: Gaussian, norm: Any) -> tuple[Gaussian, Tensor]:
-    s = _scale(norm, g.mean)
-    mean = norm.inverse_transform(g.mean)
-    var = None if g.variance is None else g.variance * s.square()
-    sf = _flat_event(s, g.event_ndim)
-    cov, low = g.covariance, g.low_rank
-    if cov is not None:
-        cov = cov * (sf.unsqueeze(-1) * sf.unsqueeze(-2))
-    if low is not None:
-        low = low * sf.unsqueeze(-1)
-    return g._replace(mean=mean, variance=var, covariance=cov, low_rank=low), s
-
-
-def _from_physical(post: Gaussian, norm: Any, s: Tensor) -> Gaussian:
-    mean = norm.transform(post.mean)
-    var = None if post.variance is None else post.variance / s.square()
-    sf = _flat_event(s, post.event_ndim)
-    cov, down = post.covariance, post.downdate
-    if cov is not None:
-        cov = cov / (sf.unsqueeze(-1) * sf.unsqueeze(-2))
-    if down is not None:
-        down = down / sf.unsqueeze(-1)
-    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down)

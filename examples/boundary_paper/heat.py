@@ -3,8 +3,8 @@
 ``u_t = k u_xx`` on [0, 1], insulated wall ``du/dx = 0`` at x = 0, heater ``du/dx = U sin(pi t)``
 at x = 1 (U = 5, k = 0.01), ``u0 = cos(omega pi x)`` with omega ~ U[2.01, 3.99]. Two tasks:
 single step ``u0 -> u(., 0.5)`` (16 modes, width 64) and 25 frames ``u0 -> u(x, t_1..t_25)`` with
-t in (0, 0.5] (12 modes, width 32). Conditions: ``Neumann(0, side="low")`` and
-``Neumann(U sin(pi t), side="high")`` (outward normals), second-order one-sided stencils.
+t in (0, 0.5] (12 modes, width 32). Conditions: ``Neumann(0, dim=0, side="low")`` and
+``Neumann(U sin(pi t), dim=0, side="high")`` (outward normals), second-order one-sided stencils.
 
     .venv/bin/python examples/boundary_paper/heat.py --quick          # CPU, minutes
     .venv/bin/python examples/boundary_paper/heat.py --full           # paper sizes (GPU)
@@ -71,8 +71,8 @@ def make_tasks(size: str, smoke: bool) -> list[tuple[Task, Budget]]:
         )
         train, test = data.split(cfg["n_train"])
         bcs = [
-            cl.Neumann(_constant_face(data, "x_low"), side="low"),
-            cl.Neumann(_constant_face(data, "x_high"), side="high"),
+            cl.Neumann(_constant_face(data, "x_low"), dim=0, side="low"),
+            cl.Neumann(_constant_face(data, "x_high"), dim=0, side="high"),
         ]
         inputs = "u0, x" if kind == "single" else "u0 (repeated along t), x, t"
         task = Task(

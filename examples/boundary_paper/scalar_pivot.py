@@ -96,7 +96,7 @@ class ScalarPivotRefinement:
         faces: dict[int, list[str]] = {}
         periodic: set[int] = set()
         for bc in bcs:
-            if bc.kind == "periodic":
+            if isinstance(bc, cl.Periodic):
                 periodic.add(bc.dim)
                 continue
             sides = faces.setdefault(bc.dim, [])

@@ -105,7 +105,7 @@ def test_property_random_conditions_match_reference(problem):
 def test_dirichlet_and_periodic_are_bit_exact(dtype):
     y = torch.randn(5, 2, 33, 7, dtype=dtype)
     g = torch.randn(5, 2, 7, dtype=torch.float64)  # per sample, channel and frame; cast to dtype
-    z = enforce_boundary(y, [cl.Dirichlet(g, side="low"), cl.Periodic(dim=1)])
+    z = enforce_boundary(y, [cl.Dirichlet(g, dim=0, side="low"), cl.Periodic(dim=1)])
     assert torch.equal(z[:, :, 0, 1:-1], g.to(dtype)[..., 1:-1])
     assert torch.equal(z[..., 0], z[..., -1])
 
@@ -253,7 +253,8 @@ BAD = [
     ("dim out of range", lambda: enforce_boundary(torch.randn(1, 1, 8), [cl.Dirichlet(dim=1)]), GridError, "dim=1 is out of range"),
     ("grid too short", lambda: enforce_boundary(torch.randn(1, 1, 4), [cl.Neumann(order=3)]), GridError, "at least 5 nodes"),
     ("grid too short for lift", lambda: enforce_boundary(torch.randn(1, 1, 8), [cl.Dirichlet()], lift=8), GridError, "lift=8"),
-    ("value shape", lambda: enforce_boundary(torch.randn(2, 1, 8, 5), [cl.Dirichlet(torch.ones(4))]), GridError, r"does not broadcast to the face shape \(2, 1, 5\)"),
+    ("value shape", lambda: enforce_boundary(torch.randn(2, 1, 8, 5), [cl.Dirichlet(torch.ones(4), dim=0)]), GridError, r"does not broadcast to the face shape \(2, 1, 5\)"),
+    ("dim missing on 2 axes", lambda: enforce_boundary(torch.randn(2, 1, 8, 5), [cl.Neumann(0.0)]), GridError, r"without dim=, but the output has 2 spatial axes"),
     ("nan value", lambda: cl.Dirichlet(float("nan")), ValueError, "finite"),
     ("inf tensor", lambda: cl.Neumann(torch.tensor([1.0, float("inf")])), ValueError, "NaN or inf"),
     ("nan from callable", lambda: enforce_boundary(torch.randn(1, 1, 8), [cl.Dirichlet(lambda x: torch.tensor(float("nan")))], inputs=1), ValueError, "NaN or inf"),

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import constraint_layers as cl
-from constraint_layers.testing import ConservationLayerTests
 from constraint_layers.adapters.generic import read_gaussian
+from constraint_layers.testing import ConservationLayerTests
 
 F64 = torch.float64
 
@@ -256,8 +256,8 @@ def test_wrap_dispatch_options_and_debug():
     exact = cl.wrap(net, c, debug=True)
     y = exact(torch.randn(2, 1, 12))
     assert float(cl.metrics.conservation_error(y, c).abs().max()) < 1e-6
-    with pytest.raises(ValueError, match="one family"):
-        cl.wrap(net, c, cl.Dirichlet(0.0))
+    joint = cl.wrap(net, c, cl.Dirichlet(0.0))  # both families: one joint layer
+    assert type(joint) is cl.ConstraintLayer and len(joint.bcs) == 1
 
 
 def test_posterior_sampling_through_the_layer():

@@ -118,7 +118,7 @@ def test_approximate_gp_and_batch_gp():
         f = model(torch.linspace(0, 1, 30, dtype=F64).unsqueeze(-1))
     assert abs(float(cl.quadrature.trapezoid(30) @ f.mean) - 0.25) < 1e-12
     with pytest.raises(TypeError, match="MultivariateNormal"):
-        model.adapter.gaussian(torch.zeros(3))
+        model.adapter.read(torch.zeros(3))
 
 
 class TestExactGPMixin(ConservationLayerTests):

@@ -90,7 +90,7 @@ def test_periodic_data_hold_bit_for_bit_and_match_the_solver():
     burgers = Burgers()
     data = burgers.generate(4, resolution=64, dtype=F64, cache=False)
     assert data.meta["bc"] == "periodic" and not data.boundary
-    assert cl.metrics.boundary_error(data.y, [cl.Periodic()]).max() == 0.0
+    assert cl.metrics.boundary_error(data.y, [cl.Periodic(dim=0)]).max() == 0.0
     assert torch.equal(data.x[:, 0, 0], data.x[:, 0, -1])
     # resolution 65 contains the solver's nodes j / 256 for j = 0, 64, 128, 192, 256
     gen = torch.Generator().manual_seed(0)
@@ -105,8 +105,8 @@ def test_dirichlet_variant_carries_its_boundary_values():
     assert data.meta["bc"] == "dirichlet"
     assert data.boundary["x_low"].shape == (5, 1, 25)
     bcs = [
-        cl.Dirichlet(data.boundary["x_low"], side="low"),
-        cl.Dirichlet(data.boundary["x_high"], side="high"),
+        cl.Dirichlet(data.boundary["x_low"], dim=0, side="low"),
+        cl.Dirichlet(data.boundary["x_high"], dim=0, side="high"),
     ]
     assert cl.metrics.boundary_error(data.y, bcs).max() == 0.0
     # non-vacuous: the values vary from sample to sample and from frame to frame

@@ -94,8 +94,10 @@ def test_neumann_conditions_hold_in_the_data_at_third_order():
     for nodes in (129, 257, 513):
         data = Heat().generate(4, resolution=nodes, times=times, dtype=F64, cache=False)
         bcs = [
-            cl.Neumann(data.boundary["x_low"], side="low", order=3),  # outward: -u_x(0) = 0
-            cl.Neumann(data.boundary["x_high"], side="high", order=3),  # u_x(1) = U sin(pi t)
+            cl.Neumann(data.boundary["x_low"], dim=0, side="low", order=3),  # outward: -u_x(0) = 0
+            cl.Neumann(
+                data.boundary["x_high"], dim=0, side="high", order=3
+            ),  # u_x(1) = U sin(pi t)
         ]
         errs.append(cl.metrics.boundary_error(data.y, bcs))
     print("heat Neumann residual, N = 129, 257, 513 (low, high):", [e.tolist() for e in errs])

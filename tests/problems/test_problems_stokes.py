@@ -98,8 +98,8 @@ def test_finite_differences_converge_to_the_solution_at_second_order():
 def test_dirichlet_data_hold_bit_for_bit():
     data = Stokes().generate(6, resolution=64, dtype=torch.float32, cache=False)
     bcs = [
-        cl.Dirichlet(data.boundary["x_low"], side="low"),
-        cl.Dirichlet(data.boundary["x_high"], side="high"),
+        cl.Dirichlet(data.boundary["x_low"], dim=0, side="low"),
+        cl.Dirichlet(data.boundary["x_high"], dim=0, side="high"),
     ]
     assert cl.metrics.boundary_error(data.y, bcs).max() == 0.0
     omega = data.params["omega"].double()

@@ -1,0 +1,337 @@
+"""The projection engine: every constraint family through one entry point (private).
+
+All constraints are rows of ``C u = d`` (:mod:`constraint_layers.rows`); the constrained output is
+
+    u~ = u - W C^T (C W C^T)^{-1} (C u - d)
+
+with a mobility ``W`` chosen by what the output is and which rows act. The solver follows from
+the structure:
+
+==========================  ===============================================================
+what acts                   solver
+==========================  ===============================================================
+boundary rows only,         face-local step (:mod:`constraint_layers.boundary.enforce`):
+deterministic output        each row moves its own nodes; Dirichlet exact to the bit
+conservation rows only      :func:`~constraint_layers.functional.enforce_conservation`: one-row
+                            streaming per frame, or the ``M x M`` Cholesky with polish
+boundary + conservation,    the boundary step ``B`` (affine: ``B(v) = S v + f``) first; the
+deterministic output        conservation rows act on the remaining freedom with the boundary
+                            substituted, ``G' = G S``, ``b' = b - G f``, Euclidean:
+                            ``u~ = B(u - G'^T (G' G'^T)^+ (G B(u) - b))``
+any rows, Gaussian output   conditioning on ALL rows at once (boundary rows at the face points
+                            each condition is in charge of, then the conservation rows):
+                            :func:`~constraint_layers.functional.conserve`
+==========================  ===============================================================
+
+Rows that cannot hold together raise :class:`~constraint_layers.errors.IncompatibleConstraintsError`
+naming them; redundant rows whose right-hand sides agree are accepted.
+:func:`dense_projection` is the float64 reference the tests compare every path with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._grid import resolve_spacing
+from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
+from .conservation.conserve import Gaussian, conserve
+from .conservation.enforce import enforce_conservation, flat_event, grid_view
+from .errors import IncompatibleConstraintsError
+from .rows import DEFAULT_GRID, GridSpec, Rows
+
+__all__ = ["dense_projection", "project", "split_families"]
+
+F64 = torch.float64
+#: A squared pivot below this fraction of its row's norm: the row depends on the ones before it.
+DEPENDENT_RTOL = 1e-10
+#: Relative disagreement of right-hand sides beyond which dependent rows are incompatible.
+CONSISTENT_RTOL = 1e-8
+
+
+def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``(boundary, conservation)`` constraints, each in the order given."""
+    bnd = [c for c in constraints if c.family == "boundary"]
+    con = [c for c in constraints if c.family == "conservation"]
+    return bnd, con
+
+
+def _describe(labels: Sequence[str], rows: Sequence[int]) -> str:
+    return ", ".join(labels[i] for i in rows[:6]) + (" ..." if len(rows) > 6 else "")
+
+
+def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
+    out = []
+    for c, m in zip(constraints, counts):
+        out += [f"{c!r} row {i}" for i in range(m)]
+    return out
+
+
+def independent_rows(
+    G: Tensor, b: Tensor, labels: Sequence[str], call: str
+) -> tuple[Tensor, Tensor]:
+    """Drop rows of ``G u = b`` that depend on earlier ones, after checking that their
+    right-hand sides agree (else raise, naming them).
+
+    ``G`` (M, N) float64 shared by the batch, ``b`` (batch, M) float64. Returns the kept rows.
+    A healthy system (Cholesky of ``G G^T`` with good pivots) costs one ``M x M`` factorisation.
+    """
+    gram = G @ G.mT
+    norms = gram.diagonal().clamp_min(torch.finfo(F64).tiny)
+    L, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and bool((L.diagonal().square() > DEPENDENT_RTOL * norms).all()):
+        return G, b
+    keep: list[int] = []
+    for i in range(G.shape[0]):  # greedy: a row is kept if it adds a direction
+        if not keep:
+            if float(norms[i]) > torch.finfo(F64).tiny and bool(G[i].abs().max() > 0):
+                keep.append(i)
+            continue
+        k = torch.tensor(keep)
+        x = torch.linalg.lstsq(gram[k][:, k], gram[k, i].unsqueeze(-1)).solution
+        rest = float(gram[i, i] - (gram[i, k] @ x.squeeze(-1)))
+        if rest > DEPENDENT_RTOL * float(norms[i]):
+            keep.append(i)
+    dropped = [i for i in range(G.shape[0]) if i not in set(keep)]
+    k = torch.tensor(keep, dtype=torch.long)
+    d = torch.tensor(dropped, dtype=torch.long)
+    if keep:
+        coef = torch.linalg.lstsq(gram[k][:, k], gram[k][:, d]).solution  # (K, D)
+        implied = b[:, k] @ coef  # (batch, D)
+        scale = b[:, k].abs() @ coef.abs()
+    else:
+        implied = torch.zeros_like(b[:, d])
+        scale = torch.zeros_like(implied)
+    bad = (implied - b[:, d]).abs() > CONSISTENT_RTOL * (scale + b[:, d].abs() + 1.0)
+    if bool(bad.any()):
+        which = sorted({int(i) for i in d[bad.any(0)]})
+        raise IncompatibleConstraintsError(
+            f"{call}: the constraints cannot hold together: {_describe(labels, which)} "
+            f"follow(s) from the other rows, but with a different value (off by "
+            f"{float((implied - b[:, d]).abs().max()):.3e}). Check the values and totals (e.g. a "
+            "total that the wall values make impossible).",
+            tuple(which),
+        )
+    return G[k], b[:, k]
+
+
+def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
+    """Dense stacked ``(G, b)``: (M, N) or (batch, M, N) float64, and (batch, M)."""
+    s = Rows.stack(rows, batch)
+    return s.dense(n), s.rhs
+
+
+def _pull_back(G: Tensor, bplan: Any, shape: tuple[int, ...]) -> Tensor:
+    """``G S``: the rows ``G`` composed with the linear part of the boundary step (float64).
+
+    ``S`` is the adjoint taken by autograd through the step on a zero input with zero values:
+    one batched pass over ``M`` grids.
+    """
+    lead = G.shape[:-1]
+    m = math.prod(lead)
+    x = torch.zeros((m, *shape[1:]), dtype=F64, device=G.device, requires_grad=True)
+    zeros = [torch.zeros((m, c.index.shape[0]), dtype=F64, device=G.device) for c in bplan.conds]
+    with torch.enable_grad():
+        out = apply_plan(x, bplan, zeros)
+        (gs,) = torch.autograd.grad(out, x, G.detach().reshape(m, *shape[1:]).to(F64))
+    return gs.reshape(*lead, -1)
+
+
+def _solve_consistent(A: Tensor, r: Tensor, labels: Sequence[str], call: str) -> Tensor:
+    """``A^+ r`` for ``A`` (*, M, M) symmetric PSD, ``r`` (*, M); dependent rows must agree."""
+    L, info = torch.linalg.cholesky_ex(A)
+    diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    if not bool((info != 0).any()):
+        ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.clamp_min(1e-300)
+        if bool((ratio > DEPENDENT_RTOL).all()):
+            return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    lam, V = torch.linalg.eigh(A)
+    keep = lam > DEPENDENT_RTOL * lam.amax(-1, keepdim=True).clamp_min(1e-300)
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
+    rv = (V.mT @ r.unsqueeze(-1)).squeeze(-1)
+    off = torch.where(keep, 0.0, rv).abs()  # residual in the directions no move can reach
+    if bool((off > CONSISTENT_RTOL * (r.abs().amax(-1, keepdim=True) + 1.0)).any()):
+        weight = (V * (~keep).unsqueeze(-2)).abs().amax(-1)  # rows in the unreachable directions
+        which = sorted(
+            {int(i) for i in (weight.reshape(-1, weight.shape[-1]) > 1e-6).any(0).nonzero()}
+        )
+        raise IncompatibleConstraintsError(
+            f"{call}: the constraints cannot hold together: {_describe(labels, which)} cannot be "
+            f"met once the boundary conditions hold (residual {float(off.max()):.3e} in a "
+            "direction no free value can change). Check the values and totals (e.g. a total that "
+            "the wall values make impossible).",
+            tuple(which),
+        )
+    return (V @ (inv * rv).unsqueeze(-1)).squeeze(-1)
+
+
+def _noise_rows(noise: Any, bnd_counts: Sequence[int], con_counts: Sequence[int]) -> Any:
+    """Per-row noise of the stacked system: boundary rows exact, conservation rows ``noise``; a
+    sequence gives one value per constraint (boundary first, in the order given)."""
+    if isinstance(noise, (list, tuple)):
+        vals = list(noise)
+        counts = [*bnd_counts, *con_counts]
+        return torch.cat([torch.full((m,), float(v), dtype=F64) for v, m in zip(vals, counts)])
+    if isinstance(noise, Tensor) and noise.numel() > 1:
+        return torch.cat([torch.zeros(sum(bnd_counts), dtype=F64), noise.to(F64).reshape(-1)])
+    value = float(noise)
+    if value == 0.0:
+        return 0.0
+    return torch.cat(
+        [torch.zeros(sum(bnd_counts), dtype=F64), torch.full((sum(con_counts),), value, dtype=F64)]
+    )
+
+
+def project(
+    pred: Gaussian,
+    constraints: Sequence[Any],
+    *,
+    grid: GridSpec = DEFAULT_GRID,
+    lift: int = 0,
+    noise: Any = 0.0,
+    metric: str = "covariance",
+    grid_shape: Sequence[int] | None = None,
+    inputs: Any = None,
+    call: str = "project",
+) -> Gaussian:
+    """Enforce ``constraints`` on one prediction (a deterministic one: a Gaussian without
+    uncertainty); returns the constrained prediction in the same layout and dtype.
+
+    ``noise``: a number (conservation rows; boundary rows are exact) or one value per
+    constraint. See the module docstring for the solvers.
+    """
+    bnd, con = split_families(constraints)
+    k = pred.event_ndim
+    mean = pred.mean
+    if not bnd:
+        if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
+            shape = grid_view(mean, k, grid_shape, call)
+            counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
+            noise = _noise_rows(noise, [], counts)
+        return enforce_conservation(
+            mean,
+            con,
+            variance=pred.variance,
+            covariance=pred.covariance,
+            low_rank=pred.low_rank,
+            noise=noise,
+            metric=metric,
+            event_ndim=k,
+            grid_shape=grid_shape,
+            inputs=inputs,
+        )
+    shape = grid_view(mean, k, grid_shape, call)
+    lead = mean.shape[: mean.ndim - k]
+    hs = resolve_spacing(
+        shape[2:], spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint, call=call
+    )
+    deterministic = pred.variance is None and pred.covariance is None and pred.low_rank is None
+    if deterministic:
+        bplan = plan(shape, bnd, hs, lift, grid.endpoint, call)
+        rhs = [
+            condition_rhs(c, bc, shape[0], mean.dtype, mean.device, inputs, call)
+            for c, bc in zip(bplan.conds, bnd)
+        ]
+        u = mean.reshape(shape)
+        z = apply_plan(u, bplan, rhs)
+        if con:
+            z = _joint_deterministic(u, z, bplan, rhs, con, shape, inputs, call)
+        return Gaussian(z.reshape(mean.shape), event_ndim=k)
+    return _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call)
+
+
+def _joint_deterministic(u, z1, bplan, rhs, con, shape, inputs, call) -> Tensor:
+    """Conservation rows on the freedom the boundary step leaves (Euclidean), then the step."""
+    n = math.prod(shape[1:])
+    rows = [c.rows(shape, inputs=inputs) for c in con]
+    G, b = _stack(rows, shape[0], n)
+    G = G.to(u.device)
+    b = b.to(u.device)
+    Gp = _pull_back(G, bplan, shape)  # (M, N) or (B, M, N)
+    flat = z1.reshape(shape[0], -1).to(F64)
+    r = (flat @ G.mT if G.ndim == 2 else (G @ flat.unsqueeze(-1)).squeeze(-1)) - b
+    A = Gp @ Gp.mT
+    labels = _labels(con, [x.num_rows for x in rows])
+    coef = _solve_consistent(A, r, labels, call)  # (B, M)
+    step = coef @ Gp if Gp.ndim == 2 else (coef.unsqueeze(-2) @ Gp).squeeze(-2)
+    v = (u.reshape(shape[0], -1).to(F64) - step).to(u.dtype).reshape(shape)
+    return apply_plan(v, bplan, rhs)
+
+
+def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call) -> Gaussian:
+    """Condition the Gaussian on all rows at once (boundary rows where each is in charge)."""
+    n = math.prod(shape[1:])
+    k = pred.event_ndim
+    brows = boundary_rows(
+        shape, bnd, spacing=hs, endpoint=grid.endpoint, inputs=inputs, include_overridden=False
+    )
+    crows = [c.rows(shape, inputs=inputs) for c in con]
+    rows = [*brows, *crows]
+    G, b = _stack(rows, shape[0], n)
+    labels = _labels([*bnd, *con], [r.num_rows for r in rows])
+    s = _noise_rows(noise, [r.num_rows for r in brows], [r.num_rows for r in crows])
+    if G.ndim == 2 and not isinstance(s, Tensor):
+        G, b = independent_rows(G, b, labels, call)
+    mean = pred.mean
+    G = G.to(mean.device)
+    b = b.to(mean.device).reshape(*lead, -1)
+    if G.ndim == 3:
+        G = G.reshape(*lead, *G.shape[-2:])
+    post = conserve(
+        flat_event(mean, k),
+        G,
+        b,
+        variance=flat_event(pred.variance, k),
+        covariance=pred.covariance,
+        low_rank=pred.low_rank,
+        noise=s,
+        metric=metric,
+    )
+    ev = mean.shape[mean.ndim - k :]
+    var = None if post.variance is None else post.variance.reshape(*lead, *ev)
+    down = None
+    if pred.covariance is not None and post.factor is not None:
+        down = post.factor.to(post.mean.dtype)
+    return Gaussian(post.mean.reshape(*lead, *ev), var, pred.covariance, None, down, k)
+
+
+def dense_projection(
+    u: Tensor, rows: Sequence[Rows], W: Tensor | None = None, *, sequential: bool = False
+) -> Tensor:
+    """The dense float64 reference: ``u - W C^T (C W C^T)^+ (C u - d)``.
+
+    Parameters
+    ----------
+    u : Tensor
+        shape: (batch, N). Not modified.
+    rows : sequence of Rows
+        Stacked into one system; with ``sequential=True`` each set is projected in turn with its
+        own mobility (``V = W C^T`` replaced by the rows' directions): the boundary step.
+    W : Tensor, optional
+        shape: (N, N) or (batch, N, N); default the identity.
+
+    Returns
+    -------
+    Tensor
+        shape: (batch, N), float64.
+    """
+    x = u.to(F64)
+    n = x.shape[-1]
+    if sequential:
+        for r in rows:
+            C = r.dense(n).to(x.device)
+            V = r.directions(n).to(x.device)
+            res = x @ C.mT - r.rhs.to(x.device)
+            x = x - (torch.linalg.pinv(C @ V) @ res.unsqueeze(-1)).squeeze(-1) @ V.mT
+        return x
+    C, d = _stack(rows, x.shape[0], n)
+    C, d = C.to(x.device), d.to(x.device)
+    Wm = torch.eye(n, dtype=F64, device=x.device) if W is None else W.to(F64)
+    WC = Wm @ C.mT  # (.., N, M)
+    res = (x.unsqueeze(-2) @ C.mT).squeeze(-2) - d
+    coef = (torch.linalg.pinv(C @ WC) @ res.unsqueeze(-1)).squeeze(-1)
+    return x - (WC @ coef.unsqueeze(-1)).squeeze(-1)
