@@ -41,6 +41,18 @@ class ConstraintLayer(nn.Module):
         self.adapter = adapter
         self._handles: list[Any] = []
 
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module's lookup (parameters, buffers, submodules) first; then what the adapter offers
+        # on the model library's behalf (e.g. neuraloperator's save_checkpoint). The adapter is
+        # read from __dict__ so that a half-built or half-unpickled wrapper never recurses here.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            adapter = self.__dict__.get("adapter")
+            if adapter is None or (name.startswith("__") and name.endswith("__")):
+                raise
+        return adapter.wrapper_attribute(self, name)
+
     def _attach(self) -> None:
         """Let the adapter install its hooks; subclasses call this last in ``__init__``."""
         self.adapter.attach(self)
