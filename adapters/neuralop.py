@@ -318,10 +318,10 @@ def from_checkpoint(
     >>> from constraint_layers.adapters.neuralop import from_checkpoint
     >>> fno = FNO(n_modes=(4,), in_channels=1, out_channels=1, hidden_channels=4)
     >>> wrapped = cl.wrap(fno, cl.Dirichlet(0.0))
-    >>> folder = tempfile.mkdtemp()
-    >>> wrapped.save_checkpoint(folder, "fno")
-    >>> again = from_checkpoint(folder, "fno")
-    >>> again.bcs
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     wrapped.save_checkpoint(folder, "fno")
+    ...     again = from_checkpoint(folder, "fno")
+    >>> list(again.bcs)
     [Dirichlet(0.0, dim=0, side='both')]
     >>> x = torch.randn(2, 1, 16)
     >>> torch.equal(again(x), wrapped(x))

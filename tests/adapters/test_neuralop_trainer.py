@@ -328,3 +328,19 @@ def test_condition_without_dim_on_a_1d_output_and_explicit_dims_on_2d():
     assert (u[..., 0] == 0).all() and (u[..., -1] == 0).all()
     u = cl.wrap(make_fno(), *walls())(torch.randn(2, 1, *GRID))
     assert (boundary(u) == 0).all()  # all four faces, as written
+
+
+def test_uqno_wrapper_checkpoint_round_trip(tmp_path: Path):
+    from neuralop.models import UQNO
+
+    torch.manual_seed(0)
+    base = FNO(n_modes=(4,), in_channels=1, out_channels=1, hidden_channels=8)
+    wrapped = cl.wrap(UQNO(base), cl.Conservation.integral(0.0))
+    with quiet():
+        wrapped.save_checkpoint(tmp_path, "uqno")
+        again = from_checkpoint(tmp_path, "uqno")
+    assert type(again.adapter) is type(wrapped.adapter)
+    x = torch.randn(2, 1, 24)
+    with torch.no_grad():
+        for a, b in zip(again(x), wrapped(x)):
+            assert torch.equal(a, b)
