@@ -289,8 +289,9 @@ def from_checkpoint(
     save_name : str
         The prefix of its file names (the ``Trainer`` uses ``"model"`` or ``"best_model"``).
     *constraints
-        Constraints to use instead of the saved ones; required when the sidecar holds none
-        (they could not be pickled, or the checkpoint is a plain neuraloperator one).
+        Constraints to use instead of the saved ones (the saved layer and options are kept);
+        required when the sidecar holds none (they could not be pickled, or the checkpoint is a
+        plain neuraloperator one).
     normalizer : object, optional
         The training pipeline's output normaliser (e.g. the ``DefaultDataProcessor``). Required
         when the wrapper was saved with one (pass ``None`` to drop it deliberately).
@@ -365,7 +366,8 @@ def from_checkpoint(
             )
             raise ValueError(
                 f"{call}: expected the constraints, as the checkpoint cannot supply them: {why}. "
-                f"Pass them: from_checkpoint(folder, {save_name!r}, cl.Dirichlet(...), ...), or "
+                f"Pass them (and any layer options): from_checkpoint(folder, {save_name!r}, "
+                f"cl.Dirichlet(...), ...), or "
                 f"wrap the model yourself: cl.wrap({model_cls.__name__}.from_checkpoint(folder, "
                 f"{save_name!r}), *constraints)."
             )
