@@ -100,5 +100,32 @@ class Adapter:
         :func:`constraint_layers.unwrap` removes them.
         """
 
+    def wrapper_attribute(self, wrapper: nn.Module, name: str) -> Any:
+        """An attribute that the wrapper offers on behalf of the model's library.
+
+        ``wrapper.<name>`` comes here when neither the wrapper nor ``nn.Module`` has ``name``. This
+        is how a wrapper offers what the model's own tools call on a model (neuraloperator's
+        ``Trainer`` calls ``model.save_checkpoint``) while the core stays free of that library:
+        return the attribute (usually a function bound to ``wrapper``), or raise
+        ``AttributeError``. Default: no such attributes.
+
+        Parameters
+        ----------
+        wrapper : nn.Module
+            The constraint layer being asked.
+        name : str
+            The attribute asked for (never a dunder name).
+
+        Raises
+        ------
+        AttributeError
+            The adapter offers no attribute ``name``.
+        """
+        model = wrapper.__dict__.get("_modules", {}).get("model")
+        hint = ""
+        if model is not None and hasattr(model, name):
+            hint = f"; the wrapped model has it: use wrapped.model.{name}"
+        raise AttributeError(f"{type(wrapper).__name__!r} object has no attribute {name!r}{hint}")
+
     def __repr__(self) -> str:
         return f"<adapter {self.name or type(self).__name__}>"

@@ -508,7 +508,7 @@ class BoundaryCorrection(ConstraintLayer):
     ----------
     model : nn.Module
         A model whose output is (or, through its adapter, contains) a channel-first grid.
-    bcs : BoundaryCondition or sequence of them
+    constraints : BoundaryCondition or sequence of them
         Applied in order; where two meet the later one holds.
     rcond : float, default 1e-2
         ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
@@ -533,9 +533,6 @@ class BoundaryCorrection(ConstraintLayer):
     Saad et al., "Guiding continuous operator learning through physics-based boundary
     constraints", ICLR 2023.
     """
-
-    def __init__(self, model: nn.Module, bcs: Any, **options: Any) -> None:
-        super().__init__(model, bcs, **options)
 
     def _accept(self, constraints: Any, call: str) -> tuple[Any, ...]:
         items = boundary_conditions(constraints, call)
@@ -567,9 +564,6 @@ class ConservationProjection(ConstraintLayer):
     Hansen et al., "Learning Physical Models that Can Respect Conservation Laws", ICML 2023,
     arXiv:2302.11002.
     """
-
-    def __init__(self, model: nn.Module, constraints: Any, **options: Any) -> None:
-        super().__init__(model, constraints, **options)
 
     def _accept(self, constraints: Any, call: str) -> tuple[Any, ...]:
         return constraints_of(constraints, call)
