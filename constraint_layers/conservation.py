@@ -634,6 +634,8 @@ def _grid_view(mean: Tensor, event_ndim: int, grid_shape, call: str) -> tuple[in
                 f"{n} per sample."
             )
         return (batch, 1, *grid)
+    if grid_shape is not None and len(event) == 2 and math.prod(grid_shape) == event[1]:
+        return (batch, event[0], *grid_shape)  # channels of flat points (multitask GPs)
     if grid_shape is not None and tuple(grid_shape) != event[1:]:
         raise GridError(
             f"{call}: grid_shape={tuple(grid_shape)} does not match the output's grid "
@@ -730,7 +732,7 @@ def enforce_conservation(
     down = None
     if covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k)
+    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k, post)
 
 
 def _posterior(
@@ -1010,4 +1012,5 @@ def _from_physical(post: Gaussian, norm: Any, s: Tensor) -> Gaussian:
         cov = cov / (sf.unsqueeze(-1) * sf.unsqueeze(-2))
     if down is not None:
         down = down / sf.unsqueeze(-1)
-    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down)
+    # The structured posterior is in physical units: adapters fall back to the record's fields.
+    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down, conditioned=None)
