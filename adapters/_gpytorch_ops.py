@@ -180,3 +180,31 @@ def constrained_type(cls: type) -> type:
     a gpytorch distribution keeps its type: its samples are still exact, its ``log_prob`` is
     gpytorch's)."""
     return _TYPES.get(cls, cls)
+
+
+def mixture_distribution(
+    like: MultivariateNormal,
+    mean: Tensor,  # shape: (*batch, N)
+    covariance: Tensor,  # shape: (*batch, N, N), float64
+    rows: tuple[Tensor, Tensor] | None,  # (G, b) when every member was conditioned exactly
+) -> MultivariateNormal:
+    """A moment-matched mixture of conditioned gpytorch posteriors, as ``like``'s type.
+
+    The dense covariance stays a linear operator whose root is projected onto ``G u = 0`` (exact
+    samples) and, with ``rows``, whose density is the one on the constraint set.
+    """
+    from linear_operator.operators import DenseLinearOperator
+
+    from constraint_layers.functional import DegenerateGaussian
+
+    from .ensemble import _projected_root
+
+    dtype = mean.dtype
+    op = ConditionedCovariance(DenseLinearOperator(covariance.to(dtype)))
+    if rows is not None:
+        op._exact_root = lambda method: _projected_root(covariance, rows).to(dtype)
+    cls = constrained_type(type(like))
+    out = cls(mean, op)
+    if rows is not None:
+        out._conditioned = DegenerateGaussian(mean, covariance, rows=rows, dtype=dtype)
+    return out

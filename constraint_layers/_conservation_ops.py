@@ -20,13 +20,14 @@ identity in the mean update (the HardC projection) and leaves the uncertainty as
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .errors import SingularConstraintError
+from .errors import ConditioningWarning, SingularConstraintError
 
 __all__ = [
     "ConstrainedGaussian",
@@ -442,6 +443,65 @@ def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: s
     return _Root(V * scale.unsqueeze(-2), True)
 
 
+#: Rows whose normalised Gram matrix has eigenvalues below this fraction of the largest are nearly
+#: dependent (an angle of about 1e-3 between a row and the span of the others).
+NEAR_DEPENDENCE_RTOL = 1e-6
+#: Nearly dependent rows conflict when satisfying them moves the mean by more than this many
+#: times the size of the mean and of the residual.
+CONFLICT_FACTOR = 1e3
+
+
+def _warn_nearly_dependent(
+    G: Tensor,  # (*gb, M, N)
+    mean: Tensor,  # (*batch, N)
+    r: Tensor,  # (*batch, M) float64: G mean - b
+    call: str,
+) -> None:
+    """Warn when nearly dependent rows state conflicting totals (checked only when ``A`` is
+    ill-conditioned, so well-posed systems pay nothing).
+
+    An ill-conditioned ``A = G Sigma G^T`` is common and harmless when the rows are well apart
+    and the covariance leaves little freedom along some of their combinations (a smooth GP's
+    masses at many times): the pseudo-inverse and the polish handle it. It is dangerous when the
+    rows themselves are nearly dependent: then every combination ``u`` with ``u^T G`` of norm
+    ``s ~ 0`` forces a move of at least ``|u^T r| / s`` on the mean, huge unless the totals
+    agree. This looks at the rows' own geometry (the normalised Gram matrix, ``M x M``).
+    """
+    m = G.shape[-2]
+    if m < 2:
+        return
+    G64 = G.to(F64)
+    norms = G64.norm(dim=-1).clamp_min(torch.finfo(F64).tiny)  # (*gb, M)
+    Gn = G64 / norms.unsqueeze(-1)
+    lam, U = torch.linalg.eigh(Gn @ Gn.mT)  # (*gb, M), (*gb, M, M)
+    near = lam < NEAR_DEPENDENCE_RTOL * lam[..., -1:]
+    if not bool(near.any()):
+        return
+    rn = r / norms  # residual of the normalised rows: (*batch, M)
+    forced = (rn.unsqueeze(-2) @ U).squeeze(-2).abs() / lam.clamp_min(0).sqrt().clamp_min(
+        torch.finfo(F64).tiny
+    )  # (*batch, M): the least move each combination forces
+    forced = torch.where(near, forced, torch.zeros_like(forced))
+    scale = mean.detach().abs().amax().to(F64) + rn.abs().amax()
+    worst = float(forced.amax())
+    if not worst > CONFLICT_FACTOR * float(scale):
+        return
+    k = int(forced.reshape(-1, m).amax(0).argmax())
+    u = U.reshape(-1, m, m)[0, :, k]
+    rows = (u.abs() > 0.1 * u.abs().max()).nonzero().flatten().tolist()
+    angle = float(lam.reshape(-1, m)[0, k].clamp_min(0).sqrt())
+    warnings.warn(
+        f"{call}: constraint rows {rows} are nearly dependent (a combination of the normalised "
+        f"rows has norm {angle:.1e}) but state conflicting totals: satisfying them all moves the "
+        f"mean by at least {worst:.3e}, against a mean of size {float(mean.abs().amax()):.3e}. "
+        "If these rows state the same quantity, keep one of them (or make their totals agree); "
+        "if they are meant to differ, state them on rows that are not nearly parallel, or add "
+        "constraint noise (noise > 0) to weigh them.",
+        ConditioningWarning,
+        stacklevel=4,
+    )
+
+
 def _solve_with(R: Tensor, v: Tensor) -> Tensor:
     """``A^+ v = R R^T v``; v: (*, M)."""
     if R.shape[-1] == 1 and R.shape[-2] == 1:
@@ -667,6 +727,8 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call)
+    if root.polish and s2 is None:
+        _warn_nearly_dependent(G64.detach(), mean.detach(), r.detach(), call)
     coef = _solve_with(root.R, r)
     mean_t = mean.to(F64) - (P @ coef.unsqueeze(-1)).squeeze(-1)
     var_t = None
@@ -801,6 +863,8 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G != 0).any(-1), metric, call)
+    if root.polish and s2 is None:
+        _warn_nearly_dependent(G, mean, r, call)
     coef = _solve_with(root.R, r)
     R = root.R if metric == "covariance" else None
     polish = root.polish and s2 is None

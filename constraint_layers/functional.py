@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._boundary_ops import BoundaryRows, boundary_residuals, boundary_rows, enforce_boundary
 from ._conservation_ops import (
     ConstrainedGaussian,
+    DegenerateGaussian,
     Gaussian,
     MixtureMoments,
     RunningMoments,
@@ -20,6 +21,7 @@ __all__ = ["BoundaryRows", "boundary_residuals", "boundary_rows", "enforce_bound
 __all__ += [
     "ConservationRows",
     "ConstrainedGaussian",
+    "DegenerateGaussian",
     "Gaussian",
     "MixtureMoments",
     "RunningMoments",
