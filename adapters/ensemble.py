@@ -19,10 +19,11 @@ means); the wrapper returns a distribution of the members' type (gpytorch member
 ``ConstrainedMultivariateNormal`` whose samples conserve to rounding and whose ``log_prob`` is the
 density on the constraint set). Flat members (GPs) need ``grid_shape=`` as for one GP.
 
-Wrapped with a conservation constraint, its adapter (:class:`EnsembleAdapter`) conditions each Gaussian member and moment-matches the results with
-running sums (the ProbConserv rule for latent samples); the mixture mean conserves exactly. Point
-predictions are first moment-matched into one diagonal Gaussian (the ensemble's spread is the
-uncertainty) and that Gaussian is conditioned, so the mean moves where the members disagree.
+Wrapped with a conservation constraint, its adapter (:class:`EnsembleAdapter`) conditions each
+Gaussian member and moment-matches the results with running sums (the ProbConserv rule for latent
+samples); the mixture mean conserves exactly. Point predictions are first moment-matched into one
+diagonal Gaussian (the ensemble's spread is the uncertainty) and that Gaussian is conditioned, so
+the mean moves where the members disagree.
 
 References
 ----------
