@@ -12,14 +12,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
 from linear_operator.operators import (
+    DenseLinearOperator,
     LinearOperator,
     LowRankRootLinearOperator,
+    MatmulLinearOperator,
     RootLinearOperator,
     SumLinearOperator,
 )
@@ -30,9 +33,11 @@ __all__ = [
     "ConditionedCovariance",
     "ConstrainedMultitaskMultivariateNormal",
     "ConstrainedMultivariateNormal",
+    "SparseCrossSum",
     "TaskMajor",
     "conditioned_covariance",
     "constrained_type",
+    "sparse_cross",
 ]
 
 
@@ -48,6 +53,13 @@ class ConditionedCovariance(SumLinearOperator):
 
     #: Callable ``method -> root`` (shape (*batch, N, K)), or None: the sum's own root.
     _exact_root: Callable[[str | None], Tensor] | None = None
+    #: The marginal variances the conditioning already computed (shape (*batch, N)), or None.
+    _variance: Tensor | None = None
+
+    def _diagonal(self) -> Tensor:
+        if self._variance is not None:
+            return self._variance
+        return super()._diagonal()
 
     @cached(name="root_decomposition")
     def root_decomposition(self, method: str | None = None) -> LinearOperator:
@@ -60,10 +72,13 @@ def conditioned_covariance(
     base: LinearOperator,  # shape: (*batch, N, N), the model's covariance
     downdate: Tensor,  # shape: (*batch, N, M), posterior covariance base - F F^T
     conditioned: Any = None,  # ConstrainedGaussian over the same flat layout, or None
+    variance: Tensor | None = None,  # shape: (*batch, N), its diagonal when already known
 ) -> LinearOperator:
     """The lazy posterior covariance; with ``conditioned`` (noise-free) its root is exact."""
     F = downdate.to(dtype=base.dtype, device=base.device)
     op = ConditionedCovariance(base, LowRankRootLinearOperator(F).mul(-1.0))
+    if variance is not None and variance.shape == op.shape[:-1]:
+        op._variance = variance.to(base.dtype)
     if conditioned is not None and conditioned.noise_free:
         dtype = base.dtype
 
@@ -74,6 +89,49 @@ def conditioned_covariance(
 
         op._exact_root = exact_root
     return op
+
+
+class SparseCrossSum(SumLinearOperator):
+    """gpytorch's posterior covariance (a sum of operators) with a faster product by sparse
+    right-hand sides.
+
+    The conditioning multiplies the covariance by ``G^T`` (shape (N, M)); for integral rows
+    each column has about ``N / M`` non-zeros. A dense ``N x N`` part (gpytorch's evaluated
+    test-test kernel) is then multiplied as ``(G K)^T`` with ``G`` in compressed sparse rows
+    (``O(N^2)`` instead of ``O(N^2 M)``; the part is symmetric). Other parts and dense
+    right-hand sides use their own products; gradients are the sum's (its components'
+    ``_bilinear_derivative``), untouched.
+    """
+
+    def _matmul(self, rhs: Tensor) -> Tensor:
+        if rhs.ndim != 2 or rhs.shape[-1] < 4 or rhs.is_sparse:
+            return super()._matmul(rhs)
+        if int(torch.count_nonzero(rhs)) * 4 > rhs.numel():
+            return super()._matmul(rhs)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = rhs.mT.to_sparse_csr()  # G: (M, N)
+            return sum(_times_sparse(op, rhs, sparse) for op in self.linear_ops)
+
+
+def _times_sparse(op: LinearOperator, rhs: Tensor, sparse: Tensor) -> Tensor:
+    """``op @ rhs`` with ``rhs`` (N, M) mostly zeros and ``sparse = rhs^T`` in CSR form."""
+    if isinstance(op, DenseLinearOperator) and op.tensor.ndim == 2:
+        K = op.tensor
+        if K.shape[-1] == K.shape[-2]:  # a covariance block, symmetric: K G^T = (G K)^T
+            return torch.sparse.mm(sparse, K).mT
+        return torch.sparse.mm(sparse, K.mT).mT
+    if isinstance(op, MatmulLinearOperator):  # left @ (right @ G^T): the narrow product first
+        right = _times_sparse(op.right_linear_op, rhs, sparse)
+        return op.left_linear_op._matmul(right)
+    return op._matmul(rhs)
+
+
+def sparse_cross(cov: LinearOperator) -> LinearOperator:
+    """``cov`` as a :class:`SparseCrossSum` when it is a plain sum of operators."""
+    if type(cov) is SumLinearOperator:
+        return SparseCrossSum(*cov.linear_ops)
+    return cov
 
 
 class TaskMajor(LinearOperator):

@@ -51,7 +51,7 @@ from torch import nn
 from constraint_layers.errors import GridError
 from constraint_layers.functional import Gaussian
 
-from ._gpytorch_ops import TaskMajor, conditioned_covariance, constrained_type
+from ._gpytorch_ops import TaskMajor, conditioned_covariance, constrained_type, sparse_cross
 from ._registry import register
 from .base import Adapter
 
@@ -116,6 +116,8 @@ class GPyTorchAdapter(Adapter):
             return Gaussian(mean.mT, None, cov, None, None, 2)
         if _no_covariance(cov):
             cov = None
+        else:
+            cov = sparse_cross(cov)
         return Gaussian(output.mean, None, cov, None, None, 1)
 
     def with_gaussian(self, output: Any, posterior: Gaussian) -> Any:
@@ -123,7 +125,13 @@ class GPyTorchAdapter(Adapter):
         if cov is None:  # no covariance was read (skip_posterior_variances): keep the model's
             cov = output.lazy_covariance_matrix
         elif posterior.downdate is not None:
-            cov = conditioned_covariance(cov, posterior.downdate, posterior.conditioned)
+            var = posterior.variance
+            var = (
+                None
+                if var is None
+                else var.reshape(*var.shape[: var.ndim - posterior.event_ndim], -1)
+            )
+            cov = conditioned_covariance(cov, posterior.downdate, posterior.conditioned, var)
         cls = constrained_type(type(output))
         if isinstance(output, _MTMVN):
             interleaved = output._interleaved and posterior.covariance is None

@@ -278,6 +278,7 @@ class _Dense(_Prior):
         self.S = S  # (*b, N, N): a tensor, or a linear operator (matmul, diagonal, to_dense)
         self.batch_shape = torch.Size(S.shape[:-2])
         self.lazy = not isinstance(S, Tensor)
+        self._diag: Tensor | None = None
 
     def cross(self, Gt):
         if self.lazy:
@@ -297,7 +298,9 @@ class _Dense(_Prior):
         return out[..., :-2].to(F64)
 
     def diag(self):
-        return self.S.diagonal(dim1=-2, dim2=-1).to(F64)
+        if self._diag is None:  # a lazy operator's diagonal can cost O(N K): compute it once
+            self._diag = self.S.diagonal(dim1=-2, dim2=-1).to(F64)
+        return self._diag
 
     def dense(self):
         return (self.S.to_dense() if self.lazy else self.S).to(F64)
