@@ -9,12 +9,21 @@
   ``sample_dim``.
 
 Each member may return a tensor (a point prediction) or a Gaussian (``(mean, variance)``, a dict,
-a ``Normal``: see :mod:`constraint_layers.adapters.generic`). Unwrapped, the ensemble returns the
-moment-matched ``(mean, variance)``. Wrapped with a conservation constraint, its adapter
-(:class:`EnsembleAdapter`) conditions each Gaussian member and moment-matches the results with
-running sums (the ProbConserv rule for latent samples); the mixture mean conserves exactly. Point
-predictions are first moment-matched into one diagonal Gaussian (the ensemble's spread is the
-uncertainty) and that Gaussian is conditioned, so the mean moves where the members disagree.
+a ``Normal``, a ``MultivariateNormal``: see :mod:`constraint_layers.adapters.generic`). Unwrapped,
+the ensemble returns the moment-matched ``(mean, variance)``.
+
+Members with a full covariance (gpytorch GPs, ``torch.distributions.MultivariateNormal``) are
+conditioned one by one with their covariance, and the mixture is moment-matched with its dense
+covariance (the average of the conditioned covariances plus the covariance of the conditioned
+means); the wrapper returns a distribution of the members' type (gpytorch members: a
+``ConstrainedMultivariateNormal`` whose samples conserve to rounding and whose ``log_prob`` is the
+density on the constraint set). Flat members (GPs) need ``grid_shape=`` as for one GP.
+
+Wrapped with a conservation constraint, its adapter (:class:`EnsembleAdapter`) conditions each
+Gaussian member and moment-matches the results with running sums (the ProbConserv rule for latent
+samples); the mixture mean conserves exactly. Point predictions are first moment-matched into one
+diagonal Gaussian (the ensemble's spread is the uncertainty) and that Gaussian is conditioned, so
+the mean moves where the members disagree.
 
 References
 ----------
@@ -30,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from constraint_layers.conservation.conserve import Gaussian, RunningMoments
@@ -165,7 +175,7 @@ class Ensemble(nn.Module):
         acc = RunningMoments()
         for out in self.member_outputs(*args, **kwargs):
             g = read_gaussian(out, "Ensemble")
-            acc.add(g.mean, g.variance)
+            acc.add(g.mean, _marginal(g))
         res = acc.result()
         return res.mean, res.variance
 
@@ -177,14 +187,43 @@ class Ensemble(nn.Module):
         return f"update={self.update!r}"
 
 
+def _marginal(g: Gaussian) -> Tensor | None:
+    """The marginal variances of a record (from its covariance or low-rank part when needed)."""
+    if g.covariance is not None:
+        var = g.covariance.diagonal(dim1=-2, dim2=-1)
+        if g.downdate is not None:
+            var = var - g.downdate.square().sum(-1).to(var.dtype)
+        return var.reshape(g.mean.shape)
+    if g.low_rank is not None:
+        var = g.low_rank.square().sum(-1)
+        return (var if g.variance is None else var + g.variance.reshape(var.shape)).reshape(
+            g.mean.shape
+        )
+    return g.variance
+
+
+def _dense_covariance(g: Gaussian) -> Tensor:
+    """The dense covariance of a full-covariance record (posterior: ``covariance - F F^T``)."""
+    cov = g.covariance
+    cov = cov if isinstance(cov, Tensor) else cov.to_dense()
+    cov = cov.to(torch.float64)
+    if g.downdate is not None:
+        F = g.downdate.to(torch.float64)
+        cov = cov - F @ F.mT
+    return cov
+
+
 class _Members:
     """The members' outputs of one call, produced lazily."""
 
     def __init__(self, model: Ensemble, args: tuple, kwargs: dict) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
+        self.first_output: Any = None  # the first member's raw output (its type comes back)
 
     def __iter__(self) -> Iterator[Gaussian]:
         for out in self.model.member_outputs(*self.args, **self.kwargs):
+            if self.first_output is None:
+                self.first_output = out
             yield read_gaussian(out, "Ensemble member")
 
 
@@ -192,7 +231,7 @@ def _moments(gs: Iterator[Gaussian]) -> Gaussian:
     acc = RunningMoments()
     k = 1
     for g in gs:
-        acc.add(g.mean, g.variance)
+        acc.add(g.mean, _marginal(g))
         k = g.event_ndim
     res = acc.result()
     return Gaussian(res.mean, res.variance, event_ndim=k)
@@ -223,11 +262,14 @@ class EnsembleAdapter(Adapter):
         if first is None:
             raise ValueError("Ensemble: the model produced no members.")
         update = output.model.update
+        full = first.covariance is not None
         if update == "auto":
-            update = "members" if first.variance is not None else "moments"
+            update = "members" if (first.variance is not None or full) else "moments"
         if update == "moments":
             post = project(_moments(_chain(first, members)))
             return post.mean, post.variance
+        if full:
+            return _full_mixture(output.first_output, _chain(first, members), project)
         acc = RunningMoments()
         k = first.event_ndim
         for g in _chain(first, members):
@@ -240,3 +282,55 @@ class EnsembleAdapter(Adapter):
 def _chain(first: Gaussian, rest: Iterator[Gaussian]) -> Iterator[Gaussian]:
     yield first
     yield from rest
+
+
+def _full_mixture(
+    like: Any, members: Iterator[Gaussian], project: Callable[[Gaussian], Gaussian]
+) -> Any:
+    """Condition full-covariance members and moment-match them with the dense covariance.
+
+    Returns a distribution of ``like``'s type: a gpytorch ``MultivariateNormal`` (lazy, with an
+    exact root and the degenerate density when the constraints are exact) or a torch one.
+    """
+    acc = RunningMoments(covariance=True)
+    rows = None
+    for g in members:
+        if g.covariance is None:
+            raise TypeError(
+                "Ensemble: members must all return a full covariance (a MultivariateNormal), or "
+                "none; got a mix."
+            )
+        post = project(g)
+        cg = post.conditioned
+        if cg is not None and cg.noise_free:
+            rows = (cg._G, cg._b)
+        acc.add(post.mean.reshape(*post.mean.shape[:-1], -1), None, _dense_covariance(post))
+    res = acc.result()
+    cov64 = res.covariance.to(torch.float64)
+    if type(like).__module__.startswith("gpytorch"):
+        from ._gpytorch_ops import mixture_distribution
+
+        return mixture_distribution(like, res.mean, cov64, rows)
+    from torch.distributions import MultivariateNormal
+
+    root = _projected_root(cov64, rows)
+    R = torch.linalg.qr(root.mT, mode="r").R
+    sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
+    tril = (R * sign.unsqueeze(-1)).mT.to(res.mean.dtype)
+    return MultivariateNormal(res.mean, scale_tril=tril, validate_args=False)
+
+
+def _projected_root(cov: Tensor, rows: tuple[Tensor, Tensor] | None) -> Tensor:
+    """A root of ``cov`` (float64, shape (*batch, N, N)) projected onto ``G u = 0``.
+
+    When every member was conditioned exactly, ``G cov = 0``, so ``P_G L`` (``P_G`` the
+    orthogonal projector onto the null space of ``G``) is a root of ``cov`` for any root ``L``
+    of it, and ``G P_G L = 0`` holds to rounding.
+    """
+    lam, V = torch.linalg.eigh(0.5 * (cov + cov.mT))
+    L = V * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    if rows is None:
+        return L
+    G = rows[0].to(torch.float64)
+    GL = G @ L
+    return L - G.mT @ torch.linalg.solve(G @ G.mT, GL)

@@ -7,7 +7,16 @@ For conservation it also reads the common probabilistic heads, and gives back th
 - a dict with a mean (``"mean"``, ``"loc"`` or ``"mu"``) and a variance (``"variance"``,
   ``"var"``) or a standard deviation (``"std"``, ``"stddev"``, ``"scale"``, ``"sigma"``); other
   entries pass through unchanged;
-- a ``torch.distributions.Normal`` (or ``Independent(Normal)``).
+- a ``torch.distributions.Normal`` (or ``Independent(Normal)``);
+- a ``torch.distributions.MultivariateNormal`` (the event is its last axis; gpytorch's
+  ``MultivariateNormal``, a subclass, is read with its lazy covariance): it comes back as a
+  ``MultivariateNormal`` whose ``scale_tril`` is a triangular root of the exact conditioned
+  covariance, so its samples satisfy the constraint to rounding (noise 0: the posterior is
+  singular; its ``log_prob`` is not defined there, use ``wrapped.posterior(x).log_prob``);
+- a ``torch.distributions.LowRankMultivariateNormal``: read as diagonal plus low rank. The
+  conditioned covariance is no longer of that form, so it comes back as a
+  ``MultivariateNormal`` (with ``metric="euclidean"``, which leaves the covariance as it was,
+  as a ``LowRankMultivariateNormal``).
 """
 
 from __future__ import annotations
@@ -16,7 +25,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal
+from torch.distributions import (
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+)
 
 from constraint_layers.conservation.conserve import Gaussian
 
@@ -98,10 +112,18 @@ def read_gaussian(output: Any, where: str = "ModuleAdapter.read") -> Gaussian:
         return Gaussian(base.loc, base.scale.square(), event_ndim=_event_ndim(base.loc))
     if isinstance(output, Normal):
         return Gaussian(output.loc, output.scale.square(), event_ndim=_event_ndim(output.loc))
+    if isinstance(output, LowRankMultivariateNormal):
+        return Gaussian(output.loc, output.cov_diag, None, output.cov_factor, event_ndim=1)
+    if isinstance(output, MultivariateNormal):
+        cov = getattr(output, "lazy_covariance_matrix", None)  # gpytorch: keep it lazy
+        if cov is None:
+            cov = output.covariance_matrix
+        return Gaussian(output.mean, None, cov, event_ndim=1)
     raise TypeError(
         f"{where}: cannot read a Gaussian from a model output of type {type(output).__name__}. "
         "Supported: a tensor (deterministic), a (mean, variance) tuple, a dict with 'mean' and "
-        "'variance' or 'std', torch.distributions.Normal. Register an adapter for other kinds "
+        "'variance' or 'std', torch.distributions.Normal, MultivariateNormal, "
+        "LowRankMultivariateNormal. Register an adapter for other kinds "
         "(constraint_layers.adapters.register)."
     )
 
@@ -142,7 +164,40 @@ def write_gaussian(output: Any, post: Gaussian) -> Any:
         )  # fmt: skip
     if isinstance(output, Normal):
         return _normal(post, output)
+    unchanged = post.conditioned is not None and post.conditioned.metric == "euclidean"
+    if isinstance(output, LowRankMultivariateNormal) and unchanged:  # only the mean moved
+        return LowRankMultivariateNormal(post.mean, output.cov_factor, output.cov_diag)
+    if isinstance(output, (MultivariateNormal, LowRankMultivariateNormal)):
+        root = _triangular_root(post, output)  # zero pivots: not a valid lower_cholesky
+        return MultivariateNormal(post.mean, scale_tril=root, validate_args=False)
     raise TypeError(f"write_gaussian: unsupported output type {type(output).__name__}.")
+
+
+def _prior_root(output: Any) -> Tensor:
+    """A root of the model's covariance, shape (*batch, N, K)."""
+    if isinstance(output, LowRankMultivariateNormal):
+        d = torch.diag_embed(output.cov_diag.sqrt())
+        return torch.cat([d, output.cov_factor.expand(*d.shape[:-1], -1)], dim=-1)
+    return output.scale_tril
+
+
+def _triangular_root(post: Gaussian, output: Any) -> Tensor:
+    """A lower-triangular root of the posterior covariance (zero pivots allowed), float64
+    algebra, in the mean's dtype: the exact conditioned root ``X`` (``G X = 0`` to rounding)
+    made triangular by a QR factorisation, ``X X^T = R^T R``."""
+    cg = post.conditioned
+    if cg is not None:
+        X = cg.exact_root(_prior_root(output))
+    else:  # no structured posterior (a normaliser in between): a root of the dense matrix
+        S = output.covariance_matrix.to(torch.float64)
+        if post.downdate is not None:
+            F = post.downdate.to(torch.float64)
+            S = S - F @ F.mT
+        lam, V = torch.linalg.eigh(0.5 * (S + S.mT))
+        X = V * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    R = torch.linalg.qr(X.mT, mode="r").R[..., : X.shape[-2], :]  # (*batch, N, N) upper
+    sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
+    return (R * sign.unsqueeze(-1)).mT.to(post.mean.dtype)
 
 
 def _normal(post: Gaussian, like: Normal) -> Normal:

@@ -296,7 +296,7 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
     down = None
     if pred.covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, pred.covariance, None, down, k)
+    return Gaussian(post.mean.reshape(*lead, *ev), var, pred.covariance, None, down, k, post)
 
 
 def dense_projection(

@@ -8,6 +8,7 @@ classes below exist so that callers can catch the situations they may want to ha
 from __future__ import annotations
 
 __all__ = [
+    "ConditioningWarning",
     "ConstraintError",
     "ConstraintViolationError",
     "GridError",
@@ -47,3 +48,8 @@ class ConstraintViolationError(ConstraintError):
 
 class NoAdapterError(TypeError):
     """No registered adapter knows how to wrap a model of this type."""
+
+
+class ConditioningWarning(UserWarning):
+    """A constraint system that can be solved but only by a move far larger than the model's
+    output (nearly dependent rows with conflicting totals)."""

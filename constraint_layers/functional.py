@@ -9,6 +9,7 @@ from ._project import dense_projection
 from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
 from .conservation.conserve import (
     ConstrainedGaussian,
+    DegenerateGaussian,
     Gaussian,
     MixtureMoments,
     RunningMoments,
@@ -24,6 +25,7 @@ Prediction = Gaussian
 
 __all__ = [
     "ConstrainedGaussian",
+    "DegenerateGaussian",
     "Gaussian",
     "MixtureMoments",
     "Prediction",

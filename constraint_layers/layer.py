@@ -620,4 +620,5 @@ def _from_physical(post: Gaussian, norm: Any, s: Tensor) -> Gaussian:
         cov = cov / (sf.unsqueeze(-1) * sf.unsqueeze(-2))
     if down is not None:
         down = down / sf.unsqueeze(-1)
-    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down)
+    # The structured posterior is in physical units: adapters fall back to the record's fields.
+    return post._replace(mean=mean, variance=var, covariance=cov, downdate=down, conditioned=None)

@@ -20,16 +20,18 @@ identity in the mean update (the HardC projection) and leaves the uncertainty as
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..errors import SingularConstraintError
+from ..errors import ConditioningWarning, SingularConstraintError
 
 __all__ = [
     "ConstrainedGaussian",
+    "DegenerateGaussian",
     "Gaussian",
     "MixtureMoments",
     "RunningMoments",
@@ -69,6 +71,10 @@ class Gaussian(NamedTuple):
     low_rank: Tensor | None = None  # shape: (*batch, N, K)
     downdate: Tensor | None = None  # shape: (*batch, N, M); posteriors of a covariance only
     event_ndim: int = 1
+    #: The structured posterior (a :class:`ConstrainedGaussian` over the flattened event, in the
+    #: record's units) when the layer formed one: adapters build exact sampling roots and the
+    #: degenerate density from it. None for inputs and for diagonal fast paths.
+    conditioned: Any = None
 
 
 # ------------------------------------------------------------------------------- validation
@@ -272,6 +278,7 @@ class _Dense(_Prior):
         self.S = S  # (*b, N, N): a tensor, or a linear operator (matmul, diagonal, to_dense)
         self.batch_shape = torch.Size(S.shape[:-2])
         self.lazy = not isinstance(S, Tensor)
+        self._diag: Tensor | None = None
 
     def cross(self, Gt):
         if self.lazy:
@@ -291,7 +298,9 @@ class _Dense(_Prior):
         return out[..., :-2].to(F64)
 
     def diag(self):
-        return self.S.diagonal(dim1=-2, dim2=-1).to(F64)
+        if self._diag is None:  # a lazy operator's diagonal can cost O(N K): compute it once
+            self._diag = self.S.diagonal(dim1=-2, dim2=-1).to(F64)
+        return self._diag
 
     def dense(self):
         return (self.S.to_dense() if self.lazy else self.S).to(F64)
@@ -435,6 +444,65 @@ def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: s
     keep = lam > PIVOT_RTOL * lam.amax(-1, keepdim=True)
     scale = torch.where(keep, lam.clamp_min(torch.finfo(A.dtype).tiny).rsqrt(), 0.0)
     return _Root(V * scale.unsqueeze(-2), True)
+
+
+#: Rows whose normalised Gram matrix has eigenvalues below this fraction of the largest are nearly
+#: dependent (an angle of about 1e-3 between a row and the span of the others).
+NEAR_DEPENDENCE_RTOL = 1e-6
+#: Nearly dependent rows conflict when satisfying them moves the mean by more than this many
+#: times the size of the mean and of the residual.
+CONFLICT_FACTOR = 1e3
+
+
+def _warn_nearly_dependent(
+    G: Tensor,  # (*gb, M, N)
+    mean: Tensor,  # (*batch, N)
+    r: Tensor,  # (*batch, M) float64: G mean - b
+    call: str,
+) -> None:
+    """Warn when nearly dependent rows state conflicting totals (checked only when ``A`` is
+    ill-conditioned, so well-posed systems pay nothing).
+
+    An ill-conditioned ``A = G Sigma G^T`` is common and harmless when the rows are well apart
+    and the covariance leaves little freedom along some of their combinations (a smooth GP's
+    masses at many times): the pseudo-inverse and the polish handle it. It is dangerous when the
+    rows themselves are nearly dependent: then every combination ``u`` with ``u^T G`` of norm
+    ``s ~ 0`` forces a move of at least ``|u^T r| / s`` on the mean, huge unless the totals
+    agree. This looks at the rows' own geometry (the normalised Gram matrix, ``M x M``).
+    """
+    m = G.shape[-2]
+    if m < 2:
+        return
+    G64 = G.to(F64)
+    norms = G64.norm(dim=-1).clamp_min(torch.finfo(F64).tiny)  # (*gb, M)
+    Gn = G64 / norms.unsqueeze(-1)
+    lam, U = torch.linalg.eigh(Gn @ Gn.mT)  # (*gb, M), (*gb, M, M)
+    near = lam < NEAR_DEPENDENCE_RTOL * lam[..., -1:]
+    if not bool(near.any()):
+        return
+    rn = r / norms  # residual of the normalised rows: (*batch, M)
+    forced = (rn.unsqueeze(-2) @ U).squeeze(-2).abs() / lam.clamp_min(0).sqrt().clamp_min(
+        torch.finfo(F64).tiny
+    )  # (*batch, M): the least move each combination forces
+    forced = torch.where(near, forced, torch.zeros_like(forced))
+    scale = mean.detach().abs().amax().to(F64) + rn.abs().amax()
+    worst = float(forced.amax())
+    if not worst > CONFLICT_FACTOR * float(scale):
+        return
+    k = int(forced.reshape(-1, m).amax(0).argmax())
+    u = U.reshape(-1, m, m)[0, :, k]
+    rows = (u.abs() > 0.1 * u.abs().max()).nonzero().flatten().tolist()
+    angle = float(lam.reshape(-1, m)[0, k].clamp_min(0).sqrt())
+    warnings.warn(
+        f"{call}: constraint rows {rows} are nearly dependent (a combination of the normalised "
+        f"rows has norm {angle:.1e}) but state conflicting totals: satisfying them all moves the "
+        f"mean by at least {worst:.3e}, against a mean of size {float(mean.abs().amax()):.3e}. "
+        "If these rows state the same quantity, keep one of them (or make their totals agree); "
+        "if they are meant to differ, state them on rows that are not nearly parallel, or add "
+        "constraint noise (noise > 0) to weigh them.",
+        ConditioningWarning,
+        stacklevel=4,
+    )
 
 
 def _solve_with(R: Tensor, v: Tensor) -> Tensor:
@@ -662,6 +730,8 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call)
+    if root.polish and s2 is None:
+        _warn_nearly_dependent(G64.detach(), mean.detach(), r.detach(), call)
     coef = _solve_with(root.R, r)
     mean_t = mean.to(F64) - (P @ coef.unsqueeze(-1)).squeeze(-1)
     var_t = None
@@ -796,6 +866,8 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G != 0).any(-1), metric, call)
+    if root.polish and s2 is None:
+        _warn_nearly_dependent(G, mean, r, call)
     coef = _solve_with(root.R, r)
     R = root.R if metric == "covariance" else None
     polish = root.polish and s2 is None
@@ -848,6 +920,7 @@ class ConstrainedGaussian:
         self._F = None
         self._P = None  # W G^T, when the solve formed it
         self._polish = None  # Cholesky factor of G diag(w) G^T when the polish step ran
+        self._dens = None  # DegenerateGaussian, built on the first log_prob / entropy
         return self
 
     def __repr__(self) -> str:
@@ -988,6 +1061,166 @@ class ConstrainedGaussian:
                 x = self._polished(self.mean.to(F64) + e)
                 return x.to(self.mean.dtype)
         return (self.mean.to(F64) + e).to(self.mean.dtype)
+
+    @property
+    def noise_free(self) -> bool:
+        """Whether the constraints hold exactly (no constraint noise): the posterior is then a
+        degenerate Gaussian supported on ``G u = b``."""
+        return self._s2 is None and self._R is not None and self.metric == "covariance"
+
+    def exact_root(self, root: Tensor) -> Tensor:
+        """A root of the posterior covariance built from a root of the prior's.
+
+        With ``L L^T = Sigma`` and ``P = I - Sigma G^T A^+ G``, the posterior covariance is
+        ``P Sigma P^T`` (noise-free), so ``P L`` is a root of it, and ``G P L = 0`` holds to
+        rounding whatever ``L`` is: samples ``mean + P L eps`` satisfy ``G u = b`` even when ``L``
+        is a jittered (or low-rank) root of ``Sigma``. With constraint noise the root gains
+        ``M`` columns, ``Sigma G^T A^{-1} diag(noise)``. The Euclidean metric leaves the
+        covariance as given (the root comes back unchanged).
+
+        Parameters
+        ----------
+        root : Tensor
+            shape: (*batch, N, K), ``root @ root.mT`` approximating the prior covariance.
+
+        Returns
+        -------
+        Tensor
+            shape: (*batch, N, K) (or (*batch, N, K + M) with constraint noise), float64.
+        """
+        X = root.to(F64)
+        if self.metric == "euclidean" or self._R is None:
+            return X
+        G64 = self._G.to(F64)
+        cross = self._cross()
+        X = X - cross @ (self._R @ (self._R.mT @ (G64 @ X)))
+        if self._polish is not None:  # directions the pseudo-inverse dropped
+            P = self._prior.diag().unsqueeze(-1) * G64.mT
+            X = X - P @ torch.cholesky_solve(G64 @ X, self._polish)
+        if self._s2 is not None:
+            noise = cross @ (self._R @ (self._R.mT * self._s2.sqrt().unsqueeze(-2)))
+            X = torch.cat([X, noise.expand(*X.shape[:-1], noise.shape[-1])], dim=-1)
+        return X
+
+    def _density(self) -> DegenerateGaussian:
+        if self._dens is None:
+            if self._prior is None:
+                raise ValueError(
+                    "ConstrainedGaussian.log_prob: the input had no uncertainty (a deterministic "
+                    "mean); there is no density."
+                )
+            S = self._prior.dense()  # float64
+            F = self.factor
+            if F is not None:
+                S = S - F @ F.mT
+            S = S.expand(*self.mean.shape[:-1], *S.shape[-2:])
+            rows = (self._G, self._b) if self.noise_free else None
+            self._dens = DegenerateGaussian(self.mean, S, rows=rows, dtype=self.mean.dtype)
+        return self._dens
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of the posterior at ``x``.
+
+        Without constraint noise the posterior is degenerate: it lives on the affine subspace
+        ``G u = b``. The density is taken there (with respect to the surface measure of the
+        subspace): the pseudo-determinant and pseudo-inverse of the posterior covariance in
+        float64, ``-inf`` where ``G x = b`` misses by more than rounding. See
+        :class:`DegenerateGaussian`. With constraint noise it is the ordinary density.
+
+        Parameters
+        ----------
+        x : Tensor
+            shape: (..., *batch, N).
+
+        Returns
+        -------
+        Tensor
+            shape: (..., *batch), in the promoted dtype of ``x`` and the mean.
+        """
+        return self._density().log_prob(x)
+
+    def entropy(self) -> Tensor:
+        """Differential entropy on the support (see :meth:`log_prob`); shape (*batch,)."""
+        return self._density().entropy()
+
+
+#: Eigenvalues below this fraction of the largest are numerically zero, by the covariance's dtype
+#: (the cutoffs of ``scipy.stats.multivariate_normal(allow_singular=True)``).
+RANK_RCOND = {torch.float64: 1e6 * 2.220446049250313e-16, torch.float32: 1e3 * 1.1920929e-07}
+#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
+SUPPORT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+class DegenerateGaussian:
+    """A Gaussian whose covariance may be singular: density on its support.
+
+    The covariance is eigendecomposed once in float64; eigenvalues below ``RANK_RCOND`` (by the
+    covariance's dtype) times the largest are zero. The log density is that of the Gaussian on
+    the subspace the remaining ``k`` eigenvectors span (through the mean),
+    ``-(k log 2 pi + log pdet + d^T Sigma^+ d) / 2``, the convention of
+    ``scipy.stats.multivariate_normal(allow_singular=True)``; it does not depend on any jitter.
+    With ``rows = (G, b)`` (a posterior conditioned exactly on ``G u = b``) points that miss the
+    rows by more than rounding (``SUPPORT_RTOL``) get ``-inf``; when the covariance is otherwise
+    non-singular, ``k = N - M`` and this is the density on the constraint set. Components along
+    other numerically null directions (where the model itself leaves no measurable variance) are
+    left out, as a pseudo-inverse does.
+
+    Parameters
+    ----------
+    mean : Tensor
+        shape: (*batch, N).
+    covariance : Tensor
+        shape: (*batch, N, N), symmetric positive semidefinite.
+    rows : tuple of Tensor, optional
+        ``(G, b)``: shapes (*batch, M, N) (or (M, N)) and (*batch, M).
+    dtype : torch.dtype, optional
+        The precision the covariance was computed in (default: its dtype): sets the rank cutoff.
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        covariance: Tensor,
+        rows: tuple[Tensor, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.mean = mean
+        self.dtype = mean.dtype
+        source = covariance.dtype if dtype is None else dtype
+        cov = covariance.to(F64)
+        cov = 0.5 * (cov + cov.mT)
+        lam, V = torch.linalg.eigh(cov)
+        rcond = RANK_RCOND.get(source, 1e3 * torch.finfo(source).eps)
+        cut = rcond * lam.detach().abs().amax(-1, keepdim=True)
+        self.keep = lam.detach() > cut  # (*batch, N)
+        safe = torch.where(self.keep, lam, torch.ones_like(lam))
+        self.inv_sqrt = torch.where(self.keep, safe.rsqrt(), torch.zeros_like(lam))
+        self.V = V
+        self.rank = self.keep.sum(-1)  # (*batch,)
+        self.log_pdet = torch.where(self.keep, safe.log(), torch.zeros_like(lam)).sum(-1)
+        self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """shape: x (..., *batch, N) -> (..., *batch)."""
+        out_dtype = torch.promote_types(x.dtype, self.dtype)
+        d = x.to(F64) - self.mean.to(F64)
+        z = (d.unsqueeze(-2) @ self.V).squeeze(-2) * self.inv_sqrt
+        quad = z.square().sum(-1)
+        res = -0.5 * (self.rank * math.log(2 * math.pi) + self.log_pdet + quad)
+        if self.rows is not None:
+            G, b = self.rows
+            x64 = x.to(F64)
+            gap = (_rowdot(G, x64) - b).abs()
+            scale = _rowdot(G.abs(), x64.abs()) + b.abs()
+            tol = max(SUPPORT_RTOL.get(x.dtype, 1e-3), SUPPORT_RTOL.get(self.dtype, 1e-3))
+            off = (gap.detach() > tol * scale.detach() + torch.finfo(F64).tiny).any(-1)
+            res = torch.where(off, torch.full_like(res, -math.inf), res)
+        return res.to(out_dtype)
+
+    def entropy(self) -> Tensor:
+        """shape: (*batch,)."""
+        h = 0.5 * (self.rank * (1 + math.log(2 * math.pi)) + self.log_pdet)
+        return h.to(self.dtype)
 
 
 # -------------------------------------------------------------------------------- mixtures

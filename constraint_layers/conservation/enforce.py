@@ -42,6 +42,8 @@ def grid_view(mean: Tensor, event_ndim: int, grid_shape, call: str) -> tuple[int
                 f"{n} per sample."
             )
         return (batch, 1, *grid)
+    if grid_shape is not None and len(event) == 2 and math.prod(grid_shape) == event[1]:
+        return (batch, event[0], *grid_shape)  # channels of flat points (multitask GPs)
     if grid_shape is not None and tuple(grid_shape) != event[1:]:
         raise GridError(
             f"{call}: grid_shape={tuple(grid_shape)} does not match the output's grid "
@@ -138,7 +140,7 @@ def enforce_conservation(
     down = None
     if covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k)
+    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k, post)
 
 
 def _posterior(

@@ -72,7 +72,7 @@ def test_exact_gp_conserves_mass_exactly():
     pts = test_grid(n_t, n_x)
     with torch.no_grad():
         before, after = gp(pts), model(pts)
-    assert type(after) is gpytorch.distributions.MultivariateNormal
+    assert isinstance(after, gpytorch.distributions.MultivariateNormal)
     # the covariance stays lazy: the model's operator minus a rank-M root
     from linear_operator.operators import LinearOperator
 
