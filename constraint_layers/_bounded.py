@@ -261,17 +261,25 @@ class _Problem:
         )
 
 
-def _evaluate(blk: tuple, lam: Tensor, out: Tensor | None = None):
-    """Row sums of one block at ``lam`` (rows, 1) float64: (sum c x, slope, sum |c x|)."""
+def _evaluate(blk: tuple, lam: Tensor, out: Tensor | None = None, scale: bool = False):
+    """Row sums of one block at ``lam`` (rows, 1) float64: (sum c x, slope, sum |c x| or None).
+
+    The slope counts the entries with ``x == v`` (free, or exactly at a bound: a tie, the slope
+    of one side). The indicator is formed as ``1 - |sign(v - x)|`` in float arithmetic (several
+    times faster on CPU than a boolean mask and ``where``).
+    """
     u, c, a, ac, lo, hi, _ = blk
     v = torch.addcmul(u, a, lam, value=-1.0)  # u - a lam
-    x = v if lo is None and hi is None else torch.clamp(v, lo, hi)
-    cx = c * x
-    free = x == v  # free or exactly at a bound (a tie: counted free, a slope of one side)
-    slope = torch.where(free, ac, 0.0).sum(-1)
+    if lo is None and hi is None:
+        x, slope = v, ac.expand(v.shape).sum(-1)
+    else:
+        x = torch.clamp(v, lo, hi)
+        free = torch.sub(v, x).sign_().abs_().neg_().add_(1.0)
+        slope = free.mul_(ac).sum(-1)
     if out is not None:
         out.copy_(x)
-    return cx.sum(-1), slope, cx.abs().sum(-1)
+    cx = c * x
+    return cx.sum(-1), slope, (cx.abs_().sum(-1) if scale else None)
 
 
 def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Tensor:
@@ -287,7 +295,7 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         for i, cs in enumerate(col):
             yield cs, (cached[i] if cached is not None else prob.load(rs, cs))
 
-    def f(lam: Tensor, write: bool = False, first: bool = False):
+    def f(lam: Tensor, write: bool = False, first: bool = False, want_scale: bool = False):
         """(f(lam) - d, slope, rounding scale) per row; ``write``: x into ``out[rs]``."""
         r = torch.zeros(nrow, dtype=F64, device=dev)
         s, scale = torch.zeros_like(r), torch.zeros_like(r)
@@ -295,12 +303,15 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         for cs, blk in blocks():
             if first:
                 prob.check_block(blk)
-            ri, si, sc = _evaluate(blk, lam_, out[rs, cs] if write else None)
+            ri, si, sc = _evaluate(
+                blk, lam_, out[rs, cs] if write else None, scale=first or want_scale
+            )
             if first and not bool(torch.isfinite(ri).all()):
                 prob.explain_nonfinite(blk)
             r += ri
             s += si
-            scale += sc
+            if sc is not None:
+                scale += sc
         return r - d, s, scale + d.abs()
 
     lam = torch.zeros(nrow, dtype=F64, device=dev)
@@ -312,8 +323,10 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         hi_b = torch.full_like(lam, math.inf)
         r_lo, r_hi = torch.full_like(lam, math.inf), torch.full_like(lam, -math.inf)
         for it in range(MAX_NEWTON):
-            r, s, scale = f(lam, write=True, first=it == 0)
-            todo = ~(r.abs() <= RTOL * scale)
+            r, s, sc = f(lam, write=True, first=it == 0)
+            if it == 0:  # the rounding scale of the row sums: sum |c x| + |d| at the start
+                tol = RTOL * sc
+            todo = ~(r.abs() <= tol)
             if not bool(todo.any()):
                 return lam
             pos, neg = todo & (r > 0), todo & (r < 0)  # f decreasing: the root lies right / left
@@ -380,7 +393,7 @@ def _breakpoint_search(prob: _Problem, rs: slice, f, lam: Tensor, todo: Tensor) 
     done = ~todo
     result = lam.clone()
     for cand in (new, torch.where(fl, left, new), torch.where(fr, right, new)):
-        r2, _, scale2 = f(torch.where(done, result, cand))
+        r2, _, scale2 = f(torch.where(done, result, cand), want_scale=True)
         hit = ~done & (r2.abs() <= 4 * RTOL * scale2)
         result = torch.where(hit, cand, result)
         done = done | hit
