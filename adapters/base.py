@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from constraint_layers.conservation.conserve import Gaussian
+from constraint_layers.functional import Gaussian
 
 __all__ = ["Adapter"]
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from constraint_layers.conservation.conserve import Gaussian, RunningMoments
+from constraint_layers.functional import Gaussian, RunningMoments
 
 from ._registry import register
 from .base import Adapter

@@ -32,7 +32,7 @@ from torch.distributions import (
     Normal,
 )
 
-from constraint_layers.conservation.conserve import Gaussian
+from constraint_layers.functional import Gaussian
 
 from ._registry import register
 from .base import Adapter

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
-from constraint_layers.conservation.conserve import Gaussian
+from constraint_layers.functional import Gaussian
 
 from ._registry import register
 from .neuralop import NeuralopAdapter

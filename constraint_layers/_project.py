@@ -39,8 +39,9 @@ from torch import Tensor
 
 from ._grid import resolve_spacing
 from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
-from .conservation.conserve import Gaussian, conserve
+from .conservation.conserve import conserve
 from .conservation.enforce import enforce_conservation, flat_event, grid_view
+from .conservation.gaussian import Gaussian
 from .errors import IncompatibleConstraintsError
 from .rows import DEFAULT_GRID, GridSpec, Rows
 

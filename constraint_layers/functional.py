@@ -7,17 +7,12 @@ from __future__ import annotations
 
 from ._project import dense_projection
 from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
-from .conservation.conserve import (
-    ConstrainedGaussian,
-    DegenerateGaussian,
-    Gaussian,
-    MixtureMoments,
-    RunningMoments,
-    conserve,
-    conserve_mixture,
-)
+from .conservation.conserve import conserve
 from .conservation.constraint import conservation_rows
 from .conservation.enforce import enforce_conservation
+from .conservation.gaussian import Gaussian
+from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture
+from .conservation.posterior import ConstrainedGaussian, DegenerateGaussian
 from .rows import Rows
 
 #: The prediction record adapters read and write (a deterministic one has no variance).

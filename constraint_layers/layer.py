@@ -35,9 +35,9 @@ from ._values import Given, bind_given, check_finite_now
 from .boundary.enforce import boundary_residuals, check_lift
 from .boundary.enforce import conditions as boundary_conditions
 from .boundary.refine import Refinement, RefinementContext
-from .conservation.conserve import Gaussian
 from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
+from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError, GridError
 from .rows import FAMILIES, GridSpec
 

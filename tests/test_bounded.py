@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from constraint_layers._bounded import active_bounds, project_bounded, project_bounded_rows
-from constraint_layers._conservation_ops import conserve
 from constraint_layers.errors import ConstraintError
+from constraint_layers.functional import conserve
 
 F64 = torch.float64
 INF = math.inf

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from ..errors import GridError
-from .conserve import ConstrainedGaussian, Gaussian, conserve
+from .conserve import conserve
 from .constraint import Conservation, IntegralConservation, constraints_of
+from .gaussian import Gaussian
+from .posterior import ConstrainedGaussian
 
 __all__ = ["METRICS", "enforce_conservation", "flat_event", "grid_view"]
 

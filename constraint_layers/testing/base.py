@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .._tolerance import tolerance
-from ..conservation.conserve import Gaussian
 from ..conservation.enforce import grid_view
+from ..conservation.gaussian import Gaussian
 from ..errors import GridError
 from .reference import reference_prediction, rows_of
 

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .._project import _noise_rows, dense_projection, split_families
 from ..boundary.enforce import boundary_rows
-from ..conservation.conserve import Gaussian
 from ..conservation.enforce import grid_view
+from ..conservation.gaussian import Gaussian
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 
 __all__ = [

@@ -1,0 +1,210 @@
+"""The constraint algebra of the conditioning: ``A = G W G^T`` and its (pseudo-)inverse root, the
+polish step that keeps ``G mean = b`` exact, the near-dependence warning (private)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import ConditioningWarning, SingularConstraintError
+from .gaussian import (
+    F64,
+)
+
+__all__ = []
+
+#: A squared Cholesky pivot below this fraction of its diagonal entry means dependent rows.
+PIVOT_RTOL = 1e-12
+#: Below this pivot ratio the update is followed by an exactness correction (the polish step).
+POLISH_RTOL = 1e-6
+
+
+def _rowdot(G: Tensor, x: Tensor) -> Tensor:
+    """``G x`` for G (*gb, M, N) and x (*xb, N): (*batch, M)."""
+    if G.ndim == 2:
+        return x @ G.mT
+    return (G @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _check_rows(
+    A: Tensor, nonzero: Callable[[], Tensor], call: str, allow_tiny: bool = False
+) -> Tensor:
+    """Zero or negative diagonal entries of ``A``: a SingularConstraintError that says what to do.
+
+    ``nonzero()`` (shape (*gb, M), bool): whether each row of G has a non-zero entry (evaluated
+    only to word the error). ``allow_tiny``: let entries that are zero to rounding (within
+    ``PIVOT_RTOL`` of the largest, either sign, not exactly zero) through to the pseudo-inverse.
+    Returns the diagonal of ``A`` (detached).
+    """
+    diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    bad = ~(diag > 0)
+    if allow_tiny and bool(bad.any()):
+        scale = diag.abs().amax(-1, keepdim=True)
+        bad = bad & ((diag == 0) | (diag < -PIVOT_RTOL * scale))
+    if bool(bad.any()):
+        idx = bad.nonzero()[0].tolist()
+        row, where = idx[-1], (f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else "")
+        if bool(diag[tuple(idx)] < 0) and bool(
+            diag[tuple(idx)] < -PIVOT_RTOL * diag[tuple(idx[:-1])].abs().amax()
+        ):
+            raise ValueError(
+                f"{call}: the covariance is not positive semidefinite: g Sigma g^T = "
+                f"{float(diag[tuple(idx)]):.3e} < 0 for constraint row {row}{where}. Pass a valid "
+                "covariance (symmetric positive semidefinite)."
+            )
+        if not bool(nonzero().expand(diag.shape)[tuple(idx)]):
+            why = f"row {row} of G is all zeros{where}: it constrains nothing"
+            fix = "remove the row (or its constraint)"
+        else:
+            why = (
+                f"constraint row {row}{where} sees zero variance everywhere (G Sigma G^T has a "
+                "zero diagonal entry), so no output value may move to satisfy it"
+            )
+            fix = 'add constraint noise (noise > 0) or use metric="euclidean"'
+        raise SingularConstraintError(f"{call}: {why}; {fix}.")
+    return diag
+
+
+def _dependent(call: str, where: str = "") -> SingularConstraintError:
+    return SingularConstraintError(
+        f"{call}: the constraint rows are linearly dependent{where} (duplicate or redundant "
+        "constraints, also counting only the points whose variance is non-zero): no update can "
+        "satisfy them all. Remove the redundant rows, or add constraint noise (noise > 0)."
+    )
+
+
+class _Root(NamedTuple):
+    """``A^+ = R R^T`` (R: (*, M, K)); ``polish``: finish with an exactness correction."""
+
+    R: Tensor
+    polish: bool
+
+
+def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: str) -> _Root:
+    """A root of the (pseudo-)inverse of ``A = G W G^T + noise^2 I`` (float64).
+
+    Well-conditioned ``A``: ``R = L^{-T}`` from its Cholesky factor. When the covariance leaves
+    (numerically) no freedom along some combination of the rows (a smooth GP's masses at many
+    times, a low-rank ensemble with fewer members than rows), those directions are dropped
+    (eigenvalues below ``PIVOT_RTOL`` of the largest) and the result is marked for the polish
+    step, which enforces them with the marginal variances.
+    """
+    m = A.shape[-1]
+    diag = _check_rows(A, nonzero, call, allow_tiny=m > 1 and metric == "covariance")
+    if m == 1:  # one row: a square root
+        return _Root(A.rsqrt(), False)
+    L, info = torch.linalg.cholesky_ex(A)
+    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.abs()
+    if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()):
+        eye = torch.eye(m, dtype=A.dtype, device=A.device).expand_as(A)
+        R = torch.linalg.solve_triangular(L, eye, upper=False).mT
+        return _Root(R, bool((ratio < POLISH_RTOL).any()))
+    if metric == "euclidean":  # W = I: ill-conditioned only if the rows are dependent
+        raise _dependent(call)
+    lam, V = torch.linalg.eigh(A)
+    keep = lam > PIVOT_RTOL * lam.amax(-1, keepdim=True)
+    scale = torch.where(keep, lam.clamp_min(torch.finfo(A.dtype).tiny).rsqrt(), 0.0)
+    return _Root(V * scale.unsqueeze(-2), True)
+
+
+#: Rows whose normalised Gram matrix has eigenvalues below this fraction of the largest are nearly
+#: dependent (an angle of about 1e-3 between a row and the span of the others).
+NEAR_DEPENDENCE_RTOL = 1e-6
+#: Nearly dependent rows conflict when satisfying them moves the mean by more than this many
+#: times the size of the mean and of the residual.
+CONFLICT_FACTOR = 1e3
+
+
+def _warn_nearly_dependent(
+    G: Tensor,  # (*gb, M, N)
+    mean: Tensor,  # (*batch, N)
+    r: Tensor,  # (*batch, M) float64: G mean - b
+    call: str,
+) -> None:
+    """Warn when nearly dependent rows state conflicting totals (checked only when ``A`` is
+    ill-conditioned, so well-posed systems pay nothing).
+
+    An ill-conditioned ``A = G Sigma G^T`` is common and harmless when the rows are well apart
+    and the covariance leaves little freedom along some of their combinations (a smooth GP's
+    masses at many times): the pseudo-inverse and the polish handle it. It is dangerous when the
+    rows themselves are nearly dependent: then every combination ``u`` with ``u^T G`` of norm
+    ``s ~ 0`` forces a move of at least ``|u^T r| / s`` on the mean, huge unless the totals
+    agree. This looks at the rows' own geometry (the normalised Gram matrix, ``M x M``).
+    """
+    m = G.shape[-2]
+    if m < 2:
+        return
+    G64 = G.to(F64)
+    norms = G64.norm(dim=-1).clamp_min(torch.finfo(F64).tiny)  # (*gb, M)
+    Gn = G64 / norms.unsqueeze(-1)
+    lam, U = torch.linalg.eigh(Gn @ Gn.mT)  # (*gb, M), (*gb, M, M)
+    near = lam < NEAR_DEPENDENCE_RTOL * lam[..., -1:]
+    if not bool(near.any()):
+        return
+    rn = r / norms  # residual of the normalised rows: (*batch, M)
+    forced = (rn.unsqueeze(-2) @ U).squeeze(-2).abs() / lam.clamp_min(0).sqrt().clamp_min(
+        torch.finfo(F64).tiny
+    )  # (*batch, M): the least move each combination forces
+    forced = torch.where(near, forced, torch.zeros_like(forced))
+    scale = mean.detach().abs().amax().to(F64) + rn.abs().amax()
+    worst = float(forced.amax())
+    if not worst > CONFLICT_FACTOR * float(scale):
+        return
+    k = int(forced.reshape(-1, m).amax(0).argmax())
+    u = U.reshape(-1, m, m)[0, :, k]
+    rows = (u.abs() > 0.1 * u.abs().max()).nonzero().flatten().tolist()
+    angle = float(lam.reshape(-1, m)[0, k].clamp_min(0).sqrt())
+    warnings.warn(
+        f"{call}: constraint rows {rows} are nearly dependent (a combination of the normalised "
+        f"rows has norm {angle:.1e}) but state conflicting totals: satisfying them all moves the "
+        f"mean by at least {worst:.3e}, against a mean of size {float(mean.abs().amax()):.3e}. "
+        "If these rows state the same quantity, keep one of them (or make their totals agree); "
+        "if they are meant to differ, state them on rows that are not nearly parallel, or add "
+        "constraint noise (noise > 0) to weigh them.",
+        ConditioningWarning,
+        stacklevel=4,
+    )
+
+
+def _solve_with(R: Tensor, v: Tensor) -> Tensor:
+    """``A^+ v = R R^T v``; v: (*, M)."""
+    if R.shape[-1] == 1 and R.shape[-2] == 1:
+        return v * R[..., 0].square()
+    return (R @ (R.mT @ v.unsqueeze(-1))).squeeze(-1)
+
+
+def _inexact(mean: Tensor, G: Tensor, b: Tensor) -> bool:
+    """Whether ``G mean = b`` misses by more than float64 rounding of the products (a solve with
+    a badly conditioned ``A`` loses digits even when its Cholesky pivots look healthy)."""
+    r = (_rowdot(G, mean) - b).abs()
+    scale = _rowdot(G.abs(), mean.abs()) + b.abs()
+    return bool((r > 64 * torch.finfo(F64).eps * scale).any())
+
+
+def _polish(
+    mean: Tensor,  # (*batch, N) float64
+    G: Tensor,  # (*gb, M, N)
+    b: Tensor,  # (*bb, M) float64
+    w: Tensor | None,  # (*b, N) marginal variances, or None (Euclidean)
+    call: str,
+) -> tuple[Tensor, Tensor | None]:
+    """Remove what is left of ``G mean - b`` with the metric ``diag(w)`` (or ``I``).
+
+    Returns the corrected mean and the Cholesky factor of ``G diag(w) G^T`` (None if no
+    correction was needed).
+    """
+    G64 = G.to(F64)
+    r = _rowdot(G64, mean) - b
+    P = G64.mT if w is None else w.to(F64).unsqueeze(-1) * G64.mT
+    A = G64 @ P
+    diag = _check_rows(A, lambda: (G64.detach() != 0).any(-1), call)
+    L, info = torch.linalg.cholesky_ex(A)
+    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
+    if bool((info != 0).any()) or not bool((ratio > PIVOT_RTOL).all()):
+        raise _dependent(call)
+    step = torch.cholesky_solve(r.unsqueeze(-1), L)
+    return mean - (P @ step).squeeze(-1), L

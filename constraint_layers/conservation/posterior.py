@@ -1,0 +1,353 @@
+"""The conditioned Gaussian in structured form (covariance ``Sigma - F F^T``, exact sampler), and
+the density of a degenerate Gaussian on the constraint set (private)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .gaussian import (
+    F64,
+)
+from .linalg import (
+    _rowdot,
+    _solve_with,
+)
+
+__all__ = ["ConstrainedGaussian", "DegenerateGaussian"]
+
+
+# ------------------------------------------------------------------------------ posterior
+class ConstrainedGaussian:
+    """A Gaussian conditioned on linear constraints, kept in structured form.
+
+    The covariance is ``Sigma - F F^T`` (``Sigma`` as given, ``F`` of shape (*batch, N, M),
+    computed on first use); for the Euclidean metric it is ``Sigma`` itself (HardC moves only the
+    mean). Nothing ``N x N`` is formed unless :meth:`covariance` is called.
+
+    Attributes
+    ----------
+    mean : Tensor
+        shape: (*batch, N); satisfies ``G mean = b`` to rounding when ``noise = 0``.
+    variance : Tensor or None
+        shape: (*batch, N); marginal posterior variances (None for a deterministic input).
+    metric : str
+        ``"covariance"`` or ``"euclidean"``.
+    """
+
+    mean: Tensor
+    variance: Tensor | None
+    metric: str
+
+    @classmethod
+    def _make(cls, mean, variance, prior, root, G, b, s2, metric) -> ConstrainedGaussian:
+        self = cls.__new__(cls)
+        self.mean, self.variance, self.metric = mean, variance, metric
+        self._prior, self._R, self._G, self._b, self._s2 = prior, root, G, b, s2
+        self._F = None
+        self._P = None  # W G^T, when the solve formed it
+        self._polish = None  # Cholesky factor of G diag(w) G^T when the polish step ran
+        self._dens = None  # DegenerateGaussian, built on the first log_prob / entropy
+        return self
+
+    def __repr__(self) -> str:
+        var = "None" if self.variance is None else "tensor"
+        return (
+            f"ConstrainedGaussian(mean: {tuple(self.mean.shape)} {self.mean.dtype}, variance: "
+            f"{var}, rows: {self._G.shape[-2]}, metric={self.metric!r})"
+        )
+
+    @property
+    def num_constraints(self) -> int:
+        return int(self._G.shape[-2])
+
+    def _cross(self) -> Tensor:  # W G^T: (*, N, M) float64
+        if self._P is not None:
+            return self._P
+        G64 = self._G.to(F64)
+        if self.metric == "euclidean":
+            return G64.mT
+        return self._prior.cross(G64.mT)
+
+    @property
+    def factor(self) -> Tensor | None:
+        """``F`` with posterior covariance ``Sigma - F F^T``; shape (*batch, N, M), float64.
+
+        None for the Euclidean metric (the covariance is not changed) or without constraints.
+        """
+        if self.metric == "euclidean" or self._R is None:
+            return None
+        if self._F is None:
+            self._F = self._cross() @ self._R
+        return self._F
+
+    def covariance(self) -> Tensor:
+        """The dense posterior covariance; shape (*batch, N, N), in the mean's dtype.
+
+        Raises
+        ------
+        ValueError
+            The input was deterministic (no covariance to return).
+        """
+        if self._prior is None:
+            raise ValueError(
+                "ConstrainedGaussian.covariance: the input had no uncertainty (a deterministic "
+                "mean projected in the Euclidean metric); there is no covariance."
+            )
+        S = self._prior.dense()
+        F = self.factor
+        if F is not None:
+            S = S - F @ F.mT
+        batch = self.mean.shape[:-1]
+        return S.expand(*batch, *S.shape[-2:]).to(self.mean.dtype)
+
+    def _gain(self, v: Tensor) -> Tensor:
+        """``W G^T A^{-1} v`` for v (..., *batch, M): (..., *batch, N), float64."""
+        w = _solve_with(self._R, v)
+        return (self._cross() @ w.unsqueeze(-1)).squeeze(-1)
+
+    def _polished(self, x: Tensor) -> Tensor:
+        """The exactness correction of an ill-conditioned system, applied to samples (float64)."""
+        if self._polish is None:
+            return x
+        G64 = self._G.to(F64)
+        w = None if self.metric == "euclidean" else self._prior.diag()
+        P = G64.mT if w is None else w.unsqueeze(-1) * G64.mT
+        r = _rowdot(G64, x) - self._b
+        step = torch.cholesky_solve(r.unsqueeze(-1), self._polish)
+        return x - (P @ step).squeeze(-1)
+
+    def condition(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Apply the constraint update to samples of the unconstrained Gaussian.
+
+        ``x~ = x - W G^T A^{-1} (G x + noise * eps - b)``: samples ``x ~ N(mu, Sigma)`` become
+        samples of the posterior (Matheron's rule); no factorisation of the singular posterior
+        covariance is needed. For the Euclidean metric this is the HardC projection of each
+        sample.
+
+        Parameters
+        ----------
+        x : Tensor
+            shape: (..., *batch, N).
+
+        Returns
+        -------
+        Tensor
+            shape: (..., *batch, N), the dtype of ``x``.
+        """
+        if self._R is None:
+            return x
+        x64 = x.to(F64)
+        v = _rowdot(self._G.to(F64), x64) - self._b
+        if self._s2 is not None:
+            eps = torch.randn(v.shape, dtype=F64, device=v.device, generator=generator)
+            v = v + self._s2.sqrt() * eps
+        return self._polished(x64 - self._gain(v)).to(x.dtype)
+
+    def sample(
+        self, sample_shape: int | Sequence[int] = (), generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw samples of the posterior, ``N(mean, covariance())``, without a Cholesky factor of
+        the (singular) posterior covariance.
+
+        Parameters
+        ----------
+        sample_shape : int or sequence of int
+        generator : torch.Generator, optional
+
+        Returns
+        -------
+        Tensor
+            shape: (*sample_shape, *batch, N), in the mean's dtype.
+
+        Examples
+        --------
+        >>> import torch, constraint_layers as cl
+        >>> ones = torch.ones(5)
+        >>> post = cl.functional.conserve(torch.zeros(5), ones, 1.0, variance=ones)
+        >>> s = post.sample(3, generator=torch.Generator().manual_seed(0))
+        >>> s.shape, bool(torch.allclose(s.sum(-1), torch.ones(3)))
+        (torch.Size([3, 5]), True)
+        """
+        if self._prior is None:
+            raise ValueError(
+                "ConstrainedGaussian.sample: the input had no uncertainty (a deterministic mean); "
+                "there is nothing to sample."
+            )
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        batch = self.mean.shape[:-1]
+        e = self._prior.draw((*shape, *batch), self.mean.shape[-1], generator)
+        if self.metric == "covariance" and self._R is not None:
+            v = _rowdot(self._G.to(F64), e)
+            if self._s2 is not None:
+                v = v + self._s2.sqrt() * torch.randn(
+                    v.shape, dtype=F64, device=v.device, generator=generator
+                )
+            e = e - self._gain(v)
+            if self._polish is not None:  # keep every sample exact
+                x = self._polished(self.mean.to(F64) + e)
+                return x.to(self.mean.dtype)
+        return (self.mean.to(F64) + e).to(self.mean.dtype)
+
+    @property
+    def noise_free(self) -> bool:
+        """Whether the constraints hold exactly (no constraint noise): the posterior is then a
+        degenerate Gaussian supported on ``G u = b``."""
+        return self._s2 is None and self._R is not None and self.metric == "covariance"
+
+    def exact_root(self, root: Tensor) -> Tensor:
+        """A root of the posterior covariance built from a root of the prior's.
+
+        With ``L L^T = Sigma`` and ``P = I - Sigma G^T A^+ G``, the posterior covariance is
+        ``P Sigma P^T`` (noise-free), so ``P L`` is a root of it, and ``G P L = 0`` holds to
+        rounding whatever ``L`` is: samples ``mean + P L eps`` satisfy ``G u = b`` even when ``L``
+        is a jittered (or low-rank) root of ``Sigma``. With constraint noise the root gains
+        ``M`` columns, ``Sigma G^T A^{-1} diag(noise)``. The Euclidean metric leaves the
+        covariance as given (the root comes back unchanged).
+
+        Parameters
+        ----------
+        root : Tensor
+            shape: (*batch, N, K), ``root @ root.mT`` approximating the prior covariance.
+
+        Returns
+        -------
+        Tensor
+            shape: (*batch, N, K) (or (*batch, N, K + M) with constraint noise), float64.
+        """
+        X = root.to(F64)
+        if self.metric == "euclidean" or self._R is None:
+            return X
+        G64 = self._G.to(F64)
+        cross = self._cross()
+        X = X - cross @ (self._R @ (self._R.mT @ (G64 @ X)))
+        if self._polish is not None:  # directions the pseudo-inverse dropped
+            P = self._prior.diag().unsqueeze(-1) * G64.mT
+            X = X - P @ torch.cholesky_solve(G64 @ X, self._polish)
+        if self._s2 is not None:
+            noise = cross @ (self._R @ (self._R.mT * self._s2.sqrt().unsqueeze(-2)))
+            X = torch.cat([X, noise.expand(*X.shape[:-1], noise.shape[-1])], dim=-1)
+        return X
+
+    def _density(self) -> DegenerateGaussian:
+        if self._dens is None:
+            if self._prior is None:
+                raise ValueError(
+                    "ConstrainedGaussian.log_prob: the input had no uncertainty (a deterministic "
+                    "mean); there is no density."
+                )
+            S = self._prior.dense()  # float64
+            F = self.factor
+            if F is not None:
+                S = S - F @ F.mT
+            S = S.expand(*self.mean.shape[:-1], *S.shape[-2:])
+            rows = (self._G, self._b) if self.noise_free else None
+            self._dens = DegenerateGaussian(self.mean, S, rows=rows, dtype=self.mean.dtype)
+        return self._dens
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of the posterior at ``x``.
+
+        Without constraint noise the posterior is degenerate: it lives on the affine subspace
+        ``G u = b``. The density is taken there (with respect to the surface measure of the
+        subspace): the pseudo-determinant and pseudo-inverse of the posterior covariance in
+        float64, ``-inf`` where ``G x = b`` misses by more than rounding. See
+        :class:`DegenerateGaussian`. With constraint noise it is the ordinary density.
+
+        Parameters
+        ----------
+        x : Tensor
+            shape: (..., *batch, N).
+
+        Returns
+        -------
+        Tensor
+            shape: (..., *batch), in the promoted dtype of ``x`` and the mean.
+        """
+        return self._density().log_prob(x)
+
+    def entropy(self) -> Tensor:
+        """Differential entropy on the support (see :meth:`log_prob`); shape (*batch,)."""
+        return self._density().entropy()
+
+
+#: Eigenvalues below this fraction of the largest are numerically zero, by the covariance's dtype
+#: (the cutoffs of ``scipy.stats.multivariate_normal(allow_singular=True)``).
+RANK_RCOND = {torch.float64: 1e6 * 2.220446049250313e-16, torch.float32: 1e3 * 1.1920929e-07}
+#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
+SUPPORT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+class DegenerateGaussian:
+    """A Gaussian whose covariance may be singular: density on its support.
+
+    The covariance is eigendecomposed once in float64; eigenvalues below ``RANK_RCOND`` (by the
+    covariance's dtype) times the largest are zero. The log density is that of the Gaussian on
+    the subspace the remaining ``k`` eigenvectors span (through the mean),
+    ``-(k log 2 pi + log pdet + d^T Sigma^+ d) / 2``, the convention of
+    ``scipy.stats.multivariate_normal(allow_singular=True)``; it does not depend on any jitter.
+    With ``rows = (G, b)`` (a posterior conditioned exactly on ``G u = b``) points that miss the
+    rows by more than rounding (``SUPPORT_RTOL``) get ``-inf``; when the covariance is otherwise
+    non-singular, ``k = N - M`` and this is the density on the constraint set. Components along
+    other numerically null directions (where the model itself leaves no measurable variance) are
+    left out, as a pseudo-inverse does.
+
+    Parameters
+    ----------
+    mean : Tensor
+        shape: (*batch, N).
+    covariance : Tensor
+        shape: (*batch, N, N), symmetric positive semidefinite.
+    rows : tuple of Tensor, optional
+        ``(G, b)``: shapes (*batch, M, N) (or (M, N)) and (*batch, M).
+    dtype : torch.dtype, optional
+        The precision the covariance was computed in (default: its dtype): sets the rank cutoff.
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        covariance: Tensor,
+        rows: tuple[Tensor, Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.mean = mean
+        self.dtype = mean.dtype
+        source = covariance.dtype if dtype is None else dtype
+        cov = covariance.to(F64)
+        cov = 0.5 * (cov + cov.mT)
+        lam, V = torch.linalg.eigh(cov)
+        rcond = RANK_RCOND.get(source, 1e3 * torch.finfo(source).eps)
+        cut = rcond * lam.detach().abs().amax(-1, keepdim=True)
+        self.keep = lam.detach() > cut  # (*batch, N)
+        safe = torch.where(self.keep, lam, torch.ones_like(lam))
+        self.inv_sqrt = torch.where(self.keep, safe.rsqrt(), torch.zeros_like(lam))
+        self.V = V
+        self.rank = self.keep.sum(-1)  # (*batch,)
+        self.log_pdet = torch.where(self.keep, safe.log(), torch.zeros_like(lam)).sum(-1)
+        self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """shape: x (..., *batch, N) -> (..., *batch)."""
+        out_dtype = torch.promote_types(x.dtype, self.dtype)
+        d = x.to(F64) - self.mean.to(F64)
+        z = (d.unsqueeze(-2) @ self.V).squeeze(-2) * self.inv_sqrt
+        quad = z.square().sum(-1)
+        res = -0.5 * (self.rank * math.log(2 * math.pi) + self.log_pdet + quad)
+        if self.rows is not None:
+            G, b = self.rows
+            x64 = x.to(F64)
+            gap = (_rowdot(G, x64) - b).abs()
+            scale = _rowdot(G.abs(), x64.abs()) + b.abs()
+            tol = max(SUPPORT_RTOL.get(x.dtype, 1e-3), SUPPORT_RTOL.get(self.dtype, 1e-3))
+            off = (gap.detach() > tol * scale.detach() + torch.finfo(F64).tiny).any(-1)
+            res = torch.where(off, torch.full_like(res, -math.inf), res)
+        return res.to(out_dtype)
+
+    def entropy(self) -> Tensor:
+        """shape: (*batch,)."""
+        h = 0.5 * (self.rank * (1 + math.log(2 * math.pi)) + self.log_pdet)
+        return h.to(self.dtype)
