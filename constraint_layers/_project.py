@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from ._grid import resolve_spacing
-from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
+from ._tolerance import tolerance
+from .boundary.enforce import apply_plan, condition_rhs, plan
 from .conservation.conserve import conserve
 from .conservation.enforce import enforce_conservation, flat_event, grid_view
 from .conservation.gaussian import Gaussian
@@ -50,8 +51,9 @@ __all__ = ["dense_projection", "project", "split_families"]
 F64 = torch.float64
 #: A squared pivot below this fraction of its row's norm: the row depends on the ones before it.
 DEPENDENT_RTOL = 1e-10
-#: Relative disagreement of right-hand sides beyond which dependent rows are incompatible.
-CONSISTENT_RTOL = 1e-8
+#: Relative disagreement of right-hand sides (float64 data) beyond which dependent rows are
+#: incompatible.
+CONSISTENT_RTOL = 1e-10
 
 
 def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -75,49 +77,40 @@ def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
 def independent_rows(
     G: Tensor, b: Tensor, labels: Sequence[str], call: str
 ) -> tuple[Tensor, Tensor]:
-    """Drop rows of ``G u = b`` that depend on earlier ones, after checking that their
-    right-hand sides agree (else raise, naming them).
+    """An equivalent system of independent rows for ``G u = b``, after checking that dependent
+    rows agree (else raise, naming them).
 
-    ``G`` (M, N) float64 shared by the batch, ``b`` (batch, M) float64. Returns the kept rows.
-    A healthy system (Cholesky of ``G G^T`` with good pivots) costs one ``M x M`` factorisation.
+    ``G`` (M, N) float64 shared by the batch, ``b`` (batch, M) float64. A healthy system (Cholesky
+    of ``G G^T`` with good pivots) comes back as it is; otherwise the rows are replaced by an
+    orthonormal basis of their span (``Q^T G``, ``Q^T b``: the same constraint set).
     """
     gram = G @ G.mT
     norms = gram.diagonal().clamp_min(torch.finfo(F64).tiny)
     L, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0 and bool((L.diagonal().square() > DEPENDENT_RTOL * norms).all()):
         return G, b
-    keep: list[int] = []
-    for i in range(G.shape[0]):  # greedy: a row is kept if it adds a direction
-        if not keep:
-            if float(norms[i]) > torch.finfo(F64).tiny and bool(G[i].abs().max() > 0):
-                keep.append(i)
-            continue
-        k = torch.tensor(keep)
-        x = torch.linalg.lstsq(gram[k][:, k], gram[k, i].unsqueeze(-1)).solution
-        rest = float(gram[i, i] - (gram[i, k] @ x.squeeze(-1)))
-        if rest > DEPENDENT_RTOL * float(norms[i]):
-            keep.append(i)
-    dropped = [i for i in range(G.shape[0]) if i not in set(keep)]
-    k = torch.tensor(keep, dtype=torch.long)
-    d = torch.tensor(dropped, dtype=torch.long)
-    if keep:
-        coef = torch.linalg.lstsq(gram[k][:, k], gram[k][:, d]).solution  # (K, D)
-        implied = b[:, k] @ coef  # (batch, D)
-        scale = b[:, k].abs() @ coef.abs()
-    else:
-        implied = torch.zeros_like(b[:, d])
-        scale = torch.zeros_like(implied)
-    bad = (implied - b[:, d]).abs() > CONSISTENT_RTOL * (scale + b[:, d].abs() + 1.0)
+    # rows scaled to unit norm, so that the tolerance is relative to each row
+    unit = norms.rsqrt()
+    lam, V = torch.linalg.eigh(gram * unit.unsqueeze(0) * unit.unsqueeze(1))
+    keep = lam > DEPENDENT_RTOL * lam.amax().clamp_min(torch.finfo(F64).tiny)
+    bs = b * unit
+    V0 = V[:, ~keep]  # combinations of the (unit) rows that vanish
+    off = (bs @ V0).abs()  # (batch, K0): what those combinations of the totals leave over
+    size = bs.abs() @ V0.abs() + 1.0
+    bad = off > CONSISTENT_RTOL * size
     if bool(bad.any()):
-        which = sorted({int(i) for i in d[bad.any(0)]})
+        culprits = (V0[:, bad.any(0)].abs() > 1e-6).any(1).nonzero().flatten().tolist()
         raise IncompatibleConstraintsError(
-            f"{call}: the constraints cannot hold together: {_describe(labels, which)} "
-            f"follow(s) from the other rows, but with a different value (off by "
-            f"{float((implied - b[:, d]).abs().max()):.3e}). Check the values and totals (e.g. a "
-            "total that the wall values make impossible).",
-            tuple(which),
+            f"{call}: the constraints cannot hold together: {_describe(labels, culprits)} "
+            f"depend on each other, but their values disagree (off by {float(off.max()):.3e} "
+            "in a combination that must vanish). Check the values and totals (e.g. a total "
+            "that the wall values make impossible).",
+            tuple(culprits),
         )
-    return G[k], b[:, k]
+    Q = V[:, keep] * unit.unsqueeze(1)  # (M, R): the basis, back in the rows' scaling
+    scale = (Q.square().sum(0)).rsqrt()
+    Q = Q * scale
+    return Q.mT @ G, b @ Q
 
 
 def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
@@ -142,8 +135,14 @@ def _pull_back(G: Tensor, bplan: Any, shape: tuple[int, ...]) -> Tensor:
     return gs.reshape(*lead, -1)
 
 
-def _solve_consistent(A: Tensor, r: Tensor, labels: Sequence[str], call: str) -> Tensor:
-    """``A^+ r`` for ``A`` (*, M, M) symmetric PSD, ``r`` (*, M); dependent rows must agree."""
+def _solve_consistent(
+    A: Tensor, r: Tensor, scale: Tensor, tol: float, labels: Sequence[str], call: str
+) -> Tensor:
+    """``A^+ r`` for ``A`` (*, M, M) symmetric PSD, ``r`` (*, M); dependent rows must agree.
+
+    ``scale`` (*, M): the size of the terms each residual balances; a residual left in a
+    direction no move can reach must stay below ``tol`` times it (rounding of the output dtype).
+    """
     L, info = torch.linalg.cholesky_ex(A)
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
     if not bool((info != 0).any()):
@@ -155,7 +154,7 @@ def _solve_consistent(A: Tensor, r: Tensor, labels: Sequence[str], call: str) ->
     inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
     rv = (V.mT @ r.unsqueeze(-1)).squeeze(-1)
     off = torch.where(keep, 0.0, rv).abs()  # residual in the directions no move can reach
-    if bool((off > CONSISTENT_RTOL * (r.abs().amax(-1, keepdim=True) + 1.0)).any()):
+    if bool((off > tol * scale.amax(-1, keepdim=True)).any()):
         weight = (V * (~keep).unsqueeze(-2)).abs().amax(-1)  # rows in the unreachable directions
         which = sorted(
             {int(i) for i in (weight.reshape(-1, weight.shape[-1]) > 1e-6).any(0).nonzero()}
@@ -257,27 +256,69 @@ def _joint_deterministic(u, z1, bplan, rhs, con, shape, inputs, call) -> Tensor:
     r = (flat @ G.mT if G.ndim == 2 else (G @ flat.unsqueeze(-1)).squeeze(-1)) - b
     A = Gp @ Gp.mT
     labels = _labels(con, [x.num_rows for x in rows])
-    coef = _solve_consistent(A, r, labels, call)  # (B, M)
+    absz = flat.abs()
+    scale = absz @ G.abs().mT if G.ndim == 2 else (G.abs() @ absz.unsqueeze(-1)).squeeze(-1)
+    scale = scale + b.abs() + torch.finfo(F64).tiny
+    tol = tolerance(u.dtype).residual
+    coef = _solve_consistent(A, r, scale, tol, labels, call)  # (B, M)
     step = coef @ Gp if Gp.ndim == 2 else (coef.unsqueeze(-2) @ Gp).squeeze(-2)
     v = (u.reshape(shape[0], -1).to(F64) - step).to(u.dtype).reshape(shape)
     return apply_plan(v, bplan, rhs)
 
 
+def _fixed_point_rows(
+    bplan: Any, bnd: Sequence[Any], shape: tuple[int, ...], rhs: Sequence[Tensor]
+):
+    """The boundary constraint set as rows: the outputs the boundary step leaves unchanged.
+
+    ``B(v) = S v + f`` is a projection; its fixed points satisfy ``(I - S)_i u = f_i`` for every
+    node ``i`` it moves. These rows state exactly what the deterministic step enforces (the later
+    condition at corners, both ends of every periodic pair, ...). Grouped by the condition that
+    moves the node last. Returns ``(C, d, counts, labels)``: (K, N), (batch, K) float64.
+    """
+    owner: dict[int, int] = {}
+    for i, c in enumerate(bplan.conds):
+        for node in c.moves.flatten().tolist():
+            owner[node] = i
+    nodes = sorted(owner, key=lambda j: (owner[j], j))
+    n = math.prod(shape[1:])
+    E = torch.zeros((len(nodes), n), dtype=F64)
+    E[torch.arange(len(nodes)), torch.tensor(nodes)] = 1.0
+    C = E - _pull_back(E, bplan, shape)
+    zero = torch.zeros((shape[0], *shape[1:]), dtype=F64)
+    f = apply_plan(zero, bplan, [r.to(F64).cpu() for r in rhs]).reshape(shape[0], -1)
+    d = f[:, nodes]
+    counts = [sum(1 for j in nodes if owner[j] == i) for i in range(len(bnd))]
+    labels = [f"{bnd[owner[j]]!r} at flat position {j}" for j in nodes]
+    return C, d, counts, labels
+
+
 def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call) -> Gaussian:
-    """Condition the Gaussian on all rows at once (boundary rows where each is in charge)."""
+    """Condition the Gaussian on all rows at once: the boundary step's fixed points and the
+    conservation rows; then the exact finish of the boundary rows."""
     n = math.prod(shape[1:])
     k = pred.event_ndim
-    brows = boundary_rows(
-        shape, bnd, spacing=hs, endpoint=grid.endpoint, inputs=inputs, include_overridden=False
-    )
+    mean = pred.mean
+    bplan = plan(shape, bnd, hs, 0, grid.endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, shape[0], mean.dtype, mean.device, inputs, call)
+        for c, bc in zip(bplan.conds, bnd)
+    ]
+    rhs64 = [
+        condition_rhs(c, bc, shape[0], F64, torch.device("cpu"), inputs, call)
+        for c, bc in zip(bplan.conds, bnd)
+    ]
+    Cb, db, bcounts, blabels = _fixed_point_rows(bplan, bnd, shape, rhs64)
     crows = [c.rows(shape, inputs=inputs) for c in con]
-    rows = [*brows, *crows]
-    G, b = _stack(rows, shape[0], n)
-    labels = _labels([*bnd, *con], [r.num_rows for r in rows])
-    s = _noise_rows(noise, [r.num_rows for r in brows], [r.num_rows for r in crows])
+    Gc, bc_ = _stack(crows, shape[0], n) if crows else (Cb[:0], db[:, :0])
+    if Gc.ndim == 3:
+        Cb = Cb.expand(shape[0], *Cb.shape)
+    G = torch.cat([Cb, Gc], -2)
+    b = torch.cat([db, bc_], -1)
+    labels = [*blabels, *_labels(con, [r.num_rows for r in crows])]
+    s = _noise_rows(noise, bcounts, [r.num_rows for r in crows])
     if G.ndim == 2 and not isinstance(s, Tensor):
         G, b = independent_rows(G, b, labels, call)
-    mean = pred.mean
     G = G.to(mean.device)
     b = b.to(mean.device).reshape(*lead, -1)
     if G.ndim == 3:
@@ -293,11 +334,16 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
         metric=metric,
     )
     ev = mean.shape[mean.ndim - k :]
+    out_mean = post.mean.reshape(shape)
+    if not isinstance(s, Tensor) or not bool(s[: sum(bcounts)].any()):
+        # exact walls: the face-local step finishes the boundary rows (Dirichlet to the bit);
+        # the mean is already one of its fixed points to rounding: it moves by rounding only
+        out_mean = apply_plan(out_mean, bplan, rhs)
     var = None if post.variance is None else post.variance.reshape(*lead, *ev)
     down = None
     if pred.covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, pred.covariance, None, down, k, post)
+    return Gaussian(out_mean.reshape(*lead, *ev), var, pred.covariance, None, down, k, post)
 
 
 def dense_projection(

@@ -142,7 +142,8 @@ def reference_prediction(
 
     Deterministic: the boundary step ``B(v) = S v + f`` (sequential dense projections), then the
     conservation rows on the remaining freedom (``G S``), Euclidean, then ``B`` again. Gaussian:
-    conditioning on all rows stacked (boundary rows where each condition is in charge). Returns the
+    conditioning on all rows stacked: the boundary step's fixed points ``(I - S) u = f`` and the
+    conservation rows (noise, if any, on the conservation rows only). Returns the
     mean (the prediction's shape) and the marginal variance (None without uncertainty), float64.
     """
     k = pred.event_ndim
@@ -170,9 +171,26 @@ def reference_prediction(
             coef = (torch.linalg.pinv(A, hermitian=True) @ r.unsqueeze(-1)).squeeze(-1)
             z = step(u - (Gp.mT @ coef.unsqueeze(-1)).squeeze(-1))
         return z.reshape(mean.shape), None
-    brows, crows = rows_of(constraints, shape, grid=grid, inputs=inputs)
-    G, b = _stack_dense([*brows, *crows], shape[0], n)
-    s = _noise_rows(noise, [r.num_rows for r in brows], [r.num_rows for r in crows])
+    # the boundary constraint set: the fixed points of the (dense) boundary step, I - S rows
+    brows, crows = rows_of(constraints, shape, grid=grid, inputs=inputs, include_overridden=True)
+    G, b = (
+        _stack_dense(crows, shape[0], n)
+        if crows
+        else (torch.zeros(shape[0], 0, n, dtype=F64), torch.zeros(shape[0], 0, dtype=F64))
+    )
+    nb = 0
+    if brows:
+        zero = [r._replace(rhs=torch.zeros_like(r.rhs[:1])) for r in brows]
+        eye = torch.eye(n, dtype=F64)
+        S = dense_projection(eye, zero, sequential=True).mT
+        f = dense_projection(torch.zeros(shape[0], n, dtype=F64), brows, sequential=True)
+        Cb = (eye - S).expand(shape[0], n, n)
+        G, b = torch.cat([Cb, G], -2), torch.cat([f, b], -1)
+        nb = n
+    s = _noise_rows(noise, [nb], [r.num_rows for r in crows]) if not isinstance(
+        noise, (list, tuple)) else _noise_rows(  # per constraint: boundary rows exact here
+        [0.0] + [v for c, v in zip(constraints, noise) if c.family != "boundary"],
+        [nb], [r.num_rows for r in crows])  # fmt: skip
     cov = pred.covariance
     if cov is not None:
         cov = cov.to_dense() if hasattr(cov, "to_dense") else cov
