@@ -15,3 +15,10 @@ def test_readme_quickstart_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "no python block in the README"
     exec(compile(blocks[0], "README quickstart", "exec"), {})
+
+
+def test_readme_joint_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    joint = [b for b in blocks if "insulated" in b and "cl.Conservation.integral" in b]
+    assert joint, "no joint example in the README"
+    exec(compile(joint[0], "README joint example", "exec"), {})
