@@ -99,7 +99,10 @@ def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: s
         return _Root(A.rsqrt(), False)
     L, info = torch.linalg.cholesky_ex(A)
     ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.abs()
-    if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()):
+    # a row whose variance is rounding next to the others' (g in the null space of Sigma, seen
+    # through cancellation as +-1e-17) is not a pivot to invert, whatever its own ratio
+    visible = diag.abs() > PIVOT_RTOL * diag.abs().amax(-1, keepdim=True)
+    if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()) and bool(visible.all()):
         eye = torch.eye(m, dtype=A.dtype, device=A.device).expand_as(A)
         R = torch.linalg.solve_triangular(L, eye, upper=False).mT
         return _Root(R, bool((ratio < POLISH_RTOL).any()))
