@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _project
 from ._grid import check_grid_options, resolve_spacing
+from ._project import project as _engine_project
+from ._project import split_families
 from ._tolerance import tolerance
 from ._values import Given, bind_given, check_finite_now
 from .boundary.enforce import boundary_residuals, check_lift
@@ -316,7 +317,7 @@ class ConstraintLayer(nn.Module):
         scale = None
         if norm is not None:
             pred, scale = _to_physical(pred, norm)
-        post = _project.project(
+        post = _engine_project(
             pred,
             constraints,
             grid=self.grid,
@@ -360,7 +361,7 @@ class ConstraintLayer(nn.Module):
 
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)
-        bnd, con = _project.split_families(constraints)
+        bnd, con = split_families(constraints)
         if bnd:
             raise NotImplementedError(
                 f"{type(self).__name__}.posterior: the structured posterior serves conservation "
@@ -395,7 +396,7 @@ class ConstraintLayer(nn.Module):
         call = type(self).__name__
         shape = grid_view(g.mean, g.event_ndim, self.grid_shape, call)
         y = g.mean.reshape(shape)
-        bnd, con = _project.split_families(constraints)
+        bnd, con = split_families(constraints)
         parts = []
         if bnd:
             res = boundary_residuals(
@@ -416,7 +417,7 @@ class ConstraintLayer(nn.Module):
         y = post.mean.detach().reshape(shape)
         tol = tolerance(y.dtype).residual
         scale = float(y.abs().max()) + 1.0 if y.numel() else 1.0
-        bnd, con = _project.split_families(constraints)
+        bnd, con = split_families(constraints)
         worst: list[tuple[float, Any]] = []
         if bnd:
             res = boundary_residuals(

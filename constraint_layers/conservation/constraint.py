@@ -33,10 +33,11 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .. import quadrature
 from .._grid import normalize_dim
 from .._values import check_value, evaluate_value
 from ..errors import GridError
+from ..quadrature import RULES, cumulative_trapezoid, tensor_product
+from ..quadrature import weights as quadrature_weights
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 
 __all__ = [
@@ -293,10 +294,8 @@ class IntegralConservation(Conservation):
         self.dims = dims
         self.rule = _per_axis(rule, k, "rule", (str,))
         for r in self.rule:
-            if r not in quadrature.RULES:
-                raise ValueError(
-                    f"{name}: rule must be one of {list(quadrature.RULES)}, got {r!r}."
-                )
+            if r not in RULES:
+                raise ValueError(f"{name}: rule must be one of {list(RULES)}, got {r!r}.")
         self.spacing = _per_axis(spacing, k, "spacing", (int, float))
         self.extent = _per_axis(extent, k, "extent", (int, float))
         self.grid = _per_axis(grid, k, "grid", (Tensor,))
@@ -310,7 +309,7 @@ class IntegralConservation(Conservation):
                 if v is not None and not (math.isfinite(v) and v > 0):
                     raise ValueError(f"{name}: {what} must be finite and positive, got {v}.")
             if self.grid[i] is not None:
-                quadrature.weights(self.grid[i], self.rule[i])  # sorted, long enough
+                quadrature_weights(self.grid[i], self.rule[i])  # sorted, long enough
         self.endpoint = bool(endpoint)
         if channels is not None:
             channels = (channels,) if isinstance(channels, int) else tuple(int(c) for c in channels)
@@ -376,7 +375,7 @@ class IntegralConservation(Conservation):
                     f"{g.shape[0]} nodes, but the output has {n} along it."
                 )
             ws.append(
-                quadrature.weights(
+                quadrature_weights(
                     g if g is not None else n,
                     self.rule[i],
                     spacing=self.spacing[i],
@@ -386,7 +385,7 @@ class IntegralConservation(Conservation):
                     device=device,
                 )
             )
-        return quadrature.tensor_product(*ws)
+        return tensor_product(*ws)
 
     def _totals(self, lay: _Layout, inputs: Any, call: str) -> Tensor:
         """The total per row, float64: shape (batch, channels', *remaining axes)."""
@@ -593,4 +592,4 @@ def mass_over_time(
         inflow = torch.full((n,), float(inflow), dtype=dtype)
     if t is not None and dt is not None:
         raise ValueError("mass_over_time: give either t= or dt=, not both.")
-    return quadrature.cumulative_trapezoid(inflow, t, spacing=dt, dim=dim, initial=initial)
+    return cumulative_trapezoid(inflow, t, spacing=dt, dim=dim, initial=initial)
