@@ -380,3 +380,21 @@ def test_joint_needs_dim_on_multi_axis_grids():
         cl.wrap(Conv(2), cl.Neumann(0.0), cl.Conservation.integral(0.0, dim=0))(
             torch.randn(1, 1, 8, 8)
         )
+
+
+def test_every_adapter_serves_every_family():
+    """An ensemble (mixture adapter) conditioned on walls and a total: each member, then moments."""
+    torch.manual_seed(7)
+    members = [VarianceHead().double() for _ in range(3)]
+    ens = cl.adapters.Ensemble(members)
+    x = torch.randn(2, 1, 19, dtype=F64)
+    walls = cl.Dirichlet(0.0)
+    mean, var = cl.wrap(ens, walls)(x)
+    assert torch.equal(mean[..., [0, -1]], torch.zeros(2, 1, 2, dtype=F64))
+    assert float(var[..., [0, -1]].abs().max()) < 1e-12
+    total = cl.Conservation.integral(-0.5)
+    mean, var = cl.wrap(ens, walls, total)(x)
+    assert worst_relative(mean, [walls, total]) < 1e-12
+    points = cl.adapters.Ensemble([Conv().double() for _ in range(4)])  # point predictions
+    mean, var = cl.wrap(points, walls, total)(x)
+    assert worst_relative(mean, [walls, total]) < 1e-12
