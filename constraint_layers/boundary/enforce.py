@@ -359,20 +359,22 @@ def apply_plan(y: Tensor, bplan: BoundaryPlan, rhs: Sequence[Tensor]) -> Tensor:
     ``rhs[i]``: shape (batch, M_i), the right-hand sides of condition ``i`` in ``y``'s dtype.
     """
     b = y.shape[0]
+    # one copy of the output; the steps write into it in place (the gathers save no input, so
+    # autograd allows it)
     u = y.reshape(b, -1).clone()
     for i, c in enumerate(bplan.conds):
         t = bplan.device_tensors(i, u.dtype, u.device)
         d = rhs[i]
         if not c.solve_only:  # the rank-one step along each row's direction
             r = d - (u[:, t["index"]] * t["coeff"]).sum(-1)  # (B, M)
-            step = (t["weights"] * r.unsqueeze(-1)).reshape(b, -1)
-            u = u.index_add(1, t["moves"], step)
+            u.index_add_(1, t["moves"], (t["weights"] * r.unsqueeze(-1)).reshape(b, -1))
         # the exact re-solve of the pivot: u_p = (d - sum_{j != p} c_j u_j) / c_p
-        rest = (u[:, t["index"]] * t["rest"]).sum(-1)
-        new = (d * t["inv_pivot"] - rest) if not t["unit_pivot"] else d - rest
-        if t["unit_pivot"] and c.index.shape[1] == 1:
+        if c.index.shape[1] == 1 and t["unit_pivot"]:
             new = d  # a Dirichlet row: the value itself, bit for bit
-        u = u.index_copy(1, t["pos"], new)
+        else:
+            rest = (u[:, t["index"]] * t["rest"]).sum(-1)
+            new = d - rest if t["unit_pivot"] else d * t["inv_pivot"] - rest
+        u.index_copy_(1, t["pos"], new.to(u.dtype))
     return u.reshape(y.shape)
 
 
