@@ -40,8 +40,8 @@ from ._boundary_ops import (
     enforce_boundary,
     spread,
 )
-from ._grid import check_grid_options, normalize_dim, resolve_spacing
-from ._refine import Refinement, RefinementContext
+from ._grid import check_grid_options, resolve_spacing
+from ._refine import KERNEL_GRADS, Refinement, RefinementContext
 from ._stencils import OUTWARD_STENCILS, neumann_lift_profile
 from ._values import Given, bind_given, check_value, evaluate_value
 from ._wrapper import TOLERANCE, ConstraintLayer, check_normalizer, current_normalizer
@@ -398,15 +398,20 @@ class BoundaryCorrection(ConstraintLayer):
         ``inverse_transform(output)`` before transforming back.
     adapter : Adapter, optional
         How to call the model and find its grid; default: looked up in the adapter registry.
-    rcond : float, default 1e-2
+    rcond : float, default 1e-3
         ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
-        block's largest singular value; directions far above it are inverted to rounding, those
-        near or below it are damped instead of blowing up.
+        block's largest singular value (0: the pseudo-inverse); directions far above it are
+        inverted to rounding, those near or below it are damped instead of blowing up.
     refresh : int, default 1
-        ``mode="refine"``: 1 gives exact gradients (each refined layer is probed inside the
-        autograd graph at every training call); ``k > 1`` reuses a frozen probe for ``k`` weight
-        changes: cheaper training steps, approximate gradients (the boundary-paper study found
-        frozen probes train worse). Inference caches the probe either way.
+        ``mode="refine"``: 1 gives exact gradients (each refined layer's boundary block is
+        rebuilt inside the autograd graph at every training call, in closed form from the
+        weights for neuraloperator spectral convolutions); ``k > 1`` reuses a frozen one for
+        ``k`` weight changes: approximate gradients. Inference reuses it while the weights are
+        equal (compared by value).
+    kernel_grad : {"exact", "detached"}, default "exact"
+        ``mode="refine"``: ``"detached"`` rebuilds the boundary block at every call but treats
+        it (and the boundary-to-interior coupling) as a constant for autograd: the "frozen"
+        variant of the boundary-paper study (it trains worse; kept for comparisons).
     debug : bool, default False
         Check the residual of every condition after each call (costs a pass over the faces) and
         raise :class:`~constraint_layers.errors.ConstraintViolationError` if it exceeds rounding.
@@ -440,8 +445,9 @@ class BoundaryCorrection(ConstraintLayer):
         mode: str = "output",
         normalizer: object = None,
         adapter: Any = None,
-        rcond: float = 1e-2,
+        rcond: float = 1e-3,
         refresh: int = 1,
+        kernel_grad: str = "exact",
         debug: bool = False,
     ) -> None:
         call = "BoundaryCorrection"
@@ -465,6 +471,11 @@ class BoundaryCorrection(ConstraintLayer):
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
             raise ValueError(f"{call}: refresh must be a positive int, got {refresh!r}.")
         self.refresh = refresh
+        if kernel_grad not in KERNEL_GRADS:
+            raise ValueError(
+                f"{call}: kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}."
+            )
+        self.kernel_grad = kernel_grad
         self.refinements: list[Refinement] = []
         self._context = RefinementContext()
         if mode == "refine" and not getattr(self.adapter, "supports_refinement", False):
@@ -475,10 +486,22 @@ class BoundaryCorrection(ConstraintLayer):
             )
         self._attach()
 
-    def add_refinement(self, layer: nn.Module) -> Refinement:
+    def add_refinement(
+        self, layer: nn.Module, spectrum: Callable[[tuple[int, ...]], Any] | None = None
+    ) -> Refinement:
         """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
-        wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
-        hook = Refinement(self._context, rcond=self.rcond, refresh=self.refresh)
+        wrapper's calls; used by adapters in ``attach``. Returns the hook object.
+
+        ``spectrum(grid)``, optional, returns the layer's weights at its retained modes on the
+        layer's grid (a ``constraint_layers._spectral.SpectralKernel``): the refinement is then
+        computed in closed form; without it the layer is probed with impulses."""
+        hook = Refinement(
+            self._context,
+            rcond=self.rcond,
+            refresh=self.refresh,
+            kernel_grad=self.kernel_grad,
+            spectrum=spectrum,
+        )
         self.add_handle(layer.register_forward_hook(hook))
         self.refinements.append(hook)
         return hook
@@ -526,25 +549,8 @@ class BoundaryCorrection(ConstraintLayer):
         return self.adapter.with_grid(out, z)
 
     def _refined_call(self, args: tuple, kwargs: dict, inputs: Any) -> Any:
-        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
-            raise GridError(
-                "BoundaryCorrection(mode='refine'): expected the model input to be a channel-first "
-                f"grid tensor (batch, channels, d1, ..., dn), got {type(inputs).__name__}."
-            )
-        grid = tuple(inputs.shape[2:])
-        faces: dict[int, list[str]] = {}
-        for bc in self.bcs:
-            d = normalize_dim(bc.dim, len(grid), "BoundaryCorrection(mode='refine')")
-            faces.setdefault(d, [])
-            for side in bc.sides:
-                if side not in faces[d]:
-                    faces[d].append(side)
-        ctx = self._context
-        ctx.grid, ctx.faces, ctx.active = grid, {d: tuple(s) for d, s in faces.items()}, True
-        try:
+        with self._context.call(self.bcs, inputs, "BoundaryCorrection(mode='refine')"):
             return self.adapter.call(self.model, args, kwargs)
-        finally:
-            ctx.active = False
 
     def _check(
         self, z: Tensor, inputs: Any, bcs: Sequence[BoundaryCondition] | None = None
