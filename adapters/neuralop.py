@@ -122,8 +122,8 @@ class NeuralopAdapter(Adapter):
     With ``mode="refine"`` (BOON's kernel refinement) a forward hook on every spectral convolution
     of ``model.fno_blocks`` refines the layer so that its boundary outputs depend only on its
     boundary inputs (see ``constraint_layers._refine``); the layer's boundary block and coupling
-    come in closed form from its weights (:func:`spectral_kernel`). The hooks act only inside the wrapper's
-    own calls, and :func:`constraint_layers.unwrap` removes them.
+    come in closed form from its weights (:func:`spectral_kernel`). The hooks act only inside
+    the wrapper's own calls, and :func:`constraint_layers.unwrap` removes them.
     """
 
     name = "neuraloperator"

@@ -7,7 +7,8 @@ described by its symbol ``H(k)``, one ``C_in x C_out`` matrix per frequency ``k`
 - the block ``K_BB`` from the boundary nodes of one axis to themselves. The faces of axis ``a``
   are coupled along the tangential axes by a convolution, so in the tangential Fourier basis
   ``K_BB`` is block diagonal: one ``(S C) x (S C)`` matrix per tangential frequency ``xi``
-  (``S`` faces), ``K_BB(xi)[s', s] = 1/M_a sum_{k_a} H(k_a, xi) exp(2 pi i k_a (p_s' - p_s) / M_a)``;
+  (``S`` faces),
+  ``K_BB(xi)[s', s] = 1/M_a sum_{k_a} H(k_a, xi) exp(2 pi i k_a (p_s' - p_s) / M_a)``;
 - the layer's response ``L(E_B delta)`` to an update ``delta`` supported on the faces, whose DFT is
   ``H(k) sum_s delta_s(xi) exp(-2 pi i k_a p_s / M_a)``.
 
@@ -185,7 +186,7 @@ class Symbol:
     def respond(self, x: Tensor) -> Tensor:
         """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box)."""
         h = self.h.to(x.dtype)
-        b, c_in = x.shape[:2]
+        b = x.shape[0]
         c_out = h.shape[1]
         y = torch.bmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
         return y.permute(1, 2, 0).reshape(b, c_out, *x.shape[2:])
