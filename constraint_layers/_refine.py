@@ -80,6 +80,12 @@ __all__ = ["KERNEL_GRADS", "Refinement", "RefinementContext"]
 #: The values of ``kernel_grad``.
 KERNEL_GRADS = ("exact", "detached")
 
+_NO_TRACE = (
+    "mode='refine' cannot be traced with torch.jit.trace: the refinement depends on the grid, "
+    "which a trace would freeze (wrong results at other resolutions). Trace the model without "
+    "the wrapper, or use mode='output'."
+)
+
 # id(RefinementContext) -> _Call of the wrapper call in progress (per thread / async task)
 _CALLS: ContextVar[dict[int, _Call]] = ContextVar("constraint_layers_refine_calls")
 
@@ -138,6 +144,8 @@ class RefinementContext:
         name : str
             The caller's name, for error messages.
         """
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE)
         state = _plan(bcs, inputs, name)
         calls = dict(_CALLS.get({}))
         calls[id(self)] = state
@@ -212,7 +220,9 @@ class Refinement:
         self.refresh = refresh
         self.kernel_grad = kernel_grad
         self.spectrum = spectrum
-        self._cache: _Entry | None = None
+        # key -> entry; the dict is replaced, never mutated, so readers in other threads see a
+        # consistent one (a few grids at most: mixed-resolution inference)
+        self._cache: dict[tuple, _Entry] = {}
         # diagnostics, kept as detached tensors and evaluated only when read
         self._grams: dict[int, tuple[Tensor, Tensor]] = {}
         self._gap: tuple[Tensor, Tensor] | None = None
@@ -318,20 +328,24 @@ class Refinement:
             # coupling depend on the weights (exact gradients)
             return self._build(module, v, kernel, faces, pads)
         key = (grid, faces, v.dtype, v.device, torch.is_inference_mode_enabled())
-        entry = self._cache
-        changes = 0
-        if entry is not None and entry.key == key:
+        entry = self._cache.get(key)
+        if entry is not None:
             if _same(entry.weights, weights):
                 return entry.prepared
             if recording and entry.changes + 1 < self.refresh:  # frozen for refresh changes
                 snap = tuple(t.detach().clone() for t in weights)
-                self._cache = _Entry(key, snap, entry.changes + 1, entry.prepared)
+                self._store(_Entry(key, snap, entry.changes + 1, entry.prepared))
                 return entry.prepared
         with torch.no_grad():
             snap = tuple(t.detach().clone() for t in weights)
             prepared = self._build(module, v, kernel, faces, pads)
-        self._cache = _Entry(key, snap, changes, prepared)
+        self._store(_Entry(key, snap, 0, prepared))
         return prepared
+
+    def _store(self, entry: _Entry, size: int = 8) -> None:
+        cache = {k: e for k, e in self._cache.items() if k != entry.key}
+        cache[entry.key] = entry
+        self._cache = dict(list(cache.items())[-size:])
 
     def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> Tensor:
         """``K_BB^+`` per tangential frequency: (T, S C, S C), complex128."""
@@ -353,11 +367,7 @@ class Refinement:
         if call is None or not call.rows:
             return None
         if torch.jit.is_tracing():
-            raise NotImplementedError(
-                "mode='refine' cannot be traced with torch.jit.trace: the refinement depends "
-                "on the grid, which a trace would freeze (wrong results at other resolutions). "
-                "Trace the model without the wrapper, or use mode='output'."
-            )
+            raise NotImplementedError(_NO_TRACE)
         v = args[0]
         grid = tuple(v.shape[2:])
         phys = call.grid

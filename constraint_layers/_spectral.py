@@ -191,19 +191,34 @@ class Symbol:
         y = torch.bmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
         return y.permute(1, 2, 0).reshape(b, c_out, *x.shape[2:])
 
+    def dense(self) -> Tensor:
+        """The symbol on the whole ``rfftn`` grid (zeros off the box): (C_in, C_out, *rgrid)."""
+        c_in, c_out = self.h.shape[:2]
+        return self._scatter(self.h.reshape(1, c_in * c_out, *self.h.shape[2:])).reshape(
+            c_in, c_out, *self._rgrid()
+        )
+
+    def _rgrid(self) -> list[int]:
+        return [*self.grid[:-1], self.grid[-1] // 2 + 1]
+
+    def _scatter(self, y: Tensor) -> Tensor:
+        """(B, C, *box) -> (B, C, *rgrid), zeros off the box."""
+        rgrid = self._rgrid()
+        flat = torch.zeros((), dtype=torch.long, device=y.device)
+        for d, i in enumerate(self.idx):
+            flat = flat.unsqueeze(-1) * rgrid[d] + i
+        b, c = y.shape[:2]
+        full = torch.zeros((b, c, math.prod(rgrid)), dtype=y.dtype, device=y.device)
+        full = full.index_copy(2, flat.reshape(-1), y.reshape(b, c, -1))
+        return full.reshape(b, c, *rgrid)
+
     def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
         """The real field whose spectrum is ``y`` on the box and 0 elsewhere.
 
         ``y``: shape (B, C, *box), complex. Returns shape (B, C, *grid) in ``dtype``.
         """
         n = len(self.grid)
-        rgrid = [*self.grid[:-1], self.grid[-1] // 2 + 1]
-        flat = torch.zeros((), dtype=torch.long, device=y.device)
-        for d, i in enumerate(self.idx):
-            flat = flat.unsqueeze(-1) * rgrid[d] + i
-        b, c = y.shape[:2]
-        full = torch.zeros((b, c, math.prod(rgrid)), dtype=y.dtype, device=y.device)
-        full = full.index_copy(2, flat.reshape(-1), y.reshape(b, c, -1)).reshape(b, c, *rgrid)
+        full = self._scatter(y)
         return torch.fft.irfftn(full, s=self.grid, dim=list(range(2, 2 + n))).to(dtype)
 
 
