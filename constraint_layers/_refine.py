@@ -46,7 +46,7 @@ async tasks calling one wrapper at different resolutions do not share it. Withou
 prepared factorisation is cached and reused only while the weights are equal, by value (any way
 of changing them: an optimizer step, ``p.data.copy_``, ``p.data = t``, ``n_modes``), and never
 across ``torch.inference_mode`` boundaries. ``refresh=k`` (k > 1) reuses a frozen factorisation
-for ``k`` weight changes in training (approximate gradients); ``kernel_grad="detached"``
+for ``k`` weight changes (approximate gradients, a lagging refinement); ``kernel_grad="detached"``
 recomputes it at every call but as a constant for autograd (the study's "frozen" variant).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
 
@@ -197,8 +197,9 @@ class Refinement:
     refresh : int
         1 (default): without gradients the factorisation is reused while the weights are equal,
         with gradients it is rebuilt inside the autograd graph at every call (exact gradients).
-        k > 1: in training a frozen factorisation (a constant for autograd) serves until the
-        weights have changed k times: approximate gradients; T1 keeps the rows exact either way.
+        k > 1: a frozen factorisation (a constant for autograd) serves until the weights have
+        changed k times (compared by value), with or without gradients: cheaper training steps,
+        approximate gradients; T1 keeps the rows exact either way.
     kernel_grad : {"exact", "detached"}
         ``"detached"``: rebuild at every call but outside the autograd graph (``K_BB^+`` and the
         coupling are constants for the gradient).
@@ -332,7 +333,7 @@ class Refinement:
         if entry is not None:
             if _same(entry.weights, weights):
                 return entry.prepared
-            if recording and entry.changes + 1 < self.refresh:  # frozen for refresh changes
+            if entry.changes + 1 < self.refresh:  # frozen for `refresh` weight changes
                 snap = tuple(t.detach().clone() for t in weights)
                 self._store(_Entry(key, snap, entry.changes + 1, entry.prepared))
                 return entry.prepared
