@@ -1,0 +1,132 @@
+"""How far the regularised refinement is from exact elimination, as a function of ``rcond``.
+
+    OMP_NUM_THREADS=1 .venv/bin/python examples/boundary_paper/refine_rcond.py
+
+For one spectral convolution of a freshly initialised neuraloperator FNO (float64, the layer
+computing in complex128), on the input the layer sees inside the model, prints per width ``C``
+(1, 4, 32) and ``rcond``:
+
+- ``dist``: ``||A~(v) - A~_exact(v)|| / ||A~_exact(v) - A(v)||`` over the interior rows: the
+  distance of the refined layer to exact elimination (``rcond=0``: pseudo-inverse of ``K_BB``),
+  relative to the size of the exact update;
+- ``update``: ``||A~(v) - A(v)|| / ||A(v)||`` over the interior: how much the refinement moves the
+  layer's output (exact elimination of an ill-conditioned ``K_BB`` moves it a lot);
+- ``decouple``: the boundary residual that T2 leaves for T1, ``||(L v')_B - v_B|| / ||(L v)_B -
+  v_B||`` on an input with zero boundary values (achievable in full by exact elimination on one
+  axis; with two axes a block-Jacobi step leaves the cross-coupling of the axes).
+
+Cases: 1D Dirichlet at both ends (N = 64, 16 modes, no padding), and 2D Dirichlet on x and
+Neumann on y (32 x 32, 8 x 8 modes) where ``decouple`` also measures the block-Jacobi step
+against two and four Jacobi sweeps over the axes (``jacobi2``, ``jacobi4``: the joint T2 a
+library option could offer).
+
+Trained-accuracy sweeps over ``rcond`` (two problems of the paper) are not part of this script:
+they need the ``--medium`` budget of the reproduction (about an hour of two cores).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import constraint_layers as cl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from _models import complex128_spectral, fno
+
+RCONDS = (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+F64 = torch.float64
+
+
+def _layer_input(wrapped, x, layer):
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.__setitem__("v", args[0]))
+    with torch.no_grad():
+        wrapped(x)
+    handle.remove()
+    return seen["v"].detach()
+
+
+def _faces(hook, v, grid, bcs):
+    pads = tuple((m - n) // 2 for m, n in zip(v.shape[2:], grid))
+    faces = {}
+    for bc in bcs:
+        d = bc.dim % len(grid)
+        pos = [pads[d] if s == "low" else pads[d] + grid[d] - 1 for s in bc.sides]
+        faces[d] = tuple(sorted(set(faces.get(d, ())) | set(pos)))
+    return tuple(faces.items()), pads
+
+
+def _mask(shape, faces):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for d, pos in faces:
+        for p in pos:
+            mask.select(d, p).fill_(True)
+    return mask
+
+
+def _sweeps(hook, layer, v, faces, pads, k):
+    """``k`` Jacobi sweeps of T2 over the axes: each eliminates the boundary residual left by
+    the previous ones (``A(v + E_B delta)`` is the previous output plus ``L(E_B delta)``)."""
+    out = layer(v)
+    for _ in range(k):
+        out, bias = hook._eliminate(layer, v, out, faces, pads)
+    return out, bias
+
+
+def run_case(name, n_modes, grid, bcs, widths=(1, 4, 32)):
+    print(f"\n{name}: grid {grid}, n_modes {n_modes}, conditions {bcs}")
+    print(
+        f"{'C':>3s} {'rcond':>7s} {'smin/smax':>10s} {'dist':>9s} {'update':>9s} "
+        f"{'decouple':>9s} {'jacobi2':>9s} {'jacobi4':>9s}"
+    )
+    for c in widths:
+        torch.manual_seed(0)
+        model = fno(n_modes, hidden=c, dtype=F64, channel_mlp_expansion=1.0)
+        wrapped = cl.wrap(model, *bcs, mode="refine")
+        hook, layer = wrapped.refinements[1], model.fno_blocks.convs[1]
+        x = torch.randn(4, 1, *grid, dtype=F64)
+        with complex128_spectral(), torch.no_grad():
+            v = _layer_input(wrapped, x, layer)
+            faces, pads = _faces(hook, v, grid, bcs)
+            mask = _mask(v.shape[2:], faces)
+            plain = layer(v)
+            v0 = v.clone()
+            v0[..., mask] = 0
+            outs, rows = {}, {}
+            for rcond in RCONDS:
+                hook.rcond = rcond
+                hook._cache = {}
+                outs[rcond], bias = hook._eliminate(layer, v, plain, faces, pads)
+                before = (layer(v0) - bias)[..., mask].norm()
+                rows[rcond] = []
+                for k in (1, 2, 4):
+                    pre, _ = _sweeps(hook, layer, v0, faces, pads, k)
+                    rows[rcond].append(float((pre - bias)[..., mask].norm() / before))
+            smin = min(hook.stats.values())
+            exact = outs[0.0]
+            scale = (exact - plain)[..., ~mask].norm()
+            for rcond in RCONDS:
+                dist = float((outs[rcond] - exact)[..., ~mask].norm() / scale)
+                update = float((outs[rcond] - plain)[..., ~mask].norm() / plain[..., ~mask].norm())
+                jac = " ".join(f"{r:9.2e}" for r in rows[rcond])
+                print(f"{c:3d} {rcond:7.0e} {smin:10.2e} {dist:9.2e} {update:9.2e} {jac}")
+        cl.unwrap(wrapped)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    run_case("1D Dirichlet", (16,), (64,), [cl.Dirichlet(0.0)])
+    run_case(
+        "2D Dirichlet x, Neumann y",
+        (8, 8),
+        (32, 32),
+        [cl.Dirichlet(0.0, dim=0), cl.Neumann(0.0, dim=1)],
+        widths=(1, 4, 32),
+    )
+
+
+if __name__ == "__main__":
+    main()
