@@ -29,8 +29,11 @@ follows from its symbol ``H`` at the few frequencies where it responds (``_spect
 
 - ``K_BB`` is block diagonal in the tangential Fourier basis: one ``(S C) x (S C)`` matrix per
   tangential frequency of the symbol (``S`` = number of constrained sides), factorised in float64;
-- ``L(E_B delta)`` is ``H`` times the face update's spectrum, then one inverse FFT: no second
-  evaluation of the layer.
+- the residual ``v_B - (L v)_B`` needs the layer's output on the faces only: from the box of
+  ``rfftn(v)`` and ``H``, a few small products;
+- T2 is applied to the layer's INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer
+  computes ``A(v') = A(v) + L(E_B delta)`` in its one evaluation; the forward hook writes the
+  rows (T1). No second evaluation of the layer, no extra inverse FFT.
 
 The symbol comes in closed form from the weights when the adapter describes the layer
 (``spectrum=``, a :class:`~constraint_layers._spectral.SpectralKernel`: neuraloperator's
@@ -78,14 +81,14 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._grid import normalize_dim
-from ._spectral import SpectralKernel, Symbol, symbol_from_kernel, symbol_from_response
+from ._spectral import SpectralKernel, Symbol, cbmm, symbol_from_kernel, symbol_from_response
 from .errors import GridError
 
 __all__ = ["KERNEL_GRADS", "Refinement", "RefinementContext"]
@@ -114,6 +117,9 @@ class _Call:
     #: The rows to write, in the order of the conditions: ("pass", axis, sides) for an
     #: eliminated face, ("average", axis, ()) for a periodic axis.
     rows: tuple[tuple[str, int, tuple[str, ...]], ...]
+    #: Per refined layer (id of its hook), what its pre-hook left for its forward hook: a stack,
+    #: for layers called more than once in one model call. Private to this call.
+    pending: dict[int, list[dict]] = field(default_factory=dict)
 
 
 def _plan(bcs: Sequence[Any], inputs: Any, call: str) -> _Call:
@@ -238,7 +244,7 @@ class Refinement:
         # consistent one (a few grids at most: mixed-resolution inference)
         self._cache: dict[tuple, _Entry] = {}
         # diagnostics, kept as detached tensors and evaluated only when read
-        self._grams: dict[int, tuple[Tensor, Tensor]] = {}
+        self._grams: dict[int, Tensor] = {}
         self._gap: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -246,9 +252,10 @@ class Refinement:
         """Smallest singular value of K_BB relative to the largest, per axis, from the last
         factorisation (frequencies where the layer does not respond at all left out)."""
         out = {}
-        for axis, (gram, smax2_t) in list(self._grams.items()):
-            smax2 = float(smax2_t)
-            eig = torch.linalg.eigvalsh(gram).clamp_min(0) if smax2 > 0 else None
+        for axis, gram in list(self._grams.items()):
+            eig = torch.linalg.eigvalsh(gram).clamp_min(0)
+            smax2 = float(eig.max())
+            eig = eig if smax2 > 0 else None
             live = None if eig is None else eig[..., -1] > 1e-10 * smax2
             if live is None or not bool(live.any()):
                 out[axis] = 0.0
@@ -259,8 +266,8 @@ class Refinement:
     @property
     def t1_gap(self) -> float:
         """How far the T2 update left the boundary rows from the boundary inputs before T1
-        wrote them in the last call, relative to max |v| (rounding when K_BB is well conditioned
-        and rcond small); NaN before the first call."""
+        wrote them in the last call, relative to max |v_B| (rounding when K_BB is well
+        conditioned and rcond small); NaN before the first call."""
         if self._gap is None:
             return float("nan")
         gap, vmax = self._gap
@@ -366,29 +373,31 @@ class Refinement:
         k = sym.boundary_block(axis, pos).to(torch.complex128)
         kh = k.mH
         gram = kh @ k
-        # lam = rcond * the largest singular value over all frequencies; it follows the weights
-        # (a constant lam would leave a term out of the gradient)
-        smax2 = torch.linalg.matrix_norm(k, ord=2).amax().square()
-        self._grams[axis] = (gram.detach(), smax2.detach())
+        # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
+        # (a constant lam would leave a term out of the gradient) and costs no SVD
+        self._grams[axis] = gram.detach()
         if self.rcond == 0:
             return torch.linalg.pinv(k)
+        lam2 = self.rcond**2 * k.abs().square().sum(dim=(-2, -1)).amax()
         eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.solve(gram + (self.rcond**2 * smax2) * eye, kh)
+        return torch.linalg.solve(gram + lam2 * eye, kh)
 
-    # ---------------------------------------------------------------------------- the hook
-    def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        call = self.context.current()
-        if call is None or not call.rows:
-            return None
-        if torch.jit.is_tracing():
-            raise NotImplementedError(_NO_TRACE)
-        v = args[0]
+    # --------------------------------------------------------------------------- the hooks
+    def attach(self, layer: torch.nn.Module) -> list[Any]:
+        """Register the two hooks on ``layer``; returns their handles.
+
+        The pre-hook applies T2 to the layer's input (``v' = v + E_B delta``, so the layer itself
+        computes ``A(v')`` in its one evaluation); the forward hook applies T1 to its output.
+        """
+        return [layer.register_forward_pre_hook(self.before), layer.register_forward_hook(self)]
+
+    def _pads(self, v: Tensor, output_grid: tuple[int, ...] | None, phys: tuple[int, ...]):
         grid = tuple(v.shape[2:])
-        phys = call.grid
-        if tuple(output.shape[2:]) != grid:
+        if output_grid is not None and output_grid != grid:
             raise GridError(
                 "mode='refine': a refined layer must keep its grid (got input grid "
-                f"{grid}, output grid {tuple(output.shape[2:])})."
+                f"{grid}, output grid {output_grid}); layers that resample "
+                "(resolution_scaling_factor, output_shape, UNO scalings) are not supported."
             )
         if len(phys) != len(grid):
             raise GridError(
@@ -403,78 +412,112 @@ class Refinement:
                     f"layer's grid {grid} (expected symmetric domain padding)."
                 )
             pads.append((m - n) // 2)
-        pads_t = tuple(pads)
+        return tuple(pads)
 
-        def position(axis: int, side: str) -> int:
-            return pads_t[axis] if side == "low" else pads_t[axis] + phys[axis] - 1
+    @staticmethod
+    def _position(pads: tuple[int, ...], phys: tuple[int, ...], axis: int, side: str) -> int:
+        return pads[axis] if side == "low" else pads[axis] + phys[axis] - 1
 
+    def before(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook: T2, the update of the boundary inputs of every eliminated face."""
+        call = self.context.current()
+        if call is None or not call.rows:
+            return None
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE)
+        v = args[0]
+        if not isinstance(v, Tensor) or v.ndim < 3:
+            raise GridError(
+                "mode='refine': a refined layer must take a channel-first grid tensor "
+                f"(batch, channels, d1, ..., dn), got {type(v).__name__}."
+            )
+        phys = call.grid
+        pads = self._pads(v, None, phys)
         faces = tuple(
-            (axis, tuple(position(axis, s) for s in sides))
+            (axis, tuple(self._position(pads, phys, axis, s) for s in sides))
             for axis, sides in call.eliminate.items()
         )
-        if not faces:  # periodic only: no elimination, no bias needed
-            out = output.clone()
-            bias = None
-        else:
-            out, bias = self._eliminate(module, v, output, faces, pads_t)
-        # T1, in the order of the conditions
-        for kind, axis, sides in call.rows:
-            a = 2 + axis
-            if kind == "average":
-                lo, hi = position(axis, "low"), position(axis, "high")
-                avg = 0.5 * (out.select(a, lo) + out.select(a, hi))
-                out.select(a, lo).copy_(avg)
-                out.select(a, hi).copy_(avg)
-                continue
-            for side in sides:
-                p = position(axis, side)
-                out.select(a, p).copy_(v.select(a, p) + bias.select(a, p))
-        return out
-
-    def _eliminate(
-        self,
-        module: torch.nn.Module,
-        v: Tensor,
-        output: Tensor,
-        faces: tuple[tuple[int, tuple[int, ...]], ...],
-        pads: tuple[int, ...],
-    ) -> tuple[Tensor, Tensor]:
-        """``A(v')``: the layer's output after the T2 update of every eliminated face (block
-        Jacobi over axes), and ``A(0)`` broadcast to (1, C, *grid)."""
+        entry: dict[str, Any] = {"v": v, "pads": pads, "faces": faces, "bias": None}
+        call.pending.setdefault(id(self), []).append(entry)
+        if not faces:  # periodic only: no elimination
+            return None
         grid = tuple(v.shape[2:])
-        c = output.shape[1]
-        kernel = self._kernel(grid, v.shape[1])
+        c = v.shape[1]
+        kernel = self._kernel(grid, c)
         prep = self._prepared(module, v, kernel, faces, pads)
-        sym = prep.symbol
         if kernel is not None:
-            kbias = kernel.bias
             bias = (
-                torch.zeros((1, c, *grid), dtype=output.dtype, device=output.device)
-                if kbias is None
-                else torch.broadcast_to(kbias.to(output.dtype), (1, c, *grid))
+                torch.zeros((1, c, *grid), dtype=v.dtype, device=v.device)
+                if kernel.bias is None
+                else torch.broadcast_to(kernel.bias.to(v.dtype), (1, c, *grid))
             )
         else:
             bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
-        lin = output - bias
-        cdtype = torch.complex128 if output.dtype == torch.float64 else torch.complex64
-        x = None
+        entry["bias"] = bias
+        return (self._update(prep, v, faces), *args[1:])
+
+    def _update(self, prep: _Prepared, v: Tensor, faces, target: Tensor | None = None) -> Tensor:
+        """``v' = v + E_B delta``, ``delta = K_BB^+ (t_B - (L v)_B)`` per axis from the same
+        ``v`` (block Jacobi over axes; ``t`` = ``target``, default ``v``); ``(L v)_B`` from the
+        symbol, not from the layer."""
+        target = v if target is None else target
+        sym = prep.symbol
+        y = sym.respond(sym.box_spectrum(v)).to(torch.complex128)  # spectrum of L v on the box
+        out = v
+        c = v.shape[1]
         for axis, pos in faces:
             a = 2 + axis
-            r = torch.stack([v.select(a, p) - lin.select(a, p) for p in pos], dim=2)
-            rhat = sym.tangential(r.to(torch.float64), axis)  # (B, C, S, T)
-            b, _, s, t = rhat.shape
-            vec = rhat.permute(3, 2, 1, 0).reshape(t, s * c, b)
-            d = (prep.ops[axis] @ vec).reshape(t, s, c, b).permute(3, 2, 1, 0)  # (B, C, S, T)
-            xa = sym.face_spectrum(d.to(cdtype), axis, pos)
-            x = xa if x is None else x + xa
-        out = output + sym.to_grid(sym.respond(x), output.dtype)  # + L(E_B delta)
-        with torch.no_grad():
-            gap = torch.stack(
-                [
-                    (out.select(2 + a, p) - v.select(2 + a, p) - bias.select(2 + a, p)).abs().amax()
-                    for a, pos in faces
-                    for p in pos
-                ]
-            ).amax()
-            self._gap = (gap, v.abs().amax())
-        return out, bias
+            idx = torch.tensor(pos, device=v.device)
+            vb = target.index_select(a, idx).movedim(a, 2).to(torch.float64)  # (B, C, S, *tan)
+            r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
+            b, _, s, t = r.shape
+            vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
+            d = cbmm(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)  # (B, C, S, T)
+            d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
+            out = out.index_add(a, idx, d.movedim(2, a))  # a new tensor: v is not modified
+        return out
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Forward hook: T1, the rows of every condition in order."""
+        call = self.context.current()
+        if call is None or not call.rows:
+            return None
+        stack = call.pending.get(id(self))
+        if not stack:
+            raise GridError(
+                "mode='refine': the refined layer's forward hook ran without its pre-hook; "
+                "attach the refinement with Refinement.attach(layer)."
+            )
+        entry = stack.pop()
+        v, pads, faces, bias = entry["v"], entry["pads"], entry["faces"], entry["bias"]
+        phys = call.grid
+        self._pads(v, tuple(output.shape[2:]), phys)
+        out = output
+        if faces:
+            with torch.no_grad():  # diagnostics on the faces only (read lazily by t1_gap)
+                gaps, vmax = [], []
+                for a, pos in faces:
+                    idx = torch.tensor(pos, device=v.device)
+                    vb = v.index_select(2 + a, idx)
+                    ob = out.index_select(2 + a, idx) - bias.index_select(2 + a, idx)
+                    gaps.append((ob - vb).abs().amax())
+                    vmax.append(vb.abs().amax())
+                self._gap = (torch.stack(gaps).amax(), torch.stack(vmax).amax())
+        # T1, in the order of the conditions. A layer described by `spectrum` (a spectral
+        # convolution) returns a fresh tensor that nothing else holds: its rows are written in
+        # place (autograd still checks the versions); any other layer's output is left alone.
+        inplace = self.spectrum is not None
+        for kind, axis, sides in call.rows:
+            a = 2 + axis
+            if kind == "average":
+                ends = [self._position(pads, phys, axis, s) for s in ("low", "high")]
+                idx = torch.tensor(ends, device=out.device)
+                rows = out.index_select(a, idx)
+                rows = rows.mean(dim=a, keepdim=True).expand_as(rows)
+            else:
+                pos = [self._position(pads, phys, axis, side) for side in sides]
+                idx = torch.tensor(pos, device=out.device)
+                rows = v.index_select(a, idx) + bias.index_select(a, idx)
+                rows = rows.expand(*out.shape[:a], len(pos), *out.shape[a + 1 :])
+            out = out.index_copy_(a, idx, rows) if inplace else out.index_copy(a, idx, rows)
+        return out

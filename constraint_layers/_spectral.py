@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .errors import GridError
 
-__all__ = ["SpectralKernel", "Symbol", "symbol_from_kernel", "symbol_from_response"]
+__all__ = ["SpectralKernel", "Symbol", "cbmm", "symbol_from_kernel", "symbol_from_response"]
 
 
 @dataclass(frozen=True)
@@ -105,22 +105,85 @@ class Symbol:
             raise GridError("Symbol: the frequency box is not closed under negation.")
         return where[:, 1]
 
-    def _along(self, axis: int) -> tuple[Tensor, Tensor]:
-        """``H`` with the full set of frequencies along ``axis``: (C_in, C_out, *box'), and the
-        indices (0..M_a - 1) of that set. Along the last axis the negative frequencies come from
-        Hermitian symmetry; every other axis is full already."""
+    def _along(self, axis: int, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``t`` (default ``H``; layout (a, b, *box), the half spectrum of something real) with
+        the full set of frequencies along ``axis``: (a, b, *box'), and the indices (0..M_a - 1)
+        of that set. Along the last axis the negative frequencies come from Hermitian symmetry;
+        every other axis is full already."""
+        t = self.h if t is None else t
         n = len(self.grid)
         if axis != n - 1:
-            return self.h, self.idx[axis]
+            return t, self.idx[axis]
         m = self.grid[-1]
         k = self.idx[-1]
         mirror = (k > 0) & (2 * k != m)  # frequencies whose negation is not stored
-        hn = self.h.conj()
+        tn = t.conj()
         for d in range(n - 1):
-            hn = hn.index_select(2 + d, self._negation(d))
+            tn = tn.index_select(2 + d, self._negation(d))
         sel = mirror.nonzero().flatten()
-        h = torch.cat([self.h, hn.index_select(2 + n - 1, sel)], dim=2 + n - 1)
-        return h, torch.cat([k, (m - k[sel]) % m])
+        full = torch.cat([t, tn.index_select(2 + n - 1, sel)], dim=2 + n - 1)
+        return full, torch.cat([k, (m - k[sel]) % m])
+
+    def box_spectrum(self, v: Tensor) -> Tensor:
+        """``rfftn(v)`` on the box only, by products with the DFT matrices of the box (the box
+        is a few modes per axis: cheaper than full FFTs, forward and backward).
+
+        ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
+        """
+        n = len(self.grid)
+        cos, sin = self._dft(n - 1, v.dtype, v.device)
+        f = torch.complex(_mm_last(v, cos), -_mm_last(v, sin))  # (B, C, *grid[:-1], K_last)
+        for d in range(n - 1):
+            c, s = self._dft(d, f.real.dtype, v.device)
+            f = _mm_last(f.movedim(2 + d, -1), torch.complex(c, -s)).movedim(-1, 2 + d)
+        return f
+
+    def _dft(self, d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``cos`` and ``sin`` of ``2 pi n k / M_d``: (M_d, K_d) each, for the box's ``k``."""
+        m = self.grid[d]
+        nk = torch.outer(
+            torch.arange(m, device=device, dtype=torch.float64),
+            self.idx[d].to(device=device, dtype=torch.float64),
+        )
+        ang = (2 * math.pi / m) * torch.remainder(nk, m)
+        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+    def face_values(self, y: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
+        """The tangential DFT (layout of :meth:`tangential`) of the real field whose spectrum
+        is ``y`` on the box and 0 elsewhere, at the positions ``pos`` along ``axis``.
+
+        ``y``: shape (B, C, *box), complex. Returns shape (B, C, S, T), complex.
+        """
+        ya, k = self._along(axis, y)
+        m = self.grid[axis]
+        ya = ya.movedim(2 + axis, 2)
+        ya = ya.flatten(3) if ya.ndim > 3 else ya.unsqueeze(-1)  # (B, C, K_a, T)
+        p = torch.tensor(list(pos), dtype=torch.float64, device=y.device)
+        phase = torch.exp(2j * math.pi * k.to(torch.float64)[:, None] * p[None, :] / m) / m
+        return _mm_last(ya.movedim(2, -1), phase.to(ya.dtype)).movedim(-1, 2)  # (B, C, S, T)
+
+    def untangential(self, d: Tensor, axis: int) -> Tensor:
+        """Inverse of :meth:`tangential` for face data supported on the box.
+
+        ``d``: shape (B, C, S, T), complex. Returns shape (B, C, S, *tan), real.
+        """
+        n = len(self.grid)
+        tan = [j for j in range(n) if j != axis]
+        if not tan:
+            return d[..., 0].real
+        sizes = [self.grid[j] for j in tan]
+        half = axis != n - 1  # rfftn layout over the tangential axes
+        spec = [*sizes[:-1], sizes[-1] // 2 + 1] if half else sizes
+        flat = torch.zeros((), dtype=torch.long, device=d.device)
+        for j, size in zip(tan, spec):
+            flat = flat.unsqueeze(-1) * size + self.idx[j]
+        b, c, s = d.shape[:3]
+        full = torch.zeros((b, c, s, math.prod(spec)), dtype=d.dtype, device=d.device)
+        full = full.index_copy(3, flat.reshape(-1), d).reshape(b, c, s, *spec)
+        dims = list(range(3, 3 + len(tan)))
+        if half:
+            return torch.fft.irfftn(full, s=sizes, dim=dims)
+        return torch.fft.ifftn(full, dim=dims).real
 
     def tangential(self, r: Tensor, axis: int) -> Tensor:
         """The tangential DFT of face data on the box: (B, C, S, *tan) -> (B, C, S, T) complex.
@@ -188,7 +251,7 @@ class Symbol:
         h = self.h.to(x.dtype)
         b = x.shape[0]
         c_out = h.shape[1]
-        y = torch.bmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
+        y = cbmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
         return y.permute(1, 2, 0).reshape(b, c_out, *x.shape[2:])
 
     def dense(self) -> Tensor:
@@ -220,6 +283,27 @@ class Symbol:
         n = len(self.grid)
         full = self._scatter(y)
         return torch.fft.irfftn(full, s=self.grid, dim=list(range(2, 2 + n))).to(dtype)
+
+
+def _mm_last(x: Tensor, mat: Tensor) -> Tensor:
+    """``x @ mat`` over the last axis as ONE matrix product (forward and backward): (..., M) @
+    (M, K) -> (..., K). ``matmul`` on a non-contiguous ``x`` falls back to a batched product
+    that PyTorch's CPU backend runs matrix by matrix for complex tensors."""
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ mat).reshape(*lead, mat.shape[-1])
+
+
+def cbmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched complex product ``a @ b`` as four real products: (K, m, n) @ (K, n, p).
+
+    PyTorch's CPU ``bmm`` on complex tensors loops over the batch (a copy per matrix); real
+    batched products do not.
+    """
+    ar, ai = a.real.contiguous(), a.imag.contiguous()
+    br, bi = b.real.contiguous(), b.imag.contiguous()
+    return torch.complex(
+        torch.bmm(ar, br) - torch.bmm(ai, bi), torch.bmm(ar, bi) + torch.bmm(ai, br)
+    )
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:

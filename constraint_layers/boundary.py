@@ -505,7 +505,8 @@ class BoundaryCorrection(ConstraintLayer):
             kernel_grad=self.kernel_grad,
             spectrum=spectrum,
         )
-        self.add_handle(layer.register_forward_hook(hook))
+        for handle in hook.attach(layer):
+            self.add_handle(handle)
         self.refinements.append(hook)
         return hook
 

@@ -46,7 +46,9 @@ class TestRefinedTFNOxtDirichletPadded(BoundaryLayerChecks):
 def _layer_io(wrapped, x, layer):
     """The input of ``layer`` during a wrapped call, and the refined layer as a function."""
     seen = {}
-    handle = layer.register_forward_pre_hook(lambda mod, args: seen.__setitem__("v", args[0]))
+    handle = layer.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("v", args[0]), prepend=True
+    )
     wrapped(x)
     handle.remove()
 

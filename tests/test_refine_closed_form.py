@@ -101,8 +101,9 @@ def _dense_refined(layer, v, phys, bcs, rcond):
         b = face_idx(d, sides)
         kbb = kmat[b][:, b]
         r = flat_v[:, b] - lin[:, b]
-        smax = torch.linalg.matrix_norm(kbb, ord=2)
-        lhs = kbb.T @ kbb + (rcond * smax) ** 2 * torch.eye(len(b), dtype=v.dtype)
+        lhs = kbb.T @ kbb + rcond**2 * _largest_block_norm2(
+            kbb, c, grid, d, len(sides)
+        ) * torch.eye(len(b), dtype=v.dtype)
         vp[:, b] += torch.linalg.solve(lhs, kbb.T @ r.T).T
     y = layer(vp.reshape(v.shape)).clone()
     for bc in bcs:
@@ -117,6 +118,24 @@ def _dense_refined(layer, v, phys, bcs, rcond):
                 p = pos(bc.dim % n, side)
                 y.select(a, p).copy_(v.select(a, p) + zero.select(a, p))
     return y
+
+
+def _largest_block_norm2(kbb, c, grid, axis, s):
+    """max over tangential frequencies of ||K_BB(xi)||_F^2 for a dense block-circulant K_BB
+    (rows and columns ordered (channel, *grid with S positions along ``axis``))."""
+    fshape = list(grid)
+    fshape[axis] = s
+    n = len(grid)
+    k = kbb.reshape(c, *fshape, c, *fshape)
+    tan = [d for d in range(n) if d != axis]
+    for d in sorted(tan, reverse=True):  # the columns at tangential position 0
+        k = k.select(1 + n + 1 + d, 0)
+    dims = [1 + d for d in tan]
+    if dims:
+        k = torch.fft.fftn(k, dim=dims)
+    k = k.movedim(1 + axis, 1)  # (C, S, *tan_freq, C, S)
+    k = k.reshape(c * s, -1, c * s) if tan else k.reshape(c * s, 1, c * s)
+    return k.abs().square().sum(dim=(0, 2)).amax()
 
 
 DENSE_CASES = [
@@ -150,7 +169,9 @@ def test_refined_layers_equal_the_dense_reference(n_modes, grid, bcs, pad):
 
 def _layer_input(wrapped, x, layer):
     seen = {}
-    handle = layer.register_forward_pre_hook(lambda mod, args: seen.__setitem__("v", args[0]))
+    handle = layer.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("v", args[0]), prepend=True
+    )
     wrapped(x)
     handle.remove()
     return seen["v"].detach()
