@@ -55,17 +55,18 @@ recomputes it at every call but as a constant for autograd (the study's "frozen"
 
 Ill-conditioned ``K_BB`` (the rule: a smooth kernel sees the two end nodes of a periodic grid
 almost alike): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the largest
-singular value over all frequencies (``rcond=0``: the pseudo-inverse). Directions far above
-``lam`` are inverted to rounding, those near or below it are damped instead of blowing up;
-``T1`` keeps the boundary rows exact either way. Default ``rcond=1e-4``, from
-``examples/boundary_paper/refine_rcond.py`` (freshly initialised FNO layers, float64): the
-refined interior is within 0.003% / 0.9% / 1% of exact elimination for C = 1 / 4 / 32 channels
-in 1D (5% at C = 64; smallest relative singular value of ``K_BB`` 0.19, 1e-2, 1e-3, 4e-4), and
-within 0.2% on one axis of a 2D grid; ``1e-2`` (the former default) left it 0.3% / 45% / 92%
-away. Exact elimination moves the interior by 0.05x, 4x, 7.5x, 30x the layer's output norm
-there (C = 1, 4, 32, 64): smaller ``rcond`` follows the method more closely but amplifies more;
-directions below ``1e-4`` are damped like the reference code's pivot clamp at ``1e-4``. Trained
-accuracy against ``rcond`` is not measured yet.
+Frobenius norm of the per-frequency blocks (``>=`` their largest singular value; differentiable
+without an SVD, whose backward cost more than the layer) (``rcond=0``: the pseudo-inverse).
+Directions far above ``lam`` are inverted to rounding, those near or below it are damped instead
+of blowing up; ``T1`` keeps the boundary rows exact either way. Default ``rcond=1e-5``, from
+``examples/boundary_paper/refine_rcond.py`` (freshly initialised FNO layers, float64, 1D
+Dirichlet N = 64): the refined interior is within 4e-9 / 1e-6 / 1e-3 of exact elimination
+(relative to the size of the exact update) for C = 1 / 4 / 32 channels, where the smallest
+relative singular value of ``K_BB`` is 0.19 / 1e-2 / 1e-3; ``rcond=1e-4`` leaves C = 32 9%
+away, and ``1e-2`` with the former largest-singular-value scale left 0.3% / 45% / 92%. Exact
+elimination moves the interior by 0.05x / 4x / 7x the layer's output norm there: a smaller
+``rcond`` follows the method more closely and amplifies more. Trained accuracy against
+``rcond`` is not measured yet (it needs the reproduction's longer budgets).
 
 Measured limitation of the block-Jacobi step (same script, 2D, Dirichlet on x and Neumann on
 y): it does not reduce the boundary residual that T1 has to overwrite (ratio 1.05 to 10 of the
@@ -230,7 +231,7 @@ class Refinement:
     def __init__(
         self,
         context: RefinementContext,
-        rcond: float = 1e-4,
+        rcond: float = 1e-5,
         refresh: int = 1,
         kernel_grad: str = "exact",
         spectrum: Callable[[tuple[int, ...]], SpectralKernel] | None = None,

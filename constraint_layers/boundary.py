@@ -398,12 +398,12 @@ class BoundaryCorrection(ConstraintLayer):
         ``inverse_transform(output)`` before transforming back.
     adapter : Adapter, optional
         How to call the model and find its grid; default: looked up in the adapter registry.
-    rcond : float, default 1e-4
+    rcond : float, default 1e-5
         ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
-        block's largest singular value (0: the pseudo-inverse); directions far above it are
-        inverted to rounding, those near or below it are damped instead of blowing up
-        (the default keeps the refined interior within about 1% of exact elimination up to 32
-        channels; see ``examples/boundary_paper/refine_rcond.py``).
+        largest Frobenius norm of its per-frequency blocks (0: the pseudo-inverse); directions
+        far above it are inverted to rounding, those near or below it are damped instead of
+        blowing up (the default keeps the refined interior within 0.1% of exact elimination up
+        to 32 channels; see ``examples/boundary_paper/refine_rcond.py``).
     refresh : int, default 1
         ``mode="refine"``: 1 gives exact gradients (each refined layer's boundary block is
         rebuilt inside the autograd graph at every training call, in closed form from the
@@ -448,7 +448,7 @@ class BoundaryCorrection(ConstraintLayer):
         mode: str = "output",
         normalizer: object = None,
         adapter: Any = None,
-        rcond: float = 1e-4,
+        rcond: float = 1e-5,
         refresh: int = 1,
         kernel_grad: str = "exact",
         debug: bool = False,

@@ -36,7 +36,7 @@ import constraint_layers as cl
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from _models import complex128_spectral, fno
 
-RCONDS = (0.0, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+RCONDS = (0.0, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 F64 = torch.float64
 
 
