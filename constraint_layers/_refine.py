@@ -185,7 +185,7 @@ class _Prepared:
     """The symbol and the ``K_BB^+`` operators of one layer at one grid."""
 
     symbol: Symbol
-    ops: dict[int, Tensor]  # axis -> (T, S C, S C) complex128
+    ops: dict[int, tuple[Tensor, ...]]  # axis -> factorised K_BB^+ (Refinement._operator)
 
 
 @dataclass(frozen=True)
@@ -369,19 +369,28 @@ class Refinement:
         cache[entry.key] = entry
         self._cache = dict(list(cache.items())[-size:])
 
-    def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> Tensor:
-        """``K_BB^+`` per tangential frequency: (T, S C, S C), complex128."""
+    def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """``K_BB^+`` per tangential frequency, factorised: ``(L, K^H)`` with ``L`` the Cholesky
+        factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128), or ``(pinv,)`` for rcond 0."""
         k = sym.boundary_block(axis, pos).to(torch.complex128)
-        kh = k.mH
-        gram = kh @ k
-        # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
-        # (a constant lam would leave a term out of the gradient) and costs no SVD
+        kh = k.mH.contiguous()
+        gram = cbmm(kh, k)
         self._grams[axis] = gram.detach()
         if self.rcond == 0:
-            return torch.linalg.pinv(k)
-        lam2 = self.rcond**2 * k.abs().square().sum(dim=(-2, -1)).amax()
+            return (torch.linalg.pinv(k),)
+        # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
+        # (a constant lam would leave a term out of the gradient) and costs no SVD
+        lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
         eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
-        return torch.linalg.solve(gram + lam2 * eye, kh)
+        return (torch.linalg.cholesky(gram + lam2 * eye), kh)
+
+    @staticmethod
+    def _solve(op: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
+        """``K_BB^+ rhs`` per frequency: (T, S C, B) -> (T, S C, B)."""
+        if len(op) == 1:
+            return cbmm(op[0], rhs)
+        chol, kh = op
+        return torch.cholesky_solve(cbmm(kh, rhs), chol)
 
     # --------------------------------------------------------------------------- the hooks
     def attach(self, layer: torch.nn.Module) -> list[Any]:
@@ -473,7 +482,7 @@ class Refinement:
             r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
             b, _, s, t = r.shape
             vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
-            d = cbmm(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)  # (B, C, S, T)
+            d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
             d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
             out = out.index_add(a, idx, d.movedim(2, a))  # a new tensor: v is not modified
         return out

@@ -216,11 +216,13 @@ class Symbol:
         h = h.movedim(2 + axis, 2)
         h = h.flatten(3) if h.ndim > 3 else h.unsqueeze(-1)  # (C_in, C_out, K_a, T)
         p = torch.tensor(list(pos), dtype=torch.float64, device=h.device)
-        diff = p[:, None, None] - p[None, :, None]  # (S_out, S_in, 1)
-        phase = torch.exp(2j * math.pi * k.to(torch.float64) * diff / m).to(h.dtype)
-        kbb = torch.einsum("iokt,usk->tuosi", h, phase) / m
+        diff = (p[:, None] - p[None, :]).reshape(1, -1)  # (1, S_out S_in)
+        phase = torch.exp(2j * math.pi * k.to(torch.float64)[:, None] * diff / m) / m
         s, c_in, c_out = len(pos), h.shape[0], h.shape[1]
-        return kbb.reshape(kbb.shape[0], s * c_out, s * c_in)
+        t = h.shape[-1]
+        kbb = _mm_last(h.movedim(2, -1), phase.to(h.dtype))  # (C_in, C_out, T, S_out S_in)
+        kbb = kbb.reshape(c_in, c_out, t, s, s).permute(2, 3, 1, 4, 0)  # (T, S_out, o, S_in, i)
+        return kbb.reshape(t, s * c_out, s * c_in)
 
     def face_spectrum(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
         """The DFT on the box of the field that holds ``delta`` on the faces and 0 elsewhere.
@@ -294,16 +296,17 @@ def _mm_last(x: Tensor, mat: Tensor) -> Tensor:
 
 
 def cbmm(a: Tensor, b: Tensor) -> Tensor:
-    """Batched complex product ``a @ b`` as four real products: (K, m, n) @ (K, n, p).
+    """Batched complex product ``a @ b`` as one real product: (K, m, n) @ (K, n, p).
 
-    PyTorch's CPU ``bmm`` on complex tensors loops over the batch (a copy per matrix); real
-    batched products do not.
+    ``[[a_r, -a_i], [a_i, a_r]] @ [b_r; b_i] = [y_r; y_i]``, with contiguous operands forward and
+    backward: PyTorch's CPU ``bmm`` runs matrix by matrix (a copy each) on complex or strided
+    operands, which cost more than the whole layer here.
     """
-    ar, ai = a.real.contiguous(), a.imag.contiguous()
-    br, bi = b.real.contiguous(), b.imag.contiguous()
-    return torch.complex(
-        torch.bmm(ar, br) - torch.bmm(ai, bi), torch.bmm(ar, bi) + torch.bmm(ai, br)
-    )
+    ar, ai, br, bi = a.real, a.imag, b.real, b.imag
+    big = torch.cat([torch.cat([ar, -ai], -1), torch.cat([ai, ar], -1)], -2)  # (K, 2m, 2n)
+    y = torch.bmm(big, torch.cat([br, bi], -2))  # (K, 2m, p)
+    m = a.shape[-2]
+    return torch.complex(y[:, :m], y[:, m:])
 
 
 def _complex(dtype: torch.dtype) -> torch.dtype:
