@@ -473,7 +473,7 @@ class Refinement:
         target = v if target is None else target
         sym = prep.symbol
         y = sym.respond(sym.box_spectrum(v)).to(torch.complex128)  # spectrum of L v on the box
-        out = v
+        out = v.clone()  # ours: updated in place below (one copy for every axis)
         c = v.shape[1]
         for axis, pos in faces:
             a = 2 + axis
@@ -484,7 +484,7 @@ class Refinement:
             vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
             d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
             d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
-            out = out.index_add(a, idx, d.movedim(2, a))  # a new tensor: v is not modified
+            out.index_add_(a, idx, d.movedim(2, a))
         return out
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:

@@ -105,24 +105,34 @@ class Symbol:
             raise GridError("Symbol: the frequency box is not closed under negation.")
         return where[:, 1]
 
-    def _along(self, axis: int, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``t`` (default ``H``; layout (a, b, *box), the half spectrum of something real) with
-        the full set of frequencies along ``axis``: (a, b, *box'), and the indices (0..M_a - 1)
-        of that set. Along the last axis the negative frequencies come from Hermitian symmetry;
-        every other axis is full already."""
-        t = self.h if t is None else t
-        n = len(self.grid)
-        if axis != n - 1:
-            return t, self.idx[axis]
-        m = self.grid[-1]
-        k = self.idx[-1]
-        mirror = (k > 0) & (2 * k != m)  # frequencies whose negation is not stored
-        tn = t.conj()
-        for d in range(n - 1):
-            tn = tn.index_select(2 + d, self._negation(d))
-        sel = mirror.nonzero().flatten()
-        full = torch.cat([t, tn.index_select(2 + n - 1, sel)], dim=2 + n - 1)
-        return full, torch.cat([k, (m - k[sel]) % m])
+    def _synthesise(self, t: Tensor, axis: int, q: Tensor) -> Tensor:
+        """``1/M_a sum_k t(k, xi) exp(2 pi i k q / M_a)`` over ALL frequencies ``k`` along
+        ``axis`` (the inverse DFT along ``axis`` at the positions ``q``), for ``t`` of layout
+        (a, b, *box), the half spectrum of something real. Returns (a, b, T, len(q)).
+
+        Along the last axis the negative frequencies are not stored: their terms are
+        ``conj(Q(-xi))`` with ``Q`` the same sum over the mirrored frequencies, computed on the
+        stored ones (no copy of ``t``)."""
+        m = self.grid[axis]
+        k = self.idx[axis]
+        t = t.movedim(2 + axis, -1)
+        t = t.flatten(2, -2) if t.ndim > 3 else t.unsqueeze(2)  # (a, b, T, K)
+        ang = (2 * math.pi / m) * k.to(torch.float64)[:, None] * q.to(torch.float64)[None, :]
+        phase = (torch.exp(1j * ang) / m).to(t.dtype)  # (K, Q)
+        out = _mm_last(t, phase)
+        if axis != len(self.grid) - 1:
+            return out
+        mask = (k > 0) & (2 * k != m)
+        mirror = _mm_last(t, phase * mask[:, None].to(phase.dtype))  # Q(xi)
+        return out + mirror.index_select(2, self._tangential_negation()).conj()
+
+    def _tangential_negation(self) -> Tensor:
+        """Flat positions of ``-xi`` over the boxes of every axis but the last (the tangential
+        frequencies of the last axis, in :meth:`tangential`'s layout)."""
+        flat = torch.zeros((), dtype=torch.long, device=self.h.device)
+        for d in range(len(self.grid) - 1):
+            flat = flat.unsqueeze(-1) * len(self.idx[d]) + self._negation(d)
+        return flat.reshape(-1)
 
     def box_spectrum(self, v: Tensor) -> Tensor:
         """``rfftn(v)`` on the box only, by products with the DFT matrices of the box (the box
@@ -154,13 +164,8 @@ class Symbol:
 
         ``y``: shape (B, C, *box), complex. Returns shape (B, C, S, T), complex.
         """
-        ya, k = self._along(axis, y)
-        m = self.grid[axis]
-        ya = ya.movedim(2 + axis, 2)
-        ya = ya.flatten(3) if ya.ndim > 3 else ya.unsqueeze(-1)  # (B, C, K_a, T)
-        p = torch.tensor(list(pos), dtype=torch.float64, device=y.device)
-        phase = torch.exp(2j * math.pi * k.to(torch.float64)[:, None] * p[None, :] / m) / m
-        return _mm_last(ya.movedim(2, -1), phase.to(ya.dtype)).movedim(-1, 2)  # (B, C, S, T)
+        q = torch.tensor(list(pos), device=y.device)
+        return self._synthesise(y, axis, q).transpose(2, 3)  # (B, C, S, T)
 
     def untangential(self, d: Tensor, axis: int) -> Tensor:
         """Inverse of :meth:`tangential` for face data supported on the box.
@@ -211,16 +216,10 @@ class Symbol:
             shape: (T, S C_out, S C_in), complex; rows and columns ordered (face, channel); ``T``
             the number of tangential frequencies of the box (1 in 1D).
         """
-        h, k = self._along(axis)
-        m = self.grid[axis]
-        h = h.movedim(2 + axis, 2)
-        h = h.flatten(3) if h.ndim > 3 else h.unsqueeze(-1)  # (C_in, C_out, K_a, T)
-        p = torch.tensor(list(pos), dtype=torch.float64, device=h.device)
-        diff = (p[:, None] - p[None, :]).reshape(1, -1)  # (1, S_out S_in)
-        phase = torch.exp(2j * math.pi * k.to(torch.float64)[:, None] * diff / m) / m
-        s, c_in, c_out = len(pos), h.shape[0], h.shape[1]
-        t = h.shape[-1]
-        kbb = _mm_last(h.movedim(2, -1), phase.to(h.dtype))  # (C_in, C_out, T, S_out S_in)
+        p = torch.tensor(list(pos), device=self.h.device)
+        diff = (p[:, None] - p[None, :]).reshape(-1)  # (S_out S_in,)
+        kbb = self._synthesise(self.h, axis, diff)  # (C_in, C_out, T, S_out S_in)
+        s, c_in, c_out, t = len(pos), kbb.shape[0], kbb.shape[1], kbb.shape[2]
         kbb = kbb.reshape(c_in, c_out, t, s, s).permute(2, 3, 1, 4, 0)  # (T, S_out, o, S_in, i)
         return kbb.reshape(t, s * c_out, s * c_in)
 
@@ -302,6 +301,8 @@ def cbmm(a: Tensor, b: Tensor) -> Tensor:
     backward: PyTorch's CPU ``bmm`` runs matrix by matrix (a copy each) on complex or strided
     operands, which cost more than the whole layer here.
     """
+    if a.shape[0] <= 32:  # few matrices: the per-matrix loop is cheaper than the copies below
+        return a @ b
     ar, ai, br, bi = a.real, a.imag, b.real, b.imag
     big = torch.cat([torch.cat([ar, -ai], -1), torch.cat([ai, ar], -1)], -2)  # (K, 2m, 2n)
     y = torch.bmm(big, torch.cat([br, bi], -2))  # (K, 2m, p)
@@ -352,13 +353,13 @@ def symbol_from_kernel(kernel: SpectralKernel) -> Symbol:
         idx.append(u)
     sym = Symbol(h, tuple(idx), grid)
     last = idx[-1]
-    planes = (last == 0) | (2 * last == grid[-1])
-    if bool(planes.any()):
-        hn = h.conj()
+    planes = ((last == 0) | (2 * last == grid[-1])).nonzero().flatten()
+    if planes.numel():  # only these planes: irfftn keeps the Hermitian part there
+        hp = h.index_select(h.ndim - 1, planes)
+        hn = hp.conj()
         for d in range(n - 1):
             hn = hn.index_select(2 + d, sym._negation(d))
-        shape = [1] * (h.ndim - 1) + [last.shape[0]]
-        sym.h = torch.where(planes.reshape(shape), 0.5 * (h + hn), h)
+        sym.h = h.index_copy(h.ndim - 1, planes, 0.5 * (hp + hn))
     return sym
 
 
