@@ -28,7 +28,8 @@ How it is computed. The layer is a circular convolution on its (padded) grid, so
 follows from its symbol ``H`` at the few frequencies where it responds (``_spectral``):
 
 - ``K_BB`` is block diagonal in the tangential Fourier basis: one ``(S C) x (S C)`` matrix per
-  tangential frequency of the symbol (``S`` = number of constrained sides), factorised in float64;
+  tangential frequency of the symbol (``S`` = number of constrained sides), Cholesky-factorised
+  in float64;
 - the residual ``v_B - (L v)_B`` needs the layer's output on the faces only: from the box of
   ``rfftn(v)`` and ``H``, a few small products;
 - T2 is applied to the layer's INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer
@@ -52,6 +53,9 @@ across ``torch.inference_mode`` boundaries. ``refresh=k`` (k > 1) reuses a froze
 for ``k`` weight changes (approximate gradients, a lagging refinement); ``kernel_grad="detached"``
 recomputes it at every call but as a constant for autograd (the study's "frozen" variant).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
+Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
+wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
+size along an axis other than the last (it applies ``fftshift`` twice); the adapter refuses those.
 
 Ill-conditioned ``K_BB`` (the rule: a smooth kernel sees the two end nodes of a periodic grid
 almost alike): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the largest
@@ -69,11 +73,12 @@ elimination moves the interior by 0.05x / 4x / 7x the layer's output norm there:
 ``rcond`` is not measured yet (it needs the reproduction's longer budgets).
 
 Measured limitation of the block-Jacobi step (same script, 2D, Dirichlet on x and Neumann on
-y): it does not reduce the boundary residual that T1 has to overwrite (ratio 1.05 to 10 of the
-residual before T2) and repeated sweeps diverge, while on one axis it removes it to rounding. A
-joint T2 over all faces (a Krylov solve of the coupled Tikhonov system, preconditioned by the
-per-axis factorisations) would be needed; it is not implemented. T1 keeps every layer's
-boundary rows independent of the interior either way.
+y): it does not reduce the boundary residual that T1 has to overwrite (ratio 1.05 to 12 of the
+residual before T2, C = 1 to 32) and repeated sweeps diverge, while on one axis it removes it
+to rounding. A joint T2 over all faces (a Krylov solve of the coupled Tikhonov system,
+preconditioned by the per-axis factorisations) would be needed; it is not implemented (a dense
+joint solve is ~1700 unknowns per layer at 64 x 64, width 32: far too slow per training step).
+T1 keeps every layer's boundary rows independent of the interior either way.
 """
 
 from __future__ import annotations

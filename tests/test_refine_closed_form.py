@@ -212,6 +212,16 @@ def test_gradcheck_closed_form_in_input_and_spectral_weights():
         assert torch.autograd.gradcheck(through_weights, (w,), fast_mode=True)
 
 
+def test_gradcheck_mixed_periodic_and_dirichlet_2d():
+    torch.manual_seed(0)
+    model = fno((4, 4), hidden=2, n_layers=1, dtype=F64)
+    wrapped = cl.wrap(model, cl.Periodic(dim=1), cl.Dirichlet(0.0, dim=0, side="low"),
+                      mode="refine")  # fmt: skip
+    x = torch.randn(1, 1, 6, 4, dtype=F64, requires_grad=True)
+    with complex128_spectral():
+        assert torch.autograd.gradcheck(wrapped, (x,), fast_mode=True)
+
+
 def test_detached_kernel_grad_differs_from_exact():
     torch.manual_seed(0)
     model = fno((4,), hidden=2, n_layers=2, dtype=F64)
