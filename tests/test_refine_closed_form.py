@@ -41,15 +41,21 @@ def _fewer_modes(model):
     return model
 
 
+#: the closed form assumes irfftn keeps the Hermitian part of a spectrum on the planes
+#: k_last = 0, M / 2 (checked on every device the tests see: cuFFT documents no behaviour there)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("make", "grid"), [c[1:] for c in SYMBOL_CASES],
                          ids=[c[0] for c in SYMBOL_CASES])  # fmt: skip
-def test_closed_form_symbol_equals_the_measured_one(make, grid):
+def test_closed_form_symbol_equals_the_measured_one(make, grid, device):
     torch.manual_seed(0)
-    conv = make().fno_blocks.convs[0]
+    conv = make().fno_blocks.convs[0].to(device)
     c = conv.in_channels
     with complex128_spectral(), torch.no_grad():
-        impulses = torch.zeros((c + 1, c, *grid), dtype=F64)
-        impulses[(torch.arange(c), torch.arange(c), *([0] * len(grid)))] = 1.0
+        impulses = torch.zeros((c + 1, c, *grid), dtype=F64, device=device)
+        impulses[(torch.arange(c), torch.arange(c), *([0] * len(grid)))] = 1.0  # at node 0
         out = conv(impulses)
         measured = torch.fft.rfftn(out[:c] - out[c:], dim=list(range(2, 2 + len(grid))))
         closed = symbol_from_kernel(spectral_kernel(conv, grid)).dense()

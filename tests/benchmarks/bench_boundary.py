@@ -1,11 +1,16 @@
-"""Speed of the boundary output step: wrapped model over the plain model, measured in one run.
+"""Speed of the boundary layer (output step, kernel refinement): wrapped over plain model.
 
     .venv/bin/python tests/benchmarks/bench_boundary.py [--repeats 15] [--device cpu]
+        [--modes output,refine,refine/10] [--cases 1D,64x64] [--threads 1]
 
 Prints one row per (model, mode, pass): median time of the plain FNO, of the wrapped FNO, and
-their ratio. Passes: forward (no grad), forward+backward (weights unchanged between calls, as in
-inference with gradients), train step (forward+backward+SGD step: the weights change every call,
-so mode="refine" rebuilds its boundary blocks, in closed form, each time). Timings interleave plain and wrapped calls so that drifts in machine load hit both alike.
+their ratio. Passes: forward (no grad: inference), forward+backward (weights unchanged between
+calls), train step (forward+backward+SGD step: the weights change every call, so
+mode="refine" rebuilds its boundary blocks, in closed form, each time). Timings interleave
+plain and wrapped calls so that drifts in machine load hit both alike; on a shared machine the
+ratios still move by 10-30% between runs. Cases: 1D N=500 (batch 20) and N=1024 (batch 32),
+width 64, Neumann at both ends; 2D 64x64 and 128x128, batch 8, width 32, Dirichlet on x and
+Neumann on y. Targets of issue 12 for mode="refine": train step <= 1.5x, inference <= 1.2x.
 Not collected by the default test run (tests/benchmarks is ignored by pytest's addopts).
 """
 
