@@ -20,6 +20,11 @@ Neumann on y (32 x 32, 8 x 8 modes) where ``decouple`` also measures the block-J
 against two and four Jacobi sweeps over the axes (``jacobi2``, ``jacobi4``: the joint T2 a
 library option could offer).
 
+Last, on a small 2D grid (24 x 24, C = 1, 4), the block-Jacobi step against a joint T2 over
+all faces of both axes, solved densely from the layer's matrix (Tikhonov with the Frobenius norm
+of the whole boundary block): ``jacobi`` and ``joint`` are the ``decouple`` ratios, ``vs joint``
+the distance between the two refined interiors.
+
 Trained-accuracy sweeps over ``rcond`` (two problems of the paper) are not part of this script:
 they need the ``--medium`` budget of the reproduction (about an hour of two cores).
 """
@@ -120,6 +125,60 @@ def run_case(name, n_modes, grid, bcs, widths=(1, 4, 32)):
         cl.unwrap(wrapped)
 
 
+def joint_case(n_modes=(8, 8), grid=(24, 24), widths=(1, 4), rconds=(0.0, 1e-5, 1e-3)):
+    """Block Jacobi (the library) against a joint T2 over all faces of both axes (dense, from
+    the layer's matrix: small grids only). ``decouple`` as above; ``vs joint``: distance of the
+    block-Jacobi interior to the joint one, relative to the joint update."""
+    bcs = [cl.Dirichlet(0.0, dim=0), cl.Neumann(0.0, dim=1)]
+    print(f"\njoint T2 vs block Jacobi: grid {grid}, n_modes {n_modes}, {bcs}")
+    print(f"{'C':>3s} {'rcond':>7s} {'jacobi':>9s} {'joint':>9s} {'vs joint':>9s}")
+    for c in widths:
+        torch.manual_seed(0)
+        model = fno(n_modes, hidden=c, dtype=F64, channel_mlp_expansion=1.0)
+        wrapped = cl.wrap(model, *bcs, mode="refine")
+        hook, layer = wrapped.refinements[1], model.fno_blocks.convs[1]
+        x = torch.randn(2, 1, *grid, dtype=F64)
+        with complex128_spectral(), torch.no_grad():
+            v = _layer_input(wrapped, x, layer)
+            faces, pads = _faces(hook, v, grid, bcs)
+            mask = _mask(v.shape[2:], faces)
+            v0 = v.clone()
+            v0[..., mask] = 0
+            size = v[0].numel()
+            bias = layer(torch.zeros_like(v[:1]))
+            basis = torch.eye(size, dtype=F64).reshape(size, *v.shape[1:])
+            kmat = (layer(basis) - bias).reshape(size, size).T  # K[(o, y), (i, x)]
+            b = mask.expand(v.shape[1:]).reshape(-1).nonzero().flatten()
+            kbb = kmat[b][:, b]
+            for rcond in rconds:
+                hook.rcond = rcond
+                hook._cache = {}
+                rows = []
+                outs = []
+                for u in (v0, v):
+                    jac, _ = _refined(hook, layer, u, faces, pads)
+                    flat = u.reshape(u.shape[0], -1)
+                    r = flat[:, b] - (flat @ kmat.T)[:, b]
+                    if rcond == 0:
+                        delta = r @ torch.linalg.pinv(kbb).T
+                    else:
+                        lam2 = (rcond * torch.linalg.matrix_norm(kbb)) ** 2
+                        lhs = kbb.T @ kbb + lam2 * torch.eye(len(b), dtype=F64)
+                        delta = torch.linalg.solve(lhs, kbb.T @ r.T).T
+                    up = flat.clone()
+                    up[:, b] += delta
+                    joint = layer(up.reshape(u.shape))
+                    outs.append((jac, joint))
+                before = (layer(v0) - bias)[..., mask].norm()
+                for out in outs[0]:
+                    rows.append(float((out - bias)[..., mask].norm() / before))
+                jac, joint = outs[1]
+                plain = layer(v)
+                vs = (jac - joint)[..., ~mask].norm() / (joint - plain)[..., ~mask].norm()
+                print(f"{c:3d} {rcond:7.0e} {rows[0]:9.2e} {rows[1]:9.2e} {float(vs):9.2e}")
+        cl.unwrap(wrapped)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     run_case("1D Dirichlet", (16,), (64,), [cl.Dirichlet(0.0)])
@@ -130,6 +189,7 @@ def main() -> None:
         [cl.Dirichlet(0.0, dim=0), cl.Neumann(0.0, dim=1)],
         widths=(1, 4, 32),
     )
+    joint_case()
 
 
 if __name__ == "__main__":
