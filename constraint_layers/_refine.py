@@ -97,9 +97,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._grid import normalize_dim
-from ._spectral import SpectralKernel, Symbol, cbmm, symbol_from_kernel, symbol_from_response
-from .errors import GridError
+# absolute imports: the module moves to constraint_layers/boundary/ unchanged
+from constraint_layers._grid import normalize_dim
+from constraint_layers._spectral import (
+    SpectralKernel,
+    Symbol,
+    cbmm,
+    symbol_from_kernel,
+    symbol_from_response,
+)
+from constraint_layers.errors import GridError
 
 __all__ = ["KERNEL_GRADS", "Refinement", "RefinementContext"]
 
@@ -140,11 +147,14 @@ def _plan(bcs: Sequence[Any], inputs: Any, call: str) -> _Call:
             f"{type(inputs).__name__}{tuple(inputs.shape) if isinstance(inputs, Tensor) else ''}."
         )
     grid = tuple(inputs.shape[2:])
+    from constraint_layers import Periodic  # at call time: no import cycle
+
     eliminate: dict[int, list[str]] = {}
     rows = []
     for bc in bcs:
-        d = normalize_dim(bc.dim, len(grid), call)
-        if bc.kind == "periodic":
+        axis = getattr(bc, "axis", None)  # resolves dim=None where conditions support it
+        d = axis(len(grid), call) if callable(axis) else normalize_dim(bc.dim, len(grid), call)
+        if isinstance(bc, Periodic):
             rows.append(("average", d, ()))
             continue
         sides = eliminate.setdefault(d, [])

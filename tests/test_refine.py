@@ -63,10 +63,10 @@ def _faces(wrapped, grid):
     """Axis -> eliminated sides (Dirichlet / Neumann; periodic axes average their end rows)."""
     faces = {}
     for bc in wrapped.bcs:
-        if bc.kind == "periodic":
+        if isinstance(bc, cl.Periodic):
             continue
-        sides = faces.setdefault(bc.dim % len(grid), ())
-        faces[bc.dim % len(grid)] = sides + tuple(s for s in bc.sides if s not in sides)
+        d = bc.axis(len(grid), "test") if hasattr(bc, "axis") else bc.dim % len(grid)
+        faces[d] = faces.get(d, ()) + tuple(s for s in bc.sides if s not in faces.get(d, ()))
     return faces
 
 

@@ -73,6 +73,11 @@ def test_odd_layer_grid_is_refused_where_neuralop_is_not_shift_invariant():
 
 
 # --------------------------------------------------------------- dense reference, 1e-10
+def _axis(bc, n):
+    """The spatial axis of a condition (``dim=None`` resolves where conditions support it)."""
+    return bc.axis(n, "test") if hasattr(bc, "axis") else bc.dim % n
+
+
 def _dense_refined(layer, v, phys, bcs, rcond):
     """The refined layer from dense matrices: T2 per eliminated axis (Tikhonov with the same
     rule), T1 rows in the order of the conditions, periodic rows averaged (BOON's periodic
@@ -99,9 +104,10 @@ def _dense_refined(layer, v, phys, bcs, rcond):
 
     eliminate = {}
     for bc in bcs:
-        if bc.kind != "periodic":
-            eliminate.setdefault(bc.dim % n, [])
-            eliminate[bc.dim % n] += [s for s in bc.sides if s not in eliminate[bc.dim % n]]
+        if not isinstance(bc, cl.Periodic):
+            d = _axis(bc, n)
+            eliminate.setdefault(d, [])
+            eliminate[d] += [s for s in bc.sides if s not in eliminate[d]]
     vp = flat_v.clone()
     for d, sides in eliminate.items():
         b = face_idx(d, sides)
@@ -113,15 +119,15 @@ def _dense_refined(layer, v, phys, bcs, rcond):
         vp[:, b] += torch.linalg.solve(lhs, kbb.T @ r.T).T
     y = layer(vp.reshape(v.shape)).clone()
     for bc in bcs:
-        a = 2 + bc.dim % n
-        if bc.kind == "periodic":
-            lo, hi = pos(bc.dim % n, "low"), pos(bc.dim % n, "high")
+        a = 2 + _axis(bc, n)
+        if isinstance(bc, cl.Periodic):
+            lo, hi = pos(_axis(bc, n), "low"), pos(_axis(bc, n), "high")
             avg = 0.5 * (y.select(a, lo) + y.select(a, hi))
             y.select(a, lo).copy_(avg)
             y.select(a, hi).copy_(avg)
         else:
             for side in bc.sides:
-                p = pos(bc.dim % n, side)
+                p = pos(_axis(bc, n), side)
                 y.select(a, p).copy_(v.select(a, p) + zero.select(a, p))
     return y
 
