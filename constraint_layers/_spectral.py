@@ -142,7 +142,9 @@ class Symbol:
         """
         n = len(self.grid)
         cos, sin = self._dft(n - 1, v.dtype, v.device)
-        f = torch.complex(_mm_last(v, cos), -_mm_last(v, sin))  # (B, C, *grid[:-1], K_last)
+        k = cos.shape[1]
+        f = _mm_last(v, torch.cat([cos, -sin], 1))  # one pass over v: (B, C, *grid[:-1], 2 K)
+        f = torch.complex(f[..., :k], f[..., k:])  # (B, C, *grid[:-1], K_last)
         for d in range(n - 1):
             c, s = self._dft(d, f.real.dtype, v.device)
             f = _mm_last(f.movedim(2 + d, -1), torch.complex(c, -s)).movedim(-1, 2 + d)
