@@ -33,6 +33,7 @@ asks for them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pickle
@@ -44,6 +45,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from constraint_layers.boundary.spectral import SpectralKernel
+from constraint_layers.errors import GridError
 
 from ._registry import register
 from .base import Adapter
@@ -105,14 +109,62 @@ def _spectral_convs(model: nn.Module) -> list[nn.Module]:
     return list(convs)
 
 
+def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
+    """The weights of a neuraloperator ``SpectralConv`` at the modes it keeps on ``grid``.
+
+    Follows ``SpectralConv.forward`` (neuraloperator 2.0): ``rfftn`` of the input, the centred
+    block of ``n_modes`` frequencies along every axis but the last (after ``fftshift``), the first
+    ``n_modes[-1] // 2 + 1`` along the last, the weight sliced from ``max_n_modes`` around its
+    centre, ``irfftn`` back, plus the bias. Dense and factorised (Tucker, CP, TT) weights are
+    materialised with ``to_tensor()``, differentiably; a separable weight becomes its diagonal.
+    """
+    name = type(conv).__name__
+    if getattr(conv, "complex_data", False):
+        raise GridError(f"mode='refine': {name} with complex_data=True is not supported.")
+    if getattr(conv, "resolution_scaling_factor", None) is not None:
+        raise GridError(
+            f"mode='refine': {name} with resolution_scaling_factor changes the grid; a refined "
+            "layer must keep it."
+        )
+    n = len(grid)
+    if conv.order != n:
+        raise GridError(f"mode='refine': {name} acts on {conv.order} axes, the grid has {n}.")
+    if n > 1 and any(m % 2 for m in grid[:-1]):
+        raise GridError(
+            f"mode='refine': {name} is not shift invariant on the grid {tuple(grid)}: with "
+            "an odd size along an axis other than the last, neuraloperator 2.0 applies fftshift "
+            "twice and moves every output frequency by one. Use even sizes there (the layer's "
+            "grid, after domain padding)."
+        )
+    fft_size = [*grid[:-1], grid[-1] // 2 + 1]
+    starts = [mx - min(size, nm) for size, nm, mx in zip(fft_size, conv.n_modes, conv.max_n_modes)]
+    sl = [slice(s // 2, -s // 2) if s else slice(s, None) for s in starts[:-1]]
+    sl.append(slice(None, -starts[-1]) if starts[-1] else slice(None))
+    weight = conv.weight
+    dense = weight if torch.is_tensor(weight) else weight.to_tensor()
+    if conv.separable:  # (C, *modes): the diagonal of (C, C, *modes)
+        dense = torch.diag_embed(dense.movedim(0, -1)).movedim(-2, 0).movedim(-1, 1)
+    w = dense[(slice(None), slice(None), *sl)]
+    freqs = []
+    for d, (size, kept) in enumerate(zip(fft_size, w.shape[2:])):
+        if d == n - 1:
+            freqs.append(torch.arange(min(kept, size)))
+        else:  # centred after fftshift: frequencies -kept//2 .. kept//2 + kept%2 - 1
+            f = torch.arange(kept) - kept // 2
+            freqs.append(f % size)
+    return SpectralKernel(w, tuple(f.to(w.device) for f in freqs), tuple(grid), conv.bias)
+
+
 @register("neuralop.models.base_model.BaseModel")
 class NeuralopAdapter(Adapter):
     """neuraloperator models: called as ``model(x, ...)``, output ``(batch, channels, *grid)``.
 
     With ``mode="refine"`` (BOON's kernel refinement) a forward hook on every spectral convolution
     of ``model.fno_blocks`` refines the layer so that its boundary outputs depend only on its
-    boundary inputs (see ``constraint_layers._refine``). The hooks act only inside the wrapper's
-    own calls, and :func:`constraint_layers.unwrap` removes them.
+    boundary inputs (see ``constraint_layers.boundary.refine``); the layer's boundary block and
+    coupling come in closed form from its weights (:func:`spectral_kernel`). The hooks act only
+    inside
+    the wrapper's own calls, and :func:`constraint_layers.unwrap` removes them.
     """
 
     name = "neuraloperator"
@@ -123,7 +175,9 @@ class NeuralopAdapter(Adapter):
         wrapper.register_load_state_dict_pre_hook(_accept_plain)
         if getattr(wrapper, "mode", "output") == "refine":
             for conv in _spectral_convs(wrapper.model):
-                wrapper.add_refinement(conv)
+                closed = hasattr(conv, "n_modes") and hasattr(conv, "max_n_modes")
+                spectrum = functools.partial(spectral_kernel, conv) if closed else None
+                wrapper.add_refinement(conv, spectrum=spectrum)
 
     def wrapper_attribute(self, wrapper: nn.Module, name: str) -> Any:
         """``save_checkpoint`` / ``load_checkpoint`` (bound to the wrapper) and

@@ -22,7 +22,7 @@ when the output was. Values given at construction are checked once, at construct
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,11 +35,11 @@ from ._tolerance import tolerance
 from ._values import Given, bind_given, check_finite_now
 from .boundary.enforce import boundary_residuals, check_lift
 from .boundary.enforce import conditions as boundary_conditions
-from .boundary.refine import Refinement, RefinementContext
+from .boundary.refine import KERNEL_GRADS, Refinement, RefinementContext
 from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
-from .errors import ConstraintViolationError, GridError
+from .errors import ConstraintViolationError
 from .rows import FAMILIES, GridSpec
 
 __all__ = [
@@ -93,7 +93,7 @@ class ConstraintLayer(nn.Module):
     mode : {"output", "refine"}
         ``"refine"``: also refine every Fourier layer of the model (BOON's kernel correction);
         needs an adapter that supports it (neuraloperator FNO / TFNO).
-    rcond, refresh
+    rcond, refresh, kernel_grad
         ``mode="refine"``: see :class:`BoundaryCorrection`.
     noise : float, Tensor or sequence, default 0.0
         Constraint noise standard deviation of the conservation rows (0: exact); a sequence gives
@@ -137,8 +137,9 @@ class ConstraintLayer(nn.Module):
         endpoint: bool = True,
         lift: int = 0,
         mode: str = "output",
-        rcond: float = 1e-2,
+        rcond: float = 1e-5,
         refresh: int = 1,
+        kernel_grad: str = "exact",
         noise: float | Tensor | Sequence[float] = 0.0,
         metric: str = "covariance",
         grid_shape: Sequence[int] | None = None,
@@ -175,6 +176,11 @@ class ConstraintLayer(nn.Module):
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
             raise ValueError(f"{call}: refresh must be a positive int, got {refresh!r}.")
         self.refresh = refresh
+        if kernel_grad not in KERNEL_GRADS:
+            raise ValueError(
+                f"{call}: kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}."
+            )
+        self.kernel_grad = kernel_grad
         self.noise = _check_noise(noise, len(self.constraints), call)
         if metric not in METRICS:
             raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
@@ -240,11 +246,25 @@ class ConstraintLayer(nn.Module):
             self._handles.pop().remove()
         return self.model
 
-    def add_refinement(self, layer: nn.Module) -> Refinement:
+    def add_refinement(
+        self, layer: nn.Module, spectrum: Callable[[tuple[int, ...]], Any] | None = None
+    ) -> Refinement:
         """Refine ``layer`` (a shift-invariant affine layer inside the model) during this
-        wrapper's calls; used by adapters in ``attach``. Returns the hook object."""
-        hook = Refinement(self._context, rcond=self.rcond, refresh=self.refresh)
-        self.add_handle(layer.register_forward_hook(hook))
+        wrapper's calls; used by adapters in ``attach``. Returns the hook object.
+
+        ``spectrum(grid)``, optional, returns the layer's weights at its retained modes on the
+        layer's grid (a :class:`~constraint_layers.boundary.spectral.SpectralKernel`): the
+        refinement is then computed in closed form; without it the layer is probed with
+        impulses."""
+        hook = Refinement(
+            self._context,
+            rcond=self.rcond,
+            refresh=self.refresh,
+            kernel_grad=self.kernel_grad,
+            spectrum=spectrum,
+        )
+        for handle in hook.attach(layer):
+            self.add_handle(handle)
         self.refinements.append(hook)
         return hook
 
@@ -269,26 +289,8 @@ class ConstraintLayer(nn.Module):
         if self.mode != "refine":
             return self.adapter.call(self.model, args, kwargs)
         inputs = self.adapter.model_input(args, kwargs)
-        if not isinstance(inputs, Tensor) or inputs.ndim < 3:
-            raise GridError(
-                f"{type(self).__name__}(mode='refine'): expected the model input to be a "
-                "channel-first grid tensor (batch, channels, d1, ..., dn), got "
-                f"{type(inputs).__name__}."
-            )
-        grid = tuple(inputs.shape[2:])
-        faces: dict[int, list[str]] = {}
-        for bc in self.bcs:
-            d = bc.axis(len(grid), f"{type(self).__name__}(mode='refine')")
-            faces.setdefault(d, [])
-            for side in bc.sides:
-                if side not in faces[d]:
-                    faces[d].append(side)
-        ctx = self._context
-        ctx.grid, ctx.faces, ctx.active = grid, {d: tuple(s) for d, s in faces.items()}, True
-        try:
+        with self._context.call(self.bcs, inputs, f"{type(self).__name__}(mode='refine')"):
             return self.adapter.call(self.model, args, kwargs)
-        finally:
-            ctx.active = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = dict(kwargs)
@@ -511,12 +513,22 @@ class BoundaryCorrection(ConstraintLayer):
         A model whose output is (or, through its adapter, contains) a channel-first grid.
     constraints : BoundaryCondition or sequence of them
         Applied in order; where two meet the later one holds.
-    rcond : float, default 1e-2
+    rcond : float, default 1e-5
         ``mode="refine"``: Tikhonov parameter of the boundary-block solve, relative to the
-        block's largest singular value.
+        largest Frobenius norm of its per-frequency blocks (0: the pseudo-inverse); directions
+        far above it are inverted to rounding, those near or below it are damped instead of
+        blowing up (the default keeps the refined interior within 0.1% of exact elimination up
+        to 32 channels; see ``examples/boundary_paper/refine_rcond.py``).
     refresh : int, default 1
-        ``mode="refine"``: 1 gives exact gradients; ``k > 1`` reuses a frozen probe for ``k``
-        weight changes (cheaper, approximate gradients).
+        ``mode="refine"``: 1 gives exact gradients (each refined layer's boundary block is
+        rebuilt inside the autograd graph at every training call, in closed form from the
+        weights for neuraloperator spectral convolutions); ``k > 1`` reuses a frozen one for
+        ``k`` weight changes, in training and inference alike: approximate gradients. Without
+        gradients it is reused while the weights are equal (compared by value).
+    kernel_grad : {"exact", "detached"}, default "exact"
+        ``mode="refine"``: ``"detached"`` rebuilds the boundary block at every call but treats
+        it (and the boundary-to-interior coupling) as a constant for autograd: the "frozen"
+        variant of the boundary-paper study (it trains worse; kept for comparisons).
 
     Examples
     --------

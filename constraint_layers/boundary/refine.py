@@ -1,190 +1,222 @@
 """Kernel refinement of shift-invariant affine layers (private; used by ``mode="refine"``).
 
-BOON refines every Fourier layer ``A(v) = K v + c`` of a neural operator so that the layer's
-boundary outputs depend only on its boundary inputs: ``K -> T1 K T2``, where ``T2`` (column
-operations: an update of the boundary inputs) removes the coupling of the boundary rows to the
-interior and ``T1`` (row operations) writes the boundary rows. With ``L(v) = A(v) - A(0)`` and
-``K_BB`` the block of ``L`` from the boundary nodes to themselves:
+BOON (Saad et al., ICLR 2023) refines every Fourier layer ``A(v) = K v + c`` of a neural operator
+so that the layer's boundary rows obey the boundary condition's structure:
+
+Dirichlet and Neumann axes (elimination). ``K -> T1 K T2``, where ``T2`` (column operations: an
+update of the boundary inputs) removes the coupling of the boundary rows to the interior and
+``T1`` (row operations) writes the boundary rows. With ``L(v) = A(v) - A(0)`` and ``K_BB`` the
+block of ``L`` from the boundary nodes to themselves::
 
     T2:  v'_B = v_B + K_BB^+ (v_B - (L v)_B),  v'_I = v_I      (then (L v')_B = v_B if exact)
     T1:  A~(v)_B = v_B + A(0)_B,               A~(v)_I = A(v')_I
 
 so the refined layer passes its boundary values through (plus its bias) whatever the interior
-holds, and its interior outputs see the boundary update ``L(E_B delta)``.
+holds, and its interior outputs see the boundary update ``L(E_B delta)``. Neumann uses the same
+elimination on both faces (the paper's 1D code eliminates the right face only, its 2D code
+both), without its stencil rows and global factor 1/2: the output step makes the flux exact.
 
-How it is computed, for a layer that is a circular convolution on its grid (a spectral convolution
-is one, on the padded grid inside an FNO):
+Periodic axes (the paper's periodic kernel correction, ``K -> T K``): the layer's two end rows
+become their average, ``A~(v)_low = A~(v)_high = (A(v)_low + A(v)_high) / 2``; no elimination.
 
-- One batched evaluation of the layer on ``C`` unit impulses (one per input channel) at a single
-  node, plus one zero input, gives the impulse response; by shift invariance it holds every block of
-  ``L`` the refinement needs. While gradients are recorded the probe is part of the autograd graph
-  (computed at every call): gradients are exact, including how ``K_BB^+`` depends on the weights,
-  which dominates (``K_BB`` is ill-conditioned: freezing it changed a directional derivative from
-  4.00 to -0.023 in the boundary-paper study, and trained worse). Without gradients it is cached
-  until the weights change (their version counters): inference pays nothing for it. ``refresh=k``
-  (k > 1) reuses a probe, frozen, for k weight changes: cheaper training steps, approximate
-  gradients.
-- The faces of one axis are coupled along the tangential axes by a convolution, so ``K_BB`` is
-  block diagonal in the tangential Fourier basis: one ``(S C) x (S C)`` system per tangential
-  frequency (``S`` = number of constrained sides), factorised in float64.
-- ``L(E_B delta)`` comes from the probe too: in Fourier space the layer's response to the
-  face-supported update is a ``C x C`` product per frequency it responds to (a spectral
-  convolution keeps a few modes per axis), then one inverse FFT. No second evaluation of the layer
-  on the data; ``A(0)`` (with gradients) is an evaluation on a batch of one.
+Several conditions: the eliminations of all Dirichlet/Neumann axes are computed from the same
+residual (a block-Jacobi step; measured against Jacobi sweeps in
+``examples/boundary_paper/refine_rcond.py``), then the rows are written in the order the
+conditions were given, so where two meet the later one holds, as in the output step.
 
-Ill-conditioned ``K_BB`` (the rule, not the exception: a smooth kernel sees the two end nodes of a
-periodic grid almost alike; measured smallest relative singular values 1e-5 to 1e-11 at paper
-sizes): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the largest singular
-value over all frequencies. Directions far above ``lam`` are inverted to rounding, those near or
-below it are damped instead of blowing up; ``T1`` keeps the boundary rows exact either way. The
-smallest relative
-singular value seen is kept in :attr:`Refinement.stats`.
+How it is computed. The layer is a circular convolution on its (padded) grid, so everything
+follows from its symbol ``H`` at the few frequencies where it responds (``spectral``):
 
-Several constrained axes (a 2D cavity): ``T2`` solves each axis's faces from the same residual (a
-block-Jacobi step: a joint solve over the whole frame of faces is a dense system too large to
-factorise at every step); ``T1`` writes the boundary rows of every face, so the decoupling of the
-boundary rows is exact for every axis.
+- ``K_BB`` is block diagonal in the tangential Fourier basis: one ``(S C) x (S C)`` matrix per
+  tangential frequency of the symbol (``S`` = number of constrained sides), Cholesky-factorised
+  in float64;
+- the residual ``v_B - (L v)_B`` needs the layer's output on the faces only: from the box of
+  ``rfftn(v)`` and ``H``, a few small products;
+- T2 is applied to the layer's INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer
+  computes ``A(v') = A(v) + L(E_B delta)`` in its one evaluation; the forward hook writes the
+  rows (T1). No second evaluation of the layer, no extra inverse FFT.
+
+The symbol comes in closed form from the weights when the adapter describes the layer
+(``spectrum=``, a :class:`~constraint_layers.boundary.spectral.SpectralKernel`: neuraloperator's
+``SpectralConv``, dense or factorised, any number of axes, with domain padding): no probing, and
+gradients are exact at every training step (they follow how ``K_BB^+`` depends on the weights,
+which dominates: freezing it changed a directional derivative from 4.00 to -0.023 in the
+boundary-paper study and trained worse). Without a description (``add_refinement`` on another
+shift-invariant layer) the symbol is read from one batched evaluation of the layer on ``C``
+impulses and a zero input, inside the autograd graph while gradients are recorded.
+
+State and caching. The per-call state (grid, faces) lives in a context variable, so threads and
+async tasks calling one wrapper at different resolutions do not share it. Without gradients the
+prepared factorisation is cached and reused only while the weights are equal, by value (any way
+of changing them: an optimizer step, ``p.data.copy_``, ``p.data = t``, ``n_modes``), and never
+across ``torch.inference_mode`` boundaries. ``refresh=k`` (k > 1) reuses a frozen factorisation
+for ``k`` weight changes (approximate gradients, a lagging refinement); ``kernel_grad="detached"``
+recomputes it at every call but as a constant for autograd (the study's "frozen" variant).
+``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
+Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
+wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
+size along an axis other than the last (it applies ``fftshift`` twice); the adapter refuses those.
+
+Ill-conditioned ``K_BB`` (the rule: a smooth kernel sees the two end nodes of a periodic grid
+almost alike): ``K_BB^+ = (K^H K + lam^2 I)^{-1} K^H`` with ``lam = rcond`` times the largest
+Frobenius norm of the per-frequency blocks (``>=`` their largest singular value; differentiable
+without an SVD, whose backward cost more than the layer) (``rcond=0``: the pseudo-inverse).
+Directions far above ``lam`` are inverted to rounding, those near or below it are damped instead
+of blowing up; ``T1`` keeps the boundary rows exact either way. Default ``rcond=1e-5``, from
+``examples/boundary_paper/refine_rcond.py`` (freshly initialised FNO layers, float64, 1D
+Dirichlet N = 64): the refined interior is within 4e-9 / 1e-6 / 1e-3 of exact elimination
+(relative to the size of the exact update) for C = 1 / 4 / 32 channels, where the smallest
+relative singular value of ``K_BB`` is 0.19 / 1e-2 / 1e-3; ``rcond=1e-4`` leaves C = 32 9%
+away, and ``1e-2`` with the former largest-singular-value scale left 0.3% / 45% / 92%. Exact
+elimination moves the interior by 0.05x / 4x / 7x the layer's output norm there: a smaller
+``rcond`` follows the method more closely and amplifies more. Trained accuracy against
+``rcond`` is not measured yet (it needs the reproduction's longer budgets).
+
+Measured limitation of the block-Jacobi step (same script, 2D, Dirichlet on x and Neumann on
+y): it does not reduce the boundary residual that T1 has to overwrite (ratio 1.05 to 12 of the
+residual before T2, C = 1 to 32) and repeated sweeps diverge, while on one axis it removes it
+to rounding. A joint T2 over all faces of both axes (dense, 24 x 24 grid, C = 1 and 4) removes
+it to rounding (ratio 2e-15 / 1e-14 with the pseudo-inverse) and its refined interior differs
+from the block-Jacobi one by 100% / 120% of its update: the joint T2 is the faithful one. It
+is not implemented: its boundary block couples every boundary node of the frame (C times
+2 (M_x + M_y) unknowns: 8064 at 64 x 64, width 32), a dense solve per layer and training step
+far beyond the cost target; a Krylov solve preconditioned by the per-axis factorisations is the
+candidate.
+T1 keeps every layer's boundary rows independent of the interior either way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import GridError
+from .conditions import Periodic
+from .spectral import (
+    SpectralKernel,
+    Symbol,
+    cbmm,
+    symbol_from_kernel,
+    symbol_from_response,
+)
 
-__all__ = ["Refinement", "RefinementContext"]
+__all__ = ["KERNEL_GRADS", "Refinement", "RefinementContext"]
+
+#: The values of ``kernel_grad``.
+KERNEL_GRADS = ("exact", "detached")
+
+_NO_TRACE = (
+    "mode='refine' cannot be traced with torch.jit.trace: the refinement depends on the grid, "
+    "which a trace would freeze (wrong results at other resolutions). Trace the model without "
+    "the wrapper, or use mode='output'."
+)
+
+# id(RefinementContext) -> _Call of the wrapper call in progress (per thread / async task)
+_CALLS: ContextVar[dict[int, _Call]] = ContextVar("constraint_layers_refine_calls")
 
 
-@dataclass
-class RefinementContext:
-    """What the hooks need to know about the current call (set by the wrapper around it)."""
+@dataclass(frozen=True)
+class _Call:
+    """What the refined layers need to know about one wrapper call."""
 
-    active: bool = False
     #: The physical grid shape of the call (the model input's spatial shape).
-    grid: tuple[int, ...] | None = None
-    #: Constrained faces: spatial axis -> sides, in the order of refinement.
-    faces: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    grid: tuple[int, ...]
+    #: Axes with elimination (Dirichlet / Neumann) -> their sides, in order of appearance.
+    eliminate: dict[int, tuple[str, ...]]
+    #: The rows to write, in the order of the conditions: ("pass", axis, sides) for an
+    #: eliminated face, ("average", axis, ()) for a periodic axis.
+    rows: tuple[tuple[str, int, tuple[str, ...]], ...]
+    #: Per refined layer (id of its hook), what its pre-hook left for its forward hook: a stack,
+    #: for layers called more than once in one model call. Private to this call.
+    pending: dict[int, list[dict]] = field(default_factory=dict)
 
 
-class _Probe:
-    """Impulse response of one layer at one grid, dtype and device."""
+def _plan(bcs: Sequence[Any], inputs: Any, call: str) -> _Call:
+    if not isinstance(inputs, Tensor) or inputs.ndim < 3:
+        raise GridError(
+            f"{call}: expected the model input to be a channel-first grid tensor "
+            f"(batch, channels, d1, ..., dn), got "
+            f"{type(inputs).__name__}{tuple(inputs.shape) if isinstance(inputs, Tensor) else ''}."
+        )
+    grid = tuple(inputs.shape[2:])
+    eliminate: dict[int, list[str]] = {}
+    rows = []
+    for bc in bcs:
+        d = bc.axis(len(grid), call)
+        if isinstance(bc, Periodic):
+            rows.append(("average", d, ()))
+            continue
+        sides = eliminate.setdefault(d, [])
+        sides += [s for s in bc.sides if s not in sides]
+        rows.append(("pass", d, tuple(bc.sides)))
+    return _Call(grid, {d: tuple(s) for d, s in eliminate.items()}, tuple(rows))
 
-    def __init__(self, layer: Callable[[Tensor], Tensor], like: Tensor, origin: tuple[int, ...]):
-        """Evaluate ``layer`` (call without gradients) on impulses at ``origin``."""
-        c = like.shape[1]
-        grid = like.shape[2:]
-        batch = torch.zeros((c + 1, c, *grid), dtype=like.dtype, device=like.device)
-        idx = torch.arange(c, device=like.device)
-        batch[(idx, idx, *origin)] = 1.0
-        out = layer(batch)  # shape: (C + 1, C_out, *grid)
-        if out.shape[2:] != grid:
-            raise GridError(
-                "mode='refine': a refined layer must keep its grid (got input grid "
-                f"{tuple(grid)}, output grid {tuple(out.shape[2:])}); layers that resample "
-                "(resolution_scaling_factor, output_shape, UNO scalings) are not supported."
-            )
-        if out.shape[1] != c:
-            raise GridError(
-                "mode='refine': a refined layer must map C channels to C channels (its boundary "
-                f"outputs become its boundary inputs), got {c} -> {out.shape[1]}."
-            )
-        self.response = (
-            out[:c] - out[c:]
-        )  # L(e_ci at origin) = A(e_ci) - A(0): (C_in, C_out, *grid)
-        self.origin = origin
-        self.ops: dict[tuple, Tensor] = {}  # per (axis, face positions): the K_BB solve operator
-        self._box: dict | None = None
 
-    def _spectrum(self) -> dict:
-        """The impulse response in Fourier space, kept on the box of frequencies where the layer
-        responds at all (a spectral convolution keeps a few modes per axis)."""
-        if self._box is None:
-            grid = list(self.response.shape[2:])
-            n = len(grid)
-            dims = list(range(2, 2 + n))
-            spec = torch.fft.rfftn(self.response, dim=dims)  # (C_in, C_out, *freq)
-            rgrid = [*grid[:-1], grid[-1] // 2 + 1]
-            mag = spec.detach().abs()
-            # above the rounding of the probe (FFTs of a float32 layer: about 1e-5 relative)
-            floor = max(1e-6, 1e3 * torch.finfo(self.response.dtype).eps) * float(mag.max())
-            idx = []
-            for d in dims:
-                others = [e for e in range(mag.ndim) if e != d]
-                keep = torch.nonzero(mag.amax(dim=others) > floor).flatten()
-                idx.append(keep)
-                spec = spec.index_select(d, keep)
-            c_in, c_out = spec.shape[:2]
-            # (K, 2 C_in, 2 C_out): the complex product per frequency as one real batched
-            # product, [x_re, x_im] @ [[k_re, k_im], [-k_im, k_re]] = [y_re, y_im]
-            kc = spec.permute(*dims, 0, 1).reshape(-1, c_in, c_out)
-            kmat = torch.cat(
-                [torch.cat([kc.real, kc.imag], -1), torch.cat([-kc.imag, kc.real], -1)], -2
-            ).contiguous()
-            flat = torch.zeros((), dtype=torch.long, device=spec.device)
-            for d, i in enumerate(idx):  # flat positions of the box in the rfftn grid
-                flat = flat.unsqueeze(-1) * rgrid[d] + i
-            real = spec.real.dtype
-            omega = [2 * math.pi * i.to(real) / g for i, g in zip(idx, grid)]
-            self._box = {
-                "idx": idx,
-                "kmat": kmat,
-                "flat": flat.reshape(-1),
-                "omega": omega,
-                "rgrid": rgrid,
-                "box": [len(i) for i in idx],
-            }
-        return self._box
+class RefinementContext:
+    """Switches the refinement of one wrapper on around its own calls.
 
-    def correction(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
-        """The spectrum of ``L(E_B delta)`` on the box, (batch, C_out, K): the layer's response
-        to the face update ``delta`` (batch, C, S, *tangential) placed at positions ``pos`` along
-        ``axis``. A ``C x C`` product per frequency where the layer responds, instead of another
-        evaluation of the layer; :meth:`to_grid` turns (sums of) them into a field.
+    The state of a call is kept in a context variable: each thread (and async task) sees only
+    the calls it is making, so concurrent calls at different resolutions do not interfere.
+    """
+
+    @contextmanager
+    def call(self, bcs: Sequence[Any], inputs: Any, name: str = "refine") -> Iterator[None]:
+        """Refine the hooked layers for the duration of the block.
+
+        Parameters
+        ----------
+        bcs : sequence of BoundaryCondition
+            The conditions, in the order they are applied.
+        inputs : Tensor
+            The model input, shape (batch, channels, d1, ..., dn): gives the physical grid.
+        name : str
+            The caller's name, for error messages.
         """
-        box = self._spectrum()
-        idx, kmat, omega = box["idx"], box["kmat"], box["omega"]
-        grid = list(self.response.shape[2:])
-        n = len(grid)
-        tan = [d for d in range(n) if d != axis]
-        # DFT of the update over the tangential axes, in the layout of rfftn over the full grid,
-        # kept on the box
-        real = kmat.dtype
-        dd = delta.to(real)
-        if tan:
-            tdims = [3 + j for j in range(len(tan))]
-            dd = (torch.fft.rfftn if n - 1 in tan else torch.fft.fftn)(dd, dim=tdims)
-            for j, d in enumerate(tan):
-                dd = dd.index_select(3 + j, idx[d])
-                # the probe's impulse sat at the origin, not at 0, along tangential axes
-                sh = [1] * (dd.ndim - 3 - j - 1)
-                dd = dd * torch.exp(1j * self.origin[d] * omega[d]).reshape(-1, *sh)
-        else:
-            dd = torch.complex(dd, torch.zeros_like(dd))
-        # phases of the face positions along the axis: (S, box_axis)
-        shifts = torch.tensor([p - self.origin[axis] for p in pos], dtype=real)
-        phase = torch.exp(-1j * shifts.to(kmat.device)[:, None] * omega[axis][None, :])
-        x = torch.einsum("bcs...,sk->bck...", dd, phase)  # (B, C, box_axis, *box_tan)
-        x = x.movedim(2, 2 + axis)  # (B, C, *box)
-        b, c = x.shape[:2]
-        x = x.reshape(b, c, -1).permute(2, 0, 1)  # (K, B, C_in)
-        y = torch.bmm(torch.cat([x.real, x.imag], -1), kmat)  # (K, B, 2 C_out)
-        c_out = kmat.shape[-1] // 2
-        y = torch.complex(y[..., :c_out], y[..., c_out:]).permute(1, 2, 0)  # (B, C_out, K)
-        return y
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE)
+        state = _plan(bcs, inputs, name)
+        calls = dict(_CALLS.get({}))
+        calls[id(self)] = state
+        token = _CALLS.set(calls)
+        try:
+            yield
+        finally:
+            _CALLS.reset(token)
 
-    def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
-        """The real field whose spectrum on the box is ``y`` (batch, C_out, K)."""
-        box = self._spectrum()
-        grid = list(self.response.shape[2:])
-        b, c_out = y.shape[:2]
-        full = torch.zeros((b, c_out, math.prod(box["rgrid"])), dtype=y.dtype, device=y.device)
-        full = full.index_copy(2, box["flat"], y).reshape(b, c_out, *box["rgrid"])
-        return torch.fft.irfftn(full, s=grid, dim=list(range(2, 2 + len(grid)))).to(dtype)
+    def current(self) -> _Call | None:
+        """The state of this wrapper's call in progress in this thread, or ``None``."""
+        return _CALLS.get({}).get(id(self))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The symbol and the ``K_BB^+`` operators of one layer at one grid."""
+
+    symbol: Symbol
+    ops: dict[int, tuple[Tensor, ...]]  # axis -> factorised K_BB^+ (Refinement._operator)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A cache entry: replaced as a whole, never mutated (safe to read from any thread)."""
+
+    key: tuple
+    weights: tuple[Tensor, ...]
+    changes: int
+    prepared: _Prepared
+
+
+def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b)
+    )
 
 
 class Refinement:
@@ -196,32 +228,50 @@ class Refinement:
         Shared with the wrapper, which switches it on around its own calls only: the model called
         on its own is not refined.
     rcond : float
-        Relative Tikhonov parameter of the ``K_BB`` solve.
+        Relative Tikhonov parameter of the ``K_BB`` solve (0: pseudo-inverse).
     refresh : int
-        1 (default): exact gradients, the probe is recomputed inside the autograd graph at every
-        call that records gradients. k > 1: the probe is reused, frozen (a constant for
-        autograd), until the weights have changed k times: cheaper training steps with
-        approximate gradients; T1 keeps the boundary rows exact either way.
+        1 (default): without gradients the factorisation is reused while the weights are equal,
+        with gradients it is rebuilt inside the autograd graph at every call (exact gradients).
+        k > 1: a frozen factorisation (a constant for autograd) serves until the weights have
+        changed k times (compared by value), with or without gradients: cheaper training steps,
+        approximate gradients; T1 keeps the rows exact either way.
+    kernel_grad : {"exact", "detached"}
+        ``"detached"``: rebuild at every call but outside the autograd graph (``K_BB^+`` and the
+        coupling are constants for the gradient).
+    spectrum : callable, optional
+        ``spectrum(grid) -> SpectralKernel``: the layer's weights at its retained modes on the
+        given grid (closed form). Default: measure the symbol by evaluating the layer on impulses.
     """
 
-    def __init__(self, context: RefinementContext, rcond: float = 1e-2, refresh: int = 1) -> None:
+    def __init__(
+        self,
+        context: RefinementContext,
+        rcond: float = 1e-5,
+        refresh: int = 1,
+        kernel_grad: str = "exact",
+        spectrum: Callable[[tuple[int, ...]], SpectralKernel] | None = None,
+    ) -> None:
         self.context = context
         self.rcond = rcond
         self.refresh = refresh
-        self._cache: dict | None = None
-        # diagnostics, kept as detached tensors and evaluated only when read (no eigenvalue
-        # solve or host synchronisation on the training path)
-        self._grams: dict[int, tuple[Tensor, Tensor]] = {}
+        self.kernel_grad = kernel_grad
+        self.spectrum = spectrum
+        # key -> entry; the dict is replaced, never mutated, so readers in other threads see a
+        # consistent one (a few grids at most: mixed-resolution inference)
+        self._cache: dict[tuple, _Entry] = {}
+        # diagnostics, kept as detached tensors and evaluated only when read
+        self._grams: dict[int, Tensor] = {}
         self._gap: tuple[Tensor, Tensor] | None = None
 
     @property
     def stats(self) -> dict[int, float]:
         """Smallest singular value of K_BB relative to the largest, per axis, from the last
-        probe (frequencies where the layer does not respond at all left out)."""
+        factorisation (frequencies where the layer does not respond at all left out)."""
         out = {}
-        for axis, (gram, smax2_t) in self._grams.items():
-            smax2 = float(smax2_t)
-            eig = torch.linalg.eigvalsh(gram).clamp_min(0) if smax2 > 0 else None
+        for axis, gram in list(self._grams.items()):
+            eig = torch.linalg.eigvalsh(gram).clamp_min(0)
+            smax2 = float(eig.max())
+            eig = eig if smax2 > 0 else None
             live = None if eig is None else eig[..., -1] > 1e-10 * smax2
             if live is None or not bool(live.any()):
                 out[axis] = 0.0
@@ -232,50 +282,149 @@ class Refinement:
     @property
     def t1_gap(self) -> float:
         """How far the T2 update left the boundary rows from the boundary inputs before T1
-        wrote them in the last call, relative to max |v| (rounding when K_BB is well conditioned
-        and rcond small); NaN before the first call."""
+        wrote them in the last call, relative to max |v_B| (rounding when K_BB is well
+        conditioned and rcond small); NaN before the first call."""
         if self._gap is None:
             return float("nan")
         gap, vmax = self._gap
         return float(gap) / (float(vmax) + 1e-30)
 
-    # -------------------------------------------------------------------------------- probe
-    def _probe(self, module: torch.nn.Module, v: Tensor, origin: tuple[int, ...]) -> _Probe:
-        params = list(module.parameters())
-        recording = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if recording and self.refresh == 1:
-            # training: the probe in the autograd graph, so that gradients follow how K_BB^+
-            # and the impulse response depend on the weights (exact gradients)
-            self._cache = None
-            return _Probe(module.forward, v, origin)
-        key = (tuple(v.shape[1:]), v.dtype, v.device, origin, tuple(id(p) for p in params))
-        versions = tuple(p._version for p in params)
-        cache = self._cache
-        if cache is not None and cache["key"] == key:
-            if versions != cache["versions"]:  # the weights changed (an optimizer step)
-                cache["versions"] = versions
-                cache["changes"] += 1
-            if cache["changes"] < self.refresh:
-                return cache["probe"]
-        with torch.no_grad():
-            probe = _Probe(module.forward, v, origin)
-        self._cache = {"key": key, "versions": versions, "changes": 0, "probe": probe}
-        return probe
-
-    # ---------------------------------------------------------------------------- the hook
-    def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        ctx = self.context
-        if not ctx.active or not ctx.faces:
+    # ---------------------------------------------------------------------- the symbol
+    def _kernel(self, grid: tuple[int, ...], channels: int) -> SpectralKernel | None:
+        if self.spectrum is None:
             return None
-        v = args[0]
+        kernel = self.spectrum(grid)
+        w = kernel.weight
+        if tuple(kernel.grid) != grid:
+            raise GridError(
+                f"mode='refine': the layer's spectral description is for the grid "
+                f"{tuple(kernel.grid)}, but the layer runs on {grid}."
+            )
+        if w.shape[0] != channels or w.shape[1] != channels:
+            raise GridError(
+                "mode='refine': a refined layer must map C channels to C channels (its boundary "
+                f"outputs become its boundary inputs), got {w.shape[0]} -> {w.shape[1]} for an "
+                f"input with {channels} channels."
+            )
+        return kernel
+
+    def _probe(self, module: torch.nn.Module, v: Tensor, origin: tuple[int, ...]) -> Symbol:
+        """The symbol from one batched evaluation on ``C`` impulses at ``origin`` and zero."""
+        c = v.shape[1]
         grid = tuple(v.shape[2:])
-        phys = ctx.grid
-        if tuple(output.shape[2:]) != grid:
+        batch = torch.zeros((c + 1, c, *grid), dtype=v.dtype, device=v.device)
+        idx = torch.arange(c, device=v.device)
+        batch[(idx, idx, *origin)] = 1.0
+        out = module.forward(batch)  # shape: (C + 1, C_out, *grid)
+        if tuple(out.shape[2:]) != grid:
             raise GridError(
                 "mode='refine': a refined layer must keep its grid (got input grid "
-                f"{grid}, output grid {tuple(output.shape[2:])})."
+                f"{grid}, output grid {tuple(out.shape[2:])}); layers that resample "
+                "(resolution_scaling_factor, output_shape, UNO scalings) are not supported."
             )
-        if phys is None or len(phys) != len(grid):
+        if out.shape[1] != c:
+            raise GridError(
+                "mode='refine': a refined layer must map C channels to C channels (its boundary "
+                f"outputs become its boundary inputs), got {c} -> {out.shape[1]}."
+            )
+        response = out[:c] - out[c:]  # L(e_ci at origin): (C_in, C_out, *grid)
+        # above the rounding of the probe (FFTs of a float32 layer: about 1e-5 relative)
+        floor = max(1e-6, 1e3 * torch.finfo(v.dtype).eps)
+        return symbol_from_response(response, origin, floor)
+
+    def _build(
+        self,
+        module: torch.nn.Module,
+        v: Tensor,
+        kernel: SpectralKernel | None,
+        faces: tuple[tuple[int, tuple[int, ...]], ...],
+        pads: tuple[int, ...],
+    ) -> _Prepared:
+        sym = symbol_from_kernel(kernel) if kernel is not None else self._probe(module, v, pads)
+        return _Prepared(sym, {axis: self._operator(sym, axis, pos) for axis, pos in faces})
+
+    def _prepared(
+        self,
+        module: torch.nn.Module,
+        v: Tensor,
+        kernel: SpectralKernel | None,
+        faces: tuple[tuple[int, tuple[int, ...]], ...],
+        pads: tuple[int, ...],
+    ) -> _Prepared:
+        grid = tuple(v.shape[2:])
+        if kernel is not None:
+            weights: tuple[Tensor, ...] = (kernel.weight, *kernel.freqs)
+        else:
+            weights = tuple(module.parameters()) + tuple(module.buffers())
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in weights)
+        if recording and self.kernel_grad == "detached":
+            with torch.no_grad():
+                return self._build(module, v, kernel, faces, pads)
+        if recording and self.refresh == 1:
+            # training: in the autograd graph, so that gradients follow how K_BB^+ and the
+            # coupling depend on the weights (exact gradients)
+            return self._build(module, v, kernel, faces, pads)
+        key = (grid, faces, v.dtype, v.device, torch.is_inference_mode_enabled())
+        entry = self._cache.get(key)
+        if entry is not None:
+            if _same(entry.weights, weights):
+                return entry.prepared
+            if entry.changes + 1 < self.refresh:  # frozen for `refresh` weight changes
+                snap = tuple(t.detach().clone() for t in weights)
+                self._store(_Entry(key, snap, entry.changes + 1, entry.prepared))
+                return entry.prepared
+        with torch.no_grad():
+            snap = tuple(t.detach().clone() for t in weights)
+            prepared = self._build(module, v, kernel, faces, pads)
+        self._store(_Entry(key, snap, 0, prepared))
+        return prepared
+
+    def _store(self, entry: _Entry, size: int = 8) -> None:
+        cache = {k: e for k, e in self._cache.items() if k != entry.key}
+        cache[entry.key] = entry
+        self._cache = dict(list(cache.items())[-size:])
+
+    def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """``K_BB^+`` per tangential frequency, factorised: ``(L, K^H)`` with ``L`` the Cholesky
+        factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128), or ``(pinv,)`` for rcond 0."""
+        k = sym.boundary_block(axis, pos).to(torch.complex128)
+        kh = k.mH.contiguous()
+        gram = cbmm(kh, k)
+        self._grams[axis] = gram.detach()
+        if self.rcond == 0:
+            return (torch.linalg.pinv(k),)
+        # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
+        # (a constant lam would leave a term out of the gradient) and costs no SVD
+        lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
+        eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
+        return (torch.linalg.cholesky(gram + lam2 * eye), kh)
+
+    @staticmethod
+    def _solve(op: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
+        """``K_BB^+ rhs`` per frequency: (T, S C, B) -> (T, S C, B)."""
+        if len(op) == 1:
+            return cbmm(op[0], rhs)
+        chol, kh = op
+        return torch.cholesky_solve(cbmm(kh, rhs), chol)
+
+    # --------------------------------------------------------------------------- the hooks
+    def attach(self, layer: torch.nn.Module) -> list[Any]:
+        """Register the two hooks on ``layer``; returns their handles.
+
+        The pre-hook applies T2 to the layer's input (``v' = v + E_B delta``, so the layer itself
+        computes ``A(v')`` in its one evaluation); the forward hook applies T1 to its output.
+        """
+        return [layer.register_forward_pre_hook(self.before), layer.register_forward_hook(self)]
+
+    def _pads(self, v: Tensor, output_grid: tuple[int, ...] | None, phys: tuple[int, ...]):
+        grid = tuple(v.shape[2:])
+        if output_grid is not None and output_grid != grid:
+            raise GridError(
+                "mode='refine': a refined layer must keep its grid (got input grid "
+                f"{grid}, output grid {output_grid}); layers that resample "
+                "(resolution_scaling_factor, output_shape, UNO scalings) are not supported."
+            )
+        if len(phys) != len(grid):
             raise GridError(
                 f"mode='refine': the layer sees a {len(grid)}-d grid {grid} but the model "
                 f"input's grid is {phys}."
@@ -288,84 +437,112 @@ class Refinement:
                     f"layer's grid {grid} (expected symmetric domain padding)."
                 )
             pads.append((m - n) // 2)
-        probe = self._probe(module, v, tuple(pads))
-        bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
-        lin = output - bias
-        faces = []
-        spectrum = 0
-        for axis, sides in ctx.faces.items():
-            pos = [pads[axis] if s == "low" else pads[axis] + phys[axis] - 1 for s in sides]
-            faces += [(axis, p) for p in pos]
-            op = self._operator(probe, axis, tuple(pos))
-            # T2 per axis from the same residual (several axes: a block-Jacobi step, the same
-            # whatever the order of the conditions); all updates leave in one inverse FFT
-            delta = self._delta(op, v, lin, axis, pos)
-            spectrum = spectrum + probe.correction(delta, axis, pos)  # L(E_B delta)
-        out = output + probe.to_grid(spectrum, output.dtype)
-        # T1: the boundary rows pass the boundary inputs through (plus the bias)
-        with torch.no_grad():
-            gap = torch.stack(
-                [
-                    (out.select(2 + a, p) - v.select(2 + a, p) - bias.select(2 + a, p)).abs().amax()
-                    for a, p in faces
-                ]
-            ).amax()
-            self._gap = (gap, v.abs().amax())
-        for axis, p in faces:
-            out.select(2 + axis, p).copy_(v.select(2 + axis, p) + bias.select(2 + axis, p))
-        return out
-
-    def _operator(self, probe: _Probe, axis: int, pos: tuple[int, ...]) -> Tensor:
-        """``(K^H K + lam^2 I)^{-1} K^H`` per tangential frequency: (*freq, S*C, S*C)."""
-        key = (axis, pos)
-        if key in probe.ops:
-            return probe.ops[key]
-        resp = probe.response  # (C_in, C_out, *grid)
-        a = 2 + axis
-        m = resp.shape[a]
-        c = resp.shape[0]
-        tan = [d for d in range(2, resp.ndim) if d != a]
-        shifts = [-probe.origin[d - 2] for d in tan]
-        s = len(pos)
-        # every slab K(p_out <- p_in) in one gather (one scatter in the backward pass)
-        offsets = [(p_out - p_in + probe.origin[axis]) % m for p_out in pos for p_in in pos]
-        slabs = resp.index_select(a, torch.tensor(offsets, device=resp.device))
-        slabs = slabs.movedim(a, 0).reshape(s, s, c, resp.shape[1], *[resp.shape[d] for d in tan])
-        if shifts:  # tangential offset tau = 0 at index 0
-            slabs = torch.roll(slabs, shifts=shifts, dims=list(range(4, slabs.ndim)))
-        kbb = slabs.to(torch.float64)  # (S_out, S_in, C_in, C_out, *tan)
-        n_tan = len(tan)
-        if n_tan:
-            kbb = torch.fft.rfftn(kbb, dim=list(range(-n_tan, 0)))
-        k = kbb.permute(*range(4, kbb.ndim), 0, 3, 1, 2).reshape(*kbb.shape[4:], s * c, s * c)
-        kh = k.mH
-        gram = kh @ k
-        # lam = rcond * the largest singular value over all frequencies; it follows the weights
-        # (a constant lam would leave a term out of the gradient)
-        smax2_t = torch.linalg.matrix_norm(k, ord=2).amax().square()
-        eye = torch.eye(s * c, dtype=gram.dtype, device=gram.device)
-        op = torch.linalg.solve(gram + (self.rcond**2 * smax2_t) * eye, kh)
-        self._grams[axis] = (gram.detach(), smax2_t.detach())
-        probe.ops[key] = op
-        return op
+        return tuple(pads)
 
     @staticmethod
-    def _delta(op: Tensor, v: Tensor, lin: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
-        """The face update from the residual ``v_B - (L v)_B``: (batch, C, S, *tangential)."""
-        a = 2 + axis
-        r = torch.stack([v.select(a, p) - lin.select(a, p) for p in pos], dim=2)
-        r = r.to(torch.float64)  # (batch, C, S, *tan)
-        n_tan = r.ndim - 3
-        fdims = list(range(-n_tan, 0))
-        tan_sizes = list(r.shape[3:])
-        if n_tan:
-            r = torch.fft.rfftn(r, dim=fdims)
-        b, c, s = r.shape[:3]
-        freq = r.shape[3:]
-        vec = r.permute(*range(3, r.ndim), 2, 1, 0).reshape(-1, s * c, b)  # (F, S*C, B)
-        d = (op.reshape(-1, s * c, s * c) @ vec).reshape(*freq, s, c, b)
-        nd = d.ndim
-        d = d.permute(nd - 1, nd - 2, nd - 3, *range(nd - 3))  # (batch, C, S, *freq)
-        if n_tan:
-            d = torch.fft.irfftn(d, s=tan_sizes, dim=fdims)
-        return d.to(v.dtype)
+    def _position(pads: tuple[int, ...], phys: tuple[int, ...], axis: int, side: str) -> int:
+        return pads[axis] if side == "low" else pads[axis] + phys[axis] - 1
+
+    def before(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook: T2, the update of the boundary inputs of every eliminated face."""
+        call = self.context.current()
+        if call is None or not call.rows:
+            return None
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE)
+        v = args[0]
+        if not isinstance(v, Tensor) or v.ndim < 3:
+            raise GridError(
+                "mode='refine': a refined layer must take a channel-first grid tensor "
+                f"(batch, channels, d1, ..., dn), got {type(v).__name__}."
+            )
+        phys = call.grid
+        pads = self._pads(v, None, phys)
+        faces = tuple(
+            (axis, tuple(self._position(pads, phys, axis, s) for s in sides))
+            for axis, sides in call.eliminate.items()
+        )
+        entry: dict[str, Any] = {"v": v, "pads": pads, "faces": faces, "bias": None}
+        call.pending.setdefault(id(self), []).append(entry)
+        if not faces:  # periodic only: no elimination
+            return None
+        grid = tuple(v.shape[2:])
+        c = v.shape[1]
+        kernel = self._kernel(grid, c)
+        prep = self._prepared(module, v, kernel, faces, pads)
+        if kernel is not None:
+            bias = (
+                torch.zeros((1, c, *grid), dtype=v.dtype, device=v.device)
+                if kernel.bias is None
+                else torch.broadcast_to(kernel.bias.to(v.dtype), (1, c, *grid))
+            )
+        else:
+            bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
+        entry["bias"] = bias
+        return (self._update(prep, v, faces), *args[1:])
+
+    def _update(self, prep: _Prepared, v: Tensor, faces, target: Tensor | None = None) -> Tensor:
+        """``v' = v + E_B delta``, ``delta = K_BB^+ (t_B - (L v)_B)`` per axis from the same
+        ``v`` (block Jacobi over axes; ``t`` = ``target``, default ``v``); ``(L v)_B`` from the
+        symbol, not from the layer."""
+        target = v if target is None else target
+        sym = prep.symbol
+        y = sym.respond(sym.box_spectrum(v)).to(torch.complex128)  # spectrum of L v on the box
+        out = v.clone()  # ours: updated in place below (one copy for every axis)
+        c = v.shape[1]
+        for axis, pos in faces:
+            a = 2 + axis
+            idx = torch.tensor(pos, device=v.device)
+            vb = target.index_select(a, idx).movedim(a, 2).to(torch.float64)  # (B, C, S, *tan)
+            r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
+            b, _, s, t = r.shape
+            vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
+            d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
+            d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
+            out.index_add_(a, idx, d.movedim(2, a))
+        return out
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Forward hook: T1, the rows of every condition in order."""
+        call = self.context.current()
+        if call is None or not call.rows:
+            return None
+        stack = call.pending.get(id(self))
+        if not stack:
+            raise GridError(
+                "mode='refine': the refined layer's forward hook ran without its pre-hook; "
+                "attach the refinement with Refinement.attach(layer)."
+            )
+        entry = stack.pop()
+        v, pads, faces, bias = entry["v"], entry["pads"], entry["faces"], entry["bias"]
+        phys = call.grid
+        self._pads(v, tuple(output.shape[2:]), phys)
+        out = output
+        if faces:
+            with torch.no_grad():  # diagnostics on the faces only (read lazily by t1_gap)
+                gaps, vmax = [], []
+                for a, pos in faces:
+                    idx = torch.tensor(pos, device=v.device)
+                    vb = v.index_select(2 + a, idx)
+                    ob = out.index_select(2 + a, idx) - bias.index_select(2 + a, idx)
+                    gaps.append((ob - vb).abs().amax())
+                    vmax.append(vb.abs().amax())
+                self._gap = (torch.stack(gaps).amax(), torch.stack(vmax).amax())
+        # T1, in the order of the conditions. A layer described by `spectrum` (a spectral
+        # convolution) returns a fresh tensor that nothing else holds: its rows are written in
+        # place (autograd still checks the versions); any other layer's output is left alone.
+        inplace = self.spectrum is not None
+        for kind, axis, sides in call.rows:
+            a = 2 + axis
+            if kind == "average":
+                ends = [self._position(pads, phys, axis, s) for s in ("low", "high")]
+                idx = torch.tensor(ends, device=out.device)
+                rows = out.index_select(a, idx)
+                rows = rows.mean(dim=a, keepdim=True).expand_as(rows)
+            else:
+                pos = [self._position(pads, phys, axis, side) for side in sides]
+                idx = torch.tensor(pos, device=out.device)
+                rows = v.index_select(a, idx) + bias.index_select(a, idx)
+                rows = rows.expand(*out.shape[:a], len(pos), *out.shape[a + 1 :])
+            out = out.index_copy_(a, idx, rows) if inplace else out.index_copy(a, idx, rows)
+        return out

@@ -36,7 +36,7 @@ SIZES = {
             "batch": 16,
         },
         "full": {"n_train": 1000, "n_test": 200, "resolution": 128, "epochs": 500, "batch": 20},
-        "smoke": {"resolution": 17, "frames": 6},
+        "smoke": {"resolution": 16, "frames": 6},
     },
     "dirichlet": {
         "quick": {"n_train": 100, "n_test": 50, "resolution": 128, "epochs": 25, "batch": 20},

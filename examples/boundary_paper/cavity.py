@@ -30,14 +30,14 @@ SIZES = {
     "quick": {
         "n_train": 24,
         "n_test": 12,
-        "resolution": 13,
+        "resolution": 12,
         "refine": 2,
         "frames": 8,
         "epochs": 6,
         "batch": 4,
     },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 50, "epochs": 500, "batch": 20},
-    "smoke": {"resolution": 9, "refine": 1, "frames": 4},
+    "smoke": {"resolution": 8, "refine": 1, "frames": 4},
 }
 
 WALLS = [

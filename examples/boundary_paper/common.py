@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scalar_pivot import attach_scalar_pivots
 
 MODELS = ("fno", "output", "refine", "scalar_pivot")
-#: ``refine_frozen``: the refinement with its impulse probe frozen (a constant for autograd, as
-#: the library first did); studied in ``refine_gradients.py``, not a default model.
+#: ``refine_frozen``: the refinement with its boundary block frozen (a constant for autograd:
+#: ``kernel_grad="detached"``, as the library first did); studied in ``refine_gradients.py``,
+#: not a default model.
 ALL_MODELS = (*MODELS, "refine_frozen")
 LABELS = {
     "fno": "FNO",
@@ -242,23 +242,10 @@ def build_model(kind: str, task: Task, seed: int) -> tuple[nn.Module, Any]:
         hooks = attach_scalar_pivots(fno, task.bcs)
         return cl.wrap(fno, *task.bcs, spacing=task.spacing), hooks
     if kind == "refine_frozen":
-        model = cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine")
-        for hook in model.refinements:
-            hook._probe = types.MethodType(_probe_frozen, hook)
+        # the boundary block recomputed at every call but a constant for autograd
+        model = cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine", kernel_grad="detached")
         return model, None
     raise ValueError(f"build_model: unknown model kind {kind!r}; expected one of {ALL_MODELS}.")
-
-
-def _probe_frozen(self, module: nn.Module, v: Tensor, origin: tuple[int, ...]):
-    """Replacement of ``Refinement._probe`` (per hook object): the impulse probe recomputed at
-    every call but WITHOUT gradients, so backpropagation treats ``K_BB^+`` and the impulse
-    response as constants (the library's first behaviour, kept for this study).
-
-    Uses the library's private ``_Probe``: a study device, not an API."""
-    from constraint_layers.boundary.refine import _Probe
-
-    with torch.no_grad():
-        return _Probe(module.forward, v, origin)
 
 
 def _sync(device: torch.device) -> None:

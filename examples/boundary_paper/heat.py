@@ -40,7 +40,7 @@ SIZES = {
             "batch": 16,
         },
         "full": {"n_train": 1000, "n_test": 200, "resolution": 1024, "epochs": 500, "batch": 20},
-        "smoke": {"resolution": 33, "frames": 6},
+        "smoke": {"resolution": 32, "frames": 6},
     },
 }
 

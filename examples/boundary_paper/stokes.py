@@ -34,7 +34,7 @@ SIZES = {
         "batch": 16,
     },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 500, "epochs": 500, "batch": 20},
-    "smoke": {"resolution": 17, "frames": 6},
+    "smoke": {"resolution": 16, "frames": 6},
 }
 
 

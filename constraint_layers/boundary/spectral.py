@@ -1,0 +1,398 @@
+"""The symbol of a shift-invariant layer on a grid, and the boundary blocks it implies (private).
+
+A layer whose linear part is a circular convolution on its (padded) grid of shape ``M`` is fully
+described by its symbol ``H(k)``, one ``C_in x C_out`` matrix per frequency ``k``:
+``L(x) = IDFT(H . DFT(x))``. The kernel refinement needs two things from it (see ``refine``):
+
+- the block ``K_BB`` from the boundary nodes of one axis to themselves. The faces of axis ``a``
+  are coupled along the tangential axes by a convolution, so in the tangential Fourier basis
+  ``K_BB`` is block diagonal: one ``(S C) x (S C)`` matrix per tangential frequency ``xi``
+  (``S`` faces),
+  ``K_BB(xi)[s', s] = 1/M_a sum_{k_a} H(k_a, xi) exp(2 pi i k_a (p_s' - p_s) / M_a)``;
+- the layer's response ``L(E_B delta)`` to an update ``delta`` supported on the faces, whose DFT is
+  ``H(k) sum_s delta_s(xi) exp(-2 pi i k_a p_s / M_a)``.
+
+Both need ``H`` only where it is non-zero. A spectral convolution keeps a few modes per axis, so
+its symbol lives on a small box of frequencies and everything above costs a few small products,
+independent of the grid size, plus one inverse FFT for the response.
+
+Where the symbol comes from:
+
+- :func:`symbol_from_kernel`: closed form, from a :class:`SpectralKernel` (the weights at the
+  retained modes of a layer ``y = irfftn(W . rfftn(x)) + bias``, e.g. neuraloperator's
+  ``SpectralConv``), differentiably in the weights, without evaluating the layer;
+- :func:`symbol_from_response`: from the layer's measured response to impulses (any
+  shift-invariant layer; the generic path).
+
+Conventions: ``Symbol.h`` is the half spectrum of ``torch.fft.rfftn`` (last axis ``0..M//2``) on
+a box of frequencies given per axis as indices into the ``rfftn`` grid; along every axis but the
+last the box is closed under negation (``k`` and ``-k mod M``), so the full spectrum follows from
+Hermitian symmetry ``H(-k) = conj(H(k))`` (the layer maps real fields to real fields).
+``torch.fft.irfftn`` reads only the real part of a spectrum on the planes ``k_last = 0`` and
+``k_last = M_last / 2``; a layer ``irfftn(W . rfftn(x))`` therefore has the symbol ``W`` off those
+planes and ``(W(k) + conj(W(-k))) / 2`` on them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import GridError
+
+__all__ = ["SpectralKernel", "Symbol", "cbmm", "symbol_from_kernel", "symbol_from_response"]
+
+
+@dataclass(frozen=True)
+class SpectralKernel:
+    """A layer ``y = irfftn(W . rfftn(x), s=grid) + bias`` described by its retained modes.
+
+    ``(W . X)[b, o, k] = sum_i W[i, o, k] X[b, i, k]`` on the modes ``k`` of the product grid
+    ``freqs[0] x ... x freqs[-1]``; every other frequency of the output is zero. The FFT
+    normalisation does not matter as long as the forward and inverse transforms use the same one
+    (their product is ``1 / prod(grid)`` for every ``norm``).
+
+    Attributes
+    ----------
+    weight : Tensor
+        shape: (C_in, C_out, *modes), complex. Differentiable in the layer's parameters.
+    freqs : tuple of Tensor
+        One int64 tensor per grid axis, shape (modes[d],): the indices of the retained modes in
+        the ``rfftn`` grid (``0..M_d - 1`` along every axis but the last, ``0..M_last // 2`` along
+        the last), without repeats.
+    grid : tuple of int
+        The grid ``M`` the layer runs on (its input's spatial shape).
+    bias : Tensor or None
+        ``A(0)``: shape broadcastable to (1, C_out, *grid), real; ``None`` for no bias.
+    """
+
+    weight: Tensor
+    freqs: tuple[Tensor, ...]
+    grid: tuple[int, ...]
+    bias: Tensor | None = None
+
+
+@dataclass
+class Symbol:
+    """The symbol ``H`` of a real shift-invariant layer on a box of frequencies.
+
+    Attributes
+    ----------
+    h : Tensor
+        shape: (C_in, C_out, *box), complex; the half spectrum (``rfftn`` layout) on the box.
+    idx : tuple of Tensor
+        Per axis, int64 indices of the box in the ``rfftn`` grid; closed under negation modulo
+        ``M_d`` along every axis but the last.
+    grid : tuple of int
+        The grid ``M``.
+    """
+
+    h: Tensor
+    idx: tuple[Tensor, ...]
+    grid: tuple[int, ...]
+
+    # ------------------------------------------------------------------------------- helpers
+    def _negation(self, d: int) -> Tensor:
+        """Positions in ``idx[d]`` of ``-idx[d] mod M_d`` (axis ``d`` not the last)."""
+        i = self.idx[d]
+        neg = (-i) % self.grid[d]
+        where = (neg[:, None] == i[None, :]).nonzero()
+        if where.shape[0] != i.shape[0]:  # guarded by the constructors
+            raise GridError("Symbol: the frequency box is not closed under negation.")
+        return where[:, 1]
+
+    def _synthesise(self, t: Tensor, axis: int, q: Tensor) -> Tensor:
+        """``1/M_a sum_k t(k, xi) exp(2 pi i k q / M_a)`` over ALL frequencies ``k`` along
+        ``axis`` (the inverse DFT along ``axis`` at the positions ``q``), for ``t`` of layout
+        (a, b, *box), the half spectrum of something real. Returns (a, b, T, len(q)).
+
+        Along the last axis the negative frequencies are not stored: their terms are
+        ``conj(Q(-xi))`` with ``Q`` the same sum over the mirrored frequencies, computed on the
+        stored ones (no copy of ``t``)."""
+        m = self.grid[axis]
+        k = self.idx[axis]
+        t = t.movedim(2 + axis, -1)
+        t = t.flatten(2, -2) if t.ndim > 3 else t.unsqueeze(2)  # (a, b, T, K)
+        ang = (2 * math.pi / m) * k.to(torch.float64)[:, None] * q.to(torch.float64)[None, :]
+        phase = (torch.exp(1j * ang) / m).to(t.dtype)  # (K, Q)
+        out = _mm_last(t, phase)
+        if axis != len(self.grid) - 1:
+            return out
+        mask = (k > 0) & (2 * k != m)
+        mirror = _mm_last(t, phase * mask[:, None].to(phase.dtype))  # Q(xi)
+        return out + mirror.index_select(2, self._tangential_negation()).conj()
+
+    def _tangential_negation(self) -> Tensor:
+        """Flat positions of ``-xi`` over the boxes of every axis but the last (the tangential
+        frequencies of the last axis, in :meth:`tangential`'s layout)."""
+        flat = torch.zeros((), dtype=torch.long, device=self.h.device)
+        for d in range(len(self.grid) - 1):
+            flat = flat.unsqueeze(-1) * len(self.idx[d]) + self._negation(d)
+        return flat.reshape(-1)
+
+    def box_spectrum(self, v: Tensor) -> Tensor:
+        """``rfftn(v)`` on the box only, by products with the DFT matrices of the box (the box
+        is a few modes per axis: cheaper than full FFTs, forward and backward).
+
+        ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
+        """
+        n = len(self.grid)
+        cos, sin = self._dft(n - 1, v.dtype, v.device)
+        k = cos.shape[1]
+        f = _mm_last(v, torch.cat([cos, -sin], 1))  # one pass over v: (B, C, *grid[:-1], 2 K)
+        f = torch.complex(f[..., :k], f[..., k:])  # (B, C, *grid[:-1], K_last)
+        for d in range(n - 1):
+            c, s = self._dft(d, f.real.dtype, v.device)
+            f = _mm_last(f.movedim(2 + d, -1), torch.complex(c, -s)).movedim(-1, 2 + d)
+        return f
+
+    def _dft(self, d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``cos`` and ``sin`` of ``2 pi n k / M_d``: (M_d, K_d) each, for the box's ``k``."""
+        m = self.grid[d]
+        nk = torch.outer(
+            torch.arange(m, device=device, dtype=torch.float64),
+            self.idx[d].to(device=device, dtype=torch.float64),
+        )
+        ang = (2 * math.pi / m) * torch.remainder(nk, m)
+        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+    def face_values(self, y: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
+        """The tangential DFT (layout of :meth:`tangential`) of the real field whose spectrum
+        is ``y`` on the box and 0 elsewhere, at the positions ``pos`` along ``axis``.
+
+        ``y``: shape (B, C, *box), complex. Returns shape (B, C, S, T), complex.
+        """
+        q = torch.tensor(list(pos), device=y.device)
+        return self._synthesise(y, axis, q).transpose(2, 3)  # (B, C, S, T)
+
+    def untangential(self, d: Tensor, axis: int) -> Tensor:
+        """Inverse of :meth:`tangential` for face data supported on the box.
+
+        ``d``: shape (B, C, S, T), complex. Returns shape (B, C, S, *tan), real.
+        """
+        n = len(self.grid)
+        tan = [j for j in range(n) if j != axis]
+        if not tan:
+            return d[..., 0].real
+        sizes = [self.grid[j] for j in tan]
+        half = axis != n - 1  # rfftn layout over the tangential axes
+        spec = [*sizes[:-1], sizes[-1] // 2 + 1] if half else sizes
+        flat = torch.zeros((), dtype=torch.long, device=d.device)
+        for j, size in zip(tan, spec):
+            flat = flat.unsqueeze(-1) * size + self.idx[j]
+        b, c, s = d.shape[:3]
+        full = torch.zeros((b, c, s, math.prod(spec)), dtype=d.dtype, device=d.device)
+        full = full.index_copy(3, flat.reshape(-1), d).reshape(b, c, s, *spec)
+        dims = list(range(3, 3 + len(tan)))
+        if half:
+            return torch.fft.irfftn(full, s=sizes, dim=dims)
+        return torch.fft.ifftn(full, dim=dims).real
+
+    def tangential(self, r: Tensor, axis: int) -> Tensor:
+        """The tangential DFT of face data on the box: (B, C, S, *tan) -> (B, C, S, T) complex.
+
+        ``rfftn`` over the tangential axes when the grid's last axis is among them (the box's
+        layout), ``fftn`` otherwise.
+        """
+        n = len(self.grid)
+        tan = [d for d in range(n) if d != axis]
+        if not tan:
+            return r.to(_complex(r.dtype)).unsqueeze(-1)
+        dims = [3 + j for j in range(len(tan))]
+        f = (torch.fft.rfftn if axis != n - 1 else torch.fft.fftn)(r, dim=dims)
+        for j, d in enumerate(tan):
+            f = f.index_select(3 + j, self.idx[d])
+        return f.flatten(3)
+
+    # ------------------------------------------------------------------------- the two uses
+    def boundary_block(self, axis: int, pos: Sequence[int]) -> Tensor:
+        """``K_BB`` of the faces at ``pos`` along ``axis``, per tangential frequency of the box.
+
+        Returns
+        -------
+        Tensor
+            shape: (T, S C_out, S C_in), complex; rows and columns ordered (face, channel); ``T``
+            the number of tangential frequencies of the box (1 in 1D).
+        """
+        p = torch.tensor(list(pos), device=self.h.device)
+        diff = (p[:, None] - p[None, :]).reshape(-1)  # (S_out S_in,)
+        kbb = self._synthesise(self.h, axis, diff)  # (C_in, C_out, T, S_out S_in)
+        s, c_in, c_out, t = len(pos), kbb.shape[0], kbb.shape[1], kbb.shape[2]
+        kbb = kbb.reshape(c_in, c_out, t, s, s).permute(2, 3, 1, 4, 0)  # (T, S_out, o, S_in, i)
+        return kbb.reshape(t, s * c_out, s * c_in)
+
+    def face_spectrum(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
+        """The DFT on the box of the field that holds ``delta`` on the faces and 0 elsewhere.
+
+        Parameters
+        ----------
+        delta : Tensor
+            shape: (B, C, S, T), complex: the face data in the tangential Fourier basis of
+            :meth:`tangential`.
+
+        Returns
+        -------
+        Tensor
+            shape: (B, C, *box), complex.
+        """
+        n = len(self.grid)
+        m = self.grid[axis]
+        k = self.idx[axis].to(torch.float64)
+        p = torch.tensor(list(pos), dtype=torch.float64, device=delta.device)
+        phase = torch.exp(-2j * math.pi * p[:, None] * k[None, :] / m).to(delta.dtype)  # (S, K)
+        x = torch.einsum("bcst,sk->bckt", delta, phase)
+        tan = [len(self.idx[d]) for d in range(n) if d != axis]
+        x = x.reshape(*x.shape[:3], *tan)
+        return x.movedim(2, 2 + axis)
+
+    def respond(self, x: Tensor) -> Tensor:
+        """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box)."""
+        h = self.h.to(x.dtype)
+        b = x.shape[0]
+        c_out = h.shape[1]
+        y = cbmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
+        return y.permute(1, 2, 0).reshape(b, c_out, *x.shape[2:])
+
+    def dense(self) -> Tensor:
+        """The symbol on the whole ``rfftn`` grid (zeros off the box): (C_in, C_out, *rgrid)."""
+        c_in, c_out = self.h.shape[:2]
+        return self._scatter(self.h.reshape(1, c_in * c_out, *self.h.shape[2:])).reshape(
+            c_in, c_out, *self._rgrid()
+        )
+
+    def _rgrid(self) -> list[int]:
+        return [*self.grid[:-1], self.grid[-1] // 2 + 1]
+
+    def _scatter(self, y: Tensor) -> Tensor:
+        """(B, C, *box) -> (B, C, *rgrid), zeros off the box."""
+        rgrid = self._rgrid()
+        flat = torch.zeros((), dtype=torch.long, device=y.device)
+        for d, i in enumerate(self.idx):
+            flat = flat.unsqueeze(-1) * rgrid[d] + i
+        b, c = y.shape[:2]
+        full = torch.zeros((b, c, math.prod(rgrid)), dtype=y.dtype, device=y.device)
+        full = full.index_copy(2, flat.reshape(-1), y.reshape(b, c, -1))
+        return full.reshape(b, c, *rgrid)
+
+    def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """The real field whose spectrum is ``y`` on the box and 0 elsewhere.
+
+        ``y``: shape (B, C, *box), complex. Returns shape (B, C, *grid) in ``dtype``.
+        """
+        n = len(self.grid)
+        full = self._scatter(y)
+        return torch.fft.irfftn(full, s=self.grid, dim=list(range(2, 2 + n))).to(dtype)
+
+
+def _mm_last(x: Tensor, mat: Tensor) -> Tensor:
+    """``x @ mat`` over the last axis as ONE matrix product (forward and backward): (..., M) @
+    (M, K) -> (..., K). ``matmul`` on a non-contiguous ``x`` falls back to a batched product
+    that PyTorch's CPU backend runs matrix by matrix for complex tensors."""
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ mat).reshape(*lead, mat.shape[-1])
+
+
+def cbmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched complex product ``a @ b`` as one real product: (K, m, n) @ (K, n, p).
+
+    ``[[a_r, -a_i], [a_i, a_r]] @ [b_r; b_i] = [y_r; y_i]``, with contiguous operands forward and
+    backward: PyTorch's CPU ``bmm`` runs matrix by matrix (a copy each) on complex or strided
+    operands, which cost more than the whole layer here.
+    """
+    if a.shape[0] <= 32:  # few matrices: the per-matrix loop is cheaper than the copies below
+        return a @ b
+    ar, ai, br, bi = a.real, a.imag, b.real, b.imag
+    big = torch.cat([torch.cat([ar, -ai], -1), torch.cat([ai, ar], -1)], -2)  # (K, 2m, 2n)
+    y = torch.bmm(big, torch.cat([br, bi], -2))  # (K, 2m, p)
+    m = a.shape[-2]
+    return torch.complex(y[:, :m], y[:, m:])
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _closed_under_negation(i: Tensor, m: int) -> Tensor:
+    return torch.unique(torch.cat([i % m, (-i) % m]))
+
+
+def symbol_from_kernel(kernel: SpectralKernel) -> Symbol:
+    """The symbol of ``irfftn(W . rfftn(x))`` in closed form (differentiable in ``W``).
+
+    Off the planes ``k_last in {0, M_last / 2}`` the symbol is ``W``; on them ``irfftn`` keeps
+    only the Hermitian part, ``(W(k) + conj(W(-k))) / 2``, which is why the box is closed under
+    negation along every axis but the last.
+    """
+    w, grid = kernel.weight, tuple(kernel.grid)
+    n = len(grid)
+    if w.ndim != 2 + n or len(kernel.freqs) != n:
+        raise GridError(
+            f"SpectralKernel: a weight of shape {tuple(w.shape)} with {len(kernel.freqs)} "
+            f"frequency lists does not describe a layer on the {n}-d grid {grid}; expected "
+            "(C_in, C_out, *modes) and one list per axis."
+        )
+    idx = []
+    h = w
+    for d in range(n):
+        f = kernel.freqs[d].to(device=w.device, dtype=torch.long)
+        if f.shape[0] != w.shape[2 + d]:
+            raise GridError(
+                f"SpectralKernel: axis {d} has {f.shape[0]} frequencies for "
+                f"{w.shape[2 + d]} weight modes."
+            )
+        if d == n - 1:
+            idx.append(f)
+            continue
+        u = _closed_under_negation(f, grid[d])
+        where = (f[:, None] % grid[d] == u[None, :]).nonzero()[:, 1]
+        shape = list(h.shape)
+        shape[2 + d] = u.shape[0]
+        h = torch.zeros(shape, dtype=h.dtype, device=h.device).index_copy(2 + d, where, h)
+        idx.append(u)
+    sym = Symbol(h, tuple(idx), grid)
+    last = idx[-1]
+    planes = ((last == 0) | (2 * last == grid[-1])).nonzero().flatten()
+    if planes.numel():  # only these planes: irfftn keeps the Hermitian part there
+        hp = h.index_select(h.ndim - 1, planes)
+        hn = hp.conj()
+        for d in range(n - 1):
+            hn = hn.index_select(2 + d, sym._negation(d))
+        sym.h = h.index_copy(h.ndim - 1, planes, 0.5 * (hp + hn))
+    return sym
+
+
+def symbol_from_response(response: Tensor, origin: Sequence[int], floor: float) -> Symbol:
+    """The symbol of a layer from its impulse responses (the generic path).
+
+    Parameters
+    ----------
+    response : Tensor
+        shape: (C_in, C_out, *grid), real: ``L(e_i at origin)`` for every input channel ``i``.
+    origin : sequence of int
+        Where the impulses sat.
+    floor : float
+        Frequencies where ``|H|`` stays below ``floor`` (relative to its maximum) along a whole
+        hyperplane are left out of the box (the layer does not respond there).
+    """
+    grid = tuple(response.shape[2:])
+    n = len(grid)
+    dims = list(range(2, 2 + n))
+    h = torch.fft.rfftn(torch.roll(response, [-int(o) for o in origin], dims), dim=dims)
+    mag = h.detach().abs()
+    cut = floor * float(mag.max())
+    idx = []
+    for d in dims:
+        others = [e for e in range(mag.ndim) if e != d]
+        keep = torch.nonzero(mag.amax(dim=others) > cut).flatten()
+        if d - 2 != n - 1:
+            keep = _closed_under_negation(keep, grid[d - 2])
+        if keep.numel() == 0:
+            keep = torch.zeros(1, dtype=torch.long, device=h.device)
+        idx.append(keep)
+        h = h.index_select(d, keep)
+        mag = mag.index_select(d, keep)
+    return Symbol(h, tuple(idx), grid)
