@@ -1,7 +1,7 @@
 """Speed of the boundary layer (output step, kernel refinement): wrapped over plain model.
 
     .venv/bin/python tests/benchmarks/bench_boundary.py [--repeats 15] [--device cpu]
-        [--modes output,refine,refine/10] [--cases 1D,64x64] [--threads 1]
+        [--modes output,joint,refine,refine/10] [--cases 1D,64x64] [--threads 1]
 
 Prints one row per (model, mode, pass): median time of the plain FNO, of the wrapped FNO, and
 their ratio. Passes: forward (no grad: inference), forward+backward (weights unchanged between
@@ -49,7 +49,10 @@ CASES = {
 }
 
 
-MODES = ("output", "refine", "refine/10")  # refine/10: mode="refine", refresh=10
+#: refine/10: mode="refine", refresh=10; joint: the output step with the total conserved too
+#: (boundary and conservation in one wrap)
+MODES = ("output", "joint", "refine", "refine/10")
+_TOTAL = cl.Conservation.integral(0.0, dim=0)
 
 
 def _sync(device):
@@ -76,7 +79,10 @@ def run(
         torch.manual_seed(0)
         plain = make().to(device)
         kind, _, every = mode.partition("/")
-        wrapped = cl.wrap(plain, *bcs, mode=kind, **({"refresh": int(every)} if every else {}))
+        extra = [_TOTAL] if kind == "joint" else []  # one row per frame of the other axes
+        kind = "output" if kind == "joint" else kind
+        opts = {"refresh": int(every)} if every else {}
+        wrapped = cl.wrap(plain, *bcs, *extra, mode=kind, **opts)
         x = torch.randn(shape, device=device)
 
         def fwd(m, x=x):
