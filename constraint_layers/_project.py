@@ -40,6 +40,7 @@ from torch import Tensor
 from ._grid import resolve_spacing
 from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
 from .conservation.conserve import conserve
+from .conservation.constraint import Conservation
 from .conservation.enforce import enforce_conservation, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import IncompatibleConstraintsError
@@ -118,6 +119,18 @@ def independent_rows(
             tuple(which),
         )
     return G[k], b[:, k]
+
+
+def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[Any]:
+    """Exact conservation rows without the ones that follow from the others (their values must
+    agree: else :class:`IncompatibleConstraintsError` names them), as for joint rows."""
+    shape = grid_view(mean, k, grid_shape, call)
+    rows = [c.rows(shape, inputs=inputs) for c in con]
+    G, b = _stack(rows, shape[0], math.prod(shape[1:]))
+    if G.ndim != 2:  # per-sample rows: left to the solver
+        return con
+    Gk, bk = independent_rows(G, b, _labels(con, [r.num_rows for r in rows]), call)
+    return con if Gk.shape[0] == G.shape[0] else [Conservation(Gk, bk)]
 
 
 def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
@@ -209,6 +222,8 @@ def project(
     k = pred.event_ndim
     mean = pred.mean
     if not bnd:
+        if len(con) > 1 and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
+            con = _without_dependent_rows(con, mean, k, grid_shape, inputs, call)
         if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
             shape = grid_view(mean, k, grid_shape, call)
             counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
@@ -242,6 +257,7 @@ def project(
         if con:
             z = _joint_deterministic(u, z, bplan, rhs, con, shape, inputs, call)
         return Gaussian(z.reshape(mean.shape), event_ndim=k)
+    plan(shape, bnd, hs, lift, grid.endpoint, call)  # one condition per face (cached; checks)
     return _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call)
 
 
