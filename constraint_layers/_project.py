@@ -51,6 +51,9 @@ __all__ = ["dense_projection", "project", "split_families"]
 F64 = torch.float64
 #: A squared pivot below this fraction of its row's norm: the row depends on the ones before it.
 DEPENDENT_RTOL = 1e-10
+#: The same for rows dependent to rounding (conservation alone: nearer rows keep today's path,
+#: conditioned with a :class:`~constraint_layers.errors.ConditioningWarning`).
+EXACT_RTOL = 1e-20
 #: Relative disagreement of right-hand sides beyond which dependent rows are incompatible.
 CONSISTENT_RTOL = 1e-8
 
@@ -74,7 +77,7 @@ def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
 
 
 def independent_rows(
-    G: Tensor, b: Tensor, labels: Sequence[str], call: str
+    G: Tensor, b: Tensor, labels: Sequence[str], call: str, rtol: float = DEPENDENT_RTOL
 ) -> tuple[Tensor, Tensor]:
     """Drop rows of ``G u = b`` that depend on earlier ones, after checking that their
     right-hand sides agree (else raise, naming them).
@@ -85,7 +88,7 @@ def independent_rows(
     gram = G @ G.mT
     norms = gram.diagonal().clamp_min(torch.finfo(F64).tiny)
     L, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0 and bool((L.diagonal().square() > DEPENDENT_RTOL * norms).all()):
+    if int(info) == 0 and bool((L.diagonal().square() > rtol * norms).all()):
         return G, b
     keep: list[int] = []
     for i in range(G.shape[0]):  # greedy: a row is kept if it adds a direction
@@ -96,7 +99,7 @@ def independent_rows(
         k = torch.tensor(keep)
         x = torch.linalg.lstsq(gram[k][:, k], gram[k, i].unsqueeze(-1)).solution
         rest = float(gram[i, i] - (gram[i, k] @ x.squeeze(-1)))
-        if rest > DEPENDENT_RTOL * float(norms[i]):
+        if rest > rtol * float(norms[i]):
             keep.append(i)
     dropped = [i for i in range(G.shape[0]) if i not in set(keep)]
     k = torch.tensor(keep, dtype=torch.long)
@@ -122,14 +125,16 @@ def independent_rows(
 
 
 def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[Any]:
-    """Exact conservation rows without the ones that follow from the others (their values must
-    agree: else :class:`IncompatibleConstraintsError` names them), as for joint rows."""
+    """Exact conservation rows without the ones that follow from the others to rounding (their
+    values must agree: else :class:`IncompatibleConstraintsError` names them), as for joint
+    rows."""
     shape = grid_view(mean, k, grid_shape, call)
     rows = [c.rows(shape, inputs=inputs) for c in con]
     G, b = _stack(rows, shape[0], math.prod(shape[1:]))
     if G.ndim != 2:  # per-sample rows: left to the solver
         return con
-    Gk, bk = independent_rows(G, b, _labels(con, [r.num_rows for r in rows]), call)
+    labels = _labels(con, [r.num_rows for r in rows])
+    Gk, bk = independent_rows(G, b, labels, call, rtol=EXACT_RTOL)
     return con if Gk.shape[0] == G.shape[0] else [Conservation(Gk, bk)]
 
 
