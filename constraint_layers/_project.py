@@ -180,7 +180,7 @@ def _solve_consistent(A: Tensor, r: Tensor, labels: Sequence[str], call: str) ->
         )
         raise IncompatibleConstraintsError(
             f"{call}: the constraints cannot hold together: {_describe(labels, which)} cannot be "
-            f"met once the boundary conditions hold (residual {float(off.max()):.3e} in a "
+            f"met once the boundary conditions hold (residual {float(off.detach().max()):.3e} in a "
             "direction no free value can change). Check the values and totals (e.g. a total that "
             "the wall values make impossible).",
             tuple(which),
