@@ -171,11 +171,16 @@ def find(model: object) -> Adapter:
         if key in _REGISTRY:
             return _REGISTRY[key]
     raise NoAdapterError(
-        f"find: no adapter for a model of type {_key(type(model))}. Registered: "
+        f"find: no adapter for a model of type {_shown(type(model))}. Registered: "
         f"{registered()}. Register one with @constraint_layers.adapters.register(YourModel) on a "
         "subclass of constraint_layers.adapters.Adapter, or through the entry-point group "
         f"{ENTRY_POINT_GROUP!r}."
     )
+
+
+def _shown(klass: type) -> str:
+    """A type's name as the user wrote it (``object``, not ``builtins.object``)."""
+    return klass.__qualname__ if klass.__module__ == "builtins" else _key(klass)
 
 
 def registered() -> dict[str, str]:

@@ -44,8 +44,8 @@ _VAR_KEYS = ("variance", "var")
 _STD_KEYS = ("std", "stddev", "scale", "sigma")
 
 
-def _tensor(x: object, what: str, where: str) -> Tensor:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
+def _tensor(x: object, what: str, where: str, complex_ok: bool = False) -> Tensor:
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or (complex_ok and x.is_complex())):
         raise TypeError(
             f"{where}: expected {what} to be a floating-point tensor, got "
             f"{type(x).__name__ if not isinstance(x, Tensor) else x.dtype}."
@@ -69,7 +69,7 @@ def read_gaussian(output: Any, where: str = "ModuleAdapter.read") -> Gaussian:
     variance has the mean's shape (or broadcasts to it).
     """
     if isinstance(output, Tensor):
-        mean = _tensor(output, "the output", where)
+        mean = _tensor(output, "the output", where, complex_ok=True)  # boundary: complex fields
         if mean.ndim < 2:
             raise TypeError(
                 f"{where}: expected the model's output to have shape (batch, *event) (a grid: "

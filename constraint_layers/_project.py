@@ -41,6 +41,7 @@ from ._grid import resolve_spacing
 from ._tolerance import tolerance
 from .boundary.enforce import apply_plan, condition_rhs, plan
 from .conservation.conserve import conserve
+from .conservation.constraint import Conservation
 from .conservation.enforce import enforce_conservation, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import IncompatibleConstraintsError
@@ -54,6 +55,9 @@ DEPENDENT_RTOL = 1e-10
 #: Relative disagreement of right-hand sides (float64 data) beyond which dependent rows are
 #: incompatible.
 CONSISTENT_RTOL = 1e-10
+#: The same for rows dependent to rounding (conservation alone: nearer rows keep today's path,
+#: conditioned with a :class:`~constraint_layers.errors.ConditioningWarning`).
+EXACT_RTOL = 1e-20
 
 
 def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -75,7 +79,7 @@ def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
 
 
 def independent_rows(
-    G: Tensor, b: Tensor, labels: Sequence[str], call: str
+    G: Tensor, b: Tensor, labels: Sequence[str], call: str, rtol: float = DEPENDENT_RTOL
 ) -> tuple[Tensor, Tensor]:
     """An equivalent system of independent rows for ``G u = b``, after checking that dependent
     rows agree (else raise, naming them).
@@ -87,12 +91,12 @@ def independent_rows(
     gram = G @ G.mT
     norms = gram.diagonal().clamp_min(torch.finfo(F64).tiny)
     L, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0 and bool((L.diagonal().square() > DEPENDENT_RTOL * norms).all()):
+    if int(info) == 0 and bool((L.diagonal().square() > rtol * norms).all()):
         return G, b
     # rows scaled to unit norm, so that the tolerance is relative to each row
     unit = norms.rsqrt()
     lam, V = torch.linalg.eigh(gram * unit.unsqueeze(0) * unit.unsqueeze(1))
-    keep = lam > DEPENDENT_RTOL * lam.amax().clamp_min(torch.finfo(F64).tiny)
+    keep = lam > rtol * lam.amax().clamp_min(torch.finfo(F64).tiny)
     bs = b * unit
     V0 = V[:, ~keep]  # combinations of the (unit) rows that vanish
     off = (bs @ V0).abs()  # (batch, K0): what those combinations of the totals leave over
@@ -111,6 +115,20 @@ def independent_rows(
     scale = (Q.square().sum(0)).rsqrt()
     Q = Q * scale
     return Q.mT @ G, b @ Q
+
+
+def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[Any]:
+    """Exact conservation rows without the ones that follow from the others to rounding (their
+    values must agree: else :class:`IncompatibleConstraintsError` names them), as for joint
+    rows."""
+    shape = grid_view(mean, k, grid_shape, call)
+    rows = [c.rows(shape, inputs=inputs) for c in con]
+    G, b = _stack(rows, shape[0], math.prod(shape[1:]))
+    if G.ndim != 2:  # per-sample rows: left to the solver
+        return con
+    labels = _labels(con, [r.num_rows for r in rows])
+    Gk, bk = independent_rows(G, b, labels, call, rtol=EXACT_RTOL)
+    return con if Gk.shape[0] == G.shape[0] else [Conservation(Gk, bk)]
 
 
 def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
@@ -161,7 +179,7 @@ def _solve_consistent(
         )
         raise IncompatibleConstraintsError(
             f"{call}: the constraints cannot hold together: {_describe(labels, which)} cannot be "
-            f"met once the boundary conditions hold (residual {float(off.max()):.3e} in a "
+            f"met once the boundary conditions hold (residual {float(off.detach().max()):.3e} in a "
             "direction no free value can change). Check the values and totals (e.g. a total that "
             "the wall values make impossible).",
             tuple(which),
@@ -208,6 +226,8 @@ def project(
     k = pred.event_ndim
     mean = pred.mean
     if not bnd:
+        if len(con) > 1 and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
+            con = _without_dependent_rows(con, mean, k, grid_shape, inputs, call)
         if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
             shape = grid_view(mean, k, grid_shape, call)
             counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
@@ -241,6 +261,7 @@ def project(
         if con:
             z = _joint_deterministic(u, z, bplan, rhs, con, shape, inputs, call)
         return Gaussian(z.reshape(mean.shape), event_ndim=k)
+    plan(shape, bnd, hs, lift, grid.endpoint, call)  # one condition per face (cached; checks)
     return _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call)
 
 

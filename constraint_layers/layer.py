@@ -14,14 +14,31 @@ Checks (one policy for every family)
 ------------------------------------
 Always, at every call (under ``torch.compile`` too, at the cost of a graph break): values given
 per call (callables, ``cl.Given``, tensors that require grad) are finite and fit the output dtype;
-the model's output (mean, variance) is finite and variances are non-negative; the result is finite
-when the output was. Values given at construction are checked once, at construction. Only with
-``debug=True``: every row's residual after the projection, against the tolerance table of
-``constraint_layers._tolerance``.
+the model's output (mean, variance, the diagonal of a dense covariance) is finite and variances
+are non-negative: a NaN or inf the model produced raises (naming the model's output), it is never
+passed on; a normaliser's scale is finite and non-zero; the result is finite when the output was
+(else the projection overflowed the output dtype, and the error says so). Values given at
+construction are checked once, at construction (finite), and again when a tensor value is cast
+to a narrower output dtype (overflow). Only with ``debug=True``: every row's residual after the
+projection, against the tolerance table of ``constraint_layers._tolerance`` (a NaN residual
+fails too). The functional API (``enforce_boundary``, ``enforce_conservation``, ``conserve``)
+checks its inputs the same way.
+
+Every family treats rows alike: rows that follow from the others with the same value are
+accepted (dropped), rows that follow with another value raise
+:class:`~constraint_layers.errors.IncompatibleConstraintsError`; two boundary conditions on one
+face (and channel) raise. An empty batch comes back as it is; a grid too short for a row raises.
+Complex outputs take boundary conditions (real or complex values, kept whole); conservation
+constraints act on real outputs and raise a ``TypeError`` for complex ones (constrain the real
+and imaginary parts as two channels). Messages name the user's call: errors raised by the
+engine's building blocks (``conserve``, ``Conservation.rows``, ...) are reported under the
+wrapper's name.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ._grid import check_grid_options, resolve_spacing
+from ._messages import under_call
 from ._project import project as _engine_project
 from ._project import split_families
 from ._tolerance import tolerance
@@ -159,6 +177,11 @@ class ConstraintLayer(nn.Module):
             from .adapters import find  # the registry: model-agnostic, imports no model library
 
             adapter = find(model)
+        if not all(hasattr(adapter, a) for a in ("read", "write", "constrain", "attach")):
+            raise TypeError(
+                f"{call}: adapter must be a constraint_layers.adapters.Adapter (an instance of a "
+                f"subclass), got {type(adapter).__name__}."
+            )
         self.adapter = adapter
         self._handles: list[Any] = []
         self.constraints = self._accept(constraints, call)
@@ -186,7 +209,7 @@ class ConstraintLayer(nn.Module):
             raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
         self.metric = metric
         if grid_shape is not None:
-            grid_shape = tuple(int(s) for s in grid_shape)
+            grid_shape = _check_grid_shape(grid_shape, call)
             if not grid_shape or min(grid_shape) < 1:
                 raise ValueError(f"{call}: grid_shape must hold positive sizes, got {grid_shape}.")
         self.grid_shape = grid_shape
@@ -313,23 +336,30 @@ class ConstraintLayer(nn.Module):
                                 constraints).mean  # fmt: skip
         call = type(self).__name__
         _check_prediction(pred, call)
-        if pred.mean.numel() == 0:
+        if pred.mean.is_complex() and any(c.family == "conservation" for c in constraints):
+            raise TypeError(
+                f"{call}: conservation constraints act on real outputs, but the model's output is "
+                f"complex ({pred.mean.dtype}). Constrain the real and imaginary parts as two "
+                "channels (torch.view_as_real), or use boundary conditions only."
+            )
+        if math.prod(pred.mean.shape[: pred.mean.ndim - pred.event_ndim]) == 0:
             return pred  # an empty batch: nothing to constrain
         norm = current_normalizer(self.normalizer)
         scale = None
         if norm is not None:
-            pred, scale = _to_physical(pred, norm)
-        post = _engine_project(
-            pred,
-            constraints,
-            grid=self.grid,
-            lift=self.lift,
-            noise=self.noise,
-            metric=self.metric,
-            grid_shape=self.grid_shape,
-            inputs=inputs,
-            call=call,
-        )
+            pred, scale = _to_physical(pred, norm, call)
+        with under_call(call):
+            post = _engine_project(
+                pred,
+                constraints,
+                grid=self.grid,
+                lift=self.lift,
+                noise=self.noise,
+                metric=self.metric,
+                grid_shape=self.grid_shape,
+                inputs=inputs,
+                call=call,
+            )
         check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
                          f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
         if self.debug:
@@ -374,14 +404,15 @@ class ConstraintLayer(nn.Module):
         g = self.adapter.read(out)
         norm = current_normalizer(self.normalizer)
         if norm is not None:
-            g, _ = _to_physical(g, norm)
+            g, _ = _to_physical(g, norm, type(self).__name__)
         k = g.event_ndim
         shape = grid_view(g.mean, k, self.grid_shape, f"{type(self).__name__}.posterior")
         lead = g.mean.shape[: g.mean.ndim - k]
-        return _posterior(
-            g.mean, g.variance, g.covariance, g.low_rank, con, shape, lead, k,
-            self.noise, self.metric, self.adapter.model_input(args, kwargs),
-        )  # fmt: skip
+        with under_call(f"{type(self).__name__}.posterior"):
+            return _posterior(
+                g.mean, g.variance, g.covariance, g.low_rank, con, shape, lead, k,
+                self.noise, self.metric, self.adapter.model_input(args, kwargs),
+            )  # fmt: skip
 
     def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
         """Signed residual of every row on a model output (physical units), float64: shape
@@ -391,7 +422,7 @@ class ConstraintLayer(nn.Module):
         g = self.adapter.read(output)
         norm = current_normalizer(self.normalizer)
         if norm is not None:
-            g, _ = _to_physical(g, norm)
+            g, _ = _to_physical(g, norm, type(self).__name__)
         return self._residual(g, inputs, constraints)
 
     def _residual(self, g: Gaussian, inputs: Any, constraints: Sequence[Any]) -> Tensor:
@@ -487,6 +518,19 @@ def _check_noise(noise: Any, n: int, call: str) -> Any:
     if not isinstance(noise, Tensor) and not float(noise) >= 0:
         raise ValueError(f"{call}: noise must be non-negative, got {noise}.")
     return noise
+
+
+def _check_grid_shape(grid_shape: Any, call: str) -> tuple[int, ...]:
+    """``grid_shape`` as a tuple of ints (numpy and 0-d tensor integers accepted)."""
+    try:
+        if isinstance(grid_shape, (str, bytes)) or any(isinstance(s, bool) for s in grid_shape):
+            raise TypeError
+        return tuple(operator.index(s) for s in grid_shape)
+    except TypeError:
+        raise TypeError(
+            f"{call}: grid_shape must be a sequence of ints (the grid (d1, ..., dn) of a flat "
+            f"output), got {grid_shape!r}."
+        ) from None
 
 
 def _check_prediction(pred: Gaussian, call: str) -> None:
@@ -611,9 +655,17 @@ def _scale(norm: Any, like: Tensor) -> Tensor:
     )
 
 
-def _to_physical(g: Gaussian, norm: Any) -> tuple[Gaussian, Tensor]:
+def _to_physical(g: Gaussian, norm: Any, call: str = "ConstraintLayer") -> tuple[Gaussian, Tensor]:
     s = _scale(norm, g.mean)
     mean = norm.inverse_transform(g.mean)
+    what = "normalizer's scale (inverse_transform(1) - inverse_transform(0))"
+    check_finite_now(s, call, what)
+    if not bool((s.detach() != 0).all()):
+        raise ValueError(
+            f"{call}: the {what} holds zeros; expected a non-zero scale (a normalizer fitted on "
+            "constant data has std 0: add a small eps)."
+        )
+    check_finite_now(mean, call, "output in physical units (the normalizer's inverse_transform)")
     var = None if g.variance is None else g.variance * s.square()
     sf = flat_event(s, g.event_ndim)
     cov, low = g.covariance, g.low_rank

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._grid import check_grid
 from .boundary.enforce import boundary_residuals
 
 __all__ = [
@@ -58,6 +59,7 @@ def boundary_error(
     >>> cl.metrics.boundary_error(y, [cl.Dirichlet(1.0), cl.Neumann(0.0)]).tolist()
     [1.0, 0.0]
     """
+    check_grid(y, "boundary_error")
     res = boundary_residuals(
         y.detach(),
         bcs,

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .._values import Given, check_value, evaluate_value
+from .._values import Given, check_finite_now, check_value, evaluate_value
 from ..errors import GridError
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 from .stencils import OUTWARD_STENCILS, lift_profile, neumann_lift_profile
@@ -84,7 +84,14 @@ class BoundaryCondition:
         if isinstance(channels, int) and not isinstance(channels, bool):
             return (channels,)
         if isinstance(channels, Sequence | Tensor) and not isinstance(channels, str):
-            out = tuple(int(c) for c in channels)
+            items = channels.tolist() if isinstance(channels, Tensor) else list(channels)
+            bad = [c for c in items if isinstance(c, bool) or not isinstance(c, int)]
+            if bad:
+                raise TypeError(
+                    f"{name}: channels must be ints (channel indices), got {bad[0]!r} in "
+                    f"{channels!r}."
+                )
+            out = tuple(items)
             if not out:
                 raise ValueError(f"{name}: channels must not be empty (use None for all channels).")
             if len(set(out)) != len(out):
@@ -209,7 +216,14 @@ class BoundaryCondition:
                 f"{where}: the value is complex ({value.dtype}) but the output is real ({dtype}); "
                 "a real output cannot take a complex boundary value."
             )
+        wide = value.is_floating_point() or value.is_complex()
+        narrowing = wide and torch.finfo(value.dtype).max > torch.finfo(dtype).max
         value = value.to(dtype=dtype, device=device)
+        if narrowing:  # a finite value beyond the range of the output dtype became inf
+            check_finite_now(
+                value, where, f"value (converted to the output dtype {dtype}: it overflows; "
+                "use a wider dtype)"
+            )  # fmt: skip
         face_shape = tuple(face_shape)
         try:
             shape = torch.broadcast_shapes(value.shape, face_shape)

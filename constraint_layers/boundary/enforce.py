@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .._grid import check_grid, flat_channels, resolve_spacing
+from .._values import check_finite_now
 from ..errors import ConstraintError, GridError
 from ..rows import Rows
 from .conditions import BoundaryCondition
@@ -64,7 +65,9 @@ def conditions(bcs: object, call: str) -> tuple[BoundaryCondition, ...]:
 
 
 def check_lift(lift: object, call: str) -> int:
-    if isinstance(lift, bool) or not isinstance(lift, int) or lift < 0:
+    if isinstance(lift, bool) or not isinstance(lift, int):
+        raise TypeError(f"{call}: lift must be a non-negative int (nodes), got {lift!r}.")
+    if lift < 0:
         raise ValueError(f"{call}: lift must be a non-negative int (nodes), got {lift!r}.")
     return lift
 
@@ -343,7 +346,7 @@ def condition_rhs(
                 f"{torch.finfo(dtype).max:g}); use a wider dtype."
             )
     g = torch.as_tensor(g, dtype=dtype, device=device)
-    g = torch.broadcast_to(g, face).reshape(batch, -1)
+    g = torch.broadcast_to(g, face).flatten(1)
     return g.repeat(1, len(bc.row_sides)) if len(bc.row_sides) > 1 else g
 
 
@@ -358,16 +361,15 @@ def apply_plan(y: Tensor, bplan: BoundaryPlan, rhs: Sequence[Tensor]) -> Tensor:
 
     ``rhs[i]``: shape (batch, M_i), the right-hand sides of condition ``i`` in ``y``'s dtype.
     """
-    b = y.shape[0]
-    # one copy of the output; the steps write into it in place (the gathers save no input, so
-    # autograd allows it)
-    u = y.reshape(b, -1).clone()
+    # one copy of the output (flatten, not reshape(batch, -1): an empty batch has no -1); the steps
+    # write into it in place (the gathers save no input, so autograd allows it)
+    u = y.flatten(1).clone()
     for i, c in enumerate(bplan.conds):
         t = bplan.device_tensors(i, u.dtype, u.device)
         d = rhs[i]
         if not c.solve_only:  # the rank-one step along each row's direction
             r = d - (u[:, t["index"]] * t["coeff"]).sum(-1)  # (B, M)
-            u.index_add_(1, t["moves"], (t["weights"] * r.unsqueeze(-1)).reshape(b, -1))
+            u.index_add_(1, t["moves"], (t["weights"] * r.unsqueeze(-1)).flatten(1))
         # the exact re-solve of the pivot: u_p = (d - sum_{j != p} c_j u_j) / c_p
         if c.index.shape[1] == 1 and t["unit_pivot"]:
             new = d  # a Dirichlet row: the value itself, bit for bit
@@ -419,7 +421,7 @@ def enforce_boundary(
         ``y`` is not a channel-first grid, ``dim`` is out of range or missing on a multi-axis
         grid, the grid is too short for a stencil, or a value does not broadcast to its face.
     ValueError
-        A value holds NaN or inf.
+        ``y`` or a value holds NaN or inf.
 
     Examples
     --------
@@ -434,6 +436,7 @@ def enforce_boundary(
     check_grid(y, call)
     bcs = conditions(bcs, call)
     lift = check_lift(lift, call)
+    check_finite_now(y, call, "input y")
     hs = _grid_options(y.shape, spacing, extent, endpoint, call)
     bplan = plan(y.shape, bcs, hs, lift, endpoint, call)
     rhs = [
@@ -465,7 +468,7 @@ def boundary_residuals(
     bcs = conditions(bcs, call)
     hs = _grid_options(y.shape, spacing, extent, endpoint, call)
     bplan = plan(y.shape, bcs, hs, 0, endpoint, call, exclusive=False)
-    u = y.reshape(y.shape[0], -1)
+    u = y.flatten(1)
     out = []
     for c, bc in zip(bplan.conds, bcs):
         d = condition_rhs(c, bc, y.shape[0], y.dtype, y.device, inputs, call)

@@ -315,6 +315,8 @@ def _solve_one_row(mean, G, b, d, s2, metric, call) -> _Solved:
             a += (wg * gc).sum(-1, dtype=F64)
     r -= b[..., 0]
     _check_residual(r, call)
+    if d is not None and not bool(torch.isfinite(a).all()):  # an infinite variance: say so
+        _check_variance(d, "variance", call)
     A = a.reshape(*batch, 1, 1)
     if s2 is not None:
         A = A + s2.reshape(*s2.shape, 1)
@@ -374,6 +376,8 @@ def _solve_streaming(mean, G, b, d, s2, metric, prior, call) -> _Solved:
             A += (Gc * dc.unsqueeze(-2)) @ Gc.mT
     r -= b
     _check_residual(r, call)
+    if d is not None and not bool(torch.isfinite(A).all()):  # an infinite variance: say so
+        _check_variance(d, "variance", call)
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G != 0).any(-1), metric, call)

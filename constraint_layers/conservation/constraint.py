@@ -95,13 +95,19 @@ class Conservation:
             raise ValueError(
                 f"{name}: G must have shape (M, N), (batch, M, N) or (N,), got {tuple(G.shape)}."
             )
+        if G.is_complex():
+            raise TypeError(
+                f"{name}: G must hold real numbers, got dtype {G.dtype}. Conservation acts on "
+                "real outputs: constrain the real and imaginary parts as two channels "
+                "(torch.view_as_real)."
+            )
         if not bool(torch.isfinite(G.detach()).all()):
-            raise ValueError(f"{name}: G holds NaN or inf.")
+            raise ValueError(f"{name}: G holds NaN or inf; expected finite coefficients.")
         self.single = G.ndim == 1
         self.G = (G.unsqueeze(0) if self.single else G).to(
             G.dtype if G.is_floating_point() else F64
         )
-        self.b = check_value(b, name, "right-hand side")
+        self.b = _real(check_value(b, name, "right-hand side"), name)
 
     @property
     def num_rows(self) -> int | None:
@@ -111,7 +117,7 @@ class Conservation:
     # --------------------------------------------------------------------------- rows
     def _rhs(self, batch: int, m: int, inputs: Any, call: str) -> Tensor:
         value = evaluate_value(self.b, inputs, f"{call}: {self!r}", "right-hand side")
-        b = torch.as_tensor(value, dtype=F64)
+        b = torch.as_tensor(_real(value, f"{call}: {self!r}"), dtype=F64)
         if self.single and b.ndim >= 1:
             b = b.unsqueeze(-1)
         try:
@@ -216,6 +222,17 @@ class Conservation:
         return f"Conservation(G: {tuple(self.G.shape)}, b={b})"
 
 
+def _real(value: Any, where: str) -> Any:
+    """``value`` unchanged unless it is a complex tensor (a TypeError: conservation is real)."""
+    if isinstance(value, Tensor) and value.is_complex():
+        raise TypeError(
+            f"{where}: the right-hand side must be real, got a complex tensor ({value.dtype}). "
+            "Conservation acts on real outputs: constrain the real and imaginary parts as two "
+            "channels (torch.view_as_real)."
+        )
+    return value
+
+
 def _per_axis(value: Any, k: int, name: str, kinds: tuple[type, ...]) -> tuple:
     if value is None or isinstance(value, kinds):
         return (value,) * k
@@ -285,7 +302,7 @@ class IntegralConservation(Conservation):
         channels: int | Sequence[int] | None = None,
     ) -> None:
         name = "Conservation.integral"
-        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        dims = (dim,) if not isinstance(dim, Sequence) or isinstance(dim, str) else tuple(dim)
         if not dims or any(isinstance(d, bool) or not isinstance(d, int) for d in dims):
             raise TypeError(f"{name}: dim must be an int or a sequence of ints, got {dim!r}.")
         if len(set(dims)) != len(dims):
@@ -319,7 +336,7 @@ class IntegralConservation(Conservation):
                 )
         self.channels = channels
         self.single = False
-        self.b = check_value(total, name, "right-hand side")
+        self.b = _real(check_value(total, name, "right-hand side"), name)
 
     @property
     def total(self) -> Total:
@@ -371,7 +388,8 @@ class IntegralConservation(Conservation):
             g = self.grid[i]
             if g is not None and g.shape[0] != n:
                 raise GridError(
-                    f"Conservation.integral: the grid of integrated axis {self.dims[i]} has "
+                    f"Conservation.integral.weights: {self!r}: the grid of integrated axis "
+                    f"{self.dims[i]} has "
                     f"{g.shape[0]} nodes, but the output has {n} along it."
                 )
             ws.append(
@@ -389,7 +407,8 @@ class IntegralConservation(Conservation):
 
     def _totals(self, lay: _Layout, inputs: Any, call: str) -> Tensor:
         """The total per row, float64: shape (batch, channels', *remaining axes)."""
-        value = evaluate_value(self.b, inputs, f"{call}: {self!r}", "right-hand side")
+        value = _real(evaluate_value(self.b, inputs, f"{call}: {self!r}", "right-hand side"),
+                      f"{call}: {self!r}")  # fmt: skip
         t = torch.as_tensor(value, dtype=F64) if not isinstance(value, Tensor) else value.to(F64)
         try:
             return torch.broadcast_to(t, lay.row_shape)

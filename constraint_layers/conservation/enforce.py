@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._values import check_finite_now
 from ..errors import GridError
 from .conserve import conserve
 from .constraint import Conservation, IntegralConservation, constraints_of
@@ -120,9 +121,12 @@ def enforce_conservation(
         raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
     if not isinstance(mean, Tensor):
         raise TypeError(f"{call}: mean must be a tensor, got {type(mean).__name__}.")
+    check_finite_now(mean, call, "mean")
     k = max(mean.ndim - 1, 1) if event_ndim is None else int(event_ndim)
     shape = grid_view(mean, k, grid_shape, call)
     lead = mean.shape[: mean.ndim - k]
+    if math.prod(lead) == 0:  # an empty batch: nothing to condition
+        return Gaussian(mean, variance, covariance, low_rank, None, k)
     if variance is not None and isinstance(variance, Tensor) and variance.shape != mean.shape:
         try:
             variance = torch.broadcast_to(variance, mean.shape)

@@ -130,12 +130,14 @@ def _check_noise(noise: object, m: int, call: str) -> Tensor | None:
 
 
 def _check_variance(var: Tensor, name: str, call: str) -> None:
-    """One pass: NaN propagates through ``amin``; negative values show up in it."""
+    """One pass: NaN propagates through ``aminmax``; negative values show up in the min, inf in
+    the max."""
     if var.numel() == 0:
         return
-    low = float(var.detach().amin())
-    if not low >= 0:
+    low, high = (float(v) for v in torch.aminmax(var.detach()))
+    if not (low >= 0 and math.isfinite(high)):
         what = "NaN" if math.isnan(low) else f"a negative value ({low:.3e})"
+        what = what if not low >= 0 else f"an infinite value ({high})"
         raise ValueError(
             f"{call}: {name} must be non-negative and finite, but it holds {what}. Pass "
             "variances (squared standard deviations), not log-variances; check the model's head."
