@@ -547,7 +547,7 @@ def heat_figures(results: dict, preds: dict, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / names[0], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     floor = 1e-10  # exact zeros drawn at the floor of the log axes
     for kind, r in results["models"].items():
         color, marker, _ = STYLES[kind]
@@ -560,7 +560,7 @@ def heat_figures(results: dict, preds: dict, out_dir: Path) -> list[str]:
     ax.set(xscale="log", yscale="log", xlabel="boundary error max |du/dn| (stencil)",
            ylabel="conservation error max |total - given|")  # fmt: skip
     ax.set_title("Every row at once: only the joint wrapper is exact in both", fontsize=10)
-    ax.legend(fontsize=6, loc="upper left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     names.append("heat_errors.png")
     fig.savefig(out_dir / names[1], dpi=120)
