@@ -26,12 +26,14 @@ a Gaussian)
 ==============================  ===============================================================
 
 Gaussian outputs (``metric="covariance"``): the mean is the bounded projection in the covariance
-metric, the mode of the conditioned Gaussian restricted to the box. The Gaussian is conditioned
-on the rows AND on the active bounds held as equalities (``u_i = bound_i`` for ``i`` in the active
-set ``A``): the variance is 0 on ``A``, the free entries are conditioned on the rows over the free
-set, and the record carries that posterior (its samples satisfy every row and sit on the active
-bounds; they are not truncated at the free entries). With ``metric="euclidean"`` (HardC) only
-the mean moves; the uncertainty is the equality-only one.
+metric, the mode of the conditioned Gaussian restricted to the box. The uncertainty, by the
+bounds' ``variance``: ``"rows"`` (default) keeps the equality-only posterior (conditioned on the
+rows) around the bounded mean; ``"active"`` conditions the Gaussian on the rows AND on the active
+bounds held as equalities (``u_i = bound_i`` for ``i`` in the active set ``A``): the variance is 0
+on ``A``, the free entries are conditioned on the rows over the free set, and the record carries
+that posterior (its samples satisfy every row and sit on the active bounds; they are not
+truncated at the free entries). With ``metric="euclidean"`` (HardC) only the mean moves; the
+uncertainty is the equality-only one.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def project_with_bounds(
             u = mean.reshape(shape)
             z = _deterministic(u, bnd, con, lo, hi, shape, grid, lift, inputs, call)
             return Gaussian(z.reshape(mean.shape), event_ndim=k)
-        return _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, inputs, call)
+        return _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, bounds, inputs, call)
     except _WallOutside:
         raise
     except ConstraintError as err:
@@ -176,10 +178,12 @@ def _deterministic(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Tens
     return x.reshape(shape)
 
 
-def _separable(u, var, con, lo, hi, shape, inputs, call) -> tuple[Tensor, Tensor | None]:
-    """One integral constraint on a diagonal (or no) metric: the per-frame fast path.
+def _separable(
+    u, var, con, lo, hi, shape, inputs, call, conditioned: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """One integral constraint on a diagonal (or no) metric ``var``: the per-frame fast path.
 
-    Returns the bounded values (grid ``shape``) and, when ``var`` is given, the variance
+    Returns the bounded values (grid ``shape``) and, with ``conditioned``, the variance
     conditioned on the rows and on the active bounds (0 there)."""
     lay = con.layout(shape, call)
     w = con.weights(lay.sizes, device=u.device).flatten()  # (K,)
@@ -190,7 +194,7 @@ def _separable(u, var, con, lo, hi, shape, inputs, call) -> tuple[Tensor, Tensor
     hir = None if hi is None else lay.to_rows(hi)
     x = project_bounded_rows(rows, w, total, weight=wr, lower=lor, upper=hir)
     out = lay.from_rows(x, _clip(u, lo, hi))  # channels without rows: the clip
-    if var is None:
+    if var is None or not conditioned:
         return out, None
     free = torch.where(_active(x, lor, hir), 0.0, wr.to(F64))
     wv = free * w
@@ -301,24 +305,29 @@ def _dense_cov(pred: Gaussian, B: int, n: int) -> Tensor | None:
     return None
 
 
-def _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, inputs, call) -> Gaussian:
+def _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, bounds, inputs, call) -> Gaussian:
+    """The bounded mean in the metric; the uncertainty of the equality-only posterior
+    (``variance="rows"``, or ``metric="euclidean"``) or conditioned on the active bounds."""
     k = pred.event_ndim
     mean = pred.mean
     B, n = shape[0], math.prod(shape[1:])
     lead = mean.shape[: mean.ndim - k]
     ev = mean.shape[mean.ndim - k :]
     euclid = metric == "euclidean"
+    keep = euclid or all(getattr(b, "variance", "rows") == "rows" for b in bounds)
     diag = pred.covariance is None and pred.low_rank is None
     single = len(con) == 1 and isinstance(con[0], IntegralConservation)
     var_grid = None if pred.variance is None else pred.variance.reshape(shape)
     if diag and not bnd and (single or not con):
         weight = None if euclid else var_grid
         if con:
-            x, var = _separable(mean.reshape(shape), weight, con[0], lo, hi, shape, inputs, call)
+            x, var = _separable(
+                mean.reshape(shape), weight, con[0], lo, hi, shape, inputs, call, not keep
+            )
         else:
             x = _clip(mean.reshape(shape), lo, hi)
-            var = None if weight is None else torch.where(_active(x, lo, hi), 0.0, weight)
-        var = eq.variance if euclid else var.reshape(mean.shape)
+            var = None if keep else torch.where(_active(x, lo, hi), 0.0, weight)
+        var = eq.variance if keep else var.reshape(mean.shape)
         return eq._replace(mean=x.reshape(mean.shape), variance=var)
     G, b = _equality_rows(bnd, con, shape, grid, inputs, call)
     G, b = G.to(mean.device), b.to(mean.device)
@@ -328,7 +337,7 @@ def _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, inputs, call) -> 
     weight = None if (euclid or cov is not None) else _flat(pred.variance, B)
     x = project_bounded(u, G, b, weight=weight, covariance=cov, lower=lo_f, upper=hi_f)
     x = x.to(mean.dtype)
-    if euclid:
+    if keep:
         return eq._replace(mean=x.reshape(mean.shape))
     return _condition_active(pred, x, G, b, lo_f, hi_f, cov, shape, lead, ev, call)
 

@@ -37,6 +37,8 @@ __all__ = ["Bounds", "bounds_of", "resolve_bounds"]
 
 F64 = torch.float64
 Limit = float | Tensor | Callable[[Any], Any] | Given | None
+#: The uncertainty of a bounded Gaussian output (see :class:`Bounds`).
+VARIANCES = ("rows", "active")
 
 
 def _check_limit(value: object, name: str, call: str) -> Limit:
@@ -81,6 +83,11 @@ class Bounds:
         call). At least one must be given.
     channels : int or sequence of int, optional
         The output channels bounded (default: all).
+    variance : {"rows", "active"}, default "rows"
+        The uncertainty of a Gaussian output. ``"rows"``: the posterior conditioned on the
+        equality rows (what the layer returns without bounds), centred on the bounded mean.
+        ``"active"``: also conditioned on the active bounds held as equalities (variance 0 where
+        a bound is active, the free entries conditioned on the rows over the free set).
 
     Notes
     -----
@@ -89,10 +96,13 @@ class Bounds:
     ``metric="euclidean"``) or the model's covariance (Gaussian outputs). When the
     equality-only result already lies in the bounds it is returned unchanged (bit for bit). For
     Gaussian outputs the mean is that point (the mode of the conditioned Gaussian restricted to
-    the box) and the Gaussian is conditioned on the rows AND on the active bounds held as
-    equalities: the variance is 0 where a bound is active; the free entries are conditioned on
-    the rows over the free set. Samples of that Gaussian satisfy every row and sit on the active
-    bounds, but may leave the bounds at free entries (they are not truncated).
+    the box). The default uncertainty (``variance="rows"``) is the one measured better
+    calibrated on the conservation paper's PME and Stefan problems (LL and coverage of the 90%
+    band on held-out truth; ``examples/conservation_paper/RESULTS.md``): ``"active"`` is certain
+    at every active bound, and where the bounded mean sits on a bound the truth does not (a
+    mean clamped to 0 behind a front), its likelihood collapses. Samples satisfy every row (and
+    with ``"active"`` sit on the active bounds); they are Gaussian, not truncated: they may leave
+    the bounds.
     With boundary conditions on a deterministic output, the bounds act on the values the
     boundary step leaves unchanged; the values it sets (walls, stencil pivots, a lift) are checked
     afterwards and a violation raises :class:`~constraint_layers.errors.ConstraintError`.
@@ -123,8 +133,12 @@ class Bounds:
         upper: Limit = None,
         *,
         channels: int | Sequence[int] | None = None,
+        variance: str = "rows",
     ) -> None:
         call = "Bounds"
+        if variance not in VARIANCES:
+            raise ValueError(f"{call}: variance must be one of {VARIANCES}, got {variance!r}.")
+        self.variance = variance
         self.lower = _check_limit(lower, "lower", call)
         self.upper = _check_limit(upper, "upper", call)
         if self.lower is None and self.upper is None:
@@ -243,6 +257,8 @@ class Bounds:
             parts.append(f"{name}={v}")
         if self.channels is not None:
             parts.append(f"channels={list(self.channels)}")
+        if self.variance != "rows":
+            parts.append(f"variance={self.variance!r}")
         return f"Bounds({', '.join(parts)})"
 
 

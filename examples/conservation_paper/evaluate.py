@@ -20,11 +20,12 @@ depends on the t* row: the tables evaluate that row alone. The GP's covariance c
 it is conditioned on the masses of all ``gp_times`` rows of its evaluation grid.
 
 Bounds (PME ``u >= 0``; Stefan ``0 <= u <= 1``, the exact solution's range: 1 at the wall, ``u*``
-at the front, 0 beyond it): ``ProbConserv+Bounds-X = cl.wrap(X, mass, cl.Bounds(lo, hi))`` (the
-mode of each member's conditioned Gaussian restricted to the box; variance 0 on the active bounds,
-the free entries conditioned on the row), and the published code's positivity step as a baseline,
-``NNLS-X``: the ProbConserv mean after the update projected onto the box (non-negative least
-squares of the identity system: the clip), variance unchanged. ``BoundedMean-X`` (the bounded
+at the front, 0 beyond it): ``ProbConserv+Bounds-X = cl.wrap(X, mass, cl.Bounds(lo, hi,
+variance="active"))`` (the mode of each member's conditioned Gaussian restricted to the box;
+variance 0 on the active bounds, the free entries conditioned on the row), and the published
+code's positivity step as a baseline, ``NNLS-X``: the ProbConserv mean after the update
+projected onto the box (non-negative least squares of the identity system: the clip), variance
+unchanged. ``BoundedMean-X`` (the bounded
 mean with the unbounded ProbConserv variance) is there for the calibration comparison. The GP is
 evaluated with NNLS only: its bounded projection (dense covariance on the 11 x 201 grid, hundreds
 of active bounds) runs the general active-set solver, too slow for this budget.
@@ -54,8 +55,12 @@ BOUNDS = {"porous_medium": (0.0, None), "stefan": (0.0, 1.0)}
 
 
 def problem_bounds(problem: str) -> cl.Bounds | None:
+    """The bounds of ``problem`` as the tables measure them: ``variance="active"`` (the variance
+    conditioned on the active bounds); the library's default ``variance="rows"`` keeps the
+    ProbConserv uncertainty around the bounded mean (``BoundedMean-X`` measures that choice on
+    the moment-matched mixture)."""
     lim = BOUNDS.get(problem)
-    return None if lim is None else cl.Bounds(*lim)
+    return None if lim is None else cl.Bounds(*lim, variance="active")
 
 
 def nnls_mean(mean: Tensor, problem: str) -> Tensor:
@@ -296,7 +301,8 @@ def shock_samples(means: Tensor, variances: Tensor, w: Tensor, b: float, draws: 
     if kind.startswith("bounded"):  # each member's bounded mode, conditioned on its active set
         lo, hi = BOUNDS[kind.split(":")[1]]
         con = cl.Conservation(w.unsqueeze(0), torch.tensor([float(b)], dtype=F64))
-        bm, bv = cl.wrap(_Pair(), con, cl.Bounds(lo, hi))(means, variances)  # (S, X)
+        bounds = cl.Bounds(lo, hi, variance="active")
+        bm, bv = cl.wrap(_Pair(), con, bounds)(means, variances)  # (S, X)
         post = cl.functional.conserve(bm, w, b, variance=bv)
         return post.sample(k, generator=gen).reshape(-1, means.shape[-1])[:draws]
     if kind == "none":
