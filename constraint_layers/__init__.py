@@ -22,6 +22,7 @@ from . import (
 from ._values import Given
 from .adapters import unwrap, wrap
 from .boundary import BoundaryCondition, Dirichlet, Neumann, Periodic
+from .bounds import Bounds
 from .conservation import Conservation, IntegralConservation, mass_over_time
 from .layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
 from .rows import GridSpec, Rows
@@ -31,6 +32,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BoundaryCondition",
     "BoundaryCorrection",
+    "Bounds",
     "Conservation",
     "ConservationProjection",
     "ConstraintLayer",

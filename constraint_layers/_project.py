@@ -21,6 +21,9 @@ deterministic output        conservation rows act on the remaining freedom with 
 any rows, Gaussian output   conditioning on ALL rows at once (boundary rows at the face points
                             each condition is in charge of, then the conservation rows):
                             :func:`~constraint_layers.functional.conserve`
+bounds (``cl.Bounds``)      the equality-only result first, returned unchanged when it lies in
+with any of the above       the bounds; else the bounded step of
+                            :mod:`constraint_layers._project_bounds`
 ==========================  ===============================================================
 
 Rows that cannot hold together raise :class:`~constraint_layers.errors.IncompatibleConstraintsError`
@@ -222,6 +225,19 @@ def project(
     ``noise``: a number (conservation rows; boundary rows are exact) or one value per
     constraint. See the module docstring for the solvers.
     """
+    if any(c.family == "bounds" for c in constraints):  # the bounded step (_project_bounds)
+        from ._project_bounds import project_with_bounds
+
+        rows = [c for c in constraints if c.family != "bounds"]
+        opts = dict(grid=grid, lift=lift, noise=noise, metric=metric, grid_shape=grid_shape,
+                    inputs=inputs, call=call)  # fmt: skip
+        return project_with_bounds(
+            pred,
+            rows,
+            [c for c in constraints if c.family == "bounds"],
+            equality=lambda p: project(p, rows, **opts),
+            **opts,
+        )
     bnd, con = split_families(constraints)
     k = pred.event_ndim
     mean = pred.mean

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Given", "bind_given", "check_finite_now", "check_value", "evaluate_value"]
+__all__ = [
+    "Given",
+    "bind_given",
+    "check_finite_now",
+    "check_value",
+    "evaluate_value",
+    "given_names",
+    "value_attrs",
+]
 
 
 @torch.compiler.disable
@@ -117,15 +125,32 @@ class Given:
         return f"Given({self.name!r})"
 
 
-def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
-    """Replace ``Given`` values of ``constraints`` (each's attribute ``value_attr``) by the call's
-    keyword arguments, which are removed from ``kwargs``. Returns the constraints to use for this
-    call (copies where a value was bound; the originals are not changed)."""
-    wanted = {
-        getattr(c, c.value_attr).name
+def value_attrs(constraint: Any) -> tuple[str, ...]:
+    """The attribute(s) holding a constraint's value(s): ``value_attr``, a name or a tuple of
+    names (``cl.Bounds`` holds two: ``("lower", "upper")``)."""
+    attr = constraint.value_attr
+    return (attr,) if isinstance(attr, str) else tuple(attr)
+
+
+def given_names(constraints: Any) -> set[str]:
+    """The keyword names of every ``Given`` value of ``constraints``."""
+    return {
+        getattr(c, a).name
         for c in constraints
-        if isinstance(getattr(c, c.value_attr), Given)
+        for a in value_attrs(c)
+        if isinstance(getattr(c, a), Given)
     }
+
+
+#: How messages name each constraint attribute that can hold a value.
+_WHAT = {"b": "right-hand side", "lower": "lower bound", "upper": "upper bound"}
+
+
+def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
+    """Replace ``Given`` values of ``constraints`` (each's attribute(s) ``value_attr``) by the
+    call's keyword arguments, which are removed from ``kwargs``. Returns the constraints to use
+    for this call (copies where a value was bound; the originals are not changed)."""
+    wanted = given_names(constraints)
     if not wanted:
         return constraints
     missing = sorted(wanted - set(kwargs))
@@ -138,13 +163,19 @@ def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
     given = {name: kwargs.pop(name) for name in wanted}
     out = []
     for c in constraints:
-        attr = c.value_attr
-        value = getattr(c, attr)
-        if isinstance(value, Given):
-            c = copy.copy(c)
-            bound = check_value(given[value.name], f"{call}: {c!r}", "value")
-            if isinstance(bound, Tensor) and bound.requires_grad:
-                _check_finite(bound, f"{call}: {c!r}", "value")
-            setattr(c, attr, bound)
+        for attr in value_attrs(c):
+            value = getattr(c, attr)
+            if isinstance(value, Given):
+                what = {"b": "right-hand side", "lower": "lower bound", "upper": "upper bound"}.get(
+                    attr, "value"
+                )
+                c = copy.copy(c)
+                if c.family == "bounds":  # a bound may be -inf / +inf: checked when resolved
+                    bound = given[value.name]
+                else:
+                    bound = check_value(given[value.name], f"{call}: {c!r}", what)
+                if isinstance(bound, Tensor) and bound.requires_grad and c.family != "bounds":
+                    _check_finite(bound, f"{call}: {c!r}", what)
+                setattr(c, attr, bound)
         out.append(c)
     return type(constraints)(out) if isinstance(constraints, tuple) else out

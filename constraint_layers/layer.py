@@ -50,7 +50,7 @@ from ._messages import under_call
 from ._project import project as _engine_project
 from ._project import split_families
 from ._tolerance import tolerance
-from ._values import Given, bind_given, check_finite_now
+from ._values import bind_given, check_finite_now, given_names
 from .boundary.enforce import boundary_residuals, check_lift
 from .boundary.enforce import conditions as boundary_conditions
 from .boundary.refine import KERNEL_GRADS, Refinement, RefinementContext
@@ -80,7 +80,7 @@ def _check_constraints(items: Any, call: str) -> tuple[Any, ...]:
         if getattr(type(c), "family", None) not in FAMILIES:
             raise TypeError(
                 f"{call}: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, "
-                f"cl.Conservation, cl.Conservation.integral), got {type(c).__name__}."
+                f"cl.Conservation, cl.Conservation.integral, cl.Bounds), got {type(c).__name__}."
             )
     if not items:
         raise ValueError(
@@ -300,11 +300,7 @@ class ConstraintLayer(nn.Module):
         """The model's output as this wrapper sees it before the projection (with
         ``mode="refine"``: the refined model's). Keywords that feed ``cl.Given`` values are left
         out of the model call."""
-        given = {
-            getattr(c, c.value_attr).name
-            for c in self.constraints
-            if isinstance(getattr(c, c.value_attr), Given)
-        }
+        given = given_names(self.constraints)
         kwargs = {k: v for k, v in kwargs.items() if k not in given}
         return self._call_model(args, kwargs)
 
@@ -394,11 +390,11 @@ class ConstraintLayer(nn.Module):
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)
         bnd, con = split_families(constraints)
-        if bnd:
+        if bnd or any(c.family == "bounds" for c in constraints):
             raise NotImplementedError(
                 f"{type(self).__name__}.posterior: the structured posterior serves conservation "
-                "constraints; with boundary conditions call the wrapper (its output carries the "
-                "conditioned Gaussian)."
+                "constraints; with boundary conditions or bounds call the wrapper (its output "
+                "carries the conditioned Gaussian)."
             )
         out = self.adapter.call(self.model, args, kwargs)
         g = self.adapter.read(out)

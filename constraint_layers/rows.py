@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_GRID", "FAMILIES", "Constraint", "GridSpec", "Rows"]
 F64 = torch.float64
 
 #: The constraint families, in the order the engine applies them.
-FAMILIES = ("boundary", "conservation")
+FAMILIES = ("boundary", "conservation", "bounds")
 
 
 class GridSpec(NamedTuple):

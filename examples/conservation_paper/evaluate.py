@@ -18,6 +18,17 @@ of the truth (marginal variances floored at 1e-8, as the published code). The AN
 have a diagonal covariance per member and one constraint row per time, so their update at t* only
 depends on the t* row: the tables evaluate that row alone. The GP's covariance couples the times:
 it is conditioned on the masses of all ``gp_times`` rows of its evaluation grid.
+
+Bounds (PME ``u >= 0``; Stefan ``0 <= u <= 1``, the exact solution's range: 1 at the wall, ``u*``
+at the front, 0 beyond it): ``ProbConserv+Bounds-X = cl.wrap(X, mass, cl.Bounds(lo, hi,
+variance="active"))`` (the mode of each member's conditioned Gaussian restricted to the box;
+variance 0 on the active bounds, the free entries conditioned on the row), and the published
+code's positivity step as a baseline, ``NNLS-X``: the ProbConserv mean after the update
+projected onto the box (non-negative least squares of the identity system: the clip), variance
+unchanged. ``BoundedMean-X`` (the bounded
+mean with the unbounded ProbConserv variance) is there for the calibration comparison. The GP is
+evaluated with NNLS only: its bounded projection (dense covariance on the 11 x 201 grid, hundreds
+of active bounds) runs the general active-set solver, too slow for this budget.
 """
 
 from __future__ import annotations
@@ -38,6 +49,25 @@ __all__ = ["anp_members", "evaluate_case", "summarise"]
 
 F64 = torch.float64
 LL_FLOOR = 1e-8  # the published implementation's variance floor
+Z90 = 1.6448536269514722  # the 90% central band of a Gaussian: mean +- Z90 sd
+#: The physical bounds of each problem's solution (lower, upper); None: not bounded here.
+BOUNDS = {"porous_medium": (0.0, None), "stefan": (0.0, 1.0)}
+
+
+def problem_bounds(problem: str) -> cl.Bounds | None:
+    """The bounds of ``problem`` as the tables measure them: ``variance="active"`` (the variance
+    conditioned on the active bounds); the library's default ``variance="rows"`` keeps the
+    ProbConserv uncertainty around the bounded mean (``BoundedMean-X`` measures that choice on
+    the moment-matched mixture)."""
+    lim = BOUNDS.get(problem)
+    return None if lim is None else cl.Bounds(*lim, variance="active")
+
+
+def nnls_mean(mean: Tensor, problem: str) -> Tensor:
+    """The published code's positivity step on the mean after the update: the projection of the
+    mean onto the box (non-negative least squares with the identity: the clip)."""
+    lo, hi = BOUNDS[problem]
+    return mean.clamp(lo, hi)
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -48,7 +78,9 @@ def case_metrics(mean: Tensor, var: Tensor, case: TestCase) -> dict[str, Tensor]
     ce = cl.metrics.conservation_error(mean.to(F64).reshape(n, 1, 1, x), con)[:, 0]
     mse = cl.metrics.mse(mean, case.truth)
     ll = cl.metrics.gaussian_log_likelihood(case.truth, mean, var, min_variance=LL_FLOOR)
-    return {"CE": ce, "MSE": mse, "LL": ll}
+    sd = var.clamp_min(LL_FLOOR).sqrt()
+    cov90 = ((case.truth - mean).abs() <= Z90 * sd).to(F64).mean(-1)
+    return {"CE": ce, "MSE": mse, "LL": ll, "COV90": cov90, "MIN": mean.amin(-1).to(F64)}
 
 
 def summarise(values: Tensor) -> list[float]:
@@ -106,7 +138,20 @@ def _anp_models(anp: ANP, softc: ANP, case: TestCase, cfg: Config, device) -> di
         "HardC-ANP": cl.wrap(bb, con, metric="euclidean")(cx, cy),
         "ProbConserv-ANP": cl.wrap(bb, con)(cx, cy),
     }
+    bounds = problem_bounds(case.problem)
+    if bounds is not None:
+        out["ProbConserv+Bounds-ANP"] = cl.wrap(bb, con, bounds)(cx, cy)
+        _bound_baselines(out, "ANP", case.problem)
     return {k: (m[:, 0, 0].cpu(), v[:, 0, 0].cpu()) for k, (m, v) in out.items()}
+
+
+def _bound_baselines(out: dict, name: str, problem: str) -> None:
+    """NNLS-X (the clipped ProbConserv mean, its variance) and BoundedMean-X (the bounded mean
+    with the unbounded ProbConserv variance)."""
+    m, v = out[f"ProbConserv-{name}"]
+    out[f"NNLS-{name}"] = (nnls_mean(m, problem), v)
+    if f"ProbConserv+Bounds-{name}" in out:
+        out[f"BoundedMean-{name}"] = (out[f"ProbConserv+Bounds-{name}"][0], v)
 
 
 # -------------------------------------------------------------------------------------- GP
@@ -146,7 +191,10 @@ def _gp_models(case: TestCase, cfg: Config) -> dict:
                 v = pred.variance.reshape(shape)[i_star]
                 res[name][0].append(m)
                 res[name][1].append(v)
-    return {k: (torch.stack(m), torch.stack(v)) for k, (m, v) in res.items()}
+    out = {k: (torch.stack(m), torch.stack(v)) for k, (m, v) in res.items()}
+    if case.problem in BOUNDS:
+        _bound_baselines(out, "GP", case.problem)
+    return out
 
 
 # ------------------------------------------------------------------------------- ensemble
@@ -182,6 +230,10 @@ def _ensemble_models(members: list[MLPMember], case: TestCase, device) -> dict:
             "HardC-Ensemble": cl.wrap(ens, con, metric="euclidean")(feats),
             "ProbConserv-Ensemble": cl.wrap(ens, con)(feats),
         }
+        bounds = problem_bounds(case.problem)
+        if bounds is not None:
+            out["ProbConserv+Bounds-Ensemble"] = cl.wrap(ens, con, bounds)(feats)
+            _bound_baselines(out, "Ensemble", case.problem)
     return {k: (m[:, 0, 0].cpu(), v[:, 0, 0].cpu()) for k, (m, v) in out.items()}
 
 
@@ -202,6 +254,7 @@ def evaluate_case(case: TestCase, models: dict, cfg: Config, device="cpu", log=p
         per_function[name] = met
         table[name] = {k: summarise(val) for k, val in met.items()}
         table[name]["CE_max_abs"] = float(met["CE"].abs().max())
+        table[name]["MIN_overall"] = float(met["MIN"].min())
         first[name] = (m[0].to(F64), v[0].to(F64))
     exact_ce = case_metrics(case.truth, torch.ones_like(case.truth), case)["CE"]
     seconds = time.perf_counter() - start
@@ -245,6 +298,13 @@ def shock_samples(means: Tensor, variances: Tensor, w: Tensor, b: float, draws: 
     """
     k = max(1, math.ceil(draws / means.shape[0]))
     gen = torch.Generator().manual_seed(0)
+    if kind.startswith("bounded"):  # each member's bounded mode, conditioned on its active set
+        lo, hi = BOUNDS[kind.split(":")[1]]
+        con = cl.Conservation(w.unsqueeze(0), torch.tensor([float(b)], dtype=F64))
+        bounds = cl.Bounds(lo, hi, variance="active")
+        bm, bv = cl.wrap(_Pair(), con, bounds)(means, variances)  # (S, X)
+        post = cl.functional.conserve(bm, w, b, variance=bv)
+        return post.sample(k, generator=gen).reshape(-1, means.shape[-1])[:draws]
     if kind == "none":
         eps = torch.randn((k, *means.shape), dtype=F64, generator=gen)
         samples = means + variances.sqrt() * eps
@@ -252,6 +312,13 @@ def shock_samples(means: Tensor, variances: Tensor, w: Tensor, b: float, draws: 
         post = cl.functional.conserve(means, w, b, variance=variances, metric=kind)
         samples = post.sample(k, generator=gen)
     return samples.reshape(-1, means.shape[-1])[:draws]
+
+
+class _Pair(torch.nn.Module):
+    """(mean, variance) in, (mean, variance) out: a Gaussian head for the functional calls."""
+
+    def forward(self, mean: Tensor, variance: Tensor):
+        return mean, variance
 
 
 def shock_positions(models: dict, case: TestCase, cfg: Config, device="cpu") -> dict:
@@ -276,6 +343,10 @@ def shock_positions(models: dict, case: TestCase, cfg: Config, device="cpu") -> 
         "Ensemble": (ens_m, ens_v, "none"),
         "ProbConserv-Ensemble": (ens_m, ens_v, "covariance"),
     }
+    if case.problem in BOUNDS:
+        kind = f"bounded:{case.problem}"
+        runs["ProbConserv+Bounds-ANP"] = (anp_m[:, 0], anp_v[:, 0], kind)
+        runs["ProbConserv+Bounds-Ensemble"] = (ens_m, ens_v, kind)
     for name, (m, v, kind) in runs.items():
         s = shock_samples(m, v, w, b, cfg.shock_draws, kind)
         pos = cl.metrics.shock_position(s, case.grid_x)

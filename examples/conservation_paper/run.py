@@ -42,6 +42,13 @@ MODELS = [
     "GP", "HardC-GP", "ProbConserv-GP",
     "Ensemble", "HardC-Ensemble", "ProbConserv-Ensemble",
 ]  # fmt: skip
+#: With bounds (PME, Stefan): the layer's bounded posterior, the published NNLS-after-update
+#: baseline, and the bounded mean with the unbounded variance (for the calibration table).
+BOUNDED_MODELS = [
+    "ProbConserv+Bounds-ANP", "NNLS-ANP", "BoundedMean-ANP",
+    "NNLS-GP",
+    "ProbConserv+Bounds-Ensemble", "NNLS-Ensemble", "BoundedMean-Ensemble",
+]  # fmt: skip
 #: conservation.md: paper Table 1 (diffusion, t = 0.5): CE x 1e-3, LL, MSE x 1e-4 (mean, se).
 PAPER_DIFFUSION = {
     "ANP": ((4.68, 0.10), (2.72, 0.02), (1.71, 0.41)),
@@ -86,6 +93,20 @@ def tables_markdown(results: dict) -> str:
                 f"| {name} | {_fmt(r['CE'], cs)} | {_fmt(r['MSE'], ms)} | {_fmt(r['LL'])} "
                 f"| {r['CE_max_abs']:.1e} |"
             )
+        bounded = [n for n in ["ProbConserv-ANP", "ProbConserv-GP", "ProbConserv-Ensemble",
+                               *BOUNDED_MODELS] if n in case["table"]]  # fmt: skip
+        if any(n in case["table"] for n in BOUNDED_MODELS):
+            lines += [
+                "",
+                f"| with bounds | CE x 1e-{cs} | MSE x 1e-{ms} | LL | 90% coverage | min(u) |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name in bounded:
+                r = case["table"][name]
+                lines.append(
+                    f"| {name} | {_fmt(r['CE'], cs)} | {_fmt(r['MSE'], ms)} | {_fmt(r['LL'])} "
+                    f"| {_fmt(r['COV90'])} | {r['MIN_overall']:.3g} |"
+                )
         lines += ["", f"Exact solution's own trapezoid CE: {case['exact_trapezoid_ce']:.2e}", ""]
     pooled = results.get("diffusion_pooled")
     if pooled:
@@ -127,8 +148,8 @@ def tables_markdown(results: dict) -> str:
         )
     lines.append("")
     if results.get("shock"):
-        names = ["ANP", "SoftC-ANP", "HardC-ANP", "ProbConserv-ANP", "Ensemble",
-                 "ProbConserv-Ensemble"]  # fmt: skip
+        names = ["ANP", "SoftC-ANP", "HardC-ANP", "ProbConserv-ANP", "ProbConserv+Bounds-ANP",
+                 "Ensemble", "ProbConserv-Ensemble", "ProbConserv+Bounds-Ensemble"]  # fmt: skip
         lines += [
             "### Shock position at t* (first test function, posterior mean (std) of the front)",
             "",
@@ -136,7 +157,7 @@ def tables_markdown(results: dict) -> str:
             "|---|---|" + "---|" * len(names),
         ]
         for label, sh in results["shock"].items():
-            cells = [f"{sh[n]['mean']:.3f} ({sh[n]['std']:.3f})" for n in names]
+            cells = [f"{sh[n]['mean']:.3f} ({sh[n]['std']:.3f})" if n in sh else "-" for n in names]
             lines.append(f"| {label} | {sh['true_front']:.4f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -152,12 +173,16 @@ def pooled_summary(case_preds: list[dict]) -> dict:
     return out
 
 
-def run(cfg: Config, out_dir: Path, device: str = "cpu", log=print) -> dict:
-    """The whole reproduction for ``cfg``; returns (and writes) the results."""
+def run(cfg: Config, out_dir: Path, device: str = "cpu", log=print, seed: int = 0) -> dict:
+    """The whole reproduction for ``cfg``; returns (and writes) the results.
+
+    ``seed``: the training seed (model initialisation and minibatch order of the ANP, SoftC-ANP
+    and the ensemble); the training data and the test functions stay the same."""
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict = {
         "config": cfg.as_dict(),
+        "seed": seed,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "platform": {
             "python": platform.python_version(),
@@ -175,9 +200,12 @@ def run(cfg: Config, out_dir: Path, device: str = "cpu", log=print) -> dict:
     for problem in cfg.problems:
         log(f"{LABELS[problem]}: training on {cfg.n_train} functions ({cfg.name})")
         data = training_data(problem, cfg.n_train, seed=0)
-        anp, info_a = train_anp(problem, data, cfg, seed=1, device=device, log=log)
-        softc, info_s = train_anp(problem, data, cfg, softc=True, seed=1, device=device, log=log)
-        ens, info_e = train_ensemble(problem, data, cfg, seed=2, device=device, log=log)
+        s_anp, s_ens = 1 + 100 * seed, 2 + 100 * seed  # seed 0: the seeds of the first release
+        anp, info_a = train_anp(problem, data, cfg, seed=s_anp, device=device, log=log)
+        softc, info_s = train_anp(
+            problem, data, cfg, softc=True, seed=s_anp, device=device, log=log
+        )
+        ens, info_e = train_ensemble(problem, data, cfg, seed=s_ens, device=device, log=log)
         models = {"anp": anp, "softc": softc, "ensemble": ens}
         results["training"][problem] = {
             "ANP": info_a,
@@ -256,6 +284,12 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument("--tiny", action="store_true", help="seconds; for the smoke test")
     parser.add_argument("--smoke", action="store_true", help="2 steps per model, 2 test fns")
     parser.add_argument("--out", type=Path, default=Path("out/conservation_paper"))
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed (0: the first release's); aggregate.py summarises several",
+    )
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -286,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
             value = tuple(float(v) for v in value.split(","))
         cfg = replace(cfg, **{key: cast(value) if not isinstance(value, tuple) else value})
     print(f"constraint-layers {cl.__version__}, config {cfg.name}, device {args.device}")
-    return run(cfg, args.out, device=args.device)
+    return run(cfg, args.out, device=args.device, seed=args.seed)
 
 
 if __name__ == "__main__":

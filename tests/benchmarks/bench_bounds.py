@@ -6,7 +6,10 @@ active on about 10% of the nodes. Each case times, in the same run:
 * ``conserve``: the equality-only ProbConserv update ``cl.functional.conserve`` with a diagonal
   variance (the frames as a batch of one-row problems: its fastest layout for per-frame rows);
 * ``bounded``: ``project_bounded_rows`` with the bound;
-* ``bounded, no bound``: ``project_bounded_rows`` without bounds (the same solver, equality only).
+* ``bounded, no bound``: ``project_bounded_rows`` without bounds (the same solver, equality only);
+* ``layer``: the whole layer, ``cl.wrap(head, mass, cl.Bounds(lower=0.0))`` on a Gaussian head
+  (the equality-only update, the bounded step, the variance conditioned on the active set)
+  against ``cl.wrap(head, mass)``: the ratio a user pays for the bounds.
 
 Target: ``bounded`` at most 3x ``conserve``. Run (not collected by pytest)::
 
@@ -62,12 +65,29 @@ def problem(batch: int, rows: int, n: int, dtype: torch.dtype, seed: int = 0):
     return u, var, c, d
 
 
+class _Head(torch.nn.Module):
+    """A Gaussian head: the input as the mean, a fixed variance."""
+
+    def __init__(self, var: torch.Tensor) -> None:
+        super().__init__()
+        self.var = var
+
+    def forward(self, x: torch.Tensor):
+        return x, self.var
+
+
 def run_case(name: str, batch: int, rows: int, n: int, dtype: torch.dtype, repeats: int) -> dict:
     u, var, c, d = problem(batch, rows, n, dtype)
     b = d.unsqueeze(-1).to(dtype)  # conserve: one row per frame, (*batch, M=1)
     t_eq = best_time(repeats, conserve, u, c.unsqueeze(0), b, variance=var)
     t_bd = best_time(repeats, project_bounded_rows, u, c, d, weight=var, lower=0.0)
     t_nb = best_time(repeats, project_bounded_rows, u, c, d, weight=var)
+    head = _Head(var.reshape(batch, 1, rows, n))
+    mass = cl.Conservation.integral(d.reshape(batch, 1, rows), dim=1)
+    grid = u.reshape(batch, 1, rows, n)
+    with torch.no_grad():
+        t_le = best_time(repeats, cl.wrap(head, mass), grid)
+        t_lb = best_time(repeats, cl.wrap(head, mass, cl.Bounds(lower=0.0)), grid)
     x = project_bounded_rows(u, c, d, weight=var, lower=0.0)
     active = float((x == 0).double().mean())
     res = float(((c.double() * x.double()).sum(-1) - d).abs().max())
@@ -80,6 +100,7 @@ def run_case(name: str, batch: int, rows: int, n: int, dtype: torch.dtype, repea
         "bounded_s": t_bd,
         "nobound_s": t_nb,
         "ratio": t_bd / t_eq,
+        "layer_ratio": t_lb / t_le,
         "residual": res,
     }
 
@@ -107,7 +128,7 @@ def main() -> None:
     )
     head = (
         f"| {'case':28s} | {'dtype':7s} | {'N':>9s} | active | conserve (s) | bounded (s) | "
-        "no bound (s) | bounded / conserve | max row residual |"
+        "no bound (s) | bounded / conserve | layer with / without bounds | max row residual |"
     )
     print(head)
     print("|" + "|".join("-" * (len(p)) for p in head.split("|")[1:-1]) + "|")
@@ -117,7 +138,7 @@ def main() -> None:
             print(
                 f"| {r['case']:28s} | {r['dtype']:7s} | {r['N']:9.2e} | {r['active']:6.1%} | "
                 f"{r['conserve_s']:12.4f} | {r['bounded_s']:11.4f} | {r['nobound_s']:12.4f} | "
-                f"{r['ratio']:18.2f} | {r['residual']:16.1e} |"
+                f"{r['ratio']:18.2f} | {r['layer_ratio']:27.2f} | {r['residual']:16.1e} |"
             )
 
 
