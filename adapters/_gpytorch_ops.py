@@ -212,9 +212,20 @@ class ConstrainedMultivariateNormal(_ConstrainedDistribution, MultivariateNormal
 
     Everything is the parent's (mean, variance, lazy covariance, ``confidence_region``,
     ``likelihood(...)``), except: samples satisfy the constraint to rounding (the covariance's
-    root is the exact conditioned root), and ``log_prob`` / ``entropy`` are those of the
-    degenerate Gaussian on the constraint set.
+    root is the exact conditioned root), ``log_prob`` / ``entropy`` are those of the
+    degenerate Gaussian on the constraint set, and ``variance`` is the conditioned diagonal as
+    computed (exactly 0 where the constraints fix a value, such as Dirichlet nodes; rounding
+    below 0 is clamped to 0) instead of gpytorch's ``min_variance`` floor and its warning.
     """
+
+    @property
+    def variance(self) -> Tensor:
+        cov = self.lazy_covariance_matrix if self.islazy else None
+        if isinstance(cov, ConditionedCovariance) and cov._variance is not None:
+            diag = cov.diagonal(dim1=-1, dim2=-2)
+            diag = diag.view(diag.shape[:-1] + self._event_shape)
+            return diag.expand(self._batch_shape + self._event_shape).clamp_min(0)
+        return super().variance
 
 
 class ConstrainedMultitaskMultivariateNormal(_ConstrainedDistribution, MultitaskMultivariateNormal):

@@ -311,7 +311,8 @@ def _fixed_point_rows(
     ``B(v) = S v + f`` is a projection; its fixed points satisfy ``(I - S)_i u = f_i`` for every
     node ``i`` it moves. These rows state exactly what the deterministic step enforces (the later
     condition at corners, both ends of every periodic pair, ...). Grouped by the condition that
-    moves the node last. Returns ``(C, d, counts, labels)``: (K, N), (batch, K) float64.
+    moves the node last. Returns ``(C, d, counts, labels, fixed)``: (K, N), (batch, K) float64,
+    and the nodes set to a value whatever the input.
     """
     owner: dict[int, int] = {}
     for i, c in enumerate(bplan.conds):
@@ -327,7 +328,9 @@ def _fixed_point_rows(
     d = f[:, nodes]
     counts = [sum(1 for j in nodes if owner[j] == i) for i in range(len(bnd))]
     labels = [f"{bnd[owner[j]]!r} at flat position {j}" for j in nodes]
-    return C, d, counts, labels
+    # nodes the step sets to a value whatever the input (Dirichlet): no variance is left there
+    fixed = torch.tensor(nodes, dtype=torch.long)[(C - E).abs().sum(-1) == 0]
+    return C, d, counts, labels, fixed
 
 
 def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call) -> Gaussian:
@@ -345,7 +348,7 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
         condition_rhs(c, bc, shape[0], F64, torch.device("cpu"), inputs, call)
         for c, bc in zip(bplan.conds, bnd)
     ]
-    Cb, db, bcounts, blabels = _fixed_point_rows(bplan, bnd, shape, rhs64)
+    Cb, db, bcounts, blabels, fixed = _fixed_point_rows(bplan, bnd, shape, rhs64)
     crows = [c.rows(shape, inputs=inputs) for c in con]
     Gc, bc_ = _stack(crows, shape[0], n) if crows else (Cb[:0], db[:, :0])
     if Gc.ndim == 3:
@@ -376,7 +379,12 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
         # exact walls: the face-local step finishes the boundary rows (Dirichlet to the bit);
         # the mean is already one of its fixed points to rounding: it moves by rounding only
         out_mean = apply_plan(out_mean, bplan, rhs)
-    var = None if post.variance is None else post.variance.reshape(*lead, *ev)
+    var = None
+    if post.variance is not None:
+        var = post.variance
+        if fixed.numel() and metric == "covariance" and not isinstance(s, Tensor):
+            var = var.index_fill(-1, fixed.to(var.device), 0.0)  # exactly 0, not rounding
+        var = var.reshape(*lead, *ev)
     down = None
     if pred.covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)

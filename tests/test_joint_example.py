@@ -124,13 +124,6 @@ def test_results_are_reproducible_from_the_seed(example, tmp_path):
             assert a[kind]["runs"][0][key] == b[kind]["runs"][0][key], (kind, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConstrainedMultivariateNormal inherits gpytorch's MultivariateNormal.variance, which "
-    "rounds every variance below gpytorch.settings.min_variance (1e-10 in float64) up to it and "
-    "warns 'Negative variance values detected': the exact zeros at Dirichlet nodes (the "
-    "covariance diagonal is 0.0 there) read as 1e-10 with a NumericalWarning on every call",
-)
 def test_gpytorch_variance_is_zero_at_dirichlet_nodes_without_warning():
     import warnings
 
