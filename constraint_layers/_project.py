@@ -314,22 +314,27 @@ def _fixed_point_rows(
     moves the node last. Returns ``(C, d, counts, labels, fixed)``: (K, N), (batch, K) float64,
     and the nodes set to a value whatever the input.
     """
-    owner: dict[int, int] = {}
-    for i, c in enumerate(bplan.conds):
-        for node in c.moves.flatten().tolist():
-            owner[node] = i
-    nodes = sorted(owner, key=lambda j: (owner[j], j))
-    n = math.prod(shape[1:])
-    E = torch.zeros((len(nodes), n), dtype=F64)
-    E[torch.arange(len(nodes)), torch.tensor(nodes)] = 1.0
-    C = E - _pull_back(E, bplan, shape)
+    cached = bplan.derived.get("fixed_point_rows")  # the structure part: once per plan
+    if cached is None:
+        owner: dict[int, int] = {}
+        for i, c in enumerate(bplan.conds):
+            for node in c.moves.flatten().tolist():
+                owner[node] = i
+        nodes = sorted(owner, key=lambda j: (owner[j], j))
+        n = math.prod(shape[1:])
+        E = torch.zeros((len(nodes), n), dtype=F64)
+        E[torch.arange(len(nodes)), torch.tensor(nodes)] = 1.0
+        C = E - _pull_back(E, bplan, shape)
+        counts = [sum(1 for j in nodes if owner[j] == i) for i in range(len(bplan.conds))]
+        # nodes the step sets to a value whatever the input (Dirichlet): no variance left there
+        fixed = torch.tensor(nodes, dtype=torch.long)[(C - E).abs().sum(-1) == 0]
+        cached = (C, nodes, [owner[j] for j in nodes], counts, fixed)
+        bplan.derived["fixed_point_rows"] = cached
+    C, nodes, owners, counts, fixed = cached
     zero = torch.zeros((shape[0], *shape[1:]), dtype=F64)
     f = apply_plan(zero, bplan, [r.to(F64).cpu() for r in rhs]).reshape(shape[0], -1)
     d = f[:, nodes]
-    counts = [sum(1 for j in nodes if owner[j] == i) for i in range(len(bnd))]
-    labels = [f"{bnd[owner[j]]!r} at flat position {j}" for j in nodes]
-    # nodes the step sets to a value whatever the input (Dirichlet): no variance is left there
-    fixed = torch.tensor(nodes, dtype=torch.long)[(C - E).abs().sum(-1) == 0]
+    labels = [f"{bnd[i]!r} at flat position {j}" for i, j in zip(owners, nodes)]
     return C, d, counts, labels, fixed
 
 

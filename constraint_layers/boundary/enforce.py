@@ -95,6 +95,9 @@ class BoundaryPlan(NamedTuple):
 
     conds: tuple[_Cond, ...]
     fast: tuple[dict[str, Tensor], ...]  # per condition, per (dtype, device) on first use
+    #: Results that depend on the structure only, computed once by their users (the engine's
+    #: fixed-point rows of the step).
+    derived: dict[str, Any]
 
     def device_tensors(self, i: int, dtype: torch.dtype, device: torch.device) -> dict:
         key = (dtype, device)
@@ -147,7 +150,7 @@ def plan(
     if hit is not None:
         return hit
     conds = _build(shape, bcs, hs, lift, endpoint, call, exclusive)
-    out = BoundaryPlan(conds, tuple({} for _ in conds))
+    out = BoundaryPlan(conds, tuple({} for _ in conds), {})
     with _CACHE_LOCK:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
