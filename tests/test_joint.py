@@ -157,7 +157,7 @@ def problems(draw):
     return shape, channels, bcs, con, lift, seed
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(problems())
 def test_random_joint_deterministic_matches_the_dense_reference(problem):
     shape, channels, bcs, con, lift, seed = problem
@@ -167,7 +167,7 @@ def test_random_joint_deterministic_matches_the_dense_reference(problem):
     from constraint_layers._project import project
 
     ref, _ = reference_prediction(pred, [*bcs, con], lift=lift)
-    if worst_relative(ref, [*bcs, con]) > 1e-9:
+    if worst_relative(ref, [*bcs, con]) > 1e-11:  # the rows disagree beyond rounding
         # infeasible in these semantics (a row the boundary step leaves no freedom for, e.g. a
         # frame on a Dirichlet face whose corners a later condition takes): a clear error
         with pytest.raises(IncompatibleConstraintsError, match="cannot hold together"):
@@ -182,7 +182,7 @@ def test_random_joint_deterministic_matches_the_dense_reference(problem):
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(problems(), st.sampled_from(["variance", "covariance"]))
 def test_random_joint_gaussian_matches_dense_conditioning(problem, kind):
     shape, channels, bcs, con, _lift, seed = problem
@@ -199,7 +199,7 @@ def test_random_joint_gaussian_matches_dense_conditioning(problem, kind):
     from constraint_layers._project import project
 
     ref_mean, ref_var = reference_prediction(pred, [*bcs, con])
-    if worst_relative(ref_mean, [*bcs, con]) > 1e-9:  # infeasible (a total on a Dirichlet face)
+    if worst_relative(ref_mean, [*bcs, con]) > 1e-11:  # infeasible beyond rounding
         with pytest.raises(IncompatibleConstraintsError, match="cannot hold together"):
             project(pred, [*bcs, con])
         return
