@@ -45,7 +45,7 @@ from ._tolerance import tolerance
 from .boundary.enforce import apply_plan, condition_rhs, plan
 from .conservation.conserve import conserve
 from .conservation.constraint import Conservation
-from .conservation.enforce import enforce_conservation, flat_event, grid_view
+from .conservation.enforce import condition, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import IncompatibleConstraintsError
 from .rows import DEFAULT_GRID, GridSpec, Rows
@@ -248,7 +248,7 @@ def project(
             shape = grid_view(mean, k, grid_shape, call)
             counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
             noise = _noise_rows(noise, [], counts)
-        return enforce_conservation(
+        return condition(  # the layer checked the output already
             mean,
             con,
             variance=pred.variance,

@@ -23,12 +23,12 @@ class Tolerance(NamedTuple):
 
 #: Relative tolerances by dtype (architecture.md: float32 about 1e-5, float64 about 1e-12).
 TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.float64: Tolerance(1e-12, 1e-10),
-    torch.float32: Tolerance(1e-5, 1e-4),
+    torch.float64: Tolerance(1e-12, 1e-12),
+    torch.float32: Tolerance(1e-5, 1e-5),
     torch.float16: Tolerance(5e-3, 5e-3),
     torch.bfloat16: Tolerance(5e-2, 5e-2),
-    torch.complex128: Tolerance(1e-12, 1e-10),
-    torch.complex64: Tolerance(1e-5, 1e-4),
+    torch.complex128: Tolerance(1e-12, 1e-12),
+    torch.complex64: Tolerance(1e-5, 1e-5),
 }
 
 

@@ -18,7 +18,7 @@ from .constraint import Conservation, IntegralConservation, constraints_of
 from .gaussian import Gaussian
 from .posterior import ConstrainedGaussian
 
-__all__ = ["METRICS", "enforce_conservation", "flat_event", "grid_view"]
+__all__ = ["METRICS", "condition", "enforce_conservation", "flat_event", "grid_view"]
 
 METRICS = ("covariance", "euclidean")
 
@@ -122,6 +122,28 @@ def enforce_conservation(
     if not isinstance(mean, Tensor):
         raise TypeError(f"{call}: mean must be a tensor, got {type(mean).__name__}.")
     check_finite_now(mean, call, "mean")
+    return condition(
+        mean, cons, variance=variance, covariance=covariance, low_rank=low_rank, noise=noise,
+        metric=metric, event_ndim=event_ndim, grid_shape=grid_shape, inputs=inputs, call=call,
+    )  # fmt: skip
+
+
+def condition(
+    mean: Tensor,
+    cons: Sequence[Conservation],
+    *,
+    variance: Tensor | None = None,
+    covariance: Any = None,
+    low_rank: Tensor | None = None,
+    noise: float | Tensor = 0.0,
+    metric: str = "covariance",
+    event_ndim: int | None = None,
+    grid_shape: Sequence[int] | None = None,
+    inputs: Any = None,
+    call: str = "enforce_conservation",
+) -> Gaussian:
+    """:func:`enforce_conservation` after its argument checks (the engine's entry: the layer has
+    already checked the model's output once)."""
     k = max(mean.ndim - 1, 1) if event_ndim is None else int(event_ndim)
     shape = grid_view(mean, k, grid_shape, call)
     lead = mean.shape[: mean.ndim - k]
