@@ -29,9 +29,6 @@ def check_finite_now(value: Tensor, where: str, what: str) -> None:
         raise ValueError(f"{where}: the {what} holds NaN or inf; expected finite values.")
 
 
-_check_finite = check_finite_now
-
-
 def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
     """Validate a value given at construction: a finite number, a floating tensor without NaN or
     inf (tensors that require grad are checked when evaluated instead), or a callable of the
@@ -43,7 +40,7 @@ def check_value(value: object, where: str, what: str, shapes: str = "") -> Any:
         if not (value.is_floating_point() or value.is_complex()):
             value = value.to(torch.get_default_dtype())
         if not value.requires_grad:
-            _check_finite(value, where, what)
+            check_finite_now(value, where, what)
         return value
     if isinstance(value, Real) and not isinstance(value, bool):
         value = float(value)
@@ -68,7 +65,7 @@ def evaluate_value(value: Any, inputs: Any, where: str, what: str) -> Tensor | f
         )
     if isinstance(value, Tensor):
         if value.requires_grad:  # learnable values are checked at each call, not at construction
-            _check_finite(value, where, what)
+            check_finite_now(value, where, what)
         return value
     if not callable(value):
         return value
@@ -88,7 +85,7 @@ def evaluate_value(value: Any, inputs: Any, where: str, what: str) -> Tensor | f
             f"{where}: the {what} callable must return a number or a tensor, got "
             f"{type(result).__name__}."
         )
-    _check_finite(result, where, what)
+    check_finite_now(result, where, what)
     return result
 
 
@@ -175,7 +172,7 @@ def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
                 else:
                     bound = check_value(given[value.name], f"{call}: {c!r}", what)
                 if isinstance(bound, Tensor) and bound.requires_grad and c.family != "bounds":
-                    _check_finite(bound, f"{call}: {c!r}", what)
+                    check_finite_now(bound, f"{call}: {c!r}", what)
                 setattr(c, attr, bound)
         out.append(c)
     return type(constraints)(out) if isinstance(constraints, tuple) else out

@@ -319,17 +319,24 @@ class ConstraintLayer(nn.Module):
         return self.adapter.constrain(out, lambda pred: self.project(pred, inputs, constraints))
 
     def project(
-        self, pred: Gaussian | Tensor, inputs: Any = None, constraints: Sequence[Any] | None = None
+        self,
+        pred: Gaussian | Tensor,
+        inputs: Any = None,
+        constraints: Sequence[Any] | None = None,
+        *,
+        physical: bool = False,
     ) -> Gaussian | Tensor:
         """Enforce the constraints (default: this wrapper's) on one prediction.
 
         ``pred``: the record the adapter reads (:class:`~constraint_layers.functional.Gaussian`;
-        a deterministic one has no variance), or a grid tensor; returns the same kind.
+        a deterministic one has no variance), or a grid tensor; returns the same kind. In the
+        model's units (through the normaliser, if any), or already in physical units with
+        ``physical=True``.
         """
         constraints = self.constraints if constraints is None else constraints
         if isinstance(pred, Tensor):
-            return self.project(Gaussian(pred, event_ndim=max(pred.ndim - 1, 1)), inputs,
-                                constraints).mean  # fmt: skip
+            record = Gaussian(pred, event_ndim=max(pred.ndim - 1, 1))
+            return self.project(record, inputs, constraints, physical=physical).mean
         call = type(self).__name__
         _check_prediction(pred, call)
         if pred.mean.is_complex() and any(c.family == "conservation" for c in constraints):
@@ -340,7 +347,7 @@ class ConstraintLayer(nn.Module):
             )
         if math.prod(pred.mean.shape[: pred.mean.ndim - pred.event_ndim]) == 0:
             return pred  # an empty batch: nothing to constrain
-        norm = current_normalizer(self.normalizer)
+        norm = None if physical else current_normalizer(self.normalizer)
         scale = None
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
@@ -371,12 +378,7 @@ class ConstraintLayer(nn.Module):
             raise TypeError(
                 f"{type(self).__name__}.correct: expected a tensor, got {type(y).__name__}."
             )
-        norm = object.__getattribute__(self, "normalizer")
-        try:
-            object.__setattr__(self, "normalizer", None)
-            return self.project(y, inputs, bcs)
-        finally:
-            object.__setattr__(self, "normalizer", norm)
+        return self.project(y, inputs, bcs, physical=True)
 
     def posterior(self, *args: Any, **kwargs: Any) -> Any:
         """The structured posterior of the model's output for these inputs (flattened event):

@@ -25,7 +25,6 @@ tensor([[1., 0., 0., 0., 0.]], dtype=torch.float64)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -162,8 +161,3 @@ class Constraint(Protocol):
     def rows(
         self, shape: Sequence[int], *, grid: GridSpec = DEFAULT_GRID, inputs: Any = None
     ) -> Rows: ...
-
-
-def event_size(shape: Sequence[int]) -> int:
-    """Values per sample of an output of ``shape`` = (batch, *event)."""
-    return math.prod(int(s) for s in shape[1:])

@@ -225,30 +225,6 @@ class Symbol:
         kbb = kbb.reshape(c_in, c_out, t, s, s).permute(2, 3, 1, 4, 0)  # (T, S_out, o, S_in, i)
         return kbb.reshape(t, s * c_out, s * c_in)
 
-    def face_spectrum(self, delta: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
-        """The DFT on the box of the field that holds ``delta`` on the faces and 0 elsewhere.
-
-        Parameters
-        ----------
-        delta : Tensor
-            shape: (B, C, S, T), complex: the face data in the tangential Fourier basis of
-            :meth:`tangential`.
-
-        Returns
-        -------
-        Tensor
-            shape: (B, C, *box), complex.
-        """
-        n = len(self.grid)
-        m = self.grid[axis]
-        k = self.idx[axis].to(torch.float64)
-        p = torch.tensor(list(pos), dtype=torch.float64, device=delta.device)
-        phase = torch.exp(-2j * math.pi * p[:, None] * k[None, :] / m).to(delta.dtype)  # (S, K)
-        x = torch.einsum("bcst,sk->bckt", delta, phase)
-        tan = [len(self.idx[d]) for d in range(n) if d != axis]
-        x = x.reshape(*x.shape[:3], *tan)
-        return x.movedim(2, 2 + axis)
-
     def respond(self, x: Tensor) -> Tensor:
         """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box)."""
         h = self.h.to(x.dtype)
