@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
@@ -23,7 +25,14 @@ def data():
 
 def worker(rank: int, world: int, store: str, out: str) -> None:
     # a file store: no TCP port to race for with other processes on the machine
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # a bounded timeout: a stuck rendezvous or collective fails the test instead of hanging CI
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     model = torch.nn.parallel.DistributedDataParallel(build())
     x, y = data()
     shard = slice(rank * 8 // world, (rank + 1) * 8 // world)
