@@ -29,6 +29,8 @@ from linear_operator.operators import (
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
+from constraint_layers.conservation.linalg import sparse_rows
+
 __all__ = [
     "ConditionedCovariance",
     "ConstrainedMultitaskMultivariateNormal",
@@ -104,14 +106,14 @@ class SparseCrossSum(SumLinearOperator):
     """
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        if rhs.ndim != 2 or rhs.shape[-1] < 4 or rhs.is_sparse:
+        if rhs.ndim != 2 or rhs.shape[-1] < 4 or rhs.layout != torch.strided:
             return super()._matmul(rhs)
-        if int(torch.count_nonzero(rhs)) * 4 > rhs.numel():
+        rows = sparse_rows(rhs.mT)  # G: (M, N), its CSR form cached across calls
+        if rows is None:
             return super()._matmul(rhs)
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            sparse = rhs.mT.to_sparse_csr()  # G: (M, N)
-            return sum(_times_sparse(op, rhs, sparse) for op in self.linear_ops)
+            return sum(_times_sparse(op, rhs, rows.csr) for op in self.linear_ops)
 
 
 def _times_sparse(op: LinearOperator, rhs: Tensor, sparse: Tensor) -> Tensor:

@@ -41,12 +41,14 @@ from .gaussian import (
 )
 from .linalg import (
     _check_rows,
+    _gram,
     _inexact,
     _inverse_root,
     _polish,
     _rowdot,
     _solve_with,
     _warn_nearly_dependent,
+    sparse_rows,
 )
 from .posterior import ConstrainedGaussian
 
@@ -91,6 +93,7 @@ class _Solved(NamedTuple):
     s2: Tensor | None  # (*nb, M) noise variance as used
     cross: Tensor | None = None  # (*batch, N, M) W G^T when it was formed
     polish: Tensor | None = None  # (*batch, M, M) Cholesky factor of the polish step
+    factor: Tensor | None = None  # (*batch, N, M) W G^T R when it was formed
 
 
 def conserve(
@@ -204,6 +207,7 @@ def conserve(
     )
     out._P = solved.cross
     out._polish = solved.polish
+    out._F = solved.factor  # F = W G^T R, already formed for the variance (or None)
     return out
 
 
@@ -229,6 +233,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if isinstance(prior, (_Diag, _LowRank)) and prior.d is not None:
         _check_variance(prior.d, "variance", call)
     G64 = G.to(F64)
+    sparse = None if needs_grad else sparse_rows(G64)
     r = _rowdot(G64, mean.to(F64)) - b
     _check_residual(r, call)
     if metric == "euclidean":
@@ -237,15 +242,15 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
         P = prior.cross_checked(G64.mT, call)
     else:
         P = prior.cross(G64.mT)
-    A = G64 @ P
+    A = _gram(G64, P, sparse)
     if s2 is not None:
         A = A + torch.diag_embed(s2)
     root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call)
     if root.polish and s2 is None:
-        _warn_nearly_dependent(G64.detach(), mean.detach(), r.detach(), call)
+        _warn_nearly_dependent(G64.detach(), mean.detach(), r.detach(), call, sparse)
     coef = _solve_with(root.R, r)
     mean_t = mean.to(F64) - (P @ coef.unsqueeze(-1)).squeeze(-1)
-    var_t = None
+    var_t = F = None
     if metric == "covariance":
         F = P @ root.R
         var_t = prior.diag() - F.square().sum(-1)
@@ -254,8 +259,8 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     chol2 = None
     if s2 is None and (root.polish or _inexact(mean_t, G64, b)):
         w = None if metric == "euclidean" else prior.diag()
-        mean_t, chol2 = _polish(mean_t, G64, b, w, call)
-    return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2)
+        mean_t, chol2 = _polish(mean_t, G64, b, w, call, sparse)
+    return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2, F)
 
 
 def _check_residual(r: Tensor, call: str) -> None:

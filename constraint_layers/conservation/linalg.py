@@ -3,6 +3,7 @@ polish step that keeps ``G mean = b`` exact, the near-dependence warning (privat
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -21,6 +22,79 @@ __all__ = []
 PIVOT_RTOL = 1e-12
 #: Below this pivot ratio the update is followed by an exactness correction (the polish step).
 POLISH_RTOL = 1e-6
+
+
+#: A matrix of rows is handled as sparse when at most this fraction of its entries is non-zero.
+SPARSE_FRACTION = 0.25
+#: Matrices of rows remembered by :func:`sparse_rows` (most recent first) and the largest kept.
+_CACHE_SIZE, _CACHE_NUMEL = 8, 1 << 21
+_cache: list[tuple[Tensor, _SparseRows]] = []
+_cache_lock = threading.Lock()
+
+
+class _SparseRows:
+    """A fixed matrix of rows ``G`` (M, N) in compressed sparse row form, with what the
+    conditioning derives from ``G`` alone (its normalised Gram eigen-decomposition), computed
+    once per distinct ``G`` (see :func:`sparse_rows`)."""
+
+    def __init__(self, G: Tensor) -> None:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            self.csr = G.to_sparse_csr()
+        self._geometry: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def mm(self, X: Tensor) -> Tensor:
+        """``G @ X`` for X (N, K) in G's dtype: (M, K)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse.mm(self.csr, X)
+
+    def geometry(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Row norms (M,), and the eigenvalues (M,) and vectors (M, M) of the normalised Gram
+        matrix ``Gn Gn^T`` (float64)."""
+        if self._geometry is None:
+            G = self.csr.to_dense().to(F64)
+            self._geometry = _gram_geometry(G)
+        return self._geometry
+
+
+def sparse_rows(G: Tensor) -> _SparseRows | None:
+    """``G`` (M, N) as :class:`_SparseRows` when it is a plain 2-D matrix, mostly zeros and free of
+    autograd; None otherwise (use dense products).
+
+    The conditioning is called again and again with the same rows (a wrapper, every forward
+    pass), each time as a freshly built dense tensor; the sparse form and the row geometry are
+    kept for the few most recent distinct matrices, found again by exact equality (one pass
+    over ``G``, far cheaper than the conversion).
+    """
+    if G.ndim != 2 or G.layout != torch.strided or G.requires_grad or G.is_complex():
+        return None
+    if G.numel() < 4096:
+        return None  # small: dense products are as fast
+    with _cache_lock:
+        for i, (key, value) in enumerate(_cache):
+            if (
+                key.shape == G.shape and key.dtype == G.dtype and key.device == G.device
+                and torch.equal(key, G)
+            ):  # fmt: skip
+                if i:
+                    _cache.insert(0, _cache.pop(i))
+                return value
+    if int(torch.count_nonzero(G)) > SPARSE_FRACTION * G.numel():
+        return None
+    value = _SparseRows(G)
+    if G.numel() <= _CACHE_NUMEL:
+        with _cache_lock:
+            _cache.insert(0, (G.detach().clone(), value))
+            del _cache[_CACHE_SIZE:]
+    return value
+
+
+def _gram(G: Tensor, P: Tensor, sparse: _SparseRows | None) -> Tensor:
+    """``G @ P`` for P (*, N, M), with the sparse form of G when there is one."""
+    if sparse is not None and P.ndim == 2 and P.dtype == sparse.csr.dtype:
+        return sparse.mm(P)
+    return G @ P
 
 
 def _rowdot(G: Tensor, x: Tensor) -> Tensor:
@@ -127,6 +201,7 @@ def _warn_nearly_dependent(
     mean: Tensor,  # (*batch, N)
     r: Tensor,  # (*batch, M) float64: G mean - b
     call: str,
+    sparse: _SparseRows | None = None,  # G's sparse form (its geometry is cached there)
 ) -> None:
     """Warn when nearly dependent rows state conflicting totals (checked only when ``A`` is
     ill-conditioned, so well-posed systems pay nothing).
@@ -141,10 +216,7 @@ def _warn_nearly_dependent(
     m = G.shape[-2]
     if m < 2:
         return
-    G64 = G.to(F64)
-    norms = G64.norm(dim=-1).clamp_min(torch.finfo(F64).tiny)  # (*gb, M)
-    Gn = G64 / norms.unsqueeze(-1)
-    lam, U = torch.linalg.eigh(Gn @ Gn.mT)  # (*gb, M), (*gb, M, M)
+    norms, lam, U = _gram_geometry(G.to(F64)) if sparse is None else sparse.geometry()
     near = lam < NEAR_DEPENDENCE_RTOL * lam[..., -1:]
     if not bool(near.any()):
         return
@@ -173,6 +245,14 @@ def _warn_nearly_dependent(
     )
 
 
+def _gram_geometry(G64: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row norms and the eigen-decomposition of the normalised rows' Gram matrix (float64)."""
+    norms = G64.norm(dim=-1).clamp_min(torch.finfo(F64).tiny)  # (*gb, M)
+    Gn = G64 / norms.unsqueeze(-1)
+    lam, U = torch.linalg.eigh(Gn @ Gn.mT)  # (*gb, M), (*gb, M, M)
+    return norms, lam, U
+
+
 def _solve_with(R: Tensor, v: Tensor) -> Tensor:
     """``A^+ v = R R^T v``; v: (*, M)."""
     if R.shape[-1] == 1 and R.shape[-2] == 1:
@@ -194,6 +274,7 @@ def _polish(
     b: Tensor,  # (*bb, M) float64
     w: Tensor | None,  # (*b, N) marginal variances, or None (Euclidean)
     call: str,
+    sparse: _SparseRows | None = None,  # G's sparse form, if it has one
 ) -> tuple[Tensor, Tensor | None]:
     """Remove what is left of ``G mean - b`` with the metric ``diag(w)`` (or ``I``).
 
@@ -203,7 +284,7 @@ def _polish(
     G64 = G.to(F64)
     r = _rowdot(G64, mean) - b
     P = G64.mT if w is None else w.to(F64).unsqueeze(-1) * G64.mT
-    A = G64 @ P
+    A = _gram(G64, P, sparse)
     diag = _check_rows(A, lambda: (G64.detach() != 0).any(-1), call)
     L, info = torch.linalg.cholesky_ex(A)
     ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag

@@ -314,3 +314,43 @@ def test_row_outside_the_covariance_range_is_enforced_by_the_polish():
     b = torch.randn(2, 3, dtype=F64, generator=g)
     post = cl.functional.conserve(mu, G, b, low_rank=L)
     assert float((post.mean @ G.mT - b).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_sparse_rows_are_recomputed_for_new_values(dtype):
+    """Sparse rows (integrals per time frame, N >= 4096) take a cached CSR path: matrices of the
+    same shape and pattern but other values, a matrix changed in place, and a dense matrix give
+    the dense reference every time (the cache is found by exact equality, never by identity)."""
+    from constraint_layers.conservation import linalg
+
+    g = torch.Generator().manual_seed(3)
+    t, x = 8, 64  # G: 8 x 512, 1/8 of it non-zero
+    n = t * x
+    pts = torch.cartesian_prod(torch.linspace(0, 1, t, dtype=F64), torch.linspace(0, 1, x, dtype=F64))
+    S = torch.exp(-0.5 * torch.cdist(pts, pts).square() / 0.3**2) + 1e-3 * torch.eye(n, dtype=F64)
+    mu = torch.randn(n, dtype=F64, generator=g)
+    b = torch.randn(t, dtype=F64, generator=g)
+    G = torch.zeros(t, n, dtype=F64)
+    for i in range(t):
+        G[i, i * x : (i + 1) * x] = torch.rand(x, dtype=F64, generator=g) + 0.5
+    assert linalg.sparse_rows(G) is not None
+    dense_rows = torch.randn(t, n, dtype=F64, generator=g)
+    assert linalg.sparse_rows(dense_rows) is None  # dense: no sparse form
+    for rows in (G, G * 2.0, G.clone().mul_(-1.0), dense_rows, G):
+        post = cl.functional.conserve(mu.to(dtype), rows, b, covariance=S.to(dtype))
+        ref, ref_cov = dense_update(
+            mu.to(dtype).to(F64)[None], rows, b[None], covariance=S.to(dtype).to(F64)[None]
+        )
+        ref, ref_cov = ref[0], ref_cov[0]
+        tol = 1e-8 if dtype == F64 else 1e-3
+        torch.testing.assert_close(post.mean.to(F64), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            post.variance.to(F64), ref_cov.diagonal(), rtol=tol, atol=tol * float(S.max())
+        )
+        assert float((post.mean.to(F64) @ rows.mT - b).abs().max()) < (1e-10 if dtype == F64 else 1e-3)
+    H = G.clone()
+    first = cl.functional.conserve(mu, H, b, covariance=S).mean
+    H[0, :x] *= 3.0  # the same tensor, changed in place
+    post = cl.functional.conserve(mu, H, b, covariance=S)
+    assert float((post.mean @ H.mT - b).abs().max()) < 1e-10
+    assert not torch.allclose(post.mean, first)
