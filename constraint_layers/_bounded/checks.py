@@ -13,6 +13,8 @@ F64 = torch.float64
 EPS = torch.finfo(F64).eps
 #: Float64 values per block of the separable solver (its temporaries stay in cache).
 CHUNK = 1 << 15
+#: Values per group of short rows solved together (their blocks are loaded once per group).
+GROUP = 1 << 17
 #: Newton steps per group of rows before the rows left fall back to the breakpoint search.
 MAX_NEWTON = 60
 #: A row has converged when |f(lam) - d| <= RTOL * (sum_i |c_i x_i| + |d|).

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .checks import (
     CHUNK,
+    GROUP,
     EPS,
     F64,
     MAX_NEWTON,
@@ -95,15 +96,16 @@ class _Problem:
         )
 
 
-def _evaluate(blk: tuple, lam: Tensor, out: Tensor | None = None, scale: bool = False):
-    """Row sums of one block at ``lam`` (rows, 1) float64: (sum c x, slope, sum |c x| or None).
+def _evaluate(blk: tuple, lam: Tensor | None, out: Tensor | None = None, scale: bool = False):
+    """Row sums of one block at ``lam`` (rows, 1) float64 (None: 0): (sum c x, slope,
+    sum |c x| or None).
 
     The slope counts the entries with ``x == v`` (free, or exactly at a bound: a tie, the slope
     of one side). The indicator is formed as ``1 - |sign(v - x)|`` in float arithmetic (several
     times faster on CPU than a boolean mask and ``where``).
     """
     u, c, a, ac, lo, hi, _ = blk
-    v = torch.addcmul(u, a, lam, value=-1.0)  # u - a lam
+    v = u if lam is None else torch.addcmul(u, a, lam, value=-1.0)  # u - a lam (None: 0)
     if lo is None and hi is None:
         x, slope = v, ac.expand(v.shape).sum(-1)
     else:
@@ -133,7 +135,8 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         """(f(lam) - d, slope, rounding scale) per row; ``write``: x into ``out[rs]``."""
         r = torch.zeros(nrow, dtype=F64, device=dev)
         s, scale = torch.zeros_like(r), torch.zeros_like(r)
-        lam_ = lam.unsqueeze(-1)
+        # the first evaluation is at lam = 0: x = clip(u), nothing to subtract
+        lam_ = None if first and not force_sort and not bool(lam.any()) else lam.unsqueeze(-1)
         for cs, blk in blocks():
             if first:
                 prob.check_block(blk)
@@ -157,11 +160,14 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         hi_b = torch.full_like(lam, math.inf)
         r_lo, r_hi = torch.full_like(lam, math.inf), torch.full_like(lam, -math.inf)
         for it in range(MAX_NEWTON):
-            r, s, sc = f(lam, write=True, first=it == 0)
+            # x is written at every step but the first (at lam = 0 the rows rarely hold already)
+            r, s, sc = f(lam, write=it > 0, first=it == 0)
             if it == 0:  # the rounding scale of the row sums: sum |c x| + |d| at the start
                 tol = RTOL * sc
             todo = ~(r.abs() <= tol)
             if not bool(todo.any()):
+                if it == 0:
+                    f(lam, write=True)
                 return lam
             pos, neg = todo & (r > 0), todo & (r < 0)  # f decreasing: the root lies right / left
             lo_b, r_lo = torch.where(pos, lam, lo_b), torch.where(pos, r, r_lo)
@@ -260,7 +266,7 @@ def _solve_rows(prob: _Problem, force_sort: bool = False) -> tuple[Tensor, Tenso
     """All groups; returns (x in the output dtype (R, n), lam float64 (R,))."""
     out = torch.empty((prob.rows, prob.n), dtype=prob.out_dtype, device=prob.u.device)
     lam = torch.empty(prob.rows, dtype=F64, device=prob.u.device)
-    per = max(1, CHUNK // max(prob.n, 1))
+    per = max(1, GROUP // max(prob.n, 1))
     for r0 in range(0, prob.rows, per):
         rs = slice(r0, min(r0 + per, prob.rows))
         lam[rs] = _solve_group(prob, rs, out, force_sort)
@@ -397,7 +403,8 @@ def project_bounded_rows(
 
     Notes
     -----
-    Cost: the rows are processed in groups of about ``CHUNK`` values held in cache; each group
+    Cost: rows are processed in groups of about ``GROUP`` values (rows longer than ``CHUNK`` in
+    blocks of ``CHUNK`` values); each group
     takes a few Newton steps on that data (about 2 when no bound is active, 3 to 6 otherwise),
     so the inputs are read once and the result written once for rows up to ``CHUNK`` entries.
     Longer rows take one pass over the row per step. The caller's tensors are never modified.

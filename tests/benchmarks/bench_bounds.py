@@ -11,7 +11,9 @@ active on about 10% of the nodes. Each case times, in the same run:
   (the equality-only update, the bounded step, the variance conditioned on the active set)
   against ``cl.wrap(head, mass)``: the ratio a user pays for the bounds.
 
-Target: ``bounded`` at most 3x ``conserve``. Run (not collected by pytest)::
+The five calls of a case run interleaved, in rounds; times are medians over the rounds and the
+ratios medians of the per-round ratios. Target: ``bounded`` at most 3x ``conserve``. Run (not
+collected by pytest), with the machine otherwise idle::
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_bounds.py            # full sizes
     OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_bounds.py --quick    # small sizes
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import time
 
 import torch
@@ -32,17 +35,28 @@ from constraint_layers._bounded import project_bounded_rows
 conserve = cl.functional.conserve
 
 
-def best_time(repeats: int, fn, *args, budget: float = 30.0, **kwargs) -> float:
-    """Best wall time per call in seconds (one warm-up call, best of ``repeats``)."""
-    fn(*args, **kwargs)
-    best, start = math.inf, time.perf_counter()
+def interleaved(repeats: int, calls: dict, budget: float = 60.0) -> dict[str, list[float]]:
+    """Wall times per call of each entry of ``calls`` (name -> zero-argument function), taken in
+    rounds (every function once per round, in the same order), after one warm-up round: a
+    slow spell of the machine hits every function of a round alike, so per-round ratios are
+    steadier than ratios of separate best times."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        fn()
+    start = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args, **kwargs)
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget:
             break
-    return best
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """The median over rounds of ``num / den`` (times of the same round)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def trapezoid(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -79,15 +93,21 @@ class _Head(torch.nn.Module):
 def run_case(name: str, batch: int, rows: int, n: int, dtype: torch.dtype, repeats: int) -> dict:
     u, var, c, d = problem(batch, rows, n, dtype)
     b = d.unsqueeze(-1).to(dtype)  # conserve: one row per frame, (*batch, M=1)
-    t_eq = best_time(repeats, conserve, u, c.unsqueeze(0), b, variance=var)
-    t_bd = best_time(repeats, project_bounded_rows, u, c, d, weight=var, lower=0.0)
-    t_nb = best_time(repeats, project_bounded_rows, u, c, d, weight=var)
     head = _Head(var.reshape(batch, 1, rows, n))
     mass = cl.Conservation.integral(d.reshape(batch, 1, rows), dim=1)
     grid = u.reshape(batch, 1, rows, n)
+    plain, bounded = cl.wrap(head, mass), cl.wrap(head, mass, cl.Bounds(lower=0.0))
     with torch.no_grad():
-        t_le = best_time(repeats, cl.wrap(head, mass), grid)
-        t_lb = best_time(repeats, cl.wrap(head, mass, cl.Bounds(lower=0.0)), grid)
+        t = interleaved(
+            repeats,
+            {
+                "conserve": lambda: conserve(u, c.unsqueeze(0), b, variance=var),
+                "bounded": lambda: project_bounded_rows(u, c, d, weight=var, lower=0.0),
+                "nobound": lambda: project_bounded_rows(u, c, d, weight=var),
+                "layer": lambda: plain(grid),
+                "layer_bounds": lambda: bounded(grid),
+            },
+        )
     x = project_bounded_rows(u, c, d, weight=var, lower=0.0)
     active = float((x == 0).double().mean())
     res = float(((c.double() * x.double()).sum(-1) - d).abs().max())
@@ -96,11 +116,11 @@ def run_case(name: str, batch: int, rows: int, n: int, dtype: torch.dtype, repea
         "N": batch * rows * n,
         "dtype": str(dtype).replace("torch.", ""),
         "active": active,
-        "conserve_s": t_eq,
-        "bounded_s": t_bd,
-        "nobound_s": t_nb,
-        "ratio": t_bd / t_eq,
-        "layer_ratio": t_lb / t_le,
+        "conserve_s": statistics.median(t["conserve"]),
+        "bounded_s": statistics.median(t["bounded"]),
+        "nobound_s": statistics.median(t["nobound"]),
+        "ratio": paired_ratio(t["bounded"], t["conserve"]),
+        "layer_ratio": paired_ratio(t["layer_bounds"], t["layer"]),
         "residual": res,
     }
 
@@ -108,7 +128,7 @@ def run_case(name: str, batch: int, rows: int, n: int, dtype: torch.dtype, repea
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds per case")
     args = ap.parse_args()
     if args.quick:
         cases = [
@@ -124,7 +144,7 @@ def main() -> None:
         ]
     print(
         f"torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}; "
-        "times are the best of the repeats"
+        "times: medians over interleaved rounds; ratios: medians of per-round ratios"
     )
     head = (
         f"| {'case':28s} | {'dtype':7s} | {'N':>9s} | active | conserve (s) | bounded (s) | "
