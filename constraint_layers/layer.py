@@ -21,7 +21,8 @@ passed on; a normaliser's scale is finite and non-zero; the result is finite whe
 construction are checked once, at construction (finite), and again when a tensor value is cast
 to a narrower output dtype (overflow). Only with ``debug=True``: every row's residual after the
 projection, against the tolerance table of ``constraint_layers._tolerance`` (a NaN residual
-fails too). The functional API (``enforce_boundary``, ``enforce_conservation``, ``conserve``)
+fails too), and every value within the bounds (``cl.Bounds``, exactly). The functional API
+(``enforce_boundary``, ``enforce_conservation``, ``conserve``)
 checks its inputs the same way.
 
 Every family treats rows alike: rows that follow from the others with the same value are
@@ -54,6 +55,7 @@ from ._values import bind_given, check_finite_now, given_names
 from .boundary.enforce import boundary_residuals, check_lift
 from .boundary.enforce import conditions as boundary_conditions
 from .boundary.refine import KERNEL_GRADS, Refinement, RefinementContext
+from .bounds import resolve_bounds
 from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
@@ -129,8 +131,9 @@ class ConstraintLayer(nn.Module):
     adapter : Adapter, optional
         How to call the model and read its output; default: looked up in the registry.
     debug : bool, default False
-        Check every row's residual after each call; raise
-        :class:`~constraint_layers.errors.ConstraintViolationError` beyond rounding.
+        Check every row's residual after each call, and every value against the bounds
+        (exactly); raise :class:`~constraint_layers.errors.ConstraintViolationError` beyond
+        rounding (outside a bound at all).
 
     Examples
     --------
@@ -472,6 +475,9 @@ class ConstraintLayer(nn.Module):
                     f"projection (tolerance {tol:.1e} for {y.dtype}). This is a bug: please "
                     "report it with the constraints and the output shape."
                 )
+        bounds = [c for c in constraints if c.family == "bounds"]
+        if bounds:
+            _check_bounds(y, bounds, inputs, tuple(post.mean.shape), call)
 
     def extra_repr(self) -> str:
         opts = [f"constraints={list(self.constraints)}"]
@@ -486,6 +492,30 @@ class ConstraintLayer(nn.Module):
         if self.grid_shape is not None:
             opts.append(f"grid_shape={self.grid_shape}")
         return ", ".join(opts)
+
+
+def _check_bounds(
+    y: Tensor, bounds: Sequence[Any], inputs: Any, flat_shape: tuple[int, ...], call: str
+) -> None:
+    """The debug check of the bounds: every value within them, exactly (no tolerance: the
+    projection puts active values on their bound and clips the rest)."""
+    lo, hi = resolve_bounds(
+        bounds, y.shape, dtype=y.dtype, device=y.device, inputs=inputs, flat_shape=flat_shape,
+        call=call,
+    )  # fmt: skip
+    for side, lim, outside in (
+        ("lower", lo, None if lo is None else ~(y >= lo)),  # NaN is outside too
+        ("upper", hi, None if hi is None else ~(y <= hi)),
+    ):
+        if outside is not None and bool(outside.any()):
+            idx = tuple(int(i) for i in outside.nonzero()[0])
+            raise ConstraintViolationError(
+                f"{call}(debug=True): the value {float(y[idx])!r} at index {idx} of the output "
+                f"{tuple(y.shape)} (batch, channel, d1, ...) is outside its {side} bound "
+                f"{float(lim.expand(y.shape)[idx])!r} after the projection ({int(outside.sum())} "
+                f"value(s) in all; bounds {list(bounds)}). This is a bug: please report it with "
+                "the constraints and the output shape."
+            )
 
 
 def _value_scale(bc: Any, h: float) -> float:

@@ -304,3 +304,29 @@ def test_bad_bounds():
     model = cl.wrap(torch.nn.Identity(), cl.Bounds(lower=torch.zeros(3)))
     with pytest.raises(cl.errors.GridError, match="does not broadcast"):
         model(torch.randn(2, 1, 5))
+
+
+def test_debug_checks_the_bounds(monkeypatch):
+    """debug=True checks every value against the bounds, exactly: a projection that leaves a
+    value outside (simulated) raises and names it; the correct projection passes."""
+    from constraint_layers import _project_bounds
+    from constraint_layers.errors import ConstraintViolationError
+
+    u, mass = _problem(0)
+    model = cl.wrap(torch.nn.Identity(), mass, cl.Bounds(lower=0.0, upper=2.0), debug=True)
+    y = model(u)  # the real projection: within the bounds
+    assert in_bounds(y, 0.0, 2.0)
+    real = _project_bounds.project_with_bounds
+
+    def leaky(pred, *args, **kwargs):
+        out = real(pred, *args, **kwargs)
+        mean = out.mean.clone(memory_format=torch.contiguous_format)
+        flat = mean.view(-1)
+        flat[int((flat == 0).nonzero()[0])] = -1e-30  # an active bound, just below (rows hold)
+        return out._replace(mean=mean)
+
+    monkeypatch.setattr(_project_bounds, "project_with_bounds", leaky)  # the engine's import
+    with pytest.raises(ConstraintViolationError, match=r"outside its lower bound 0\.0"):
+        model(u)
+    plain = cl.wrap(torch.nn.Identity(), mass, cl.Bounds(lower=0.0, upper=2.0))
+    assert float(plain(u).min()) == -1e-30  # without debug: not checked
