@@ -220,11 +220,91 @@ def test_dirichlet_conservation_bounds_gaussian_matches_qp():
         np.testing.assert_allclose(mean[s].flatten().numpy(), ref, atol=1e-7)
 
 
-def test_neumann_wall_outside_bounds_raises():
-    u = torch.zeros(1, 1, 11, dtype=F64)
-    u[0, 0, 2] = 1.0  # the order-2 stencil sets u_0 = (4 u_1 - u_2) / 3 < 0
-    model = cl.wrap(torch.nn.Identity(), cl.Neumann(0.0), cl.Bounds(lower=0.0))
-    with pytest.raises(ConstraintError, match="boundary conditions"):
+def qp_moved_free(u, C, d, lo, hi, moved) -> np.ndarray:
+    """The boundary step's problem in the full space (float64): min sum over the values the
+    step leaves unchanged of (x - u)^2, the moved values free, s.t. C x = d (the boundary rows
+    where each condition is in charge, then the conservation rows), lo <= x <= hi everywhere
+    (scipy's bounded-variable least squares; rows weighted by 1e6)."""
+    u = np.asarray(u, dtype=np.float64)
+    keep = ~np.asarray(moved)
+    R = np.eye(u.size)[keep]
+    A = np.vstack([R, 1e6 * np.asarray(C, dtype=np.float64)])
+    rhs = np.concatenate([R @ u, 1e6 * np.asarray(d, dtype=np.float64)])
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), u.size)
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), u.size)
+    return lsq_linear(A, rhs, bounds=(lo, hi), method="bvls", tol=1e-15).x
+
+
+def _step_rows(shape, bcs):
+    """The boundary rows where each condition is in charge and the positions the step sets."""
+    from constraint_layers._grid import resolve_spacing
+    from constraint_layers.boundary.enforce import boundary_rows, plan
+
+    hs = resolve_spacing(shape[2:])
+    rows = boundary_rows(shape, bcs, spacing=hs, include_overridden=False)
+    n = int(np.prod(shape[1:]))
+    G = torch.cat([r.dense(n) for r in rows])
+    b = torch.cat([r.rhs for r in rows], -1)
+    moved = torch.zeros(n, dtype=torch.bool)
+    for c in plan(shape, bcs, hs, 0, True, "test").conds:
+        moved[c.moves.reshape(-1)] = True
+        moved[c.index.gather(1, c.pivot.unsqueeze(1)).reshape(-1)] = True
+    return G, b, moved
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_mass", [False, True])
+def test_neumann_pivot_outside_bounds_is_held_at_the_bound(seed, with_mass):
+    """A Neumann stencil sets the wall value from the interior (u_0 = (4 u_1 - u_2) / 3 for
+    order 2), which can leave the bounds; those values join the projection as inequalities:
+    the result is the QP solution with the walls' values free but bounded, exactly."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, 1, 13)
+    u = torch.rand(shape, dtype=F64, generator=g)
+    u[:, :, 1] = 0.02 * torch.rand(3, 1, dtype=F64, generator=g)  # next to the wall: near 0
+    u[:, :, 2] = 0.8 + torch.rand(3, 1, dtype=F64, generator=g)  # the pivot goes negative
+    u[:, :, -2] = 0.01
+    bcs = [cl.Neumann(0.0, side="low"), cl.Neumann(0.5, side="high")]
+    con = [cl.Conservation.integral(0.4)] if with_mass else []
+    model = cl.wrap(torch.nn.Identity(), *bcs, *con, cl.Bounds(0.0, 1.2), debug=True)
+    y = model(u)
+    assert in_bounds(y, 0.0, 1.2)
+    assert bool((y[:, 0, 0] == 0).all())  # held at the bound (it was below)
+    G, b, moved = _step_rows(shape, bcs)
+    if with_mass:
+        Gc, bc = per_frame_rows(con[0], shape)
+        G, b = torch.cat([G, Gc]), torch.cat([b.expand(3, -1), bc], -1)
+    b = b.expand(3, -1)
+    for s in range(3):
+        ref = qp_moved_free(u[s].flatten(), G, b[s], 0.0, 1.2, moved)
+        np.testing.assert_allclose(y[s].flatten().numpy(), ref, atol=1e-7)
+        res = G @ y[s].flatten() - b[s]
+        assert float(res.abs().max()) < 1e-12
+
+
+def test_neumann_pivot_bounds_2d_and_gradients():
+    """2D: Dirichlet on x, Neumann on y, bounds: the QP solution; differentiable (gradcheck,
+    away from kinks) through the active set over the walls."""
+    g = torch.Generator().manual_seed(9)
+    shape = (1, 1, 6, 7)
+    u = 0.5 + 0.3 * torch.rand(shape, dtype=F64, generator=g)
+    u[..., 1] = 0.01
+    u[..., 2] = 1.0  # the low-y Neumann pivot (4 u_1 - u_2) / 3 < 0 along the face
+    bcs = [cl.Dirichlet(0.5, dim=0), cl.Neumann(0.0, dim=1, side="low")]
+    model = cl.wrap(torch.nn.Identity(), *bcs, cl.Bounds(lower=0.0), debug=True)
+    y = model(u)
+    G, b, moved = _step_rows(shape, bcs)
+    ref = qp_moved_free(u.flatten(), G, b[0], 0.0, np.inf, moved)
+    np.testing.assert_allclose(y.flatten().numpy(), ref, atol=1e-7)
+    x = u.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: model(t), (x,), eps=1e-7, atol=1e-6)
+
+
+def test_dirichlet_wall_outside_bounds_raises():
+    """A Dirichlet value outside the bounds: no other value changes it, so it raises."""
+    u = torch.rand(1, 1, 11, dtype=F64)
+    model = cl.wrap(torch.nn.Identity(), cl.Dirichlet(-0.5), cl.Bounds(lower=0.0))
+    with pytest.raises(ConstraintError, match="no choice of the other values changes it"):
         model(u)
 
 

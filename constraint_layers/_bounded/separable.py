@@ -10,9 +10,9 @@ from torch import Tensor
 
 from .checks import (
     CHUNK,
-    GROUP,
     EPS,
     F64,
+    GROUP,
     MAX_NEWTON,
     RTOL,
     Bound,

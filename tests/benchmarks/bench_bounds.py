@@ -22,7 +22,6 @@ collected by pytest), with the machine otherwise idle::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import time

@@ -326,7 +326,9 @@ def test_sparse_rows_are_recomputed_for_new_values(dtype):
     g = torch.Generator().manual_seed(3)
     t, x = 8, 64  # G: 8 x 512, 1/8 of it non-zero
     n = t * x
-    pts = torch.cartesian_prod(torch.linspace(0, 1, t, dtype=F64), torch.linspace(0, 1, x, dtype=F64))
+    pts = torch.cartesian_prod(
+        torch.linspace(0, 1, t, dtype=F64), torch.linspace(0, 1, x, dtype=F64)
+    )
     S = torch.exp(-0.5 * torch.cdist(pts, pts).square() / 0.3**2) + 1e-3 * torch.eye(n, dtype=F64)
     mu = torch.randn(n, dtype=F64, generator=g)
     b = torch.randn(t, dtype=F64, generator=g)
@@ -347,7 +349,9 @@ def test_sparse_rows_are_recomputed_for_new_values(dtype):
         torch.testing.assert_close(
             post.variance.to(F64), ref_cov.diagonal(), rtol=tol, atol=tol * float(S.max())
         )
-        assert float((post.mean.to(F64) @ rows.mT - b).abs().max()) < (1e-10 if dtype == F64 else 1e-3)
+        assert float((post.mean.to(F64) @ rows.mT - b).abs().max()) < (
+            1e-10 if dtype == F64 else 1e-3
+        )
     H = G.clone()
     first = cl.functional.conserve(mu, H, b, covariance=S).mean
     H[0, :x] *= 3.0  # the same tensor, changed in place
