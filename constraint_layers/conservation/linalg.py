@@ -27,7 +27,7 @@ POLISH_RTOL = 1e-6
 #: A matrix of rows is handled as sparse when at most this fraction of its entries is non-zero.
 SPARSE_FRACTION = 0.25
 #: Matrices of rows remembered by :func:`sparse_rows` (most recent first) and the largest kept.
-_CACHE_SIZE, _CACHE_NUMEL = 8, 1 << 21
+_CACHE_SIZE, _CACHE_NUMEL = 4, 1 << 20
 _cache: list[tuple[Tensor, _SparseRows]] = []
 _cache_lock = threading.Lock()
 
