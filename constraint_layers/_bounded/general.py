@@ -496,17 +496,17 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
         )  # pinned entries: held by their rows
         found, jitter = "singular", 0.0
         # a numerically singular metric (a GP posterior covariance, PSD only to rounding): a
-        # relative jitter on the diagonal of the movable entries, raised until the systems factor
+        # relative jitter on the diagonal of the movable entries, raised until the rows (with
+        # the pinned entries) factor in the metric; the active set is searched in that metric
         top = float(W.diagonal().amax()) if N else 0.0
         for rel in JITTER:
-            jitter = rel * top
-            Wj = _jittered(W, fixed, jitter)
-            if int(torch.linalg.cholesky_ex(Ck @ Wj @ Ck.T)[1]) == 0:  # else GI raises
+            Wj = _jittered(W, fixed, rel * top)
+            if int(torch.linalg.cholesky_ex(Ck @ Wj @ Ck.T)[1]) == 0:
+                jitter = rel * top
                 found = _pdas_active_set(u64, Ck, dk, Wj, lo_s, hi_s, fixed)
-                if found != "singular":
-                    break
-        if isinstance(found, str):  # cycling, singular, too many steps: the finite method
-            jitter = 0.0 if found == "singular" else jitter
+                break
+        if isinstance(found, str):  # cycling, a singular guess, too many steps: the finite
+            # method (it raises on rows that are dependent in the metric, naming them)
             found = _gi_active_set(
                 u64, Ck, dk, _jittered(W, fixed, jitter), lo_s, hi_s, call, where
             )
