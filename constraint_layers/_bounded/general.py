@@ -308,9 +308,18 @@ def project_bounded(
     Solves ``minimise (x - u)^T W^{-1} (x - u)`` subject to ``C x = d`` and
     ``lower <= x <= upper``, for each sample, with ``W = covariance`` (dense, symmetric positive
     semidefinite), ``W = diag(weight)``, or ``W = I``. The rows may overlap. The active set comes
-    from the Goldfarb-Idnani dual method; the result is the equality-only projection onto the
-    rows plus the active bounds, so it is differentiable (autograd through that formula: the
-    implicit function theorem on the active set).
+    from a primal-dual active-set search in the ``W`` form (each step one ``(M + k)``-sized
+    Cholesky factor and the columns ``W[:, A]``: ``O(N k + (M + k)^3)`` for ``k`` active bounds;
+    typically a handful of steps on well-conditioned metrics); when it cycles, meets a singular
+    guess or runs out of steps (``MAX_PDAS``), the Goldfarb-Idnani dual method (finite; each of
+    its steps re-solves dense systems, ``O(N k^2)``, so ``O(N k^3)`` in all) finds it. On smooth
+    covariances (an RBF kernel, a GP posterior) the primal-dual search was measured to cycle and
+    the Goldfarb-Idnani path does the work (``tests/benchmarks/bench_bounded_general.py``). A
+    row whose total is an end of its reachable range pins its entries to their bounds (unit rows
+    in its place); a metric in which the rows do not factor gets a relative jitter (``JITTER``
+    times the largest variance) on its diagonal. The result is the equality-only projection onto
+    the rows plus the active bounds (refined iteratively), so it is differentiable (autograd
+    through that formula: the implicit function theorem on the active set).
 
     Parameters
     ----------
