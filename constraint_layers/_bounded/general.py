@@ -187,6 +187,105 @@ def _gi_active_set(
     raise RuntimeError(f"{call}: the active-set method did not terminate{where}.")
 
 
+#: Iterations of the primal-dual active-set method before it hands over to Goldfarb-Idnani.
+MAX_PDAS = 50
+#: Relative jitters (times the largest variance) tried on a numerically singular dense metric.
+JITTER = (0.0, 1e-12, 1e-10, 1e-8)
+
+
+def _jittered(W: Tensor, fixed: Tensor, jitter: float) -> Tensor:
+    """``W + jitter I`` on the movable entries (fixed entries keep their zero row)."""
+    if not jitter:
+        return W
+    return W + torch.diag(torch.where(fixed, 0.0, jitter).to(W.dtype))
+
+
+def _pdas_active_set(
+    u: Tensor,  # (N,) float64
+    C: Tensor,  # (M, N)
+    d: Tensor,  # (M,)
+    W: Tensor,  # (N, N) dense metric (PSD)
+    lo: Tensor | None,  # (N,) or None
+    hi: Tensor | None,  # (N,) or None
+    fixed: Tensor,  # (N,) bool: zero-weight entries (never active)
+) -> tuple[list[int], list[float]] | str:
+    """Primal-dual active set (a semismooth Newton method) for the same problem as
+    :func:`_gi_active_set`; returns the active bounds as (entry, sign) pairs, or the reason it
+    did not certify a solution: ``"cycle"`` (a repeated active set, or ``MAX_PDAS`` steps) or
+    ``"singular"`` (a guess whose system ``E W E^T`` has no Cholesky factor).
+
+    For a guess of the active set ``A`` (entries held at a bound) the equality-constrained
+    problem is solved in the ``W`` form: with ``E`` the rows ``C`` and the unit rows of ``A``,
+    ``x = u - W E^T nu`` and ``(E W E^T) nu = E u - e``; only ``W C^T``, the columns ``W[:, A]``
+    and an ``(M + |A|)``-sized Cholesky factor are needed. The bound multipliers are
+    ``mu_i = -nu_i`` (lower) and ``nu_i`` (upper). Next guess: the active entries whose
+    multiplier has the right sign, plus the free entries that leave the box. A guess that repeats
+    itself satisfies the KKT conditions (every free entry in the box, every multiplier >= 0, to
+    rounding): the solution of the convex QP.
+    """
+    N, M = u.shape[0], C.shape[0]
+    WC = W @ C.T  # (N, M)
+    CWC = C @ WC
+    r0 = C @ u - d
+    scale = float(u.abs().amax()) if N else 0.0
+    for t in (lo, hi):
+        if t is not None:
+            fin = t[torch.isfinite(t)]
+            scale = max(scale, float(fin.abs().amax()) if fin.numel() else 0.0)
+    tol = 1e3 * EPS * max(scale, 1e-300)
+    movable = ~fixed
+    low = torch.zeros(N, dtype=torch.bool) if lo is None else (movable & torch.isfinite(lo))
+    high = torch.zeros(N, dtype=torch.bool) if hi is None else (movable & torch.isfinite(hi))
+    lo_ = lo if lo is not None else torch.full((N,), -math.inf, dtype=F64)
+    hi_ = hi if hi is not None else torch.full((N,), math.inf, dtype=F64)
+    # the first guess: the bounds the equality-only projection violates
+    x = u - WC @ torch.linalg.solve(CWC, r0) if M else u
+    at_lo = low & (x < lo_ - tol)
+    at_hi = high & (x > hi_ + tol)
+    seen: set[bytes] = set()
+    for _ in range(MAX_PDAS):
+        key = (at_lo.to(torch.int8) - at_hi.to(torch.int8)).numpy().tobytes()
+        if key in seen:
+            return "cycle"
+        seen.add(key)
+        act = at_lo | at_hi
+        idx = act.nonzero().squeeze(-1)
+        k = idx.numel()
+        WA = W[:, idx]  # (N, k)
+        K = torch.empty((M + k, M + k), dtype=F64)
+        K[:M, :M] = CWC
+        K[:M, M:] = WC[idx].T
+        K[M:, :M] = WC[idx]
+        K[M:, M:] = WA[idx]
+        bA = torch.where(at_lo[idx], lo_[idx], hi_[idx])
+        rhs = torch.cat([r0, u[idx] - bA])
+        L, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            return "singular"  # the rows and the guessed bounds are dependent in the metric
+        nu = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        x = u - WC @ nu[:M] - WA @ nu[M:]
+        mu = torch.where(at_lo[idx], -nu[M:], nu[M:])  # >= 0 at a solution
+        tol_mu = 1e3 * EPS * max(float(nu.abs().amax()) if nu.numel() else 0.0, 1e-300)
+        keep = torch.zeros(N, dtype=torch.bool)
+        keep[idx] = mu >= -tol_mu
+        new_lo = (at_lo & keep) | (low & ~act & (x < lo_ - tol))
+        new_hi = (at_hi & keep) | (high & ~act & (x > hi_ + tol))
+        if torch.equal(new_lo, at_lo) and torch.equal(new_hi, at_hi):
+            sign = torch.where(at_lo[idx], 1.0, -1.0)
+            return idx.tolist(), sign.tolist()
+        at_lo, at_hi = new_lo, new_hi
+    return "cycle"
+
+
+def _free(bound: Tensor | None, idx: Tensor, value: float) -> Tensor | None:
+    """``bound`` with its entries ``idx`` set to ``value`` (an infinite bound: none)."""
+    if bound is None or not idx.numel():
+        return bound
+    out = bound.clone()
+    out[idx] = value
+    return out
+
+
 def _unit_rows(act: list[int], sign: list[float], N: int) -> Tensor:
     E = torch.zeros((len(act), N), dtype=F64)
     if act:
@@ -209,9 +308,18 @@ def project_bounded(
     Solves ``minimise (x - u)^T W^{-1} (x - u)`` subject to ``C x = d`` and
     ``lower <= x <= upper``, for each sample, with ``W = covariance`` (dense, symmetric positive
     semidefinite), ``W = diag(weight)``, or ``W = I``. The rows may overlap. The active set comes
-    from the Goldfarb-Idnani dual method; the result is the equality-only projection onto the
-    rows plus the active bounds, so it is differentiable (autograd through that formula: the
-    implicit function theorem on the active set).
+    from a primal-dual active-set search in the ``W`` form (each step one ``(M + k)``-sized
+    Cholesky factor and the columns ``W[:, A]``: ``O(N k + (M + k)^3)`` for ``k`` active bounds;
+    typically a handful of steps on well-conditioned metrics); when it cycles, meets a singular
+    guess or runs out of steps (``MAX_PDAS``), the Goldfarb-Idnani dual method (finite; each of
+    its steps re-solves dense systems, ``O(N k^2)``, so ``O(N k^3)`` in all) finds it. On smooth
+    covariances (an RBF kernel, a GP posterior) the primal-dual search was measured to cycle and
+    the Goldfarb-Idnani path does the work (``tests/benchmarks/bench_bounded_general.py``). A
+    row whose total is an end of its reachable range pins its entries to their bounds (unit rows
+    in its place); a metric in which the rows do not factor gets a relative jitter (``JITTER``
+    times the largest variance) on its diagonal. The result is the equality-only projection onto
+    the rows plus the active bounds (refined iteratively), so it is differentiable (autograd
+    through that formula: the implicit function theorem on the active set).
 
     Parameters
     ----------
@@ -325,6 +433,42 @@ def project_bounded(
     return torch.stack(outs).reshape(*batch, N)
 
 
+def _at_bound(idx: Tensor, sign: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
+    """The bound values of entries ``idx`` (sign +1: lower, -1: upper)."""
+    lv = lo[idx] if lo is not None else torch.zeros_like(sign)
+    hv = hi[idx] if hi is not None else torch.zeros_like(sign)
+    return torch.where(sign > 0, lv, hv)
+
+
+def _forced(C, d, low, high, span, fixed, lo, hi, call) -> tuple[Tensor, Tensor]:
+    """Entries a row pins to a bound: a row whose total is an end of its reachable range (to
+    the tolerance of the feasibility check) holds only with every movable entry it touches at
+    the bound that gives that end (e.g. a zero total of non-negative values). Returns their
+    indices, their signs (+1 lower, -1 upper) and the (M,) mask of such rows (implied by the
+    pinned entries)."""
+    tol = 1e-12 * span
+    t_lo = (d <= low + tol) & torch.isfinite(low)  # (M,)
+    t_hi = (d >= high - tol) & torch.isfinite(high)
+    touch = (C != 0) & ~fixed  # (M, N)
+    pos, neg = touch & (C > 0), touch & (C < 0)
+    to_lo = ((pos & t_lo[:, None]) | (neg & t_hi[:, None])).any(0)
+    to_hi = ((neg & t_lo[:, None]) | (pos & t_hi[:, None])).any(0)
+    both = to_lo & to_hi
+    if bool(both.any()):
+        differ = both & (lo != hi)  # both ends pinned: lo and hi exist
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0])
+            raise ConstraintError(
+                f"{call}: no value within the bounds satisfies the constraint rows jointly: "
+                f"rows at the ends of their reachable ranges pin entry {i} to its lower and to "
+                "its upper bound: check the totals, the bounds and the fixed (zero-weight) "
+                "entries."
+            )
+        to_hi = to_hi & ~both
+    idx = (to_lo | to_hi).nonzero().squeeze(-1)
+    return idx, torch.where(to_lo[idx], 1.0, -1.0).to(F64), t_lo | t_hi
+
+
 def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
     N = u.shape[-1]
     with torch.no_grad():
@@ -346,17 +490,56 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
         if bool(bad.any()):
             rows = bad.nonzero()[:, 0]
             raise _infeasible(call + where, (C64.shape[0],), rows, d64[bad], low[bad], high[bad])
+        # rows at an end of their reachable range pin their entries to bounds: those entries
+        # become equality rows (unit rows) in place of the rows (which they imply)
+        forced, fsign, tight = _forced(C64, d64, low, high, span, fixed, lo, hi, call + where)
+        rows = ~tight
+        Cx = torch.cat([C64[rows], _unit_rows(forced.tolist(), [1.0] * forced.numel(), N)])
+        dx = torch.cat([d64[rows], _at_bound(forced, fsign, lo, hi)])
         # rows with no movable entry already hold (checked above): leave them out
-        keep = (C64 * (C64 @ W)).sum(-1) > 0
-        act, sign = _gi_active_set(u64, C64[keep], d64[keep], W, lo, hi, call, where)
-    C, d = C[keep], d[keep]
+        keep = (Cx * (Cx @ W)).sum(-1) > 0
+        Ck, dk = Cx[keep], dx[keep]
+        lo_s, hi_s = (
+            _free(lo, forced, -math.inf),
+            _free(hi, forced, math.inf),
+        )  # pinned entries: held by their rows
+        found, jitter = "singular", 0.0
+        # a numerically singular metric (a GP posterior covariance, PSD only to rounding): a
+        # relative jitter on the diagonal of the movable entries, raised until the rows (with
+        # the pinned entries) factor in the metric; the active set is searched in that metric
+        top = float(W.diagonal().amax()) if N else 0.0
+        for rel in JITTER:
+            Wj = _jittered(W, fixed, rel * top)
+            if int(torch.linalg.cholesky_ex(Ck @ Wj @ Ck.T)[1]) == 0:
+                jitter = rel * top
+                found = _pdas_active_set(u64, Ck, dk, Wj, lo_s, hi_s, fixed)
+                break
+        if isinstance(found, str):  # cycling, a singular guess, too many steps: the finite
+            # method (it raises on rows that are dependent in the metric, naming them)
+            found = _gi_active_set(
+                u64, Ck, dk, _jittered(W, fixed, jitter), lo_s, hi_s, call, where
+            )
+        act, sign = found
+    dev = u.device
+    bf = _at_bound(
+        forced.to(dev),
+        fsign.to(dev),
+        None if loB is None else loB[b].to(F64),
+        None if hiB is None else hiB[b].to(F64),
+    )
+    pinned = _unit_rows(forced.tolist(), [1.0] * forced.numel(), N).to(dev)
+    C = torch.cat([C.to(F64)[rows.to(dev)], pinned])
+    d = torch.cat([d.to(F64)[rows.to(dev)], bf])
+    C, d = C[keep.to(u.device)], d[keep.to(u.device)]
     # the solution on the active set, with autograd: rows + active bounds as equality rows
     W = (
         torch.eye(N, dtype=F64, device=u.device)
         if WB is None
         else (WB[b].to(F64) if WB.ndim == 3 else torch.diag(WB[b].to(F64)))
     )
-    E = torch.cat([C.to(F64), _unit_rows(act, sign, N).to(u.device)], 0)
+    if jitter:  # the metric the active set was found in (a constant shift: same gradients)
+        W = W + torch.diag(torch.where(W.diagonal().detach() == 0, 0.0, jitter))
+    C = C.to(F64)
     if act:
         ia = torch.tensor(act, device=u.device)
         sg = torch.tensor(sign, dtype=F64, device=u.device)
@@ -370,9 +553,27 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
         e = d.to(F64)
     u64 = u.to(F64)
     x = u64
-    if E.shape[0]:
-        WE = W @ E.T
-        x = u64 - WE @ torch.linalg.solve(E @ WE, E @ u64 - e)
+    if C.shape[0] or act:
+        # E = [C; diag(sg) I_A] (rows and active bounds), without forming E or W E^T densely:
+        # W E^T = [W C^T, W[:, A] diag(sg)], E W E^T and E u by rows
+        WE = W @ C.T
+        Eu = C @ u64
+        if act:
+            WE = torch.cat([WE, W[:, ia] * sg], 1)
+            Eu = torch.cat([Eu, u64[ia] * sg])
+        EWE = C @ WE
+        if act:
+            EWE = torch.cat([EWE, WE[ia] * sg.unsqueeze(-1)], 0)
+        x = u64 - WE @ torch.linalg.solve(EWE, Eu - e)
+        # iterative refinement of the values (an ill-conditioned E W E^T, e.g. a GP covariance):
+        # the residual's correction, a value correction that keeps the gradient of the formula
+        with torch.no_grad():
+            LU, piv = torch.linalg.lu_factor(EWE.detach())
+            xr = x.detach()
+            for _ in range(2):
+                r = torch.cat([C.detach() @ xr, xr[ia] * sg] if act else [C.detach() @ xr]) - e
+                xr = xr - WE.detach() @ torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1))[:, 0]
+        x = x + (xr - x.detach())
     # bounds exactly: active entries at their bound, the rest clipped by at most rounding
     # (a value correction that keeps the gradient of the formula)
     xd = x.detach()
@@ -389,4 +590,6 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
             hiB[b][ia].to(F64) if hiB is not None else 0.0,
         )
         x = x.index_put((ia,), val)
+    if forced.numel():  # the entries rows pin to a bound: exactly there
+        x = x.index_put((forced.to(u.device),), bf)
     return x.to(out_dtype)
