@@ -33,9 +33,8 @@ Two solvers:
   most violated bound, dropping bounds whose multiplier would change sign) finds the active set;
   the result is then the equality-only projection onto the rows plus the active bounds (written
   with torch operations, so autograd differentiates the active-set solution). Looped over
-  samples; cost per sample O(N^2 (M + k)) for ``k`` active bounds. A primal-dual active-set
-  search in the same form runs first (only (M + k)-sized systems); Goldfarb-Idnani is its
-  fallback when it cycles (measured: on smooth, GP-like covariances).
+  samples; cost per sample O(N^2 (M + k)) for ``k`` active bounds. (A primal-dual active-set
+  search, only (M + k)-sized systems, was tried: it cycled on smooth, GP-like covariances.)
 
 Gaussian outputs (the semantics the layer implements with :func:`active_bounds`): the bounded
 mean is the MODE of the conditioned Gaussian ``u | C u = d`` restricted to the box (on the affine

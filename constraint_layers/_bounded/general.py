@@ -187,8 +187,6 @@ def _gi_active_set(
     raise RuntimeError(f"{call}: the active-set method did not terminate{where}.")
 
 
-#: Iterations of the primal-dual active-set method before it hands over to Goldfarb-Idnani.
-MAX_PDAS = 50
 #: Relative jitters (times the largest variance) tried on a numerically singular dense metric.
 JITTER = (0.0, 1e-12, 1e-10, 1e-8)
 
@@ -198,83 +196,6 @@ def _jittered(W: Tensor, fixed: Tensor, jitter: float) -> Tensor:
     if not jitter:
         return W
     return W + torch.diag(torch.where(fixed, 0.0, jitter).to(W.dtype))
-
-
-def _pdas_active_set(
-    u: Tensor,  # (N,) float64
-    C: Tensor,  # (M, N)
-    d: Tensor,  # (M,)
-    W: Tensor,  # (N, N) dense metric (PSD)
-    lo: Tensor | None,  # (N,) or None
-    hi: Tensor | None,  # (N,) or None
-    fixed: Tensor,  # (N,) bool: zero-weight entries (never active)
-) -> tuple[list[int], list[float]] | str:
-    """Primal-dual active set (a semismooth Newton method) for the same problem as
-    :func:`_gi_active_set`; returns the active bounds as (entry, sign) pairs, or the reason it
-    did not certify a solution: ``"cycle"`` (a repeated active set, or ``MAX_PDAS`` steps) or
-    ``"singular"`` (a guess whose system ``E W E^T`` has no Cholesky factor).
-
-    For a guess of the active set ``A`` (entries held at a bound) the equality-constrained
-    problem is solved in the ``W`` form: with ``E`` the rows ``C`` and the unit rows of ``A``,
-    ``x = u - W E^T nu`` and ``(E W E^T) nu = E u - e``; only ``W C^T``, the columns ``W[:, A]``
-    and an ``(M + |A|)``-sized Cholesky factor are needed. The bound multipliers are
-    ``mu_i = -nu_i`` (lower) and ``nu_i`` (upper). Next guess: the active entries whose
-    multiplier has the right sign, plus the free entries that leave the box. A guess that repeats
-    itself satisfies the KKT conditions (every free entry in the box, every multiplier >= 0, to
-    rounding): the solution of the convex QP.
-    """
-    N, M = u.shape[0], C.shape[0]
-    WC = W @ C.T  # (N, M)
-    CWC = C @ WC
-    r0 = C @ u - d
-    scale = float(u.abs().amax()) if N else 0.0
-    for t in (lo, hi):
-        if t is not None:
-            fin = t[torch.isfinite(t)]
-            scale = max(scale, float(fin.abs().amax()) if fin.numel() else 0.0)
-    tol = 1e3 * EPS * max(scale, 1e-300)
-    movable = ~fixed
-    low = torch.zeros(N, dtype=torch.bool) if lo is None else (movable & torch.isfinite(lo))
-    high = torch.zeros(N, dtype=torch.bool) if hi is None else (movable & torch.isfinite(hi))
-    lo_ = lo if lo is not None else torch.full((N,), -math.inf, dtype=F64)
-    hi_ = hi if hi is not None else torch.full((N,), math.inf, dtype=F64)
-    # the first guess: the bounds the equality-only projection violates
-    x = u - WC @ torch.linalg.solve(CWC, r0) if M else u
-    at_lo = low & (x < lo_ - tol)
-    at_hi = high & (x > hi_ + tol)
-    seen: set[bytes] = set()
-    for _ in range(MAX_PDAS):
-        key = (at_lo.to(torch.int8) - at_hi.to(torch.int8)).numpy().tobytes()
-        if key in seen:
-            return "cycle"
-        seen.add(key)
-        act = at_lo | at_hi
-        idx = act.nonzero().squeeze(-1)
-        k = idx.numel()
-        WA = W[:, idx]  # (N, k)
-        K = torch.empty((M + k, M + k), dtype=F64)
-        K[:M, :M] = CWC
-        K[:M, M:] = WC[idx].T
-        K[M:, :M] = WC[idx]
-        K[M:, M:] = WA[idx]
-        bA = torch.where(at_lo[idx], lo_[idx], hi_[idx])
-        rhs = torch.cat([r0, u[idx] - bA])
-        L, info = torch.linalg.cholesky_ex(K)
-        if int(info) != 0:
-            return "singular"  # the rows and the guessed bounds are dependent in the metric
-        nu = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        x = u - WC @ nu[:M] - WA @ nu[M:]
-        mu = torch.where(at_lo[idx], -nu[M:], nu[M:])  # >= 0 at a solution
-        tol_mu = 1e3 * EPS * max(float(nu.abs().amax()) if nu.numel() else 0.0, 1e-300)
-        keep = torch.zeros(N, dtype=torch.bool)
-        keep[idx] = mu >= -tol_mu
-        new_lo = (at_lo & keep) | (low & ~act & (x < lo_ - tol))
-        new_hi = (at_hi & keep) | (high & ~act & (x > hi_ + tol))
-        if torch.equal(new_lo, at_lo) and torch.equal(new_hi, at_hi):
-            sign = torch.where(at_lo[idx], 1.0, -1.0)
-            return idx.tolist(), sign.tolist()
-        at_lo, at_hi = new_lo, new_hi
-    return "cycle"
 
 
 def _free(bound: Tensor | None, idx: Tensor, value: float) -> Tensor | None:
@@ -308,13 +229,10 @@ def project_bounded(
     Solves ``minimise (x - u)^T W^{-1} (x - u)`` subject to ``C x = d`` and
     ``lower <= x <= upper``, for each sample, with ``W = covariance`` (dense, symmetric positive
     semidefinite), ``W = diag(weight)``, or ``W = I``. The rows may overlap. The active set comes
-    from a primal-dual active-set search in the ``W`` form (each step one ``(M + k)``-sized
-    Cholesky factor and the columns ``W[:, A]``: ``O(N k + (M + k)^3)`` for ``k`` active bounds;
-    typically a handful of steps on well-conditioned metrics); when it cycles, meets a singular
-    guess or runs out of steps (``MAX_PDAS``), the Goldfarb-Idnani dual method (finite; each of
-    its steps re-solves dense systems, ``O(N k^2)``, so ``O(N k^3)`` in all) finds it. On smooth
-    covariances (an RBF kernel, a GP posterior) the primal-dual search was measured to cycle and
-    the Goldfarb-Idnani path does the work (``tests/benchmarks/bench_bounded_general.py``). A
+    from the Goldfarb-Idnani dual method (finite; each of its steps re-solves dense systems,
+    ``O(N k^2)``, so ``O(N k^3)`` in all for ``k`` active bounds; a primal-dual active-set
+    search in the ``W`` form was tried and measured to cycle on smooth covariances, an RBF kernel
+    or a GP posterior, ``tests/benchmarks/bench_bounded_general.py``). A
     row whose total is an end of its reachable range pins its entries to their bounds (unit rows
     in its place); a metric in which the rows do not factor gets a relative jitter (``JITTER``
     times the largest variance) on its diagonal. The result is the equality-only projection onto
@@ -503,23 +421,19 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
             _free(lo, forced, -math.inf),
             _free(hi, forced, math.inf),
         )  # pinned entries: held by their rows
-        found, jitter = "singular", 0.0
+        jitter = 0.0
         # a numerically singular metric (a GP posterior covariance, PSD only to rounding): a
         # relative jitter on the diagonal of the movable entries, raised until the rows (with
         # the pinned entries) factor in the metric; the active set is searched in that metric
+        # (rows that do not factor with any of them: the method raises, naming them)
         top = float(W.diagonal().amax()) if N else 0.0
         for rel in JITTER:
-            Wj = _jittered(W, fixed, rel * top)
-            if int(torch.linalg.cholesky_ex(Ck @ Wj @ Ck.T)[1]) == 0:
+            if int(torch.linalg.cholesky_ex(Ck @ _jittered(W, fixed, rel * top) @ Ck.T)[1]) == 0:
                 jitter = rel * top
-                found = _pdas_active_set(u64, Ck, dk, Wj, lo_s, hi_s, fixed)
                 break
-        if isinstance(found, str):  # cycling, a singular guess, too many steps: the finite
-            # method (it raises on rows that are dependent in the metric, naming them)
-            found = _gi_active_set(
-                u64, Ck, dk, _jittered(W, fixed, jitter), lo_s, hi_s, call, where
-            )
-        act, sign = found
+        act, sign = _gi_active_set(
+            u64, Ck, dk, _jittered(W, fixed, jitter), lo_s, hi_s, call, where
+        )
     dev = u.device
     bf = _at_bound(
         forced.to(dev),
