@@ -36,6 +36,15 @@ SIZES = {
         "epochs": 6,
         "batch": 4,
     },
+    "medium": {
+        "n_train": 48,
+        "n_test": 12,
+        "resolution": 12,
+        "refine": 2,
+        "frames": 8,
+        "epochs": 10,
+        "batch": 4,
+    },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 50, "epochs": 500, "batch": 20},
     "smoke": {"resolution": 8, "refine": 1, "frames": 4},
 }

@@ -27,6 +27,7 @@ import constraint_layers as cl
 SIZES = {
     "single": {
         "quick": {"n_train": 100, "n_test": 50, "resolution": 128, "epochs": 25, "batch": 20},
+        "medium": {"n_train": 200, "n_test": 50, "resolution": 128, "epochs": 40, "batch": 20},
         "full": {"n_train": 500, "n_test": 100, "resolution": 500, "epochs": 500, "batch": 20},
         "smoke": {"resolution": 33},
     },
@@ -37,6 +38,14 @@ SIZES = {
             "resolution": 64,
             "frames": 13,
             "epochs": 15,
+            "batch": 16,
+        },
+        "medium": {
+            "n_train": 128,
+            "n_test": 32,
+            "resolution": 64,
+            "frames": 13,
+            "epochs": 24,
             "batch": 16,
         },
         "full": {"n_train": 1000, "n_test": 200, "resolution": 1024, "epochs": 500, "batch": 20},

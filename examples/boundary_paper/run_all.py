@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     if not args.table_only:
         for name in args.experiments:
             cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out), *passthrough]
-            if not any(a in passthrough for a in ("--quick", "--full")):
+            if not any(a in passthrough for a in ("--quick", "--medium", "--full")):
                 cmd.insert(2, "--quick")
             print("$", " ".join(cmd), flush=True)
             start = time.perf_counter()

@@ -33,6 +33,14 @@ SIZES = {
         "epochs": 22,
         "batch": 16,
     },
+    "medium": {
+        "n_train": 128,
+        "n_test": 32,
+        "resolution": 64,
+        "frames": 13,
+        "epochs": 35,
+        "batch": 16,
+    },
     "full": {"n_train": 1000, "n_test": 200, "resolution": 500, "epochs": 500, "batch": 20},
     "smoke": {"resolution": 16, "frames": 6},
 }
