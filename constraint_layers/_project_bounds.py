@@ -359,8 +359,10 @@ class _WallBounds:
                 bound = (self.lo if sign > 0 else self.hi)[m].to(F64)
                 active[m] = (sign, bound)
             keys = list(active)
-            C = torch.cat([Gp, torch.stack([self.row(m) for m in keys])]) if keys else Gp
-            d = torch.cat([bp, torch.stack([active[m][1] - self.f.to(F64)[m] for m in keys])])
+            C, d = Gp, bp
+            if keys:
+                C = torch.cat([Gp, torch.stack([self.row(m) for m in keys])])
+                d = torch.cat([bp, torch.stack([active[m][1] - self.f.to(F64)[m] for m in keys])])
             v = project_bounded(u64, C, d, lower=lo_v, upper=hi_v) if C.shape[0] else u64
             # multipliers (v - u = C^T nu on the entries free of their box bounds)
             free = torch.ones(self.n, dtype=torch.bool, device=u.device)
@@ -371,7 +373,8 @@ class _WallBounds:
                 free = free & (vd < hi_v)
             move = (vd - u64.detach())[free, None]
             nu = torch.linalg.lstsq(C.detach()[:, free].mT, move).solution
-            nu_w = nu[Gp.shape[0] :, 0] * torch.tensor([active[m][0] for m in keys], dtype=F64)
+            signs = torch.tensor([active[m][0] for m in keys], dtype=F64, device=nu.device)
+            nu_w = nu[Gp.shape[0] :, 0] * signs
             tol = 1e-9 * (float(nu.abs().max()) if nu.numel() else 0.0) + 1e-300
             if nu_w.numel() and float(nu_w.min()) < -tol:  # released: the bound pulls
                 del active[keys[int(nu_w.argmin())]]
