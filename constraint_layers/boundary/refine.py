@@ -219,6 +219,52 @@ def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
     )
 
 
+class _RegularisedSolve(torch.autograd.Function):
+    """``X = (K^H K + lam^2 I)^{-1} K^H R`` per frequency, from the Cholesky factor ``L`` of
+    ``K^H K + lam^2 I``, differentiable in ``K``, ``lam^2`` and ``R``.
+
+    The gradient is the one autograd takes through ``cholesky`` and ``cholesky_solve``, in
+    closed form: with ``Y = G^{-1} dX`` (one more solve with ``L``, ``G`` Hermitian),
+    ``dR = K Y``, ``dK = (R - K X) Y^H - (K Y) X^H``, ``d(lam^2) = -Re sum(Y conj(X))``. No
+    Cholesky backward (several triangular solves and products of ``(S C)^2`` matrices per
+    frequency: most of the layer's backward). Under ``create_graph`` (double backward) it
+    differentiates the plain expression instead.
+
+    Shapes: ``K`` (T, N, N) complex128, ``lam2`` () real, ``R`` (T, N, B) complex128, ``L`` (T, N,
+    N) complex128 (a constant: it is recomputed from ``K`` and ``lam2`` where needed).
+    """
+
+    @staticmethod
+    def forward(ctx, k: Tensor, lam2: Tensor, rhs: Tensor, chol: Tensor) -> Tensor:
+        x = torch.cholesky_solve(cbmm(k.mH, rhs), chol)
+        ctx.save_for_backward(k, lam2, rhs, chol, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, dx: Tensor):
+        k, lam2, rhs, chol, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the plain expression, differentiably
+            ins = (k, lam2, rhs)
+            eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+            out = torch.cholesky_solve(
+                cbmm(k.mH, rhs), torch.linalg.cholesky(cbmm(k.mH, k) + lam2 * eye)
+            )
+            want = [t for t in ins if t.requires_grad]
+            got = iter(torch.autograd.grad(out, want, dx, create_graph=True) if want else ())
+            return (*(next(got) if t.requires_grad else None for t in ins), None)
+        need_k, need_lam, need_rhs = ctx.needs_input_grad[:3]
+        y = torch.cholesky_solve(dx, chol)  # G^{-1} dX
+        dk = dlam = drhs = None
+        if need_k or need_rhs:
+            ky = cbmm(k, y)
+            drhs = ky if need_rhs else None
+            if need_k:
+                dk = cbmm(rhs - cbmm(k, x), y.mH) - cbmm(ky, x.mH)
+        if need_lam:
+            dlam = -(y * x.conj()).real.sum().to(lam2.dtype)
+        return dk, dlam, drhs, None
+
+
 class Refinement:
     """Forward hook that refines one shift-invariant affine layer (see the module docstring).
 
@@ -385,27 +431,31 @@ class Refinement:
         self._cache = dict(list(cache.items())[-size:])
 
     def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> tuple[Tensor, ...]:
-        """``K_BB^+`` per tangential frequency, factorised: ``(L, K^H)`` with ``L`` the Cholesky
-        factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128), or ``(pinv,)`` for rcond 0."""
+        """``K_BB^+`` per tangential frequency, factorised: ``(L, K, lam^2)`` with ``L`` the
+        Cholesky factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128; a constant for
+        autograd, see :class:`_RegularisedSolve`), or ``(pinv,)`` for rcond 0."""
         k = sym.boundary_block(axis, pos).to(torch.complex128)
-        kh = k.mH.contiguous()
-        gram = cbmm(kh, k)
-        self._grams[axis] = gram.detach()
         if self.rcond == 0:
+            with torch.no_grad():
+                self._grams[axis] = cbmm(k.mH.contiguous(), k)
             return (torch.linalg.pinv(k),)
         # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
         # (a constant lam would leave a term out of the gradient) and costs no SVD
         lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
-        eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
-        return (torch.linalg.cholesky(gram + lam2 * eye), kh)
+        with torch.no_grad():
+            gram = cbmm(k.mH.contiguous(), k)
+            self._grams[axis] = gram
+            eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
+            chol = torch.linalg.cholesky(gram + lam2 * eye)
+        return (chol, k, lam2)
 
     @staticmethod
     def _solve(op: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
         """``K_BB^+ rhs`` per frequency: (T, S C, B) -> (T, S C, B)."""
         if len(op) == 1:
             return cbmm(op[0], rhs)
-        chol, kh = op
-        return torch.cholesky_solve(cbmm(kh, rhs), chol)
+        chol, k, lam2 = op
+        return _RegularisedSolve.apply(k, lam2, rhs, chol)
 
     # --------------------------------------------------------------------------- the hooks
     def attach(self, layer: torch.nn.Module) -> list[Any]:
