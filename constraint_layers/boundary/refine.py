@@ -260,8 +260,9 @@ class _RegularisedSolve(torch.autograd.Function):
         if need_k or need_rhs:
             ky = cbmm(k, y)
             drhs = ky if need_rhs else None
-            if need_k:
-                dk = cbmm(rhs - cbmm(k, x), y.mH) - cbmm(ky, x.mH)
+            if need_k:  # [R - K X, -K Y] @ [Y^H; X^H]: one product
+                left = torch.cat([rhs - cbmm(k, x), -ky], -1)
+                dk = cbmm(left, torch.cat([y, x], -1).mH)
         if need_lam:
             dlam = -(y * x.conj()).real.sum().to(lam2.dtype)
         return dk, dlam, drhs, None, None
@@ -448,11 +449,11 @@ class Refinement:
         # (a constant lam would leave a term out of the gradient) and costs no SVD
         lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
         with torch.no_grad():
-            gram = cbmm(k.mH.contiguous(), k)
+            kh = k.mH.contiguous()  # K^H for the forward product (a constant, like chol)
+            gram = cbmm(kh, k)
             self._grams[axis] = gram
             eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
             chol = torch.linalg.cholesky(gram + lam2 * eye)
-            kh = k.mH.contiguous()  # K^H for the forward product (a constant, like chol)
         return (chol, k, lam2, kh)
 
     @staticmethod
