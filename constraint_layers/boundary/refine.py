@@ -52,6 +52,11 @@ of changing them: an optimizer step, ``p.data.copy_``, ``p.data = t``, ``n_modes
 across ``torch.inference_mode`` boundaries. ``refresh=k`` (k > 1) reuses a frozen factorisation
 for ``k`` weight changes (approximate gradients, a lagging refinement); ``kernel_grad="detached"``
 recomputes it at every call but as a constant for autograd (the study's "frozen" variant).
+Constants of the grid (the box's DFT matrices and phases, index tensors) are cached per (grid,
+box, dtype, device) and never depend on the weights. The ``K_BB^+`` solve is one autograd
+function (``_RegularisedSolve``): its Cholesky factor is a constant for autograd and its gradient
+in ``K``, ``lam^2`` and the right-hand side is autograd's through ``cholesky`` and
+``cholesky_solve`` in closed form (one more solve with the factor).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
 Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
 wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
