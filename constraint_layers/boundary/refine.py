@@ -52,6 +52,11 @@ of changing them: an optimizer step, ``p.data.copy_``, ``p.data = t``, ``n_modes
 across ``torch.inference_mode`` boundaries. ``refresh=k`` (k > 1) reuses a frozen factorisation
 for ``k`` weight changes (approximate gradients, a lagging refinement); ``kernel_grad="detached"``
 recomputes it at every call but as a constant for autograd (the study's "frozen" variant).
+Constants of the grid (the box's DFT matrices and phases, index tensors) are cached per (grid,
+box, dtype, device) and never depend on the weights. The ``K_BB^+`` solve is one autograd
+function (``_RegularisedSolve``): its Cholesky factor is a constant for autograd and its gradient
+in ``K``, ``lam^2`` and the right-hand side is autograd's through ``cholesky`` and
+``cholesky_solve`` in closed form (one more solve with the factor).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
 Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
 wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
@@ -87,6 +92,7 @@ T1 keeps every layer's boundary rows independent of the interior either way.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -219,6 +225,54 @@ def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
     )
 
 
+class _RegularisedSolve(torch.autograd.Function):
+    """``X = (K^H K + lam^2 I)^{-1} K^H R`` per frequency, from the Cholesky factor ``L`` of
+    ``K^H K + lam^2 I``, differentiable in ``K``, ``lam^2`` and ``R``.
+
+    The gradient is the one autograd takes through ``cholesky`` and ``cholesky_solve``, in
+    closed form: with ``Y = G^{-1} dX`` (one more solve with ``L``, ``G`` Hermitian),
+    ``dR = K Y``, ``dK = (R - K X) Y^H - (K Y) X^H``, ``d(lam^2) = -Re sum(Y conj(X))``. No
+    Cholesky backward (several triangular solves and products of ``(S C)^2`` matrices per
+    frequency: most of the layer's backward). Under ``create_graph`` (double backward) it
+    differentiates the plain expression instead.
+
+    Shapes: ``K`` (T, N, N) complex128, ``lam2`` () real, ``R`` (T, N, B) complex128, ``L`` (T, N,
+    N) complex128 and ``K^H`` (contiguous) (constants: recomputed from ``K`` and ``lam2`` where
+    needed).
+    """
+
+    @staticmethod
+    def forward(ctx, k: Tensor, lam2: Tensor, rhs: Tensor, chol: Tensor, kh: Tensor) -> Tensor:
+        x = torch.cholesky_solve(cbmm(kh, rhs), chol)
+        ctx.save_for_backward(k, lam2, rhs, chol, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, dx: Tensor):
+        k, lam2, rhs, chol, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the plain expression, differentiably
+            ins = (k, lam2, rhs)
+            eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+            out = torch.cholesky_solve(
+                cbmm(k.mH, rhs), torch.linalg.cholesky(cbmm(k.mH, k) + lam2 * eye)
+            )
+            want = [t for t in ins if t.requires_grad]
+            got = iter(torch.autograd.grad(out, want, dx, create_graph=True) if want else ())
+            return (*(next(got) if t.requires_grad else None for t in ins), None, None)
+        need_k, need_lam, need_rhs = ctx.needs_input_grad[:3]
+        y = torch.cholesky_solve(dx, chol)  # G^{-1} dX
+        dk = dlam = drhs = None
+        if need_k or need_rhs:
+            ky = cbmm(k, y)
+            drhs = ky if need_rhs else None
+            if need_k:  # [R - K X, -K Y] @ [Y^H; X^H]: one product
+                left = torch.cat([rhs - cbmm(k, x), -ky], -1)
+                dk = cbmm(left, torch.cat([y, x], -1).mH)
+        if need_lam:
+            dlam = -(y * x.conj()).real.sum().to(lam2.dtype)
+        return dk, dlam, drhs, None, None
+
+
 class Refinement:
     """Forward hook that refines one shift-invariant affine layer (see the module docstring).
 
@@ -261,7 +315,8 @@ class Refinement:
         self._cache: dict[tuple, _Entry] = {}
         # diagnostics, kept as detached tensors and evaluated only when read
         self._grams: dict[int, Tensor] = {}
-        self._gap: tuple[Tensor, Tensor] | None = None
+        # (rows before T1, boundary inputs, A(0) there) per eliminated axis, of the last call
+        self._gap: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def stats(self) -> dict[int, float]:
@@ -284,10 +339,12 @@ class Refinement:
         """How far the T2 update left the boundary rows from the boundary inputs before T1
         wrote them in the last call, relative to max |v_B| (rounding when K_BB is well
         conditioned and rcond small); NaN before the first call."""
-        if self._gap is None:
+        parts = self._gap
+        if parts is None:
             return float("nan")
-        gap, vmax = self._gap
-        return float(gap) / (float(vmax) + 1e-30)
+        gap = max(float((ob - bb - vb).abs().amax()) for ob, vb, bb in parts)
+        vmax = max(float(vb.abs().amax()) for _, vb, _ in parts)
+        return gap / (vmax + 1e-30)
 
     # ---------------------------------------------------------------------- the symbol
     def _kernel(self, grid: tuple[int, ...], channels: int) -> SpectralKernel | None:
@@ -385,27 +442,32 @@ class Refinement:
         self._cache = dict(list(cache.items())[-size:])
 
     def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> tuple[Tensor, ...]:
-        """``K_BB^+`` per tangential frequency, factorised: ``(L, K^H)`` with ``L`` the Cholesky
-        factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128), or ``(pinv,)`` for rcond 0."""
+        """``K_BB^+`` per tangential frequency, factorised: ``(L, K, lam^2, K^H)`` with ``L`` the
+        Cholesky factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128; a constant for
+        autograd, see :class:`_RegularisedSolve`), or ``(pinv,)`` for rcond 0."""
         k = sym.boundary_block(axis, pos).to(torch.complex128)
-        kh = k.mH.contiguous()
-        gram = cbmm(kh, k)
-        self._grams[axis] = gram.detach()
         if self.rcond == 0:
+            with torch.no_grad():
+                self._grams[axis] = cbmm(k.mH.contiguous(), k)
             return (torch.linalg.pinv(k),)
         # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
         # (a constant lam would leave a term out of the gradient) and costs no SVD
         lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
-        eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
-        return (torch.linalg.cholesky(gram + lam2 * eye), kh)
+        with torch.no_grad():
+            kh = k.mH.contiguous()  # K^H for the forward product (a constant, like chol)
+            gram = cbmm(kh, k)
+            self._grams[axis] = gram
+            eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
+            chol = torch.linalg.cholesky(gram + lam2 * eye)
+        return (chol, k, lam2, kh)
 
     @staticmethod
     def _solve(op: tuple[Tensor, ...], rhs: Tensor) -> Tensor:
         """``K_BB^+ rhs`` per frequency: (T, S C, B) -> (T, S C, B)."""
         if len(op) == 1:
             return cbmm(op[0], rhs)
-        chol, kh = op
-        return torch.cholesky_solve(cbmm(kh, rhs), chol)
+        chol, k, lam2, kh = op
+        return _RegularisedSolve.apply(k, lam2, rhs, chol, kh)
 
     # --------------------------------------------------------------------------- the hooks
     def attach(self, layer: torch.nn.Module) -> list[Any]:
@@ -471,35 +533,47 @@ class Refinement:
         kernel = self._kernel(grid, c)
         prep = self._prepared(module, v, kernel, faces, pads)
         if kernel is not None:
-            bias = (
-                torch.zeros((1, c, *grid), dtype=v.dtype, device=v.device)
-                if kernel.bias is None
-                else torch.broadcast_to(kernel.bias.to(v.dtype), (1, c, *grid))
-            )
+            bias = None if kernel.bias is None else kernel.bias.to(v.dtype)
         else:
             bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
         entry["bias"] = bias
-        return (self._update(prep, v, faces), *args[1:])
+        entry["v_faces"] = kept = []
+        return (self._update(prep, v, faces, keep=kept), *args[1:])
 
-    def _update(self, prep: _Prepared, v: Tensor, faces, target: Tensor | None = None) -> Tensor:
+    def _update(
+        self,
+        prep: _Prepared,
+        v: Tensor,
+        faces,
+        target: Tensor | None = None,
+        keep: list | None = None,
+    ) -> Tensor:
         """``v' = v + E_B delta``, ``delta = K_BB^+ (t_B - (L v)_B)`` per axis from the same
         ``v`` (block Jacobi over axes; ``t`` = ``target``, default ``v``); ``(L v)_B`` from the
-        symbol, not from the layer."""
-        target = v if target is None else target
+        symbol, not from the layer. ``keep``: a list that receives ``t_B`` per axis (the output
+        of ``t.index_select(2 + axis, pos)``), for the forward hook."""
         sym = prep.symbol
-        y = sym.respond(sym.box_spectrum(v)).to(torch.complex128)  # spectrum of L v on the box
+        dims = tuple(2 + axis for axis, _ in faces)
+        idx = tuple(_index(pos, v.device) for _, pos in faces)
+        mat = sym.box_matrix(v.dtype, v.device)
+        if target is None:  # the box's first product and the faces of v in one autograd node
+            f, *vbs = _Sample.apply(v, mat, dims, *idx)
+        else:
+            (f,) = _Sample.apply(v, mat, ())
+            vbs = [target.index_select(a, i) for a, i in zip(dims, idx)]
+        if keep is not None:
+            keep.extend(vbs)
+        y = sym.respond(sym.box_finish(f)).to(torch.complex128)  # spectrum of L v on the box
         out = v.clone()  # ours: updated in place below (one copy for every axis)
         c = v.shape[1]
-        for axis, pos in faces:
-            a = 2 + axis
-            idx = torch.tensor(pos, device=v.device)
-            vb = target.index_select(a, idx).movedim(a, 2).to(torch.float64)  # (B, C, S, *tan)
+        for (axis, pos), a, i, vb in zip(faces, dims, idx, vbs):
+            vb = vb.movedim(a, 2).to(torch.float64)  # (B, C, S, *tan)
             r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
             b, _, s, t = r.shape
             vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
             d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
             d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
-            out.index_add_(a, idx, d.movedim(2, a))
+            out.index_add_(a, i, d.movedim(2, a))
         return out
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -518,31 +592,129 @@ class Refinement:
         phys = call.grid
         self._pads(v, tuple(output.shape[2:]), phys)
         out = output
+        v_faces = dict(zip((axis for axis, _ in faces), entry.get("v_faces", ())))
         if faces:
-            with torch.no_grad():  # diagnostics on the faces only (read lazily by t1_gap)
-                gaps, vmax = [], []
-                for a, pos in faces:
-                    idx = torch.tensor(pos, device=v.device)
-                    vb = v.index_select(2 + a, idx)
-                    ob = out.index_select(2 + a, idx) - bias.index_select(2 + a, idx)
-                    gaps.append((ob - vb).abs().amax())
-                    vmax.append(vb.abs().amax())
-                self._gap = (torch.stack(gaps).amax(), torch.stack(vmax).amax())
+            # diagnostics on the faces only, evaluated lazily by t1_gap: the rows before T1
+            with torch.no_grad():
+                parts = []
+                for (axis, pos), vb in zip(faces, v_faces.values()):
+                    a = 2 + axis
+                    ob = out.index_select(a, _index(pos, out.device))
+                    bb = _faces_of(bias, a, pos, vb).detach()
+                    parts.append((ob, vb.detach(), bb))
+                self._gap = parts
         # T1, in the order of the conditions. A layer described by `spectrum` (a spectral
         # convolution) returns a fresh tensor that nothing else holds: its rows are written in
         # place (autograd still checks the versions); any other layer's output is left alone.
         inplace = self.spectrum is not None
+        writes: list[tuple[int, Tensor, Tensor]] = []  # consecutive rows that pass values
         for kind, axis, sides in call.rows:
             a = 2 + axis
             if kind == "average":
+                out = _write(out, inplace, writes)
+                writes = []
                 ends = [self._position(pads, phys, axis, s) for s in ("low", "high")]
-                idx = torch.tensor(ends, device=out.device)
+                idx = _index(tuple(ends), out.device)
                 rows = out.index_select(a, idx)
                 rows = rows.mean(dim=a, keepdim=True).expand_as(rows)
-            else:
-                pos = [self._position(pads, phys, axis, side) for side in sides]
-                idx = torch.tensor(pos, device=out.device)
-                rows = v.index_select(a, idx) + bias.index_select(a, idx)
-                rows = rows.expand(*out.shape[:a], len(pos), *out.shape[a + 1 :])
-            out = out.index_copy_(a, idx, rows) if inplace else out.index_copy(a, idx, rows)
+                out = out.index_copy_(a, idx, rows) if inplace else out.index_copy(a, idx, rows)
+                continue
+            pos = tuple(self._position(pads, phys, axis, side) for side in sides)
+            rows = _rows_of(v, v_faces, dict(faces), axis, pos)
+            rows = rows + _faces_of(bias, a, pos, rows) if bias is not None else rows
+            rows = rows.expand(*out.shape[:a], len(pos), *out.shape[a + 1 :])
+            writes.append((a, _index(pos, out.device), rows))
+        return _write(out, inplace, writes)
+
+
+@functools.lru_cache(maxsize=256)
+def _index(pos: tuple[int, ...], device: torch.device) -> Tensor:
+    """The positions as an index tensor (a constant, shared: never written to)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(pos, dtype=torch.long, device=device)
+
+
+def _faces_of(bias: Tensor | None, a: int, pos: tuple[int, ...], like: Tensor) -> Tensor:
+    """``A(0)`` at the positions ``pos`` along dim ``a``, broadcastable to ``like`` (the faces
+    of the layer input there); a zero for no bias."""
+    if bias is None:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    bias = bias.reshape((1,) * (like.ndim - bias.ndim) + tuple(bias.shape))
+    if bias.shape[a] == 1:  # constant along the axis (neuraloperator's bias: (C, 1, ..., 1))
+        return bias
+    return bias.index_select(a, _index(pos, bias.device))
+
+
+def _rows_of(v: Tensor, v_faces: dict, faces: dict, axis: int, pos: tuple[int, ...]) -> Tensor:
+    """The layer input at ``pos`` along ``axis``: from the faces T2 read, else from ``v``."""
+    have = faces.get(axis)
+    vb = v_faces.get(axis)
+    a = 2 + axis
+    if vb is None or have is None or any(p not in have for p in pos):
+        return v.index_select(a, _index(pos, v.device))
+    if tuple(pos) == tuple(have):
+        return vb
+    return vb.index_select(a, _index(tuple(have.index(p) for p in pos), v.device))
+
+
+class _Sample(torch.autograd.Function):
+    """``v @ mat`` over the last axis and the faces of ``v`` at ``idx[j]`` along ``dims[j]``, in
+    one autograd node: its backward writes the faces' gradients into the product's (one
+    gradient the size of ``v``, where separate ``index_select`` nodes would each add one).
+
+    Shapes: ``v`` (B, C, *grid), ``mat`` (M_last, K) -> (B, C, *grid[:-1], K) and, per face
+    set, ``v.index_select(dims[j], idx[j])``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, mat: Tensor, dims: tuple[int, ...], *idx: Tensor):
+        ctx.dims = dims
+        ctx.save_for_backward(mat, *idx)
+        lead = v.shape[:-1]
+        f = (v.reshape(-1, v.shape[-1]) @ mat).reshape(*lead, mat.shape[-1])
+        return (f, *(v.index_select(a, i) for a, i in zip(dims, idx)))
+
+    @staticmethod
+    def backward(ctx, df: Tensor, *dfaces: Tensor):
+        mat, *idx = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None, None, None, *(None for _ in idx))
+        lead = df.shape[:-1]
+        dv = (df.reshape(-1, df.shape[-1]) @ mat.T).reshape(*lead, mat.shape[0])
+        for a, i, g in zip(ctx.dims, idx, dfaces):
+            if g is not None:
+                dv.index_add_(a, i, g)
+        return (dv, None, None, *(None for _ in idx))
+
+
+def _write(out: Tensor, inplace: bool, writes: list[tuple[int, Tensor, Tensor]]) -> Tensor:
+    """``out.index_copy(dim, index, rows)`` for each of ``writes`` in order (later rows win where
+    they meet); ``inplace``: into ``out``. Rows expanded to the shape they replace."""
+    if not writes:
         return out
+    dims, idx, rows = zip(*writes)
+    return _Write.apply(out, inplace, dims, idx, *rows)
+
+
+class _Write(torch.autograd.Function):
+    """The writes of :func:`_write` in one autograd node: its backward copies the gradient once
+    (one ``index_copy`` node per write copies it per write)."""
+
+    @staticmethod
+    def forward(ctx, out, inplace: bool, dims: tuple[int, ...], idx: tuple[Tensor, ...], *rows):
+        ctx.dims, ctx.idx = dims, idx
+        res = out if inplace else out.clone()
+        for a, i, r in zip(dims, idx, rows):
+            res.index_copy_(a, i, r)
+        if inplace:
+            ctx.mark_dirty(res)
+        return res
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        drows = []
+        for a, i in reversed(list(zip(ctx.dims, ctx.idx))):  # the last write saw the output
+            drows.append(grad.index_select(a, i))
+            grad.index_fill_(a, i, 0)
+        return (grad, None, None, None, *reversed(drows))

@@ -35,6 +35,7 @@ planes and ``(W(k) + conj(W(-k))) / 2`` on them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,43 +97,39 @@ class Symbol:
     grid: tuple[int, ...]
 
     # ------------------------------------------------------------------------------- helpers
+    @functools.cached_property
+    def box(self) -> tuple[tuple[int, ...], ...]:
+        """``idx`` as Python integers: the key of the constants of this box (see ``_cached``)."""
+        return tuple(tuple(int(k) for k in i.tolist()) for i in self.idx)
+
     def _negation(self, d: int) -> Tensor:
         """Positions in ``idx[d]`` of ``-idx[d] mod M_d`` (axis ``d`` not the last)."""
-        i = self.idx[d]
-        neg = (-i) % self.grid[d]
-        where = (neg[:, None] == i[None, :]).nonzero()
-        if where.shape[0] != i.shape[0]:  # guarded by the constructors
-            raise GridError("Symbol: the frequency box is not closed under negation.")
-        return where[:, 1]
+        return _negation(self.grid[d], self.box[d], self.idx[d].device)
 
-    def _synthesise(self, t: Tensor, axis: int, q: Tensor) -> Tensor:
+    def _synthesise(self, t: Tensor, axis: int, q: Sequence[int]) -> Tensor:
         """``1/M_a sum_k t(k, xi) exp(2 pi i k q / M_a)`` over ALL frequencies ``k`` along
         ``axis`` (the inverse DFT along ``axis`` at the positions ``q``), for ``t`` of layout
         (a, b, *box), the half spectrum of something real. Returns (a, b, T, len(q)).
 
         Along the last axis the negative frequencies are not stored: their terms are
         ``conj(Q(-xi))`` with ``Q`` the same sum over the mirrored frequencies, computed on the
-        stored ones (no copy of ``t``)."""
-        m = self.grid[axis]
-        k = self.idx[axis]
+        stored ones (no copy of ``t``), in the same product (the two phase matrices side by
+        side)."""
+        last = axis == len(self.grid) - 1
+        phase = _phase(self.grid[axis], self.box[axis], tuple(q), last, t.dtype, t.device)
         t = t.movedim(2 + axis, -1)
         t = t.flatten(2, -2) if t.ndim > 3 else t.unsqueeze(2)  # (a, b, T, K)
-        ang = (2 * math.pi / m) * k.to(torch.float64)[:, None] * q.to(torch.float64)[None, :]
-        phase = (torch.exp(1j * ang) / m).to(t.dtype)  # (K, Q)
         out = _mm_last(t, phase)
-        if axis != len(self.grid) - 1:
+        if not last:
             return out
-        mask = (k > 0) & (2 * k != m)
-        mirror = _mm_last(t, phase * mask[:, None].to(phase.dtype))  # Q(xi)
-        return out + mirror.index_select(2, self._tangential_negation()).conj()
+        n = len(q)
+        neg = _tangential_negation(self.grid, self.box, t.device)
+        return out[..., :n] + out[..., n:].index_select(2, neg).conj()
 
     def _tangential_negation(self) -> Tensor:
         """Flat positions of ``-xi`` over the boxes of every axis but the last (the tangential
         frequencies of the last axis, in :meth:`tangential`'s layout)."""
-        flat = torch.zeros((), dtype=torch.long, device=self.h.device)
-        for d in range(len(self.grid) - 1):
-            flat = flat.unsqueeze(-1) * len(self.idx[d]) + self._negation(d)
-        return flat.reshape(-1)
+        return _tangential_negation(self.grid, self.box, self.h.device)
 
     def box_spectrum(self, v: Tensor) -> Tensor:
         """``rfftn(v)`` on the box only, by products with the DFT matrices of the box (the box
@@ -140,25 +137,26 @@ class Symbol:
 
         ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
         """
+        return self.box_finish(_mm_last(v, self.box_matrix(v.dtype, v.device)))
+
+    def box_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The real DFT matrix of the last axis on the box, the columns of ``cos`` and ``-sin``
+        interleaved (the product is the spectrum as pairs of real numbers): (M_last, 2 K)."""
         n = len(self.grid)
-        cos, sin = self._dft(n - 1, v.dtype, v.device)
-        k = cos.shape[1]
-        f = _mm_last(v, torch.cat([cos, -sin], 1))  # one pass over v: (B, C, *grid[:-1], 2 K)
-        f = torch.complex(f[..., :k], f[..., k:])  # (B, C, *grid[:-1], K_last)
+        return _dft_last(self.grid[n - 1], self.box[n - 1], dtype, device)
+
+    def box_finish(self, f: Tensor) -> Tensor:
+        """:meth:`box_spectrum` from ``v @ box_matrix``: (B, C, *grid[:-1], 2 K), contiguous."""
+        n = len(self.grid)
+        f = torch.view_as_complex(f.unflatten(-1, (-1, 2)))  # (B, C, *grid[:-1], K_last)
         for d in range(n - 1):
-            c, s = self._dft(d, f.real.dtype, v.device)
-            f = _mm_last(f.movedim(2 + d, -1), torch.complex(c, -s)).movedim(-1, 2 + d)
+            e = _dft_complex(self.grid[d], self.box[d], f.real.dtype, f.device)
+            f = _mm_last(f.movedim(2 + d, -1), e).movedim(-1, 2 + d)
         return f
 
     def _dft(self, d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``cos`` and ``sin`` of ``2 pi n k / M_d``: (M_d, K_d) each, for the box's ``k``."""
-        m = self.grid[d]
-        nk = torch.outer(
-            torch.arange(m, device=device, dtype=torch.float64),
-            self.idx[d].to(device=device, dtype=torch.float64),
-        )
-        ang = (2 * math.pi / m) * torch.remainder(nk, m)
-        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+        return _dft(self.grid[d], self.box[d], dtype, device)
 
     def face_values(self, y: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
         """The tangential DFT (layout of :meth:`tangential`) of the real field whose spectrum
@@ -166,8 +164,7 @@ class Symbol:
 
         ``y``: shape (B, C, *box), complex. Returns shape (B, C, S, T), complex.
         """
-        q = torch.tensor(list(pos), device=y.device)
-        return self._synthesise(y, axis, q).transpose(2, 3)  # (B, C, S, T)
+        return self._synthesise(y, axis, pos).transpose(2, 3)  # (B, C, S, T)
 
     def untangential(self, d: Tensor, axis: int) -> Tensor:
         """Inverse of :meth:`tangential` for face data supported on the box.
@@ -181,12 +178,10 @@ class Symbol:
         sizes = [self.grid[j] for j in tan]
         half = axis != n - 1  # rfftn layout over the tangential axes
         spec = [*sizes[:-1], sizes[-1] // 2 + 1] if half else sizes
-        flat = torch.zeros((), dtype=torch.long, device=d.device)
-        for j, size in zip(tan, spec):
-            flat = flat.unsqueeze(-1) * size + self.idx[j]
+        flat = _flat_index(tuple(spec), tuple(self.box[j] for j in tan), d.device)
         b, c, s = d.shape[:3]
         full = torch.zeros((b, c, s, math.prod(spec)), dtype=d.dtype, device=d.device)
-        full = full.index_copy(3, flat.reshape(-1), d).reshape(b, c, s, *spec)
+        full = full.index_copy(3, flat, d).reshape(b, c, s, *spec)
         dims = list(range(3, 3 + len(tan)))
         if half:
             return torch.fft.irfftn(full, s=sizes, dim=dims)
@@ -218,20 +213,36 @@ class Symbol:
             shape: (T, S C_out, S C_in), complex; rows and columns ordered (face, channel); ``T``
             the number of tangential frequencies of the box (1 in 1D).
         """
-        p = torch.tensor(list(pos), device=self.h.device)
-        diff = (p[:, None] - p[None, :]).reshape(-1)  # (S_out S_in,)
+        diff = [p - q for p in pos for q in pos]  # (S_out S_in,)
         kbb = self._synthesise(self.h, axis, diff)  # (C_in, C_out, T, S_out S_in)
         s, c_in, c_out, t = len(pos), kbb.shape[0], kbb.shape[1], kbb.shape[2]
         kbb = kbb.reshape(c_in, c_out, t, s, s).permute(2, 3, 1, 4, 0)  # (T, S_out, o, S_in, i)
         return kbb.reshape(t, s * c_out, s * c_in)
 
     def respond(self, x: Tensor) -> Tensor:
-        """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box)."""
-        h = self.h.to(x.dtype)
-        b = x.shape[0]
-        c_out = h.shape[1]
-        y = cbmm(x.flatten(2).permute(2, 0, 1), h.flatten(2).permute(2, 0, 1))
-        return y.permute(1, 2, 0).reshape(b, c_out, *x.shape[2:])
+        """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box).
+
+        One real batched product per box frequency, ``[[H_r^T, -H_i^T], [H_i^T, H_r^T]] @ [x_r;
+        x_i]``, with the weight side built once per symbol and dtype (a prepared symbol serves
+        many calls without gradients)."""
+        b, c_in = x.shape[:2]
+        hm = self._respond_matrix(x.dtype)  # (K, 2 C_out, 2 C_in)
+        c_out = hm.shape[1] // 2
+        xs = torch.view_as_real(x).flatten(2, -2).permute(2, 3, 1, 0)  # (K, 2, C_in, B)
+        y = torch.bmm(hm, xs.reshape(xs.shape[0], 2 * c_in, b))  # (K, 2 C_out, B)
+        y = torch.complex(y[:, :c_out], y[:, c_out:]).permute(2, 1, 0)  # (B, C_out, K)
+        return y.reshape(b, c_out, *x.shape[2:])
+
+    def _respond_matrix(self, dtype: torch.dtype) -> Tensor:
+        """``[[H_r^T, -H_i^T], [H_i^T, H_r^T]]`` per box frequency: (K, 2 C_out, 2 C_in)."""
+        cache = self.__dict__.setdefault("_respond", {})
+        hm = cache.get(dtype)
+        if hm is None:
+            h = self.h.to(dtype).flatten(2).permute(2, 1, 0)  # (K, C_out, C_in)
+            hr, hi = h.real, h.imag
+            hm = torch.cat([torch.cat([hr, -hi], -1), torch.cat([hi, hr], -1)], -2)
+            cache[dtype] = hm
+        return hm
 
     def dense(self) -> Tensor:
         """The symbol on the whole ``rfftn`` grid (zeros off the box): (C_in, C_out, *rgrid)."""
@@ -246,12 +257,10 @@ class Symbol:
     def _scatter(self, y: Tensor) -> Tensor:
         """(B, C, *box) -> (B, C, *rgrid), zeros off the box."""
         rgrid = self._rgrid()
-        flat = torch.zeros((), dtype=torch.long, device=y.device)
-        for d, i in enumerate(self.idx):
-            flat = flat.unsqueeze(-1) * rgrid[d] + i
+        flat = _flat_index(tuple(rgrid), self.box, y.device)
         b, c = y.shape[:2]
         full = torch.zeros((b, c, math.prod(rgrid)), dtype=y.dtype, device=y.device)
-        full = full.index_copy(2, flat.reshape(-1), y.reshape(b, c, -1))
+        full = full.index_copy(2, flat, y.reshape(b, c, -1))
         return full.reshape(b, c, *rgrid)
 
     def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -262,6 +271,109 @@ class Symbol:
         n = len(self.grid)
         full = self._scatter(y)
         return torch.fft.irfftn(full, s=self.grid, dim=list(range(2, 2 + n))).to(dtype)
+
+
+# ---------------------------------------------------------------- constants of a box, cached
+# Functions of the grid, the box (Python integers), the dtype and the device only: never of the
+# weights or the data. Built outside inference mode and without gradients, so that one entry
+# serves every mode; never written to after construction (safe to share between threads).
+_CACHE = 256
+
+
+class _constants:
+    def __enter__(self) -> None:
+        self._modes = (torch.inference_mode(False), torch.no_grad())
+        for m in self._modes:
+            m.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _dft(m: int, ks: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    """``cos`` and ``sin`` of ``2 pi n k / m``: (m, K) each."""
+    with _constants():
+        nk = torch.outer(
+            torch.arange(m, device=device, dtype=torch.float64),
+            torch.tensor(ks, device=device, dtype=torch.float64),
+        )
+        ang = (2 * math.pi / m) * torch.remainder(nk, m)
+        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _dft_last(m: int, ks: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``cos`` and ``-sin`` interleaved by column: (m, 2 K), real."""
+    cos, sin = _dft(m, ks, dtype, device)
+    with _constants():
+        return torch.stack([cos, -sin], -1).flatten(-2)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _dft_complex(m: int, ks: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``cos - i sin``: (m, K), complex."""
+    cos, sin = _dft(m, ks, dtype, device)
+    with _constants():
+        return torch.complex(cos, -sin)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _phase(
+    m: int,
+    ks: tuple[int, ...],
+    qs: tuple[int, ...],
+    mirror: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """``exp(2 pi i k q / m) / m``: (K, Q); with ``mirror``, (K, 2 Q): the same beside it with
+    the rows of ``k = 0`` and ``2 k = m`` zero (the frequencies that have no mirror)."""
+    with _constants():
+        k = torch.tensor(ks, device=device)
+        q = torch.tensor(qs, device=device)
+        ang = (2 * math.pi / m) * k.to(torch.float64)[:, None] * q.to(torch.float64)[None, :]
+        phase = (torch.exp(1j * ang) / m).to(dtype)
+        if not mirror:
+            return phase
+        mask = (k > 0) & (2 * k != m)
+        return torch.cat([phase, phase * mask[:, None].to(phase.dtype)], 1)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _negation(m: int, ks: tuple[int, ...], device: torch.device) -> Tensor:
+    """Positions in ``ks`` of ``-ks mod m``."""
+    where = {k: j for j, k in enumerate(ks)}
+    neg = [where.get((-k) % m) for k in ks]
+    if None in neg:  # guarded by the constructors
+        raise GridError("Symbol: the frequency box is not closed under negation.")
+    with _constants():
+        return torch.tensor(neg, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _tangential_negation(
+    grid: tuple[int, ...], box: tuple[tuple[int, ...], ...], device: torch.device
+) -> Tensor:
+    """Flat positions of ``-xi`` over the boxes of every axis but the last."""
+    with _constants():
+        flat = torch.zeros((), dtype=torch.long, device=device)
+        for d in range(len(grid) - 1):
+            flat = flat.unsqueeze(-1) * len(box[d]) + _negation(grid[d], box[d], device)
+        return flat.reshape(-1)
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _flat_index(
+    sizes: tuple[int, ...], box: tuple[tuple[int, ...], ...], device: torch.device
+) -> Tensor:
+    """Flat positions of the box ``box[0] x box[1] x ...`` in a grid of shape ``sizes``."""
+    with _constants():
+        flat = torch.zeros((), dtype=torch.long, device=device)
+        for size, i in zip(sizes, box):
+            flat = flat.unsqueeze(-1) * size + torch.tensor(i, dtype=torch.long, device=device)
+        return flat.reshape(-1)
 
 
 def _mm_last(x: Tensor, mat: Tensor) -> Tensor:

@@ -224,6 +224,18 @@ def test_gradcheck_closed_form_in_input_and_spectral_weights():
         assert torch.autograd.gradcheck(through_weights, (w,), fast_mode=True)
 
 
+def test_gradgradcheck_closed_form_in_input():
+    """Double backward (create_graph) through the refined layers' K_BB^+ solve, whose first
+    derivative is in closed form."""
+    torch.manual_seed(0)
+    model = fno((4,), hidden=2, n_layers=1, dtype=F64)
+    wrapped = cl.wrap(model, cl.Dirichlet(0.5, side="low"), cl.Neumann(1.0, side="high"),
+                      mode="refine")  # fmt: skip
+    x = torch.randn(1, 1, 8, dtype=F64, requires_grad=True)
+    with complex128_spectral():
+        assert torch.autograd.gradgradcheck(wrapped, (x,), fast_mode=True)
+
+
 def test_gradcheck_mixed_periodic_and_dirichlet_2d():
     torch.manual_seed(0)
     model = fno((4, 4), hidden=2, n_layers=1, dtype=F64)
