@@ -220,7 +220,9 @@ def fno_modes(modes: int, ndim: int) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------- models
-def build_model(kind: str, task: Task, seed: int) -> tuple[nn.Module, Any]:
+def build_model(
+    kind: str, task: Task, seed: int, rcond: float | None = None
+) -> tuple[nn.Module, Any]:
     """The model ``kind`` for ``task``, initialised from ``seed``; returns (model, hooks)."""
     from neuralop.models import FNO
 
@@ -237,14 +239,17 @@ def build_model(kind: str, task: Task, seed: int) -> tuple[nn.Module, Any]:
         return fno, None
     if kind == "output":
         return cl.wrap(fno, *task.bcs, spacing=task.spacing), None
+    opts = {} if rcond is None else {"rcond": rcond}  # None: the library's default
     if kind == "refine":
-        return cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine"), None
+        return cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine", **opts), None
     if kind == "scalar_pivot":
         hooks = attach_scalar_pivots(fno, task.bcs)
         return cl.wrap(fno, *task.bcs, spacing=task.spacing), hooks
     if kind == "refine_frozen":
         # the boundary block recomputed at every call but a constant for autograd
-        model = cl.wrap(fno, *task.bcs, spacing=task.spacing, mode="refine", kernel_grad="detached")
+        model = cl.wrap(
+            fno, *task.bcs, spacing=task.spacing, mode="refine", kernel_grad="detached", **opts
+        )
         return model, None
     raise ValueError(f"build_model: unknown model kind {kind!r}; expected one of {ALL_MODELS}.")
 
@@ -375,8 +380,10 @@ def run_task(
     models: Sequence[str] = MODELS,
     log: Callable[[str], None] = print,
     device: str | torch.device = "cpu",
+    rcond: float | None = None,
 ) -> tuple[dict, dict[str, Tensor]]:
     """Train and evaluate every model on ``task``; returns (results, seed-0 test predictions).
+    ``rcond``: the refined models' regularisation (None: the library's default).
 
     Seeds are the outer loop and models the inner one, so that load on a shared machine hits
     every model alike.
@@ -385,7 +392,7 @@ def run_task(
     preds: dict[str, Tensor] = {}
     for seed in budget.seeds:
         for kind in models:
-            model, hooks = build_model(kind, task, seed)
+            model, hooks = build_model(kind, task, seed, rcond)
             model.to(device)
             log(f"  [{task.name}] seed {seed} {kind:12s} training ...")
             fit = train_model(model, task, budget, seed, device)
@@ -514,6 +521,12 @@ def parse_args(
     p.add_argument("--epochs", type=int, default=None, help="override the epochs")
     p.add_argument("--models", nargs="+", choices=ALL_MODELS, default=list(models))
     p.add_argument("--tasks", nargs="+", default=None, help="run only these tasks (names)")
+    p.add_argument(
+        "--rcond",
+        type=float,
+        default=None,
+        help="rcond of the refined models (default: the library's)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--out", default="out", help="output root (results in <out>/<experiment>/)")
@@ -557,6 +570,7 @@ def run_experiment(
     payload: dict[str, Any] = {
         "experiment": experiment,
         "size": args.size + ("-smoke" if args.smoke else ""),
+        "refine_rcond": args.rcond,
         "command": " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "environment": environment(device),
         "tasks": {},
@@ -571,7 +585,12 @@ def run_experiment(
         budget = adjust_budget(budget, args)
         print(f"{task.title}: {len(task.train)} train / {len(task.test)} test", flush=True)
         results, preds = run_task(
-            task, budget, args.models, log=lambda s: print(s, flush=True), device=device
+            task,
+            budget,
+            args.models,
+            log=lambda s: print(s, flush=True),
+            device=device,
+            rcond=args.rcond,
         )
         if figures is not None and not args.no_figures:
             results["figures"] = figures(task, results, preds, out_dir)
