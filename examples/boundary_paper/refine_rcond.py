@@ -25,8 +25,8 @@ all faces of both axes, solved densely from the layer's matrix (Tikhonov with th
 of the whole boundary block): ``jacobi`` and ``joint`` are the ``decouple`` ratios, ``vs joint``
 the distance between the two refined interiors.
 
-Trained-accuracy sweeps over ``rcond`` (two problems of the paper) are not part of this script:
-they need the ``--medium`` budget of the reproduction (about an hour of two cores).
+Trained accuracy against ``rcond`` is measured with the experiments' ``--rcond`` option
+(``heat.py --tasks heat_single --models refine --rcond 1e-2``; RESULTS.md "rcond").
 """
 
 from __future__ import annotations
