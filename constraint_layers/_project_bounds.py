@@ -233,12 +233,14 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
     lo_v = None if lo is None else torch.where(moved, -inf, lo.reshape(B, n))
     hi_v = None if hi is None else torch.where(moved, inf, hi.reshape(B, n))
     flat = u.reshape(B, n)
+    f0 = None  # B(0) (B, n): the values the step sets, formed when needed
     if con:
         rows = [c.rows(shape, inputs=inputs) for c in con]
         G, b = _stack(rows, B, n)
         G, b = G.to(u.device), b.to(u.device)
         Gp = _pull_back(G, bplan, shape)  # (M, N) or (B, M, N)
-        f = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n).to(F64)  # B(0)
+        f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n)
+        f = f0.to(F64)
         Gf = f @ G.mT if G.ndim == 2 else (G @ f.unsqueeze(-1)).squeeze(-1)
         bp = b - Gf
         if Gp.ndim == 2:
@@ -259,7 +261,8 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
     else:
         Gp_b = torch.zeros((B, 0, n), dtype=F64, device=u.device)
         bp_b = torch.zeros((B, 0), dtype=F64, device=u.device)
-    f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n)  # B(0): the values set
+    if f0 is None:
+        f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n)
     rows_out = []
     for s in range(B):
         if not bool(bad[s].any()):

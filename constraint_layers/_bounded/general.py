@@ -451,8 +451,8 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
         if WB is None
         else (WB[b].to(F64) if WB.ndim == 3 else torch.diag(WB[b].to(F64)))
     )
-    if jitter:  # the metric the active set was found in (a constant shift: same gradients)
-        W = W + torch.diag(torch.where(W.diagonal().detach() == 0, 0.0, jitter))
+    # the metric the active set was found in (a constant shift: same gradients)
+    W = _jittered(W, W.diagonal().detach() == 0, jitter)
     C = C.to(F64)
     if act:
         ia = torch.tensor(act, device=u.device)

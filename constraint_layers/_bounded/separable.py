@@ -135,8 +135,8 @@ def _solve_group(prob: _Problem, rs: slice, out: Tensor, force_sort: bool) -> Te
         """(f(lam) - d, slope, rounding scale) per row; ``write``: x into ``out[rs]``."""
         r = torch.zeros(nrow, dtype=F64, device=dev)
         s, scale = torch.zeros_like(r), torch.zeros_like(r)
-        # the first evaluation is at lam = 0: x = clip(u), nothing to subtract
-        lam_ = None if first and not force_sort and not bool(lam.any()) else lam.unsqueeze(-1)
+        # the first evaluation is at lam = 0 (Newton's start, or force_sort's check): x = clip(u)
+        lam_ = None if first else lam.unsqueeze(-1)
         for cs, blk in blocks():
             if first:
                 prob.check_block(blk)
