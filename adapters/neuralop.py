@@ -152,7 +152,20 @@ def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
         else:  # centred after fftshift: frequencies -kept//2 .. kept//2 + kept%2 - 1
             f = torch.arange(kept) - kept // 2
             freqs.append(f % size)
-    return SpectralKernel(w, tuple(f.to(w.device) for f in freqs), tuple(grid), conv.bias)
+    freqs = tuple(f.to(w.device) for f in freqs)
+    return SpectralKernel(w, freqs, tuple(grid), conv.bias, exact=_stock_forward(conv))
+
+
+def _stock_forward(conv: nn.Module) -> bool:
+    """Whether ``conv`` computes exactly ``irfftn(W . rfftn(x)) + bias``: neuraloperator's own
+    ``SpectralConv.forward`` in full precision (a subclass that overrides ``forward``, or a
+    half / mixed precision layer, runs its own forward on the refined input instead)."""
+    from neuralop.layers.spectral_convolution import SpectralConv
+
+    return (
+        type(conv).forward is SpectralConv.forward
+        and getattr(conv, "fno_block_precision", "full") == "full"
+    )
 
 
 @register("neuralop.models.base_model.BaseModel")

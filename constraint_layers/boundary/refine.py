@@ -479,7 +479,10 @@ class Refinement:
         The pre-hook applies T2 to the layer's input (``v' = v + E_B delta``, so the layer itself
         computes ``A(v')`` in its one evaluation); the forward hook applies T1 to its output.
         """
-        return [layer.register_forward_pre_hook(self.before), layer.register_forward_hook(self)]
+        handles = [layer.register_forward_pre_hook(self.before), layer.register_forward_hook(self)]
+        if self.spectrum is not None:
+            handles.append(_FusedForward.install(layer, self))
+        return handles
 
     def _pads(self, v: Tensor, output_grid: tuple[int, ...] | None, phys: tuple[int, ...]):
         grid = tuple(v.shape[2:])
@@ -541,7 +544,52 @@ class Refinement:
             bias = module.forward(torch.zeros_like(v[:1]))  # A(0), with grad: a batch of one
         entry["bias"] = bias
         entry["v_faces"] = kept = []
+        # the fused pass uses the prepared symbol for the layer's own product too: only where
+        # it is the live one (built in the graph) or no gradient in the weights is recorded
+        live = self.refresh == 1 and self.kernel_grad == "exact"
+        if (
+            kernel is not None
+            and kernel.exact
+            and isinstance(module.forward, _FusedForward)
+            and (live or not (torch.is_grad_enabled() and kernel.weight.requires_grad))
+        ):
+            # the layer is its description: T2 on the spectrum, in the layer's one evaluation
+            # (_FusedForward), the input left as it is
+            entry["fused"] = (prep, kernel.bias)
+            return None
         return (self._update(prep, v, faces, keep=kept), *args[1:])
+
+    def _fused(self, entry: dict, v: Tensor, output_shape: Any = None) -> Tensor:
+        """The layer ``irfftn(H . rfftn(v)) + bias`` with T2 applied to its spectrum: ``H (X +
+        sum_axes Delta_axis)`` on the box, ``Delta_axis`` the spectrum of the face update
+        ``E_B delta`` (a few small products, no field of the grid's size), one inverse
+        transform. The rows (T1) are written by the forward hook."""
+        prep, bias = entry["fused"]
+        sym = prep.symbol
+        grid = tuple(v.shape[2:])
+        if output_shape is not None and tuple(output_shape) != grid:
+            self._pads(v, tuple(output_shape), grid)  # raises: a refined layer keeps its grid
+        dims = tuple(2 + axis for axis, _ in entry["faces"])
+        idx = tuple(_index(pos, v.device) for _, pos in entry["faces"])
+        f, *vbs = sym.box_fft_and_faces(v, dims, idx)
+        entry["v_faces"].extend(vbs)
+        y = sym.respond(f)  # H X on the box
+        y128 = y.to(torch.complex128)
+        c = v.shape[1]
+        total = None
+        for (axis, pos), vb in zip(entry["faces"], entry["v_faces"]):
+            vb = vb.movedim(2 + axis, 2).to(torch.float64)  # (B, C, S, *tan)
+            r = sym.tangential(vb, axis) - sym.face_values(y128, axis, pos)  # (B, C, S, T)
+            b, _, s, t = r.shape
+            vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
+            d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
+            part = sym.face_spectrum(d.to(y.dtype), axis, pos)
+            total = part if total is None else total + part
+        if total is not None:
+            y = y + sym.respond(total)
+        out = sym.box_ifft(y)
+        entry["done"] = True
+        return out if bias is None else out + bias
 
     def _update(
         self,
@@ -591,6 +639,12 @@ class Refinement:
                 "attach the refinement with Refinement.attach(layer)."
             )
         entry = stack.pop()
+        if "fused" in entry and not entry.get("done"):
+            raise GridError(
+                "mode='refine': the refined layer's forward was replaced after the refinement "
+                "was attached; the refinement could not run. Attach it again "
+                "(constraint_layers.unwrap, then wrap) after changing the layer."
+            )
         v, pads, faces, bias = entry["v"], entry["pads"], entry["faces"], entry["bias"]
         phys = call.grid
         self._pads(v, tuple(output.shape[2:]), phys)
@@ -628,6 +682,47 @@ class Refinement:
             rows = rows.expand(*out.shape[:a], len(pos), *out.shape[a + 1 :])
             writes.append((a, _index(pos, out.device), rows))
         return _write(out, inplace, writes)
+
+
+class _FusedForward:
+    """The ``forward`` of a layer refined in one pass (an instance attribute of the layer while
+    the refinement is attached; :meth:`remove` restores the previous one).
+
+    Inside the wrapper's call, when the pre-hook found the layer described exactly
+    (``SpectralKernel.exact``), it evaluates the refined layer from the description
+    (:meth:`Refinement._fused`); otherwise, and outside the wrapper's calls, it runs the
+    layer's own forward. The parameters and buffers are the layer's: ``state_dict`` is
+    unchanged.
+    """
+
+    def __init__(self, layer: torch.nn.Module, refinement: Refinement, previous: Any) -> None:
+        self.layer = layer
+        self.refinement = refinement
+        self.previous = previous  # the instance's own forward, if it had one
+
+    @classmethod
+    def install(cls, layer: torch.nn.Module, refinement: Refinement) -> _FusedForward:
+        fused = cls(layer, refinement, layer.__dict__.get("forward"))
+        layer.forward = fused
+        return fused
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.refinement.context.current()
+        stack = None if call is None else call.pending.get(id(self.refinement))
+        entry = stack[-1] if stack else None
+        if entry is not None and "fused" in entry and not entry.get("done"):
+            if args and args[0] is entry["v"] and set(kwargs) <= {"output_shape"}:
+                return self.refinement._fused(entry, entry["v"], *args[1:], **kwargs)
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.layer).forward(self.layer, *args, **kwargs)
+
+    def remove(self) -> None:
+        """Restore the layer's previous forward (if this one is still in place)."""
+        if self.layer.__dict__.get("forward") is self:
+            del self.layer.forward
+            if self.previous is not None:
+                self.layer.forward = self.previous
 
 
 @functools.lru_cache(maxsize=256)

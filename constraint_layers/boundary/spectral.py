@@ -69,12 +69,19 @@ class SpectralKernel:
         The grid ``M`` the layer runs on (its input's spatial shape).
     bias : Tensor or None
         ``A(0)``: shape broadcastable to (1, C_out, *grid), real; ``None`` for no bias.
+    exact : bool
+        ``True`` when the layer's forward computes this formula and nothing else (for
+        neuraloperator's ``SpectralConv``: its own ``forward``, full precision): the refinement
+        then evaluates the refined layer from the description in one pass (T2 applied to the
+        spectrum, no update of the input in space). ``False``: the layer's own forward runs on
+        the updated input.
     """
 
     weight: Tensor
     freqs: tuple[Tensor, ...]
     grid: tuple[int, ...]
     bias: Tensor | None = None
+    exact: bool = False
 
 
 @dataclass
@@ -154,6 +161,64 @@ class Symbol:
             f = _mm_last(f.movedim(2 + d, -1), e).movedim(-1, 2 + d)
         return f
 
+    def box_fft(self, v: Tensor) -> Tensor:
+        """:meth:`box_spectrum` by FFTs: ``rfft`` along the last axis, the box's columns kept,
+        then an FFT along each other axis on those columns only, the box's rows kept (cheaper
+        than ``rfftn`` of the whole grid).
+
+        ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
+        """
+        n = len(self.grid)
+        f = _keep(torch.fft.rfft(v, dim=-1), v.ndim - 1, self.box[n - 1], self.idx[n - 1])
+        for d in range(n - 1):
+            f = torch.fft.fft(f, dim=2 + d).index_select(2 + d, self.idx[d])
+        return f
+
+    def box_fft_and_faces(
+        self, v: Tensor, dims: tuple[int, ...], idx: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
+        """:meth:`box_fft` of ``v`` and its faces ``v.index_select(dims[j], idx[j])``, in one
+        autograd node: the backward writes the faces' gradients into the spectrum's (one
+        gradient of ``v``'s size, where separate nodes would each add one)."""
+        n = len(self.grid)
+        return _BoxFFT.apply(v, self.grid, self.box, self.idx[: n - 1], self.idx[n - 1], dims, *idx)
+
+    def box_ifft(self, y: Tensor) -> Tensor:
+        """:meth:`to_grid` by FFTs on the box's columns only: an inverse FFT along each axis but
+        the last (zeros off the box), then ``irfft`` along the last. The inverse of
+        :meth:`box_fft` on fields whose spectrum lives on the box.
+
+        ``y``: shape (B, C, *box), complex. Returns shape (B, C, *grid), real.
+        """
+        n = len(self.grid)
+        for d in range(n - 1):
+            shape = list(y.shape)
+            shape[2 + d] = self.grid[d]
+            full = torch.zeros(shape, dtype=y.dtype, device=y.device)
+            y = torch.fft.ifft(full.index_copy(2 + d, self.idx[d], y), dim=2 + d)
+        last, box = self.grid[n - 1], self.box[n - 1]
+        if box != tuple(range(len(box))):  # irfft pads a prefix of the columns by itself
+            shape = list(y.shape)
+            shape[-1] = last // 2 + 1
+            full = torch.zeros(shape, dtype=y.dtype, device=y.device)
+            y = full.index_copy(y.ndim - 1, self.idx[n - 1], y)
+        return torch.fft.irfft(y, n=last, dim=-1)
+
+    def face_spectrum(self, d: Tensor, axis: int, pos: Sequence[int]) -> Tensor:
+        """The spectrum on the box of the field that holds the face data ``d`` at the positions
+        ``pos`` along ``axis`` and zero elsewhere: ``sum_s d_s(xi) exp(-2 pi i k p_s / M_a)``.
+
+        ``d``: shape (B, C, S, T), complex, in :meth:`tangential`'s layout. Returns shape
+        (B, C, *box), complex.
+        """
+        n = len(self.grid)
+        b, c, s, t = d.shape
+        phase = _phase(self.grid[axis], self.box[axis], tuple(pos), False, d.dtype, d.device)
+        phase = phase.mT.conj() * self.grid[axis]  # (S, K_a): exp(-2 pi i k p / M_a)
+        f = _mm_last(d.transpose(2, 3), phase)  # (B, C, T, K_a)
+        tan = [len(self.box[j]) for j in range(n) if j != axis]
+        return f.reshape(b, c, *tan, f.shape[-1]).movedim(-1, 2 + axis)
+
     def _dft(self, d: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """``cos`` and ``sin`` of ``2 pi n k / M_d``: (M_d, K_d) each, for the box's ``k``."""
         return _dft(self.grid[d], self.box[d], dtype, device)
@@ -222,27 +287,28 @@ class Symbol:
     def respond(self, x: Tensor) -> Tensor:
         """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box).
 
-        One real batched product per box frequency, ``[[H_r^T, -H_i^T], [H_i^T, H_r^T]] @ [x_r;
-        x_i]``, with the weight side built once per symbol and dtype (a prepared symbol serves
-        many calls without gradients)."""
+        One real batched product per box frequency, ``[H_r; H_i] @ [x_r, x_i]``, combined as
+        ``y_r = H_r x_r - H_i x_i`` and ``y_i = H_i x_r + H_r x_i``; the weight side is built
+        once per symbol and dtype (a prepared symbol serves many calls without gradients)."""
         b, c_in = x.shape[:2]
-        hm = self._respond_matrix(x.dtype)  # (K, 2 C_out, 2 C_in)
-        c_out = hm.shape[1] // 2
-        xs = torch.view_as_real(x).flatten(2, -2).permute(2, 3, 1, 0)  # (K, 2, C_in, B)
-        y = torch.bmm(hm, xs.reshape(xs.shape[0], 2 * c_in, b))  # (K, 2 C_out, B)
-        y = torch.complex(y[:, :c_out], y[:, c_out:]).permute(2, 1, 0)  # (B, C_out, K)
+        a = self._respond_matrix(x.dtype)  # (K, 2 C_out, C_in)
+        k, c_out = a.shape[0], a.shape[1] // 2
+        xs = torch.view_as_real(x).flatten(2, -2).permute(2, 1, 3, 0)  # (K, C_in, 2, B)
+        y = torch.bmm(a, xs.reshape(k, c_in, 2 * b))  # (K, 2 C_out, 2 B)
+        yr = y[:, :c_out, :b] - y[:, c_out:, b:]
+        yi = y[:, c_out:, :b] + y[:, :c_out, b:]
+        y = torch.complex(yr, yi).permute(2, 1, 0)  # (B, C_out, K)
         return y.reshape(b, c_out, *x.shape[2:])
 
     def _respond_matrix(self, dtype: torch.dtype) -> Tensor:
-        """``[[H_r^T, -H_i^T], [H_i^T, H_r^T]]`` per box frequency: (K, 2 C_out, 2 C_in)."""
+        """``[H_r^T; H_i^T]`` per box frequency: (K, 2 C_out, C_in), real."""
         cache = self.__dict__.setdefault("_respond", {})
-        hm = cache.get(dtype)
-        if hm is None:
-            h = self.h.to(dtype).flatten(2).permute(2, 1, 0)  # (K, C_out, C_in)
-            hr, hi = h.real, h.imag
-            hm = torch.cat([torch.cat([hr, -hi], -1), torch.cat([hi, hr], -1)], -2)
-            cache[dtype] = hm
-        return hm
+        a = cache.get(dtype)
+        if a is None:
+            h = torch.view_as_real(self.h.to(dtype).flatten(2))  # (C_in, C_out, K, 2)
+            a = h.permute(2, 3, 1, 0).reshape(h.shape[2], 2 * h.shape[1], h.shape[0])
+            cache[dtype] = a
+        return a
 
     def dense(self) -> Tensor:
         """The symbol on the whole ``rfftn`` grid (zeros off the box): (C_in, C_out, *rgrid)."""
@@ -374,6 +440,70 @@ def _flat_index(
         for size, i in zip(sizes, box):
             flat = flat.unsqueeze(-1) * size + torch.tensor(i, dtype=torch.long, device=device)
         return flat.reshape(-1)
+
+
+class _BoxFFT(torch.autograd.Function):
+    """``Symbol.box_fft(v)`` and faces of ``v`` (see :meth:`Symbol.box_fft_and_faces`).
+
+    Backward: the adjoint of each step in reverse (rows put back with zeros and an unscaled
+    inverse FFT along each axis but the last; along the last, the adjoint of ``rfft``: an
+    unscaled ``irfft`` of the gradient with the columns that ``irfft`` counts twice halved),
+    then the faces' gradients added in place.
+    """
+
+    @staticmethod
+    def forward(ctx, v, grid, box, idx_other, idx_last, dims, *faces_idx):
+        n = len(grid)
+        ctx.grid, ctx.box, ctx.dims = grid, box, dims
+        ctx.save_for_backward(idx_last, *idx_other, *faces_idx)
+        f = _keep(torch.fft.rfft(v, dim=-1), v.ndim - 1, box[n - 1], idx_last)
+        for d in range(n - 1):
+            f = torch.fft.fft(f, dim=2 + d).index_select(2 + d, idx_other[d])
+        return (f, *(v.index_select(a, i) for a, i in zip(dims, faces_idx)))
+
+    @staticmethod
+    def backward(ctx, df, *dfaces):
+        grid, box, dims = ctx.grid, ctx.box, ctx.dims
+        n = len(grid)
+        idx_last, *rest = ctx.saved_tensors
+        idx_other, faces_idx = rest[: n - 1], rest[n - 1 :]
+        if not ctx.needs_input_grad[0]:
+            return (None,) * (6 + len(faces_idx))
+        g = df
+        for d in reversed(range(n - 1)):
+            shape = list(g.shape)
+            shape[2 + d] = grid[d]
+            full = torch.zeros(shape, dtype=g.dtype, device=g.device)
+            g = torch.fft.ifft(full.index_copy(2 + d, idx_other[d], g), dim=2 + d, norm="forward")
+        m = grid[n - 1]
+        twice = _rfft_twice(m, box[n - 1], g.real.dtype, g.device)  # 0.5 where irfft doubles
+        g = g * twice
+        if box[n - 1] != tuple(range(len(box[n - 1]))):
+            shape = list(g.shape)
+            shape[-1] = m // 2 + 1
+            full = torch.zeros(shape, dtype=g.dtype, device=g.device)
+            g = full.index_copy(g.ndim - 1, idx_last, g)
+        dv = torch.fft.irfft(g, n=m, dim=-1, norm="forward")
+        for a, i, gf in zip(dims, faces_idx, dfaces):
+            if gf is not None:
+                dv.index_add_(a, i, gf)
+        return (dv, *(None,) * (5 + len(faces_idx)))
+
+
+@functools.lru_cache(maxsize=_CACHE)
+def _rfft_twice(m: int, ks: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Per kept column ``k`` of an ``rfft`` of length ``m``: 0.5 where ``irfft`` counts the
+    column twice (``0 < k < m / 2``), else 1."""
+    with _constants():
+        k = torch.tensor(ks, dtype=torch.float64, device=device)
+        return torch.where((k > 0) & (2 * k < m), 0.5, 1.0).to(dtype)
+
+
+def _keep(f: Tensor, dim: int, box: tuple[int, ...], idx: Tensor) -> Tensor:
+    """``f.index_select(dim, idx)``, as a view when the box is a prefix ``0..K-1``."""
+    if box == tuple(range(len(box))):
+        return f.narrow(dim, 0, len(box))
+    return f.index_select(dim, idx)
 
 
 def _mm_last(x: Tensor, mat: Tensor) -> Tensor:
