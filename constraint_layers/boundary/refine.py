@@ -265,12 +265,15 @@ class _RegularisedSolve(torch.autograd.Function):
         need_k, need_lam, need_rhs = ctx.needs_input_grad[:3]
         y = torch.cholesky_solve(dx, chol)  # G^{-1} dX
         dk = dlam = drhs = None
-        if need_k or need_rhs:
-            ky = cbmm(k, y)
-            drhs = ky if need_rhs else None
-            if need_k:  # [R - K X, -K Y] @ [Y^H; X^H]: one product
-                left = torch.cat([rhs - cbmm(k, x), -ky], -1)
-                dk = cbmm(left, torch.cat([y, x], -1).mH)
+        if need_k:  # [R - K X, -K Y] @ [Y^H; X^H]: one product (K Y and K X in one too)
+            yx = torch.cat([y, x], -1)
+            kyx = cbmm(k, yx)
+            b = y.shape[-1]
+            drhs = kyx[..., :b] if need_rhs else None
+            left = torch.cat([rhs - kyx[..., b:], -kyx[..., :b]], -1)
+            dk = cbmm(left, yx.mH)
+        elif need_rhs:
+            drhs = cbmm(k, y)
         if need_lam:
             dlam = -(y * x.conj()).real.sum().to(lam2.dtype)
         return dk, dlam, drhs, None, None

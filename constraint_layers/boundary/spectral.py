@@ -212,7 +212,7 @@ class Symbol:
         (B, C, *box), complex.
         """
         n = len(self.grid)
-        b, c, s, t = d.shape
+        b, c = d.shape[:2]
         phase = _phase(self.grid[axis], self.box[axis], tuple(pos), False, d.dtype, d.device)
         phase = phase.mT.conj() * self.grid[axis]  # (S, K_a): exp(-2 pi i k p / M_a)
         f = _mm_last(d.transpose(2, 3), phase)  # (B, C, T, K_a)
@@ -288,17 +288,13 @@ class Symbol:
         """``H . x`` on the box: (B, C_in, *box) -> (B, C_out, *box).
 
         One real batched product per box frequency, ``[H_r; H_i] @ [x_r, x_i]``, combined as
-        ``y_r = H_r x_r - H_i x_i`` and ``y_i = H_i x_r + H_r x_i``; the weight side is built
-        once per symbol and dtype (a prepared symbol serves many calls without gradients)."""
-        b, c_in = x.shape[:2]
+        ``y_r = H_r x_r - H_i x_i`` and ``y_i = H_i x_r + H_r x_i`` (one autograd node,
+        :class:`_Respond`); the weight side is built once per symbol and dtype (a prepared
+        symbol serves many calls without gradients)."""
+        b = x.shape[0]
         a = self._respond_matrix(x.dtype)  # (K, 2 C_out, C_in)
-        k, c_out = a.shape[0], a.shape[1] // 2
-        xs = torch.view_as_real(x).flatten(2, -2).permute(2, 1, 3, 0)  # (K, C_in, 2, B)
-        y = torch.bmm(a, xs.reshape(k, c_in, 2 * b))  # (K, 2 C_out, 2 B)
-        yr = y[:, :c_out, :b] - y[:, c_out:, b:]
-        yi = y[:, c_out:, :b] + y[:, :c_out, b:]
-        y = torch.complex(yr, yi).permute(2, 1, 0)  # (B, C_out, K)
-        return y.reshape(b, c_out, *x.shape[2:])
+        y = _Respond.apply(a, x.flatten(2))  # (B, C_out, K)
+        return y.reshape(b, a.shape[1] // 2, *x.shape[2:])
 
     def _respond_matrix(self, dtype: torch.dtype) -> Tensor:
         """``[H_r^T; H_i^T]`` per box frequency: (K, 2 C_out, C_in), real."""
@@ -440,6 +436,42 @@ def _flat_index(
         for size, i in zip(sizes, box):
             flat = flat.unsqueeze(-1) * size + torch.tensor(i, dtype=torch.long, device=device)
         return flat.reshape(-1)
+
+
+class _Respond(torch.autograd.Function):
+    """``y = H x`` per frequency from ``a = [H_r; H_i]`` (K, 2 C_out, C_in), real, and ``x``
+    (B, C_in, K), complex: one ``bmm`` forward and one per input backward (the combination of
+    the four real products and its adjoint written out, no slice nodes)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor) -> Tensor:
+        k, c2, c_in = a.shape
+        b = x.shape[0]
+        c_out = c2 // 2
+        xs = torch.view_as_real(x).permute(2, 1, 3, 0).reshape(k, c_in, 2 * b)  # [x_r | x_i]
+        y = torch.bmm(a, xs).view(k, 2, c_out, 2, b)  # [[Hr xr, Hr xi], [Hi xr, Hi xi]]
+        yr = y[:, 0, :, 0] - y[:, 1, :, 1]
+        yi = y[:, 1, :, 0] + y[:, 0, :, 1]
+        ctx.save_for_backward(a, x)  # the input, not xs: double backward sees x
+        return torch.complex(yr, yi).permute(2, 1, 0)  # (B, C_out, K)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, x = ctx.saved_tensors
+        k, c2, c_in = a.shape
+        xs = torch.view_as_real(x).permute(2, 1, 3, 0).reshape(k, c_in, 2 * x.shape[0])
+        gk = g.permute(2, 1, 0)  # (K, C_out, B)
+        gr, gi = gk.real, gk.imag
+        dy = torch.stack([torch.stack([gr, gi], 2), torch.stack([gi, -gr], 2)], 1)
+        dy = dy.reshape(k, c2, xs.shape[-1])
+        da = dx = None
+        if ctx.needs_input_grad[0]:
+            da = torch.bmm(dy, xs.mT)
+        if ctx.needs_input_grad[1]:
+            b = xs.shape[-1] // 2
+            dxs = torch.bmm(a.mT, dy).view(k, c_in, 2, b).permute(3, 1, 0, 2).contiguous()
+            dx = torch.view_as_complex(dxs)  # (B, C_in, K)
+        return da, dx
 
 
 class _BoxFFT(torch.autograd.Function):
