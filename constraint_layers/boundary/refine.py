@@ -32,9 +32,22 @@ follows from its symbol ``H`` at the few frequencies where it responds (``spectr
   in float64;
 - the residual ``v_B - (L v)_B`` needs the layer's output on the faces only: from the box of
   ``rfftn(v)`` and ``H``, a few small products;
-- T2 is applied to the layer's INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer
-  computes ``A(v') = A(v) + L(E_B delta)`` in its one evaluation; the forward hook writes the
-  rows (T1). No second evaluation of the layer, no extra inverse FFT.
+- a layer that IS its description (``SpectralKernel.exact``: neuraloperator's own
+  ``SpectralConv.forward`` in full precision) is evaluated from it in one pass
+  (:meth:`Refinement._fused`, installed as the layer's ``forward`` while the refinement is
+  attached): ``X`` = the spectrum of ``v`` on the box (an ``rfft`` along the last axis, FFTs of
+  the kept columns along the others, the faces of ``v`` read in the same autograd node), ``y =
+  H X``, the residual and ``delta`` per axis as above, then ``H (X + Delta)`` with ``Delta`` the
+  box spectrum of the face update ``E_B delta`` (``sum_s delta_s(xi) exp(-2 pi i k p_s /
+  M_a)``: small products, no field of the grid's size) and one inverse transform on the kept
+  columns. The products with ``H`` are real batched products (``Symbol.respond``); outputs and
+  gradients equal the two-hook path below to rounding (``tests/boundary/test_refine_fused.py``).
+- any other layer (``add_refinement`` without a description, a subclass with its own forward,
+  ``refresh`` > 1 or ``kernel_grad="detached"`` while training): T2 is applied to the layer's
+  INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer computes ``A(v') = A(v) +
+  L(E_B delta)`` in its own one evaluation.
+
+The forward hook writes the rows (T1) in both cases. No second evaluation of the layer.
 
 The symbol comes in closed form from the weights when the adapter describes the layer
 (``spectrum=``, a :class:`~constraint_layers.boundary.spectral.SpectralKernel`: neuraloperator's
