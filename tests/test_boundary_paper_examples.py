@@ -122,3 +122,21 @@ def test_fno_modes_match_the_paper_convention():
     assert fno.fno_blocks.convs[0].weight.shape[-1] == 16  # real-FFT frequencies 0..15
     fno = FNO(n_modes=fno_modes(12, 2), in_channels=1, out_channels=1, hidden_channels=4)
     assert tuple(fno.fno_blocks.convs[0].weight.shape[-2:]) == (24, 12)  # -12..11 and 0..11
+
+
+def test_wiggle_study_runs_and_ablates_t2(capsys):
+    """refine_wiggles.py: one seed, one epoch; T2's update is seen in the refined layers and
+    absent with T2 switched off; the one-pass refinement is restored afterwards."""
+    from constraint_layers.adapters import neuralop as neuralop_adapter
+
+    stock = neuralop_adapter._stock_forward
+    module = importlib.import_module("refine_wiggles")
+    module.main(["--threads", "1", "--seeds", "0", "--variants", "refine", "t1_only",
+                 "--epochs", "1"])  # fmt: skip
+    assert neuralop_adapter._stock_forward is stock
+    out = capsys.readouterr().out
+    rows = [r.split("|") for r in out.splitlines() if r.startswith("| refine | 0 |")]
+    off = [r.split("|") for r in out.splitlines() if r.startswith("| t1_only | 0 |")]
+    assert rows and off
+    assert all(float(r[5]) > 1.0 for r in rows)  # T2 dv_B/v_B: a large update
+    assert all(float(r[5]) == 0.0 for r in off)
