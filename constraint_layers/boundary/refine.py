@@ -561,13 +561,15 @@ class Refinement:
         entry["bias"] = bias
         entry["v_faces"] = kept = []
         # the fused pass uses the prepared symbol for the layer's own product too: only where
-        # it is the live one (built in the graph) or no gradient in the weights is recorded
-        live = self.refresh == 1 and self.kernel_grad == "exact"
+        # it holds the current weights (refresh=1: reused only while they are equal) and, when
+        # gradients in the weights are recorded, is built in the graph (kernel_grad="exact")
+        recording = torch.is_grad_enabled() and kernel is not None and kernel.weight.requires_grad
         if (
             kernel is not None
             and kernel.exact
             and isinstance(module.forward, _FusedForward)
-            and (live or not (torch.is_grad_enabled() and kernel.weight.requires_grad))
+            and self.refresh == 1
+            and (self.kernel_grad == "exact" or not recording)
         ):
             # the layer is its description: T2 on the spectrum, in the layer's one evaluation
             # (_FusedForward), the input left as it is

@@ -125,6 +125,29 @@ def test_layers_not_described_exactly_run_their_own_forward(monkeypatch):
     assert bool((y[..., 0] == 0).all())  # exact all the same
 
 
+def test_frozen_blocks_never_freeze_the_layer_itself(monkeypatch):
+    """refresh=k reuses K_BB^+ for k weight changes; the layer's product always uses the
+    current weights (in inference too), as in the two-hook path."""
+    outs = {}
+    for fused in (True, False):
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(neuralop_adapter, "_stock_forward", lambda conv: False)
+            torch.manual_seed(0)
+            model = fno((6,), hidden=3, dtype=F64)
+            x = torch.randn(2, 1, 20, dtype=F64)
+            wrapped = cl.wrap(model, cl.Dirichlet(0.0), mode="refine", refresh=3)
+            got = []
+            with complex128_spectral(), torch.no_grad():
+                got.append(wrapped(x))
+                model.fno_blocks.convs[0].weight.tensor.data.mul_(1.5)
+                got.append(wrapped(x))  # frozen block, new weights in the product
+            outs[fused] = got
+    assert (outs[True][0] - outs[False][0]).abs().max() < 1e-12
+    assert (outs[True][1] - outs[False][1]).abs().max() < 1e-12
+    assert (outs[True][1] - outs[True][0]).abs().max() > 1e-3
+
+
 def test_forward_attribute_is_restored_and_a_replaced_forward_is_run():
     torch.manual_seed(0)
     model = fno((6,), hidden=3)
