@@ -42,10 +42,10 @@ follows from its symbol ``H`` at the few frequencies where it responds (``spectr
   M_a)``: small products, no field of the grid's size) and one inverse transform on the kept
   columns. The products with ``H`` are real batched products (``Symbol.respond``); outputs and
   gradients equal the two-hook path below to rounding (``tests/boundary/test_refine_fused.py``).
-- any other layer (``add_refinement`` without a description, a subclass with its own forward,
-  ``refresh`` > 1 or ``kernel_grad="detached"`` while training): T2 is applied to the layer's
-  INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer computes ``A(v') = A(v) +
-  L(E_B delta)`` in its own one evaluation.
+- any other layer (``add_refinement`` without a description, a subclass with its own forward),
+  ``refresh`` > 1 (a frozen block) and ``kernel_grad="detached"`` while training: T2 is applied
+  to the layer's INPUT by a forward pre-hook (``v' = v + E_B delta``), so the layer computes
+  ``A(v') = A(v) + L(E_B delta)`` in its own one evaluation, with its current weights.
 
 The forward hook writes the rows (T1) in both cases. No second evaluation of the layer.
 
