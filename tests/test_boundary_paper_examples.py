@@ -140,3 +140,16 @@ def test_wiggle_study_runs_and_ablates_t2(capsys):
     assert rows and off
     assert all(float(r[5]) > 1.0 for r in rows)  # T2 dv_B/v_B: a large update
     assert all(float(r[5]) == 0.0 for r in off)
+
+
+def test_joint_t2_study_checks_hold_on_a_small_grid():
+    """refine_joint.py's fresh-layer checks: the symbol is the layer's, the joint T2 removes the
+    frame residual with the pseudo-inverse, and on one axis equals the library's T2."""
+    module = importlib.import_module("refine_joint")
+    got = module.verify((8, 8, 4))
+    assert got["symbol_vs_layer"] < 1e-12 and got["kernel_vs_impulse"] < 1e-12
+    assert got["joint_rcond0_residual_ratio"] < 1e-9
+    assert got["library_rcond0_residual_ratio"] > 1.0  # block Jacobi leaves it
+    assert got["one_axis_0_joint_vs_library"] < 1e-10
+    assert got["one_axis_1_joint_vs_library"] < 1e-10
+    assert got["gradcheck_complex"] and got["gradcheck_real"]

@@ -659,8 +659,10 @@ class Refinement:
         entry = stack.pop()
         if "fused" in entry and not entry.get("done"):
             raise GridError(
-                "mode='refine': the refined layer's forward was replaced after the refinement "
-                "was attached; the refinement could not run. Attach it again "
+                "mode='refine': the refined layer's forward did not run the refinement: its "
+                "forward was replaced while the refinement's pre-hook was running, or a forward "
+                "pre-hook registered after the refinement's changed the shape of its input "
+                f"(expected {tuple(entry['v'].shape)}). Attach the refinement again "
                 "(constraint_layers.unwrap, then wrap) after changing the layer."
             )
         v, pads, faces, bias = entry["v"], entry["pads"], entry["faces"], entry["bias"]
@@ -729,8 +731,13 @@ class _FusedForward:
         stack = None if call is None else call.pending.get(id(self.refinement))
         entry = stack[-1] if stack else None
         if entry is not None and "fused" in entry and not entry.get("done"):
-            if args and args[0] is entry["v"] and set(kwargs) <= {"output_shape"}:
-                return self.refinement._fused(entry, entry["v"], *args[1:], **kwargs)
+            v = args[0] if args else None
+            same = isinstance(v, Tensor) and v.shape == entry["v"].shape
+            if same and set(kwargs) <= {"output_shape"}:
+                # the layer refines what it receives (a forward pre-hook registered after the
+                # refinement's may have replaced the input; the rows of T1 follow it)
+                entry["v"] = v
+                return self.refinement._fused(entry, v, *args[1:], **kwargs)
         if self.previous is not None:
             return self.previous(*args, **kwargs)
         return type(self.layer).forward(self.layer, *args, **kwargs)

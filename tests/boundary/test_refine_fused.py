@@ -171,6 +171,27 @@ def test_forward_attribute_is_restored_and_a_replaced_forward_is_run():
     cl.unwrap(wrapped)
 
 
+def test_an_input_replaced_by_a_later_pre_hook_is_the_one_refined():
+    torch.manual_seed(0)
+    model = fno((6,), hidden=3, dtype=F64)
+    wrapped = cl.wrap(model, cl.Dirichlet(0.0), mode="refine")
+    conv = model.fno_blocks.convs[0]
+    v = torch.randn(2, 3, 16, dtype=F64)
+    phys = torch.zeros(2, 1, 16, dtype=F64)
+    with torch.no_grad(), wrapped._context.call(wrapped.bcs, phys):
+        want = conv(2 * v)
+        handle = conv.register_forward_pre_hook(lambda m, a: (2 * a[0],))
+        got = conv(v)
+        handle.remove()
+        # a hook that changes the input's shape: refused, with the shape it expected
+        handle = conv.register_forward_pre_hook(lambda m, a: (a[0][:1],))
+        with pytest.raises(cl.errors.GridError, match=r"expected \(2, 3, 16\)"):
+            conv(v)
+        handle.remove()
+    assert torch.equal(got, want)
+    assert torch.equal(got[..., 0], (2 * v[..., 0] + conv.bias[..., 0]).expand_as(got[..., 0]))
+
+
 def test_output_shape_other_than_the_grid_is_refused():
     torch.manual_seed(0)
     model = fno((6,), hidden=3)
