@@ -99,10 +99,15 @@ residual before T2, C = 1 to 32) and repeated sweeps diverge, while on one axis 
 to rounding. A joint T2 over all faces of both axes (dense, 24 x 24 grid, C = 1 and 4) removes
 it to rounding (ratio 2e-15 / 1e-14 with the pseudo-inverse) and its refined interior differs
 from the block-Jacobi one by 100% / 120% of its update: the joint T2 is the faithful one. It
-is not implemented: its boundary block couples every boundary node of the frame (C times
-2 (M_x + M_y) unknowns: 8064 at 64 x 64, width 32), a dense solve per layer and training step
-far beyond the cost target; a Krylov solve preconditioned by the per-axis factorisations is the
-candidate.
+does not train better: on the lid-driven cavity (two Dirichlet axes, the only paper problem
+with several constrained axes) a dense joint T2 with the same regularisation
+(``examples/boundary_paper/refine_joint.py``, 3 seeds) gave relative L2 0.1277 (SE 0.0061)
+against the block-Jacobi 0.1239 (0.012) at the quick budget and 0.04829 (0.0024) against
+0.04806 (0.0014) at the medium one (paired differences within one SE, changing sign between
+seeds), at 6.4x to 7.3x the time per training step, while it removed 83% to 94% of each
+trained layer's frame residual where block Jacobi multiplies it by 2.1 to 2.7. So the library
+keeps block Jacobi; the joint T2 (``C`` times ``2 (M_x + M_y)`` unknowns, a dense solve per
+layer and step) stays an experiment.
 T1 keeps every layer's boundary rows independent of the interior either way.
 """
 
