@@ -468,21 +468,28 @@ class Refinement:
     def _operator(self, sym: Symbol, axis: int, pos: tuple[int, ...]) -> tuple[Tensor, ...]:
         """``K_BB^+`` per tangential frequency, factorised: ``(L, K, lam^2, K^H)`` with ``L`` the
         Cholesky factor of ``K^H K + lam^2 I`` ((T, S C, S C), complex128; a constant for
-        autograd, see :class:`_RegularisedSolve`), or ``(pinv,)`` for rcond 0."""
+        autograd, see :class:`_RegularisedSolve`); or, when ``K`` is a constant (built without
+        gradients: inference, a frozen or detached block) or for rcond 0, ``(K_BB^+,)`` as one
+        matrix per frequency (one product per call)."""
         k = sym.boundary_block(axis, pos).to(torch.complex128)
         if self.rcond == 0:
             with torch.no_grad():
                 self._grams[axis] = cbmm(k.mH.contiguous(), k)
             return (torch.linalg.pinv(k),)
         # lam = rcond * the largest Frobenius norm over the frequencies: it follows the weights
-        # (a constant lam would leave a term out of the gradient) and costs no SVD
-        lam2 = self.rcond**2 * torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).amax()
+        # (a constant lam would leave a term out of the gradient) and costs no SVD; the largest
+        # block is found without gradients, its norm taken with them (the gradient of amax)
+        with torch.no_grad():
+            top = torch.view_as_real(k).square().sum(dim=(-3, -2, -1)).argmax()
+        lam2 = self.rcond**2 * torch.view_as_real(k[top]).square().sum()
         with torch.no_grad():
             kh = k.mH.contiguous()  # K^H for the forward product (a constant, like chol)
             gram = cbmm(kh, k)
             self._grams[axis] = gram
             eye = torch.eye(k.shape[-1], dtype=gram.dtype, device=gram.device)
             chol = torch.linalg.cholesky(gram + lam2 * eye)
+            if not k.requires_grad:  # a constant operator: the regularised inverse, explicitly
+                return (torch.cholesky_solve(kh, chol),)
         return (chol, k, lam2, kh)
 
     @staticmethod
