@@ -596,8 +596,10 @@ class BoundaryCorrection(ConstraintLayer):
         ``mode="refine"``: 1 gives exact gradients (each refined layer's boundary block is
         rebuilt inside the autograd graph at every training call, in closed form from the
         weights for neuraloperator spectral convolutions); ``k > 1`` reuses a frozen one for
-        ``k`` weight changes, in training and inference alike: approximate gradients. Without
-        gradients it is reused while the weights are equal (compared by value).
+        ``k`` weight changes, in training and inference alike: approximate gradients, and no
+        faster for neuraloperator layers (the default evaluates them in one pass; a frozen
+        block needs the layer's own forward). Without gradients it is reused while the weights
+        are equal (compared by value).
     kernel_grad : {"exact", "detached"}, default "exact"
         ``mode="refine"``: ``"detached"`` rebuilds the boundary block at every call but treats
         it (and the boundary-to-interior coupling) as a constant for autograd: the "frozen"

@@ -311,8 +311,10 @@ class Refinement:
         1 (default): without gradients the factorisation is reused while the weights are equal,
         with gradients it is rebuilt inside the autograd graph at every call (exact gradients).
         k > 1: a frozen factorisation (a constant for autograd) serves until the weights have
-        changed k times (compared by value), with or without gradients: cheaper training steps,
-        approximate gradients; T1 keeps the rows exact either way.
+        changed k times (compared by value), with or without gradients: approximate gradients
+        (T1 keeps the rows exact either way); the layer then runs its own forward on the
+        updated input, which for a stock neuraloperator ``SpectralConv`` is slower than the
+        default's one-pass evaluation (``README.md``, "Performance").
     kernel_grad : {"exact", "detached"}
         ``"detached"``: rebuild at every call but outside the autograd graph (``K_BB^+`` and the
         coupling are constants for the gradient).
