@@ -607,14 +607,9 @@ class Refinement:
         entry["v_faces"].extend(vbs)
         y = sym.respond(f)  # H X on the box
         y128 = y.to(torch.complex128)
-        c = v.shape[1]
         total = None
         for (axis, pos), vb in zip(entry["faces"], entry["v_faces"]):
-            vb = vb.movedim(2 + axis, 2).to(torch.float64)  # (B, C, S, *tan)
-            r = sym.tangential(vb, axis) - sym.face_values(y128, axis, pos)  # (B, C, S, T)
-            b, _, s, t = r.shape
-            vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
-            d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
+            d = self._delta(prep, y128, vb, axis, pos)
             part = sym.face_spectrum(d.to(y.dtype), axis, pos)
             total = part if total is None else total + part
         if total is not None:
@@ -648,16 +643,25 @@ class Refinement:
             keep.extend(vbs)
         y = sym.respond(sym.box_finish(f)).to(torch.complex128)  # spectrum of L v on the box
         out = v.clone()  # ours: updated in place below (one copy for every axis)
-        c = v.shape[1]
         for (axis, pos), a, i, vb in zip(faces, dims, idx, vbs):
-            vb = vb.movedim(a, 2).to(torch.float64)  # (B, C, S, *tan)
-            r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
-            b, _, s, t = r.shape
-            vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
-            d = self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
+            d = self._delta(prep, y, vb, axis, pos)
             d = sym.untangential(d, axis).to(v.dtype)  # (B, C, S, *tan)
             out.index_add_(a, i, d.movedim(2, a))
         return out
+
+    def _delta(
+        self, prep: _Prepared, y: Tensor, vb: Tensor, axis: int, pos: tuple[int, ...]
+    ) -> Tensor:
+        """T2's update of the faces at ``pos`` along ``axis``, ``K_BB^+ (v_B - (L v)_B)``, in
+        the tangential Fourier layout: ``y`` the spectrum of ``L v`` on the box (complex128),
+        ``vb`` the layer input's faces (``v.index_select(2 + axis, pos)``). Returns (B, C, S,
+        T), complex128."""
+        sym = prep.symbol
+        vb = vb.movedim(2 + axis, 2).to(torch.float64)  # (B, C, S, *tan)
+        r = sym.tangential(vb, axis) - sym.face_values(y, axis, pos)  # (B, C, S, T)
+        b, c, s, t = r.shape
+        vec = r.permute(3, 2, 1, 0).reshape(t, s * c, b)
+        return self._solve(prep.ops[axis], vec).reshape(t, s, c, b).permute(3, 2, 1, 0)
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         """Forward hook: T1, the rows of every condition in order."""

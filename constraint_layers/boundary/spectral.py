@@ -138,14 +138,6 @@ class Symbol:
         frequencies of the last axis, in :meth:`tangential`'s layout)."""
         return _tangential_negation(self.grid, self.box, self.h.device)
 
-    def box_spectrum(self, v: Tensor) -> Tensor:
-        """``rfftn(v)`` on the box only, by products with the DFT matrices of the box (the box
-        is a few modes per axis: cheaper than full FFTs, forward and backward).
-
-        ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
-        """
-        return self.box_finish(_mm_last(v, self.box_matrix(v.dtype, v.device)))
-
     def box_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The real DFT matrix of the last axis on the box, the columns of ``cos`` and ``-sin``
         interleaved (the product is the spectrum as pairs of real numbers): (M_last, 2 K)."""
@@ -153,7 +145,8 @@ class Symbol:
         return _dft_last(self.grid[n - 1], self.box[n - 1], dtype, device)
 
     def box_finish(self, f: Tensor) -> Tensor:
-        """:meth:`box_spectrum` from ``v @ box_matrix``: (B, C, *grid[:-1], 2 K), contiguous."""
+        """``rfftn(v)`` on the box from ``v @ box_matrix`` (B, C, *grid[:-1], 2 K), by products
+        with the box's DFT matrices along the other axes: (B, C, *box), complex."""
         n = len(self.grid)
         f = torch.view_as_complex(f.unflatten(-1, (-1, 2)))  # (B, C, *grid[:-1], K_last)
         for d in range(n - 1):
@@ -162,17 +155,13 @@ class Symbol:
         return f
 
     def box_fft(self, v: Tensor) -> Tensor:
-        """:meth:`box_spectrum` by FFTs: ``rfft`` along the last axis, the box's columns kept,
-        then an FFT along each other axis on those columns only, the box's rows kept (cheaper
-        than ``rfftn`` of the whole grid).
+        """``rfftn(v)`` on the box only, by FFTs: ``rfft`` along the last axis, the box's
+        columns kept, then an FFT along each other axis on those columns only, the box's rows
+        kept (cheaper than ``rfftn`` of the whole grid).
 
         ``v``: shape (B, C, *grid), real. Returns shape (B, C, *box), complex.
         """
-        n = len(self.grid)
-        f = _keep(torch.fft.rfft(v, dim=-1), v.ndim - 1, self.box[n - 1], self.idx[n - 1])
-        for d in range(n - 1):
-            f = torch.fft.fft(f, dim=2 + d).index_select(2 + d, self.idx[d])
-        return f
+        return self.box_fft_and_faces(v, (), ())[0]
 
     def box_fft_and_faces(
         self, v: Tensor, dims: tuple[int, ...], idx: tuple[Tensor, ...]
@@ -184,8 +173,9 @@ class Symbol:
         return _BoxFFT.apply(v, self.grid, self.box, self.idx[: n - 1], self.idx[n - 1], dims, *idx)
 
     def box_ifft(self, y: Tensor) -> Tensor:
-        """:meth:`to_grid` by FFTs on the box's columns only: an inverse FFT along each axis but
-        the last (zeros off the box), then ``irfft`` along the last. The inverse of
+        """The real field whose spectrum is ``y`` on the box and 0 elsewhere (``irfftn`` of the
+        spectrum filled with zeros), by FFTs on the box's columns only: an inverse FFT along each
+        axis but the last (zeros off the box), then ``irfft`` along the last. The inverse of
         :meth:`box_fft` on fields whose spectrum lives on the box.
 
         ``y``: shape (B, C, *box), complex. Returns shape (B, C, *grid), real.
@@ -324,15 +314,6 @@ class Symbol:
         full = torch.zeros((b, c, math.prod(rgrid)), dtype=y.dtype, device=y.device)
         full = full.index_copy(2, flat, y.reshape(b, c, -1))
         return full.reshape(b, c, *rgrid)
-
-    def to_grid(self, y: Tensor, dtype: torch.dtype) -> Tensor:
-        """The real field whose spectrum is ``y`` on the box and 0 elsewhere.
-
-        ``y``: shape (B, C, *box), complex. Returns shape (B, C, *grid) in ``dtype``.
-        """
-        n = len(self.grid)
-        full = self._scatter(y)
-        return torch.fft.irfftn(full, s=self.grid, dim=list(range(2, 2 + n))).to(dtype)
 
 
 # ---------------------------------------------------------------- constants of a box, cached

@@ -84,11 +84,15 @@ def make_tasks(size: str, smoke: bool) -> list[tuple[Task, Budget]]:
         inputs="u0 (repeated along t), x, t",
     )
     out.append((task, Budget(epochs=cfg["epochs"], batch_size=cfg["batch"])))
-    # Dirichlet, single step
-    problem = cl.problems.Burgers(bc="dirichlet")
+    out.append(dirichlet_task(size, smoke))
+    return out
+
+
+def dirichlet_task(size: str, smoke: bool = False) -> tuple[Task, Budget]:
+    """The Dirichlet task (single step): data, walls read from the input channels, budget."""
     cfg = sized(SIZES["dirichlet"], size, smoke)
     data = generate(
-        problem,
+        cl.problems.Burgers(bc="dirichlet"),
         cfg["n_train"] + cfg["n_test"],
         task="single",
         resolution=cfg["resolution"],
@@ -107,8 +111,7 @@ def make_tasks(size: str, smoke: bool) -> list[tuple[Task, Budget]]:
         width=64,
         inputs="u0, x, u(0, 1) and u(1, 1) broadcast along x",
     )
-    out.append((task, Budget(epochs=cfg["epochs"], batch_size=cfg["batch"])))
-    return out
+    return task, Budget(epochs=cfg["epochs"], batch_size=cfg["batch"])
 
 
 def draw(task, results, preds, out_dir):

@@ -70,10 +70,7 @@ from common import (
     Budget,
     Task,
     build_model,
-    dirichlet_from_inputs,
-    generate,
     predict,
-    sized,
     train_model,
 )
 
@@ -275,27 +272,7 @@ def probe_layers(model, fno, x: Tensor, ablate: str | None) -> list[dict]:
 # ------------------------------------------------------------------------------------ task
 def dirichlet_task(size: str) -> tuple[Task, Budget]:
     """The Burgers-Dirichlet task of ``burgers.py`` alone (the periodic data is not generated)."""
-    cfg = sized(burgers.SIZES["dirichlet"], size, False)
-    data = generate(
-        cl.problems.Burgers(bc="dirichlet"),
-        cfg["n_train"] + cfg["n_test"],
-        task="single",
-        resolution=cfg["resolution"],
-    )
-    data, bcs = dirichlet_from_inputs(data, [("x_low", 0, "low"), ("x_high", 0, "high")])
-    train, test = data.split(cfg["n_train"])
-    task = Task(
-        name="burgers_dirichlet",
-        title="Burgers, Dirichlet, single step t = 1",
-        train=train,
-        test=test,
-        bcs=bcs,
-        walls=["x=0", "x=1"],
-        modes=16,
-        width=64,
-        inputs="u0, x, u(0, 1) and u(1, 1) broadcast along x",
-    )
-    return task, Budget(epochs=cfg["epochs"], batch_size=cfg["batch"])
+    return burgers.dirichlet_task(size)
 
 
 def inner_fno(model: torch.nn.Module) -> torch.nn.Module:

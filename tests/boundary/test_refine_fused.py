@@ -49,19 +49,26 @@ CASES = {
 }  # fmt: skip
 
 
+def _count_one_pass_calls(mp) -> list:
+    """A list that receives an entry per call of the one-pass refinement (``mp``: a
+    monkeypatch or its context)."""
+    calls: list = []
+    real = refine_module.Refinement._fused
+    mp.setattr(
+        refine_module.Refinement,
+        "_fused",
+        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
+    )
+    return calls
+
+
 def _output_and_grads(model, bcs, x, fused: bool, monkeypatch):
     """The refined output and the gradients of a fixed functional, with the one-pass path on
     or off (off: the adapter reports the layer as not described exactly)."""
     with monkeypatch.context() as mp:
         if not fused:
             mp.setattr(neuralop_adapter, "_stock_forward", lambda conv: False)
-        calls = []
-        real = refine_module.Refinement._fused
-        mp.setattr(
-            refine_module.Refinement,
-            "_fused",
-            lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
-        )
+        calls = _count_one_pass_calls(mp)
         wrapped = cl.wrap(model, *bcs, mode="refine")
         xg = x.clone().requires_grad_()
         y = wrapped(xg)
@@ -101,13 +108,7 @@ def test_layers_not_described_exactly_run_their_own_forward(monkeypatch):
         def forward(self, x, output_shape=None):
             return 2.0 * super().forward(x, output_shape=output_shape)
 
-    calls = []
-    real = refine_module.Refinement._fused
-    monkeypatch.setattr(
-        refine_module.Refinement,
-        "_fused",
-        lambda self, *a, **k: calls.append(1) or real(self, *a, **k),
-    )
+    calls = _count_one_pass_calls(monkeypatch)
     torch.manual_seed(0)
     model = fno((6,), hidden=3, dtype=F64)
     x = torch.randn(2, 1, 20, dtype=F64)
@@ -231,7 +232,9 @@ def test_box_fft_with_faces_gradcheck_and_equals_rfftn(grid, box):
         full = full.index_select(2 + d, torch.tensor(b))
     assert torch.allclose(sym.box_fft_and_faces(v.detach(), dims, idx)[0], full, atol=1e-12)
     y = torch.randn(1, 2, *(len(b) for b in box), dtype=torch.complex128)
-    assert torch.allclose(sym.box_ifft(y), sym.to_grid(y, F64), atol=1e-12)
+    dims = tuple(range(2, 2 + len(grid)))
+    want = torch.fft.irfftn(sym._scatter(y), s=grid, dim=dims)
+    assert torch.allclose(sym.box_ifft(y), want, atol=1e-12)
 
 
 def test_respond_gradcheck_and_equals_the_complex_product():
