@@ -95,7 +95,17 @@ class GPyTorchAdapter(Adapter):
                 "model) before predicting; train the plain model (cl.unwrap(wrapped), or "
                 "wrapped.model) with its ELBO."
             )
-        return model(*args, **kwargs)
+        try:
+            return model(*args, **kwargs)
+        except RuntimeError as e:
+            if not (model.training and "train on the training inputs" in str(e)):
+                raise
+            raise ValueError(
+                f"{self.name}: the exact GP ({type(model).__name__}) is in train mode, where "
+                "gpytorch evaluates it only at its training inputs (its prior there, for the "
+                "marginal likelihood): \"You must train on the training inputs!\". Call .eval() "
+                "on the wrapper (or the model) before predicting at new inputs."
+            ) from e
 
     def read(self, output: Any) -> Gaussian:
         where = f"{self.name}.read"
@@ -122,6 +132,9 @@ class GPyTorchAdapter(Adapter):
 
     def write(self, output: Any, posterior: Gaussian) -> Any:
         cov = posterior.covariance
+        layout = None
+        if isinstance(cov, TaskMajor):  # back to the model's interleaved order
+            layout = (cov.base, cov._inv)
         if cov is None:  # no covariance was read (skip_posterior_variances): keep the model's
             cov = output.lazy_covariance_matrix
         elif posterior.downdate is not None:
@@ -131,11 +144,14 @@ class GPyTorchAdapter(Adapter):
                 if var is None
                 else var.reshape(*var.shape[: var.ndim - posterior.event_ndim], -1)
             )
-            cov = conditioned_covariance(cov, posterior.downdate, posterior.conditioned, var)
+            cov = conditioned_covariance(
+                cov, posterior.downdate, posterior.conditioned, var, layout=layout
+            )
+        elif layout is not None:
+            cov = layout[0]
         cls = constrained_type(type(output))
         if isinstance(output, _MTMVN):
-            interleaved = output._interleaved and posterior.covariance is None
-            out = cls(posterior.mean.mT, cov, interleaved=interleaved)
+            out = cls(posterior.mean.mT, cov, interleaved=output._interleaved)
         else:
             out = cls(posterior.mean, cov)
         if posterior.downdate is not None:

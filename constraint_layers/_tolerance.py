@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TOLERANCES", "Tolerance", "tolerance"]
+__all__ = ["TOLERANCES", "Tolerance", "rank_cutoff", "tolerance"]
 
 
 class Tolerance(NamedTuple):
@@ -35,3 +35,34 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 def tolerance(dtype: torch.dtype) -> Tolerance:
     """The tolerances of ``dtype`` (float32's for dtypes not in the table)."""
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+# ----------------------------------------------------------------- gp-objects (issue 21) ----
+# Provisional: the numerical rank of a PSD matrix, shared by the root used for samples and the
+# density of a degenerate posterior (conservation/posterior.py). gp-numerics owns this module and
+# defines the same function in its rank/PSD section; on merging, keep theirs and delete this one.
+#: Margin of the numerical rank over the rounding ``n * eps * scale`` of a PSD matrix.
+RANK_FACTOR = 16.0
+
+
+def rank_cutoff(
+    dtype: torch.dtype, scale: float | torch.Tensor, n: int = 1
+) -> float | torch.Tensor:
+    """Eigenvalues (or squared pivots) of a PSD matrix at or below this are numerically zero.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The precision the matrix was computed in (not the one it is stored in).
+    scale : float or Tensor
+        Its largest eigenvalue (a tensor: one per batch entry, keepdim).
+    n : int
+        Its order.
+
+    Returns
+    -------
+    float or Tensor
+        ``RANK_FACTOR * n * eps(dtype) * scale``.
+    """
+    eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 2.220446049250313e-16
+    return RANK_FACTOR * max(int(n), 1) * eps * scale

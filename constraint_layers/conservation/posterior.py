@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._tolerance import rank_cutoff
 from .gaussian import (
     F64,
 )
@@ -232,6 +233,13 @@ class ConstrainedGaussian:
             X = torch.cat([X, noise.expand(*X.shape[:-1], noise.shape[-1])], dim=-1)
         return X
 
+    def dense_root(self) -> Tensor:
+        """The root that :meth:`log_prob` agrees with: ``V_k lam_k^{1/2}`` of the dense
+        posterior covariance over its numerical rank, projected onto ``G u = 0`` (see
+        :meth:`DegenerateGaussian.root`); shape (*batch, N, N), float64. ``O(N^3)`` once (the
+        density's eigendecomposition, shared)."""
+        return self._density().root()
+
     def _density(self) -> DegenerateGaussian:
         if self._dens is None:
             if self._prior is None:
@@ -274,18 +282,17 @@ class ConstrainedGaussian:
         return self._density().entropy()
 
 
-#: Eigenvalues below this fraction of the largest are numerically zero, by the covariance's dtype
-#: (the cutoffs of ``scipy.stats.multivariate_normal(allow_singular=True)``).
-RANK_RCOND = {torch.float64: 1e6 * 2.220446049250313e-16, torch.float32: 1e3 * 1.1920929e-07}
 #: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
 SUPPORT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 class DegenerateGaussian:
-    """A Gaussian whose covariance may be singular: density on its support.
+    """A Gaussian whose covariance may be singular: density on its support, and the root its
+    samples come from.
 
-    The covariance is eigendecomposed once in float64; eigenvalues below ``RANK_RCOND`` (by the
-    covariance's dtype) times the largest are zero. The log density is that of the Gaussian on
+    The covariance is eigendecomposed once in float64; eigenvalues at or below
+    :func:`~constraint_layers._tolerance.rank_cutoff` (by the dtype the covariance was computed
+    in, its largest eigenvalue and its order) are zero. The log density is that of the Gaussian on
     the subspace the remaining ``k`` eigenvectors span (through the mean),
     ``-(k log 2 pi + log pdet + d^T Sigma^+ d) / 2``, the convention of
     ``scipy.stats.multivariate_normal(allow_singular=True)``; it does not depend on any jitter.
@@ -293,7 +300,9 @@ class DegenerateGaussian:
     rows by more than rounding (``SUPPORT_RTOL``) get ``-inf``; when the covariance is otherwise
     non-singular, ``k = N - M`` and this is the density on the constraint set. Components along
     other numerically null directions (where the model itself leaves no measurable variance) are
-    left out, as a pseudo-inverse does.
+    left out, as a pseudo-inverse does. :meth:`root` spans the same ``k`` directions with the
+    same eigenvalues (one rank cutoff), so the density of the samples it gives is the density
+    this object evaluates.
 
     Parameters
     ----------
@@ -320,15 +329,70 @@ class DegenerateGaussian:
         cov = covariance.to(F64)
         cov = 0.5 * (cov + cov.mT)
         lam, V = torch.linalg.eigh(cov)
-        rcond = RANK_RCOND.get(source, 1e3 * torch.finfo(source).eps)
-        cut = rcond * lam.detach().abs().amax(-1, keepdim=True)
-        self.keep = lam.detach() > cut  # (*batch, N)
+        scale = lam.detach().abs().amax(-1, keepdim=True)
+        self.keep = lam.detach() > rank_cutoff(source, scale, cov.shape[-1])  # (*batch, N)
         safe = torch.where(self.keep, lam, torch.ones_like(lam))
         self.inv_sqrt = torch.where(self.keep, safe.rsqrt(), torch.zeros_like(lam))
-        self.V = V
+        self.V, self.lam, self.cov = V, lam, cov
         self.rank = self.keep.sum(-1)  # (*batch,)
         self.log_pdet = torch.where(self.keep, safe.log(), torch.zeros_like(lam)).sum(-1)
         self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
+
+    def root(self) -> Tensor:
+        """A root ``X`` of the covariance over its numerical rank: ``X X^T = V_k diag(lam_k)
+        V_k^T`` (the eigenpairs :meth:`log_prob` keeps), projected onto ``G u = 0`` with
+        ``rows`` (so that samples ``mean + X eps`` satisfy the rows to rounding).
+
+        Its value is ``V_k lam_k^{1/2}``; its gradient is that of ``Sigma V_k lam_k^{-1/2} / 2``
+        with the eigenpairs held fixed, which gives ``d(X X^T) = dSigma`` on the kept subspace
+        without the ``1 / (lam_i - lam_j)`` terms of an eigendecomposition's backward (finite for
+        repeated eigenvalues).
+
+        Returns
+        -------
+        Tensor
+            shape: (*batch, N, N) (dropped directions are zero columns), float64.
+        """
+        V, lam = self.V.detach(), self.lam.detach()
+        half = torch.where(self.keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
+        X = V * half.unsqueeze(-2)
+        if self.cov.requires_grad:
+            lin = (self.cov @ V) * (0.5 * self.inv_sqrt.detach()).unsqueeze(-2)
+            X = X + (lin - lin.detach())
+        if self.rows is not None:
+            G = self.rows[0]
+            X = X - torch.linalg.pinv(G) @ (G @ X)
+        return X
+
+    def transformed(
+        self, scale: float = 1.0, shift: Tensor | None = None, index: Tensor | None = None
+    ) -> DegenerateGaussian:
+        """The Gaussian of ``u' = scale * u[..., index] + shift`` (``index`` a permutation of the
+        ``N`` positions; ``scale`` non-zero), from the same eigendecomposition.
+
+        The rows become ``G' = G[..., index]``, ``b' = scale * b + G' shift``.
+        """
+        out = DegenerateGaussian.__new__(DegenerateGaussian)
+        out.__dict__.update(self.__dict__)
+        s2 = float(scale) ** 2
+        mean = self.mean
+        if index is not None:
+            mean, out.V = mean[..., index], self.V[..., index, :]
+            out.cov = self.cov[..., index, :][..., :, index]
+        mean = mean * scale
+        if shift is not None:
+            mean = mean + shift.to(mean.dtype)
+        out.mean, out.lam, out.cov = mean, self.lam * s2, out.cov * s2
+        out.inv_sqrt = self.inv_sqrt / abs(float(scale))
+        out.log_pdet = self.log_pdet + self.rank * math.log(s2)
+        if self.rows is not None:
+            G, b = self.rows
+            G = G if index is None else G[..., index]
+            b = b * scale
+            if shift is not None:
+                b = b + _rowdot(G, shift.to(F64))
+            out.rows = (G, b)
+        return out
 
     def log_prob(self, x: Tensor) -> Tensor:
         """shape: x (..., *batch, N) -> (..., *batch)."""
