@@ -10,9 +10,10 @@ For conservation it also reads the common probabilistic heads, and gives back th
 - a ``torch.distributions.Normal`` (or ``Independent(Normal)``);
 - a ``torch.distributions.MultivariateNormal`` (the event is its last axis; gpytorch's
   ``MultivariateNormal``, a subclass, is read with its lazy covariance): it comes back as a
-  ``MultivariateNormal`` whose ``scale_tril`` is a triangular root of the exact conditioned
-  covariance, so its samples satisfy the constraint to rounding (noise 0: the posterior is
-  singular; its ``log_prob`` is not defined there, use ``wrapped.posterior(x).log_prob``);
+  ``MultivariateNormal`` (a subclass, :class:`ConstrainedMultivariateNormal`) whose
+  ``scale_tril`` is a triangular root of the exact conditioned covariance, so its samples
+  satisfy the constraint to rounding; with noise 0 the posterior is singular, and its
+  ``log_prob`` / ``entropy`` are those of the degenerate Gaussian on the constraint set;
 - a ``torch.distributions.LowRankMultivariateNormal``: read as diagonal plus low rank. The
   conditioned covariance is no longer of that form, so it comes back as a
   ``MultivariateNormal`` (with ``metric="euclidean"``, which leaves the covariance as it was,
@@ -32,12 +33,12 @@ from torch.distributions import (
     Normal,
 )
 
-from constraint_layers.functional import Gaussian
+from constraint_layers.functional import DegenerateGaussian, Gaussian
 
 from ._registry import register
 from .base import Adapter
 
-__all__ = ["ModuleAdapter", "read_gaussian", "write_gaussian"]
+__all__ = ["ConstrainedMultivariateNormal", "ModuleAdapter", "read_gaussian", "write_gaussian"]
 
 _MEAN_KEYS = ("mean", "loc", "mu")
 _VAR_KEYS = ("variance", "var")
@@ -168,8 +169,10 @@ def write_gaussian(output: Any, post: Gaussian) -> Any:
     if isinstance(output, LowRankMultivariateNormal) and unchanged:  # only the mean moved
         return LowRankMultivariateNormal(post.mean, output.cov_factor, output.cov_diag)
     if isinstance(output, (MultivariateNormal, LowRankMultivariateNormal)):
-        root = _triangular_root(post, output)  # zero pivots: not a valid lower_cholesky
-        return MultivariateNormal(post.mean, scale_tril=root, validate_args=False)
+        root, density = _triangular_root(post, output)  # zero pivots: not a valid lower_cholesky
+        out = ConstrainedMultivariateNormal(post.mean, scale_tril=root, validate_args=False)
+        out._density = density
+        return out
     raise TypeError(f"write_gaussian: unsupported output type {type(output).__name__}.")
 
 
@@ -181,23 +184,65 @@ def _prior_root(output: Any) -> Tensor:
     return output.scale_tril
 
 
-def _triangular_root(post: Gaussian, output: Any) -> Tensor:
+def _triangular_root(post: Gaussian, output: Any) -> tuple[Tensor, DegenerateGaussian | None]:
     """A lower-triangular root of the posterior covariance (zero pivots allowed), float64
-    algebra, in the mean's dtype: the exact conditioned root ``X`` (``G X = 0`` to rounding)
-    made triangular by a QR factorisation, ``X X^T = R^T R``."""
+    algebra, in the mean's dtype, and the degenerate density it belongs to (None where the
+    covariance is not singular by construction: constraint noise).
+
+    Without constraint noise the root ``X`` is the one of the density (its eigenpairs over the
+    numerical rank, projected onto ``G u = 0``: one rank cutoff for samples and ``log_prob``);
+    with noise it is the exact conditioned root. ``X`` is made triangular by a QR
+    factorisation, ``X X^T = R^T R``."""
     cg = post.conditioned
-    if cg is not None:
+    density = None
+    if cg is not None and cg.noise_free:
+        density = cg._density()
+        X = density.root()
+    elif cg is not None:
         X = cg.exact_root(_prior_root(output))
-    else:  # no structured posterior (a normaliser in between): a root of the dense matrix
+    else:  # no structured posterior (a normaliser in between): the dense matrix's own
         S = output.covariance_matrix.to(torch.float64)
         if post.downdate is not None:
             F = post.downdate.to(torch.float64)
             S = S - F @ F.mT
-        lam, V = torch.linalg.eigh(0.5 * (S + S.mT))
-        X = V * lam.clamp_min(0).sqrt().unsqueeze(-2)
+        density = DegenerateGaussian(post.mean, S, dtype=post.mean.dtype)
+        X = density.root()
     R = torch.linalg.qr(X.mT, mode="r").R[..., : X.shape[-2], :]  # (*batch, N, N) upper
     sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
-    return (R * sign.unsqueeze(-1)).mT.to(post.mean.dtype)
+    return (R * sign.unsqueeze(-1)).mT.to(post.mean.dtype), density
+
+
+class ConstrainedMultivariateNormal(MultivariateNormal):
+    """A ``torch.distributions.MultivariateNormal`` conditioned exactly on ``G u = b``.
+
+    Its ``scale_tril`` is a triangular root of the singular posterior covariance (zero pivots),
+    so ``sample`` / ``rsample`` satisfy the constraint to rounding. ``log_prob`` and ``entropy``
+    are those of the degenerate Gaussian on its support (the constraint set; pseudo-determinant,
+    float64, ``-inf`` off the set), see :class:`~constraint_layers.functional.DegenerateGaussian`;
+    torch's own formulas would divide by the zero pivots. ``expand`` keeps the density (it
+    broadcasts over batch axes).
+    """
+
+    #: The DegenerateGaussian over the event, or None (an ordinary, non-singular posterior).
+    _density: DegenerateGaussian | None = None
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._density is None:
+            return super().log_prob(value)
+        lp = self._density.log_prob(value)
+        return lp.to(torch.promote_types(value.dtype, self.loc.dtype))
+
+    def entropy(self) -> Tensor:
+        if self._density is None:
+            return super().entropy()
+        h = self._density.entropy()
+        return h.expand(self.batch_shape).to(self.loc.dtype)
+
+    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> MultivariateNormal:
+        new = self._get_checked_instance(ConstrainedMultivariateNormal, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._density = self._density
+        return new
 
 
 def _normal(post: Gaussian, like: Normal) -> Normal:

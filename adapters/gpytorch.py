@@ -103,7 +103,7 @@ class GPyTorchAdapter(Adapter):
             raise ValueError(
                 f"{self.name}: the exact GP ({type(model).__name__}) is in train mode, where "
                 "gpytorch evaluates it only at its training inputs (its prior there, for the "
-                "marginal likelihood): \"You must train on the training inputs!\". Call .eval() "
+                'marginal likelihood): "You must train on the training inputs!". Call .eval() '
                 "on the wrapper (or the model) before predicting at new inputs."
             ) from e
 
