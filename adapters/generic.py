@@ -10,7 +10,7 @@ For conservation it also reads the common probabilistic heads, and gives back th
 - a ``torch.distributions.Normal`` (or ``Independent(Normal)``);
 - a ``torch.distributions.MultivariateNormal`` (the event is its last axis; gpytorch's
   ``MultivariateNormal``, a subclass, is read with its lazy covariance): it comes back as a
-  ``MultivariateNormal`` (a subclass, :class:`ConstrainedMultivariateNormal`) whose
+  ``MultivariateNormal`` (a subclass, :class:`ConstrainedTorchMultivariateNormal`) whose
   ``scale_tril`` is a triangular root of the exact conditioned covariance, so its samples
   satisfy the constraint to rounding; with noise 0 the posterior is singular, and its
   ``log_prob`` / ``entropy`` are those of the degenerate Gaussian on the constraint set;
@@ -38,7 +38,7 @@ from constraint_layers.functional import DegenerateGaussian, Gaussian
 from ._registry import register
 from .base import Adapter
 
-__all__ = ["ConstrainedMultivariateNormal", "ModuleAdapter", "read_gaussian", "write_gaussian"]
+__all__ = ["ConstrainedTorchMultivariateNormal", "ModuleAdapter", "read_gaussian", "write_gaussian"]
 
 _MEAN_KEYS = ("mean", "loc", "mu")
 _VAR_KEYS = ("variance", "var")
@@ -170,7 +170,7 @@ def write_gaussian(output: Any, post: Gaussian) -> Any:
         return LowRankMultivariateNormal(post.mean, output.cov_factor, output.cov_diag)
     if isinstance(output, (MultivariateNormal, LowRankMultivariateNormal)):
         root, density = _triangular_root(post, output)  # zero pivots: not a valid lower_cholesky
-        out = ConstrainedMultivariateNormal(post.mean, scale_tril=root, validate_args=False)
+        out = ConstrainedTorchMultivariateNormal(post.mean, scale_tril=root, validate_args=False)
         out._density = density
         return out
     raise TypeError(f"write_gaussian: unsupported output type {type(output).__name__}.")
@@ -212,7 +212,7 @@ def _triangular_root(post: Gaussian, output: Any) -> tuple[Tensor, DegenerateGau
     return (R * sign.unsqueeze(-1)).mT.to(post.mean.dtype), density
 
 
-class ConstrainedMultivariateNormal(MultivariateNormal):
+class ConstrainedTorchMultivariateNormal(MultivariateNormal):
     """A ``torch.distributions.MultivariateNormal`` conditioned exactly on ``G u = b``.
 
     Its ``scale_tril`` is a triangular root of the singular posterior covariance (zero pivots),
@@ -239,7 +239,7 @@ class ConstrainedMultivariateNormal(MultivariateNormal):
         return h.expand(self.batch_shape).to(self.loc.dtype)
 
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> MultivariateNormal:
-        new = self._get_checked_instance(ConstrainedMultivariateNormal, _instance)
+        new = self._get_checked_instance(ConstrainedTorchMultivariateNormal, _instance)
         new = super().expand(batch_shape, _instance=new)
         new._density = self._density
         return new

@@ -114,7 +114,11 @@ def test_copies_keep_the_constraint(dtype):
         "[..., :]": (lambda: f[..., :], (G, b), lambda s: s),
         "[:]": (lambda: f[:], (G, b), lambda s: s),
         "[..., perm]": (lambda: f[..., perm], (G[:, perm], b), lambda s: s[..., perm]),
-        "expand": (lambda: f.expand(torch.Size([3])), (G, b), lambda s: s.unsqueeze(-2).expand(6, 3, 40)),
+        "expand": (
+            lambda: f.expand(torch.Size([3])),
+            (G, b),
+            lambda s: s.unsqueeze(-2).expand(6, 3, 40),
+        ),
     }
     with torch.no_grad():
         s = f.sample(torch.Size([6]))

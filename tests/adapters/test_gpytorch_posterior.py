@@ -200,7 +200,8 @@ def test_torch_distribution_heads(kind, dtype):
     model = cl.wrap(head, TWO_ROWS)
     x = torch.randn(5, 3, dtype=dtype)
     out = model(x)
-    assert type(out) is torch.distributions.MultivariateNormal  # LowRank: see generic.py
+    assert isinstance(out, torch.distributions.MultivariateNormal)  # LowRank: see generic.py
+    assert not isinstance(out, torch.distributions.LowRankMultivariateNormal)
     G, b = TWO_ROWS.G, TWO_ROWS.b
     s = out.rsample(torch.Size([7]))
     assert s.shape == (7, 5, 12) and s.dtype == dtype
