@@ -84,9 +84,11 @@ def test_copies_and_multitask_posteriors_pickle():
     f = posterior(F64)
     gp = make_multitask_gp(F64)
     task1 = cl.Conservation.integral(1.0, dim=1, extent=TWO_PI, channels=1)
+    ensemble = cl.adapters.Ensemble([make_gp(F64, seed=i) for i in range(2)])
     with torch.no_grad():
         mt = cl.wrap(gp, task1, grid_shape=(4, 6))(grid(4, 6))
-    for obj in (f * 2.0, f + 1.0, f[..., :], f.expand(torch.Size([2])), mt):
+        mixture = cl.wrap(ensemble, MASS, grid_shape=SHAPE)(grid(*SHAPE))
+    for obj in (f * 2.0, f + 1.0, f[..., :], f.expand(torch.Size([2])), mt, mixture):
         with torch.no_grad():
             x = obj.sample(torch.Size([3]))
             for g in round_trips(obj):
@@ -309,3 +311,31 @@ def test_task_major_gradients_match_the_dense_permutation():
         )
         torch.testing.assert_close(out, ref, msg=name)
         torch.testing.assert_close(ga, gb, msg=name)
+
+
+# ------------------------------------------------------------------- gradients of the root
+def test_root_gradients_are_the_covariances():
+    """The sampling root's gradient (no eigendecomposition backward): ``d(R R^T) = dSigma~``
+    where the numerical rank is N - M (every dropped direction is a constraint row)."""
+    gp = make_gp(F64)
+    model = cl.wrap(gp, MASS, grid_shape=SHAPE)
+    W = torch.randn(40, 40, dtype=F64, generator=torch.Generator().manual_seed(0))
+    W = W + W.mT
+
+    def grads(which):
+        gp.zero_grad()
+        f = model(grid(*SHAPE))
+        if which == "root":
+            R = f.lazy_covariance_matrix.root_decomposition().root.to_dense()
+            S = R @ R.mT
+        else:
+            S = f.covariance_matrix
+        (S * W).sum().backward()
+        return [p.grad.clone() for p in gp.parameters() if p.grad is not None]
+
+    assert int(model(grid(*SHAPE))._conditioned._density().rank) == 40 - 5
+    g_root, g_cov = grads("root"), grads("covariance")
+    assert len(g_root) == len(g_cov) > 0
+    for a, b in zip(g_root, g_cov):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
