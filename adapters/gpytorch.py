@@ -51,11 +51,17 @@ from torch import nn
 from constraint_layers.errors import GridError
 from constraint_layers.functional import Gaussian
 
-from ._gpytorch_ops import TaskMajor, conditioned_covariance, constrained_type, sparse_cross
+from ._gpytorch_ops import (
+    ConstraintDroppedWarning,
+    TaskMajor,
+    conditioned_covariance,
+    constrained_type,
+    sparse_cross,
+)
 from ._registry import register
 from .base import Adapter
 
-__all__ = ["GPyTorchAdapter"]
+__all__ = ["ConstraintDroppedWarning", "GPyTorchAdapter"]
 
 _MVN = gpytorch.distributions.MultivariateNormal
 _MTMVN = gpytorch.distributions.MultitaskMultivariateNormal

@@ -150,6 +150,9 @@ def test_copies_keep_the_constraint(dtype):
 
 def test_copies_that_lose_the_constraint_warn_and_come_back_plain():
     f = posterior(F64)
+    model = cl.wrap(make_gp(F64), MASS, grid_shape=SHAPE)
+    with torch.no_grad():
+        batched = model(grid(*SHAPE).expand(2, 40, 2))
     other = gpytorch.distributions.MultivariateNormal(
         torch.zeros(40, dtype=F64), torch.eye(40, dtype=F64)
     )
@@ -160,6 +163,7 @@ def test_copies_that_lose_the_constraint_warn_and_come_back_plain():
         "unsqueeze": lambda: f.unsqueeze(0),
         "+ mvn": lambda: f + other,
         "* 0": lambda: f * 0.0,
+        "batch index": lambda: batched[0],
     }
     for name, make in cases.items():
         with pytest.warns(ConstraintDroppedWarning, match="no longer carries the constraint"):
@@ -339,3 +343,46 @@ def test_root_gradients_are_the_covariances():
     for a, b in zip(g_root, g_cov):
         assert bool(torch.isfinite(a).all())
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_lanczos_root_conserves():
+    """Above max_cholesky_size (or asked for): the model's own root, projected."""
+    f = posterior(F64)
+    G, b = rows()
+    with torch.no_grad():
+        R = f.lazy_covariance_matrix.root_decomposition(method="lanczos").root.to_dense()
+        assert float((G @ R).abs().max()) < 1e-12 * float(R.abs().max())
+        g = posterior(F64)
+        with gpytorch.settings.max_cholesky_size(10):  # sampling above the dense size
+            s = g.sample(torch.Size([8]))
+    assert gap(s, G, b) < TOL[F64]
+
+
+def test_multitask_copies():
+    gp = make_multitask_gp(F64)
+    task1 = cl.Conservation.integral(1.0, dim=1, extent=TWO_PI, channels=1)
+    G, b = task1.dense((1, 2, 4, 6))
+    b = b[0]
+    with torch.no_grad():
+        f = cl.wrap(gp, task1, grid_shape=(4, 6))(grid(4, 6))
+        s = f.sample(torch.Size([3]))
+        lp = f.log_prob(s)
+        task_major = lambda u: u.mT.reshape(*u.shape[:-2], -1)  # noqa: E731
+        for name, g, b2, moved in (
+            ("* 3", f * 3.0, 3 * b, 3 * s),
+            ("+ 1", f + 1.0, b + G.sum(-1), s + 1),
+            ("[:]", f[:], b, s),
+            ("expand", f.expand(torch.Size([2])), b, s.unsqueeze(1).expand(3, 2, 24, 2)),
+        ):
+            assert isinstance(g, type(f)) and g._interleaved == f._interleaved, name
+            assert g.mean.shape[-2:] == (24, 2), name
+            assert gap(task_major(g.sample(torch.Size([4]))), G, b2) < TOL[F64], name
+            expected = (
+                lp if name != "* 3" else lp - int(f._conditioned._density().rank) * math.log(3)
+            )
+            if name == "expand":
+                expected = lp.unsqueeze(-1).expand(3, 2)
+            torch.testing.assert_close(g.log_prob(moved), expected, rtol=1e-6, atol=1e-6)
+        with pytest.warns(ConstraintDroppedWarning):
+            sub = f[..., 0]  # one task
+        assert type(sub) is gpytorch.distributions.MultivariateNormal
