@@ -303,15 +303,15 @@ class _Transformed:
 
 def _dropped(what: str, result: MultivariateNormal) -> MultivariateNormal:
     """``result`` as gpytorch's own class (no constraint), with a warning that says so."""
+    plain = _PLAIN.get(type(result), type(result))
     warnings.warn(
         f"{what} of a constrained posterior (cl.wrap) no longer carries the constraint G u = b: "
-        f"it is returned as a plain gpytorch {_PLAIN[type(result)].__name__}, whose log_prob and "
+        f"it is returned as a plain gpytorch {plain.__name__}, whose log_prob and "
         "samples are gpytorch's (jittered) ones for its covariance. Apply the operation to "
         "the model's output before wrapping, or keep the constrained object for densities.",
         ConstraintDroppedWarning,
         stacklevel=3,
     )
-    plain = _PLAIN.get(type(result), type(result))
     if plain is type(result):
         return result
     cov = result.lazy_covariance_matrix
