@@ -308,7 +308,7 @@ def _full_mixture(
     res = acc.result()
     cov64 = res.covariance.to(torch.float64)
     if type(like).__module__.startswith("gpytorch"):
-        from ._gpytorch_ops import mixture_distribution
+        from ._gpytorch_distributions import mixture_distribution
 
         return mixture_distribution(like, res.mean, cov64, rows)
     from torch.distributions import MultivariateNormal

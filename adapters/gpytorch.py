@@ -51,13 +51,8 @@ from torch import nn
 from constraint_layers.errors import GridError
 from constraint_layers.functional import Gaussian
 
-from ._gpytorch_ops import (
-    ConstraintDroppedWarning,
-    TaskMajor,
-    conditioned_covariance,
-    constrained_type,
-    sparse_cross,
-)
+from ._gpytorch_distributions import ConstraintDroppedWarning, constrained_type
+from ._gpytorch_ops import TaskMajor, conditioned_covariance, sparse_cross
 from ._registry import register
 from .base import Adapter
 

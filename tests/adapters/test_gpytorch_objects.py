@@ -28,10 +28,8 @@ from test_gpytorch_posterior import (  # noqa: E402
     subspace_density,
 )
 
-from constraint_layers.adapters._gpytorch_ops import (  # noqa: E402
-    ConstraintDroppedWarning,
-    TaskMajor,
-)
+from constraint_layers.adapters._gpytorch_ops import TaskMajor  # noqa: E402
+from constraint_layers.adapters.gpytorch import ConstraintDroppedWarning  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
 SHAPE = (5, 8)
