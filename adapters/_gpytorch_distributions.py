@@ -50,7 +50,12 @@ class _Transformed:
             parent = _density_of(self.parent)
             shift = None
             if self.shift != 0.0:
-                shift = torch.full(parent.mean.shape[-1:], self.shift, dtype=torch.float64)
+                shift = torch.full(
+                    parent.mean.shape[-1:],
+                    self.shift,
+                    dtype=torch.float64,
+                    device=parent.mean.device,
+                )
             self._dens = parent.transformed(self.scale, shift, self.index)
         return self._dens
 

@@ -22,6 +22,7 @@ For conservation it also reads the common probabilistic heads, and gives back th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -169,9 +170,9 @@ def write_gaussian(output: Any, post: Gaussian) -> Any:
     if isinstance(output, LowRankMultivariateNormal) and unchanged:  # only the mean moved
         return LowRankMultivariateNormal(post.mean, output.cov_factor, output.cov_diag)
     if isinstance(output, (MultivariateNormal, LowRankMultivariateNormal)):
-        root, density = _triangular_root(post, output)  # zero pivots: not a valid lower_cholesky
-        out = ConstrainedTorchMultivariateNormal(post.mean, scale_tril=root, validate_args=False)
-        out._density = density
+        tril, root, density = _triangular_root(post, output)  # zero pivots: no lower_cholesky
+        out = ConstrainedTorchMultivariateNormal(post.mean, scale_tril=tril, validate_args=False)
+        out._density, out._root = density, root
         return out
     raise TypeError(f"write_gaussian: unsupported output type {type(output).__name__}.")
 
@@ -184,10 +185,13 @@ def _prior_root(output: Any) -> Tensor:
     return output.scale_tril
 
 
-def _triangular_root(post: Gaussian, output: Any) -> tuple[Tensor, DegenerateGaussian | None]:
-    """A lower-triangular root of the posterior covariance (zero pivots allowed), float64
-    algebra, in the mean's dtype, and the degenerate density it belongs to (None where the
-    covariance is not singular by construction: constraint noise).
+def _triangular_root(
+    post: Gaussian, output: Any
+) -> tuple[Tensor, Tensor, DegenerateGaussian | None]:
+    """A lower-triangular root of the posterior covariance (zero pivots allowed, no gradient),
+    the root it comes from (differentiable), both in the mean's dtype, and the degenerate
+    density they belong to (None where the covariance is not singular by construction:
+    constraint noise).
 
     Without constraint noise the root ``X`` is the one of the density (its eigenpairs over the
     numerical rank, projected onto ``G u = 0``: one rank cutoff for samples and ``log_prob``);
@@ -207,9 +211,11 @@ def _triangular_root(post: Gaussian, output: Any) -> tuple[Tensor, DegenerateGau
             S = S - F @ F.mT
         density = DegenerateGaussian(post.mean, S, dtype=post.mean.dtype)
         X = density.root()
-    R = torch.linalg.qr(X.mT, mode="r").R[..., : X.shape[-2], :]  # (*batch, N, N) upper
-    sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
-    return (R * sign.unsqueeze(-1)).mT.to(post.mean.dtype), density
+    with torch.no_grad():  # QR has no derivative here (zero pivots): samples use X itself
+        R = torch.linalg.qr(X.mT, mode="r").R[..., : X.shape[-2], :]  # (*batch, N, N) upper
+        sign = torch.where(R.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(R.dtype)
+    dtype = post.mean.dtype
+    return (R * sign.unsqueeze(-1)).mT.to(dtype), X.to(dtype), density
 
 
 class ConstrainedTorchMultivariateNormal(MultivariateNormal):
@@ -219,12 +225,23 @@ class ConstrainedTorchMultivariateNormal(MultivariateNormal):
     so ``sample`` / ``rsample`` satisfy the constraint to rounding. ``log_prob`` and ``entropy``
     are those of the degenerate Gaussian on its support (the constraint set; pseudo-determinant,
     float64, ``-inf`` off the set), see :class:`~constraint_layers.functional.DegenerateGaussian`;
-    torch's own formulas would divide by the zero pivots. ``expand`` keeps the density (it
-    broadcasts over batch axes).
+    torch's own formulas would divide by the zero pivots. ``rsample`` draws ``loc + X eps`` with
+    the (non-triangular) root ``X`` the triangular one was made from, the same distribution with
+    gradients (QR has no derivative at zero pivots). ``expand`` keeps both (they broadcast over
+    batch axes).
     """
 
     #: The DegenerateGaussian over the event, or None (an ordinary, non-singular posterior).
     _density: DegenerateGaussian | None = None
+    #: The differentiable root (shape (*batch, N, K)) samples are drawn with, or None.
+    _root: Tensor | None = None
+
+    def rsample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        if self._root is None:
+            return super().rsample(sample_shape)
+        shape = torch.Size(sample_shape) + self.batch_shape + self._root.shape[-1:]
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + (self._root @ eps.unsqueeze(-1)).squeeze(-1)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._density is None:
@@ -241,7 +258,7 @@ class ConstrainedTorchMultivariateNormal(MultivariateNormal):
     def expand(self, batch_shape: torch.Size, _instance: Any = None) -> MultivariateNormal:
         new = self._get_checked_instance(ConstrainedTorchMultivariateNormal, _instance)
         new = super().expand(batch_shape, _instance=new)
-        new._density = self._density
+        new._density, new._root = self._density, self._root
         return new
 
 

@@ -269,6 +269,14 @@ def test_torch_head_log_prob_is_the_degenerate_density(kind, dtype):
     torch.testing.assert_close(out.entropy().double(), h, rtol=tol, atol=tol)
     assert float(out.log_prob(s + 0.1).max()) == -math.inf  # off the constraint set
     torch.testing.assert_close(out.expand(torch.Size([2, 3])).log_prob(s[:2]), lp[:2])
+    # reparameterised samples carry gradients into the head (QR has none at zero pivots)
+    r = model(x).rsample(torch.Size([4]))
+    assert gap(r.detach(), TWO_ROWS.G, TWO_ROWS.b) < (1e-12 if dtype == F64 else 1e-5)
+    r.square().sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in head.parameters())
+    # the triangular root and the sampling root give the same covariance
+    R = out._root.double()
+    torch.testing.assert_close(R @ R.mT, out.covariance_matrix.double(), rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- train mode
