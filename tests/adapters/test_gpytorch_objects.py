@@ -76,6 +76,9 @@ def test_noise_free_posterior_pickles_and_saves(dtype):
             torch.testing.assert_close(g.log_prob(x), lp, rtol=0, atol=0)
             torch.testing.assert_close(g.entropy(), f.entropy(), rtol=0, atol=0)
             assert gap(g.sample(torch.Size([8])), G, b) < TOL[dtype]
+            h = g * 2.0  # a copy of the loaded object keeps the constraint too
+            assert gap(h.sample(torch.Size([4])), G, 2 * b) < TOL[dtype]
+            torch.testing.assert_close(h.log_prob(2 * x), (f * 2.0).log_prob(2 * x), rtol=0, atol=0)
 
 
 def test_copies_and_multitask_posteriors_pickle():
