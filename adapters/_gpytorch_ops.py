@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from linear_operator import settings as lo_settings
+from linear_operator import to_linear_operator
 from linear_operator.operators import (
     DenseLinearOperator,
     LinearOperator,
@@ -36,6 +37,7 @@ __all__ = [
     "SparseCrossSum",
     "TaskMajor",
     "conditioned_covariance",
+    "interleaved",
     "sparse_cross",
 ]
 
@@ -161,6 +163,7 @@ def conditioned_covariance(
     row ``i`` being row ``perm[i]`` of ``base`` (``op`` is ``base`` in that order: the
     interleaved multitask covariance, ``base`` its task-major view).
     """
+    base = to_linear_operator(base)  # a tensor when the conditioning evaluated it
     F = downdate.to(dtype=base.dtype, device=base.device)
     perm = None if layout is None else layout[1]
     if perm is not None:
@@ -262,3 +265,19 @@ class TaskMajor(LinearOperator):
         root = self.base.root_decomposition(method=method).root
         root = root.to_dense() if isinstance(root, LinearOperator) else root
         return RootLinearOperator(root[..., self._perm, :])
+
+
+def interleaved(
+    cov: Any,  # shape: (*batch, T n, T n), task-major (index t * n + i)
+    num_points: int,
+    num_tasks: int,
+) -> tuple[LinearOperator, Tensor]:
+    """``cov`` in the interleaved (point-major) order of gpytorch's multitask covariances, and
+    the permutation ``perm`` (shape (T n,)): interleaved position ``i * T + t`` holds task-major
+    position ``perm[i * T + t] = t * n + i``. A :class:`TaskMajor` view gives back its base."""
+    if isinstance(cov, TaskMajor):
+        return cov.base, cov._inv
+    n, t = int(num_points), int(num_tasks)
+    perm = torch.arange(n * t, device=cov.device).reshape(t, n).mT.reshape(-1)
+    op = to_linear_operator(cov)
+    return op[..., perm, :][..., :, perm], perm

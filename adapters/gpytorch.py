@@ -52,7 +52,7 @@ from constraint_layers.errors import GridError
 from constraint_layers.functional import Gaussian
 
 from ._gpytorch_distributions import ConstraintDroppedWarning, constrained_type
-from ._gpytorch_ops import TaskMajor, conditioned_covariance, sparse_cross
+from ._gpytorch_ops import TaskMajor, conditioned_covariance, interleaved, sparse_cross
 from ._registry import register
 from .base import Adapter
 
@@ -134,8 +134,8 @@ class GPyTorchAdapter(Adapter):
     def write(self, output: Any, posterior: Gaussian) -> Any:
         cov = posterior.covariance
         layout = None
-        if isinstance(cov, TaskMajor):  # back to the model's interleaved order
-            layout = (cov.base, cov._inv)
+        if cov is not None and isinstance(output, _MTMVN) and output._interleaved:
+            layout = interleaved(cov, *output.mean.shape[-2:])  # back to the model's order
         if cov is None:  # no covariance was read (skip_posterior_variances): keep the model's
             cov = output.lazy_covariance_matrix
         elif posterior.downdate is not None:

@@ -395,3 +395,20 @@ def test_multitask_copies():
         with pytest.warns(ConstraintDroppedWarning):
             sub = f[..., 0]  # one task
         assert type(sub) is gpytorch.distributions.MultivariateNormal
+
+
+def test_interleaved_order_from_any_task_major_covariance():
+    """The write-back to the model's order works for a TaskMajor view and for a covariance the
+    conditioning evaluated (a task-major tensor) alike."""
+    from linear_operator.operators import DenseLinearOperator
+
+    from constraint_layers.adapters._gpytorch_ops import interleaved
+
+    A = torch.randn(12, 12, dtype=F64, generator=torch.Generator().manual_seed(1))
+    A = A @ A.mT
+    view = TaskMajor(DenseLinearOperator(A), 4, 3)
+    op1, perm1 = interleaved(view, 4, 3)
+    op2, perm2 = interleaved(view.to_dense(), 4, 3)
+    assert torch.equal(perm1, perm2)
+    torch.testing.assert_close(op1.to_dense(), A, rtol=0, atol=0)
+    torch.testing.assert_close(op2.to_dense(), A, rtol=0, atol=0)
