@@ -76,11 +76,15 @@ class GPyTorchAdapter(Adapter):
       layer ``grid_shape=`` for the grid they lie on (C order).
     - Multitask outputs ``(*batch, n, tasks)`` are read as channels: ``(*batch, tasks, n)``
       (``Conservation.integral(channels=...)`` selects tasks; ``cl.Conservation(G)`` acts on the
-      task-major flat vector ``(tasks, *grid)``), interleaved or not.
+      task-major flat vector ``(tasks, *grid)``), interleaved or not; the result comes back in
+      the model's own layout (interleaved when the model's was).
     - The posterior comes back as the same distribution type (a subclass of it:
       ``ConstrainedMultivariateNormal``), with the covariance lazy (``Sigma - F F^T``) and an
       exact root, so gpytorch's ``sample`` / ``rsample`` satisfy the constraint to rounding;
-      ``log_prob`` / ``entropy`` are the density on the constraint set (noise 0).
+      ``log_prob`` / ``entropy`` are the density on the constraint set (noise 0). It pickles;
+      its copies keep the constraint or warn (:class:`ConstraintDroppedWarning`).
+    - An exact GP in train mode is evaluated by gpytorch at its training inputs only; at other
+      inputs the error says to call ``.eval()``.
     - Under ``gpytorch.settings.skip_posterior_variances()`` there is no covariance: the mean is
       projected in the Euclidean metric (HardC) and the zero covariance comes back as it was.
     """
