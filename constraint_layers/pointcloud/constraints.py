@@ -128,17 +128,21 @@ def _spread(
     """
     n_points = shape[1]
     v = torch.as_tensor(value, dtype=F64) if not isinstance(value, Tensor) else value.to(F64)
-    if points.dtype != torch.bool and v.ndim >= 2 and v.shape[-2] == points.numel() > 1:
+    if points.dtype == torch.bool and points.ndim == 1:
+        where = points.nonzero().flatten()  # a shared mask: values may come per selected point
+    else:
+        where = points if points.dtype != torch.bool else None
+    per_selected = where is not None and v.ndim >= 2 and v.shape[-2] == where.numel() > 1
+    if per_selected and (points.dtype != torch.bool or where.numel() != n_points):
         full = v.new_zeros((*v.shape[:-2], n_points, v.shape[-1]))
-        full[..., points.to(v.device), :] = v
+        full[..., where.to(v.device), :] = v
         v = full
     try:
         return torch.broadcast_to(v, shape)
     except RuntimeError:
-        sel = "(..., K, k) per selected point" if points.dtype != torch.bool else "(..., P, k)"
         raise ValueError(
-            f"{call}: the {what} has shape {tuple(v.shape)}; expected {form} broadcastable to "
-            f"(batch, n_points, k) = {shape}, or {sel}."
+            f"{call}: got {what} of shape {tuple(v.shape)}; expected {form} broadcastable to "
+            f"{shape}, or one entry per selected point (..., K, k)."
         ) from None
 
 

@@ -304,3 +304,15 @@ def test_debug_and_residual_on_points():
     assert r.shape == (2, 2) and float(r.abs().max()) < 1e-12
     assert float(model.residual(u).abs().max()) > 1e-3  # the plain output violates
     assert "layout='points'" in repr(model)
+
+
+def test_values_per_selected_point_follow_the_selection_order():
+    u = torch.zeros(1, 4, 1, dtype=F64)
+    idx = torch.tensor([2, 0, 3, 1])  # every point, in another order
+    y = cl.wrap(
+        Identity(), cl.Dirichlet(torch.tensor([[20.0], [0.0], [30.0], [10.0]]), points=idx)
+    )(u)
+    assert y[0, :, 0].tolist() == [0.0, 10.0, 20.0, 30.0]
+    mask = torch.tensor([False, True, False, True])
+    y = cl.wrap(Identity(), cl.Dirichlet(torch.tensor([[1.0], [3.0]]), points=mask))(u)
+    assert y[0, :, 0].tolist() == [0.0, 1.0, 0.0, 3.0]
