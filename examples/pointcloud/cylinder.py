@@ -132,6 +132,9 @@ def train_one(seed: int, wrapped: bool, quick: bool) -> dict:
             steps += 1
     out = evaluate(model, test, coords, latent, wrapped)
     out["s_per_step"] = t_steps / steps
+    if seed == 0:
+        out["exact_surface_sample0"] = test.velocity[0, test.surface].tolist()
+        out["surface_points"] = test.points[test.surface].tolist()
     out["seed"] = seed
     return out
 
@@ -144,6 +147,39 @@ def summarise(rows: list[dict]) -> dict:
         se = float(v.std(unbiased=True) / len(v) ** 0.5) if len(v) > 1 else float("nan")
         out[k] = (float(v.mean()), se)
     return out
+
+
+def figure(results: dict, path: Path) -> None:
+    """Normal and tangential velocity along the surface, test sample 0, training seed 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plain = next(r for r in results["plain"] if r["seed"] == 0)
+    wrapped = next(r for r in results["wrapped"] if r["seed"] == 0)
+    pts = torch.tensor(wrapped["surface_points"], dtype=torch.float64)
+    theta = torch.atan2(pts[:, 1], pts[:, 0])
+    order = torch.argsort(theta)
+    n = pts / pts.norm(dim=-1, keepdim=True)
+    t = torch.stack([-n[:, 1], n[:, 0]], -1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    series = (
+        ("exact", wrapped["exact_surface_sample0"], "k-"),
+        ("plain GINO", plain["surface_sample0"], "C0o-"),
+        ("GINO + NormalComponent", wrapped["surface_sample0"], "C1s-"),
+    )
+    for name, vel, style in series:
+        v = torch.tensor(vel, dtype=torch.float64)
+        axes[0].plot(theta[order], (v * n).sum(-1)[order], style, ms=3, label=name)
+        axes[1].plot(theta[order], (v * t).sum(-1)[order], style, ms=3, label=name)
+    axes[0].set(xlabel="angle on the surface", ylabel="normal velocity u . n")
+    axes[1].set(xlabel="angle on the surface", ylabel="tangential velocity")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Potential flow past a cylinder: surface velocities (test sample 0, seed 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -161,6 +197,8 @@ def main() -> None:
             results[name].append(r)
             print(name, json.dumps(r), flush=True)
     summary = {k: summarise(v) for k, v in results.items()}
+    if 0 in args.seeds:
+        figure(results, args.out / f"cylinder_surface_{'quick' if args.quick else 'full'}.png")
     budget = "quick" if args.quick else "full"
     (args.out / f"cylinder_{budget}.json").write_text(
         json.dumps({"runs": results, "summary": summary}, indent=1)
