@@ -345,11 +345,19 @@ class PointIntegral(PointConstraint):
         where = f"{call}: {self!r}"
         ch = _channels(self.channels, n_ch, where)
         w = evaluate_value(self.weights, inputs, where, "weights")
-        if not isinstance(w, Tensor) or w.ndim not in (1, 2, 3) or w.shape[-1] != n_points:
+        if not isinstance(w, Tensor) or w.ndim not in (1, 2, 3):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(
                 f"{where}: the weights must be a tensor (n_points,), (R, n_points) or "
                 f"(batch, R, n_points) with n_points = {n_points}; got {got}."
+            )
+        if w.shape[-1] != n_points:
+            raise ValueError(
+                f"{where}: the weights cover {w.shape[-1]} points, but the output has {n_points}. "
+                "A weighted integral holds over the whole cloud in one call: predicting in "
+                "minibatches (an SVGP over a DataLoader) cannot hold a total over all points. "
+                "Predict every point at once, or give each minibatch its own weights and total "
+                "(cl.Given), which then hold per minibatch."
             )
         w = w.to(F64)
         w = w.reshape(1, 1, n_points) if w.ndim == 1 else w.reshape(-1, *w.shape[-2:])

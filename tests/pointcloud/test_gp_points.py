@@ -71,3 +71,39 @@ def test_gp_point_values_and_bounds():
     assert bool((f.mean[[0, 10]] == 0).all())
     assert float(f.variance[[0, 10]].abs().max()) < 1e-12
     torch.testing.assert_close(W @ f.mean, torch.full((2,), 0.1, dtype=torch.float64))
+
+
+class SVGP(gpytorch.models.ApproximateGP):
+    def __init__(self, inducing):
+        dist = gpytorch.variational.CholeskyVariationalDistribution(inducing.shape[0])
+        strat = gpytorch.variational.VariationalStrategy(
+            self, inducing, dist, learn_inducing_locations=True
+        )
+        super().__init__(strat)
+        self.mean_module = gpytorch.means.ZeroMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+    def forward(self, x):
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_svgp_whole_cloud_holds_minibatches_refused_or_per_batch():
+    """Point values hold per minibatch; a total over all points holds only when every point is
+    predicted in one call; per-minibatch weights and totals (cl.Given) hold per minibatch."""
+    torch.manual_seed(0)
+    svgp = SVGP(torch.rand(8, 2, dtype=torch.float64)).double().eval()
+    pts, W = _scattered(torch.float64, frames=2, per_frame=12)
+    model = cl.wrap(svgp, cl.Conservation.integral(0.3, weights=W))
+    with torch.no_grad():
+        f = model(pts)
+    torch.testing.assert_close(W @ f.mean, torch.full((2,), 0.3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="minibatch"):
+        with torch.no_grad():
+            model(pts[:12])
+    per_batch = cl.wrap(svgp, cl.Conservation.integral(cl.Given("mass"), weights=cl.Given("w")))
+    with torch.no_grad():
+        f = per_batch(pts[:12], w=W[0, :12], mass=torch.tensor(0.1, dtype=torch.float64))
+    assert abs(float(W[0, :12] @ f.mean) - 0.1) < 1e-10
+    values = cl.wrap(svgp, cl.Dirichlet(0.0, points=[0]))
+    with torch.no_grad():
+        assert float(values(pts[:5]).mean[0]) == 0.0
