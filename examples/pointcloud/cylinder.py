@@ -195,7 +195,8 @@ def main() -> None:
         for name in ("plain", "wrapped"):  # interleaved: the same load for both
             r = train_one(seed, name == "wrapped", args.quick)
             results[name].append(r)
-            print(name, json.dumps(r), flush=True)
+            shown = {k: v for k, v in r.items() if not isinstance(v, list)}
+            print(name, json.dumps(shown), flush=True)
     summary = {k: summarise(v) for k, v in results.items()}
     if 0 in args.seeds:
         figure(results, args.out / f"cylinder_surface_{'quick' if args.quick else 'full'}.png")
