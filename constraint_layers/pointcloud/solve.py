@@ -334,10 +334,22 @@ def _general(pred, u, fixed, gval, nrm, D, d, bounds, shape, lead, k, noise, met
     batch, n_points, n_ch = shape
     if isinstance(noise, (list, tuple)) or (isinstance(noise, Tensor) and noise.numel() > 1):
         raise ValueError(
-            f"{call}: on a point cloud, noise is one number for all rows; got {noise!r}."
+            f"{call}: on a point cloud, noise is one number (the constraint noise of the integral "
+            f"and dense rows); got {noise!r}."
         )
     noise = float(noise)
     G, b = _rows(u, fixed, gval, nrm, D, d)
+    n_dense = 0 if D is None else D.shape[1]
+    if noise != 0.0:
+        if n_dense == 0:
+            raise ValueError(
+                f"{call}: noise={noise} is the constraint noise of the integral rows "
+                "(cl.Conservation.integral(weights=), cl.Conservation); point values and normal "
+                "components are exact and there is no integral row to soften."
+            )
+        # point values and normal components stay exact; the dense rows get the noise
+        rows_noise = torch.zeros(G.shape[1], dtype=F64, device=G.device)
+        rows_noise[G.shape[1] - n_dense :] = noise
     cons = []
     if G.shape[1]:
         if bool((G == G[:1]).all()):
@@ -348,15 +360,14 @@ def _general(pred, u, fixed, gval, nrm, D, d, bounds, shape, lead, k, noise, met
     if pred.variance is not None:
         var = torch.broadcast_to(pred.variance, pred.mean.shape).reshape(*lead, n_points, n_ch)
     flat = Gaussian(u.reshape(*lead, n_points, n_ch), var, pred.covariance, pred.low_rank, None, 2)
-    post = engine_project(flat, [*cons, *bounds], noise=noise, metric=metric, inputs=inputs,
-                          call=call)  # fmt: skip
+    post = engine_project(flat, [*cons, *bounds], noise=rows_noise if noise else 0.0,
+                          metric=metric, inputs=inputs, call=call)  # fmt: skip
     m = post.mean.reshape(batch, n_points, n_ch)
-    if noise == 0.0:
-        m = torch.where(fixed, gval.to(m.dtype), m)  # coordinate rows to the bit
+    m = torch.where(fixed, gval.to(m.dtype), m)  # coordinate rows to the bit
     out_var = post.variance
     if out_var is not None:
         out_var = out_var.reshape(batch, n_points, n_ch)
-        if metric == "covariance" and noise == 0.0:
+        if metric == "covariance":
             out_var = torch.where(fixed, 0.0, out_var)
         out_var = out_var.reshape(pred.mean.shape)
     return Gaussian(m.reshape(pred.mean.shape), out_var, pred.covariance, None, post.downdate, k,

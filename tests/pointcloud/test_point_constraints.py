@@ -316,3 +316,28 @@ def test_values_per_selected_point_follow_the_selection_order():
     mask = torch.tensor([False, True, False, True])
     y = cl.wrap(Identity(), cl.Dirichlet(torch.tensor([[1.0], [3.0]]), points=mask))(u)
     assert y[0, :, 0].tolist() == [0.0, 1.0, 0.0, 3.0]
+
+
+def test_noise_softens_the_integral_only():
+    """noise= is the constraint noise of the integral rows; point values stay exact."""
+    g = torch.Generator().manual_seed(8)
+    B, P, C = 2, 10, 1
+    u = torch.randn(B, P, C, generator=g, dtype=F64)
+    var = torch.rand(B, P, C, generator=g, dtype=F64) + 0.2
+    w = torch.rand(P, generator=g, dtype=F64)
+    cons = [cl.Dirichlet(0.5, points=[2]), cl.Conservation.integral(1.0, weights=w)]
+    mean, v = cl.wrap(Head(), *cons, noise=0.3, layout="points")((u, var))
+    G, d = dense_rows(B, P, C, fixed=[(2, 0, 0.5)], integrals=[(w, 0, 1.0)])
+    S = torch.diag_embed(var.reshape(B, -1))
+    A = G @ S @ G.mT + torch.diag(torch.tensor([0.0, 0.09], dtype=F64))
+    K = S @ G.mT @ torch.linalg.inv(A)
+    ref = u.reshape(B, -1) - (
+        K @ ((G @ u.reshape(B, -1, 1)).squeeze(-1) - d).unsqueeze(-1)
+    ).squeeze(-1)
+    ref_v = (S - K @ G @ S).diagonal(dim1=-2, dim2=-1)
+    torch.testing.assert_close(mean.reshape(B, -1), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(v.reshape(B, -1), ref_v, rtol=0, atol=1e-12)
+    assert bool((mean[:, 2] == 0.5).all()) and bool((v[:, 2] == 0).all())
+    assert float(((mean[..., 0] * w).sum(-1) - 1.0).abs().min()) > 1e-6  # soft: not exact
+    with pytest.raises(ValueError, match="no integral row"):
+        cl.wrap(Head(), cl.Dirichlet(0.0, points=[1]), noise=0.1, layout="points")((u, var))
