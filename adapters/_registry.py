@@ -32,6 +32,8 @@ _LAZY: dict[str, str] = {
     "neuralop.models.base_model.BaseModel": "constraint_layers.adapters.neuralop",
     "gpytorch.models.gp.GP": "constraint_layers.adapters.gpytorch",
     "neuralop.models.uqno.UQNO": "constraint_layers.adapters.uqno",
+    "neuralop.models.gino.GINO": "constraint_layers.adapters.neuralop_points",
+    "neuralop.models.fnogno.FNOGNO": "constraint_layers.adapters.neuralop_points",
 }
 _lock = threading.RLock()
 _entry_points_loaded = False

@@ -50,6 +50,13 @@ class Adapter:
             return args[0]
         return kwargs.get("x")
 
+    def layout(self, model: nn.Module) -> str:
+        """How the model's output is laid out: ``"grid"`` (channel-first,
+        ``(batch, channels, d1, ..., dn)``) or ``"points"`` (a point cloud, channel-last:
+        ``(batch, n_points, channels)``). Read when the wrapper is built with ``layout="auto"``.
+        Default: ``"grid"``."""
+        return "grid"
+
     # ------------------------------------------------------------------------------ outputs
     def read(self, output: Any) -> Gaussian:
         """The prediction inside the model's output, as a Gaussian record.

@@ -15,6 +15,7 @@ from . import (
     errors,
     functional,
     metrics,
+    pointcloud,
     problems,
     quadrature,
     rows,
@@ -25,6 +26,7 @@ from .boundary import BoundaryCondition, Dirichlet, Neumann, Periodic
 from .bounds import Bounds
 from .conservation import Conservation, IntegralConservation, mass_over_time
 from .layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
+from .pointcloud import NormalComponent
 from .rows import GridSpec, Rows
 
 __version__ = "0.1.0.dev0"
@@ -41,6 +43,7 @@ __all__ = [
     "GridSpec",
     "IntegralConservation",
     "Neumann",
+    "NormalComponent",
     "Periodic",
     "Rows",
     "adapters",
@@ -48,6 +51,7 @@ __all__ = [
     "functional",
     "mass_over_time",
     "metrics",
+    "pointcloud",
     "problems",
     "quadrature",
     "rows",

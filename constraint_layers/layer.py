@@ -59,7 +59,13 @@ from .bounds import resolve_bounds
 from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
-from .errors import ConstraintViolationError
+from .errors import ConstraintViolationError, GridError
+from .pointcloud.solve import (
+    check_point_constraints,
+    check_point_residual,
+    point_residual,
+    project_points,
+)
 from .rows import FAMILIES, GridSpec
 
 __all__ = [
@@ -71,6 +77,37 @@ __all__ = [
 ]
 
 _MODES = ("output", "refine")
+
+
+_LAYOUTS = ("auto", "grid", "points")
+
+
+def _resolve_layout(
+    layout: Any, adapter: Any, model: nn.Module, constraints: Any, call: str
+) -> str:
+    """``"grid"`` or ``"points"``: as given, else the adapter's word for the model, else points
+    when a constraint is stated on points. On points, grid-only constraints raise here."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{call}: layout must be one of {_LAYOUTS}, got {layout!r}.")
+    if layout == "auto":
+        told = getattr(adapter, "layout", None)
+        told = told(model) if callable(told) else "grid"
+        if told == "points" or any(c.family == "points" for c in constraints):
+            layout = "points"
+        else:
+            layout = "grid"
+    if layout == "points":
+        check_point_constraints(constraints, call)
+    else:
+        stated = [c for c in constraints if c.family == "points"]
+        if stated:
+            raise GridError(
+                f"{call}: {stated[0]!r} is stated on the points of a point cloud, but the output "
+                "is read as a grid (layout='grid'). Drop layout='grid' (a point constraint makes "
+                "the output a point cloud (batch, n_points, channels)), or state the constraint "
+                "on the grid's faces (cl.Dirichlet(value, dim=..., side=...))."
+            )
+    return layout
 
 
 def _check_constraints(items: Any, call: str) -> tuple[Any, ...]:
@@ -130,6 +167,12 @@ class ConstraintLayer(nn.Module):
         to the wrapper's ``state_dict`` and is not moved by ``.to()``.
     adapter : Adapter, optional
         How to call the model and read its output; default: looked up in the registry.
+    layout : {"auto", "grid", "points"}, default "auto"
+        How the output is laid out: a grid ``(batch, channels, d1, ..., dn)``, or a point cloud
+        ``(batch, n_points, channels)`` (channel-last; ``(batch, n_points)`` for one channel) at
+        scattered points. ``"auto"``: what the adapter says for the model (neuraloperator's GINO
+        and FNOGNO predict point clouds), else a point cloud when a constraint is stated on points
+        (``cl.Dirichlet(points=)``, ``cl.NormalComponent``, ``cl.Conservation.integral(weights=)``).
     debug : bool, default False
         Check every row's residual after each call, and every value against the bounds
         (exactly); raise :class:`~constraint_layers.errors.ConstraintViolationError` beyond
@@ -167,6 +210,7 @@ class ConstraintLayer(nn.Module):
         normalizer: object = None,
         adapter: Any = None,
         debug: bool = False,
+        layout: str = "auto",
     ) -> None:
         call = type(self).__name__
         super().__init__()
@@ -188,6 +232,7 @@ class ConstraintLayer(nn.Module):
         self.adapter = adapter
         self._handles: list[Any] = []
         self.constraints = self._accept(constraints, call)
+        self.layout = _resolve_layout(layout, adapter, model, self.constraints, call)
         check_grid_options(spacing, extent, call)
         self.spacing = spacing
         self.extent = extent
@@ -196,6 +241,13 @@ class ConstraintLayer(nn.Module):
         if mode not in _MODES:
             raise ValueError(f"{call}: mode must be one of {_MODES}, got {mode!r}.")
         self.mode = mode
+        if mode == "refine" and self.layout == "points":
+            raise GridError(
+                f"{call}: mode='refine' refines the Fourier layers of a model for a grid's "
+                f"boundary conditions; {type(model).__name__}'s output is a point cloud, which "
+                "has no faces to refine for. Use mode='output' with point constraints "
+                "(cl.Dirichlet(points=), cl.NormalComponent, cl.Conservation.integral(weights=))."
+            )
         if not (isinstance(rcond, float | int) and not isinstance(rcond, bool) and 0 <= rcond < 1):
             raise ValueError(f"{call}: rcond must be a number in [0, 1), got {rcond!r}.")
         self.rcond = float(rcond)
@@ -355,17 +407,23 @@ class ConstraintLayer(nn.Module):
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
         with under_call(call):
-            post = _engine_project(
-                pred,
-                constraints,
-                grid=self.grid,
-                lift=self.lift,
-                noise=self.noise,
-                metric=self.metric,
-                grid_shape=self.grid_shape,
-                inputs=inputs,
-                call=call,
-            )
+            if self.layout == "points":
+                post = project_points(
+                    pred, constraints, noise=self.noise, metric=self.metric, inputs=inputs,
+                    call=call,
+                )  # fmt: skip
+            else:
+                post = _engine_project(
+                    pred,
+                    constraints,
+                    grid=self.grid,
+                    lift=self.lift,
+                    noise=self.noise,
+                    metric=self.metric,
+                    grid_shape=self.grid_shape,
+                    inputs=inputs,
+                    call=call,
+                )
         check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
                          f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
         if self.debug:
@@ -395,6 +453,11 @@ class ConstraintLayer(nn.Module):
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)
         bnd, con = split_families(constraints)
+        if self.layout == "points":
+            raise NotImplementedError(
+                f"{type(self).__name__}.posterior: the structured posterior serves grid outputs; "
+                "on a point cloud call the wrapper (its output carries the conditioned Gaussian)."
+            )
         if bnd or any(c.family == "bounds" for c in constraints):
             raise NotImplementedError(
                 f"{type(self).__name__}.posterior: the structured posterior serves conservation "
@@ -428,6 +491,8 @@ class ConstraintLayer(nn.Module):
 
     def _residual(self, g: Gaussian, inputs: Any, constraints: Sequence[Any]) -> Tensor:
         call = type(self).__name__
+        if self.layout == "points":
+            return point_residual(g.mean, g.event_ndim, constraints, inputs, call)
         shape = grid_view(g.mean, g.event_ndim, self.grid_shape, call)
         y = g.mean.reshape(shape)
         bnd, con = split_families(constraints)
@@ -447,6 +512,12 @@ class ConstraintLayer(nn.Module):
     def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Any]) -> None:
         """The debug check: every row's residual against the residual tolerance."""
         call = type(self).__name__
+        if self.layout == "points":
+            check_point_residual(post.mean.detach(), post.event_ndim, constraints, inputs, call)
+            bounds = [c for c in constraints if c.family == "bounds"]
+            if bounds:
+                _check_bounds(post.mean.detach(), bounds, inputs, tuple(post.mean.shape), call)
+            return
         shape = grid_view(post.mean, post.event_ndim, self.grid_shape, call)
         y = post.mean.detach().reshape(shape)
         tol = tolerance(y.dtype).residual
@@ -481,6 +552,8 @@ class ConstraintLayer(nn.Module):
 
     def extra_repr(self) -> str:
         opts = [f"constraints={list(self.constraints)}"]
+        if self.layout == "points":
+            opts.append("layout='points'")
         if self.bcs:
             opts.append(f"mode={self.mode!r}")
         if self.lift:

@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_GRID", "FAMILIES", "Constraint", "GridSpec", "Rows"]
 F64 = torch.float64
 
 #: The constraint families, in the order the engine applies them.
-FAMILIES = ("boundary", "conservation", "bounds")
+FAMILIES = ("boundary", "conservation", "bounds", "points")
 
 
 class GridSpec(NamedTuple):

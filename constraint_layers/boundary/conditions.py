@@ -275,6 +275,10 @@ class Dirichlet(BoundaryCondition):
         Which end(s) of the axis.
     channels : int or sequence of int, optional
         The output channels the condition applies to (default: all).
+    points : Tensor or sequence, optional
+        On a point-cloud output ``(batch, n_points, channels)``: the points that hold the value
+        (a bool mask or indices); ``cl.Dirichlet(value, points=...)`` then makes a
+        :class:`~constraint_layers.pointcloud.PointValue` (``dim`` and ``side`` do not apply).
 
     Notes
     -----
@@ -288,6 +292,31 @@ class Dirichlet(BoundaryCondition):
     >>> bool((z[..., 0] == 1.5).all())
     True
     """
+
+    def __new__(cls, value: Value = 0.0, *, points: Any = None, **kwargs: Any) -> Any:
+        if points is None:
+            return super().__new__(cls)
+        # values at points of a point cloud: a constraint of the point-cloud family
+        from ..pointcloud.constraints import PointValue
+
+        extra = sorted(k for k, v in kwargs.items() if k != "channels" and v not in (None, "both"))
+        if extra:
+            raise TypeError(
+                f"Dirichlet(points=...): {extra} describe faces of a grid; values at points of a "
+                "point cloud take value, points and channels only."
+            )
+        return PointValue(value, points=points, channels=kwargs.get("channels"))
+
+    def __init__(
+        self,
+        value: Value = 0.0,
+        *,
+        dim: int | None = None,
+        side: Side = "both",
+        channels: int | Sequence[int] | None = None,
+        points: None = None,
+    ) -> None:
+        super().__init__(value, dim=dim, side=side, channels=channels)
 
     def stencil(self, side, h):
         return [(side, 0, 1.0)]

@@ -189,10 +189,15 @@ class Conservation:
         grid: Tensor | Sequence[Tensor | None] | None = None,
         endpoint: bool = True,
         channels: int | Sequence[int] | None = None,
-    ) -> IntegralConservation:
+        weights: Any = None,
+    ) -> IntegralConservation | Any:
         """The integral of a grid output over spatial axes ``dim`` equals ``total``.
 
-        See :class:`IntegralConservation` for the parameters.
+        See :class:`IntegralConservation` for the parameters. With ``weights=`` (quadrature
+        weights per point of a point-cloud output, ``(n_points,)`` or ``(R, n_points)``; a tensor,
+        a callable of the input or ``cl.Given``) it is the weighted sum over the points instead:
+        a :class:`~constraint_layers.pointcloud.PointIntegral` (``dim``, ``rule`` and the grid
+        options do not apply).
 
         Examples
         --------
@@ -202,6 +207,24 @@ class Conservation:
         >>> float(cl.metrics.conservation_error(y, c).abs().max()) < 1e-6
         True
         """
+        if weights is not None:
+            from ..pointcloud.constraints import PointIntegral
+
+            grid_opts = {
+                "dim": dim != 0,
+                "rule": rule != "trapezoid",
+                "spacing": spacing is not None,
+                "extent": extent is not None,
+                "grid": grid is not None,
+                "endpoint": endpoint is not True,
+            }
+            extra = sorted(k for k, v in grid_opts.items() if v)
+            if extra:
+                raise TypeError(
+                    f"Conservation.integral(weights=...): {extra} describe a grid; a weighted sum "
+                    "over points takes total, weights and channels only."
+                )
+            return PointIntegral(total, weights=weights, channels=channels)
         return IntegralConservation(
             total,
             dim=dim,

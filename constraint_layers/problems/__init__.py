@@ -9,6 +9,9 @@ Numerical references of the boundary paper (BOON): :class:`Heat` (Neumann), :cla
 Dirichlet), each with a vectorised solver and ``generate`` (seeded, cached on disk, small or paper
 sizes) returning :class:`OperatorData` in the channel-first layout of neuraloperator.
 
+Point clouds: :class:`PotentialFlow` (uniform flow past a cylinder, closed form) at scattered
+query points, :class:`PointCloudData`.
+
 Examples
 --------
 >>> import constraint_layers as cl
@@ -37,6 +40,7 @@ from .gpme import (
 from .grf import evaluate_fourier, periodic_grf, sine_series
 from .heat import Heat
 from .neural_process import NeuralProcessData, sample_neural_process
+from .potential_flow import PointCloudData, PotentialFlow
 from .stokes import Stokes
 
 __all__ = [
@@ -51,7 +55,9 @@ __all__ = [
     "NeuralProcessData",
     "OperatorData",
     "OperatorDataset",
+    "PointCloudData",
     "PorousMedium",
+    "PotentialFlow",
     "Stefan",
     "Stokes",
     "add_coordinates",
