@@ -24,7 +24,7 @@ from constraint_layers.conservation import linalg
 
 pytest.importorskip("neuralop")
 
-from _models import fno  # noqa: E402
+from _models import fno
 
 F32, F64 = torch.float32, torch.float64
 
@@ -82,7 +82,13 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], list, dict]] = 
     ("output lift", fno1d, (3, 1, 32), [D(0.0)], {"lift": 4}),
     ("output 2D walls", fno2d, (2, 1, 16, 16), [D(0.0, dim=0), N(0.0, dim=1)], {}),
     ("refine Dirichlet", fno1d, (3, 1, 32), [D(0.0)], {"mode": "refine"}),
-    ("refine Neumann 2D", fno2d, (2, 1, 16, 16), [N(0.0, dim=0), D(0.0, dim=1)], {"mode": "refine"}),
+    (
+        "refine Neumann 2D",
+        fno2d,
+        (2, 1, 16, 16),
+        [N(0.0, dim=0), D(0.0, dim=1)],
+        {"mode": "refine"},
+    ),
     ("refine Periodic", fno1d, (3, 1, 32), [P()], {"mode": "refine"}),
     ("joint walls + total", fno1d, (3, 1, 32), [D(0.0), TOTAL(1.0)], {}),
     ("joint Neumann + total", fno1d, (3, 1, 32), [N(0.0), TOTAL(1.0)], {}),
@@ -91,7 +97,13 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], list, dict]] = 
     ("conservation Gaussian", Head, (2, 1, 64, 64), [TOTAL(1.0, dim=0)], {}),
     ("conservation deterministic", Net2d, (2, 1, 64, 64), [TOTAL(1.0, dim=0)], {}),
     ("bounds", fno1d, (3, 1, 32), [cl.Bounds(lower=-0.05)], {}),
-    ("bounds + walls + total", Net2d, (2, 1, 8, 8), [D(0.0, dim=0), TOTAL(0.1, dim=0), cl.Bounds(lower=-1.0)], {}),
+    (
+        "bounds + walls + total",
+        Net2d,
+        (2, 1, 8, 8),
+        [D(0.0, dim=0), TOTAL(0.1, dim=0), cl.Bounds(lower=-1.0)],
+        {},
+    ),
 ]
 
 
