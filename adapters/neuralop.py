@@ -142,6 +142,14 @@ def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
     sl.append(slice(None, -starts[-1]) if starts[-1] else slice(None))
     weight = conv.weight
     dense = weight if torch.is_tensor(weight) else weight.to_tensor()
+    if not dense.is_complex():
+        raise TypeError(
+            f"mode='refine': the spectral weights of {name} are real ({dense.dtype}), where "
+            "neuraloperator's are complex: a cast such as model.to(torch.float64) made them "
+            "real and discarded their imaginary parts, so the model is no longer the one trained. "
+            "Reload it, and change its precision with .double() (real tensors only; also cast "
+            "each complex parameter to torch.complex128 for float64 throughout)."
+        )
     if conv.separable:  # (C, *modes): the diagonal of (C, C, *modes)
         dense = torch.diag_embed(dense.movedim(0, -1)).movedim(-2, 0).movedim(-1, 1)
     w = dense[(slice(None), slice(None), *sl)]

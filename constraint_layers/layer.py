@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -261,6 +262,12 @@ class ConstraintLayer(nn.Module):
             if adapter is None or (name.startswith("__") and name.endswith("__")):
                 raise
             return adapter.wrapper_attribute(self, name)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConstraintLayer:
+        """``Module._apply`` (behind ``.to``, ``.type``, ``.double``, ...), refusing a cast that
+        would make the model's complex tensors real (see :func:`_refuse_lossy_cast`)."""
+        _refuse_lossy_cast(self, fn)
+        return super()._apply(fn, recurse)
 
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle that :meth:`release` removes (hooks on the wrapped model)."""
@@ -492,6 +499,32 @@ class ConstraintLayer(nn.Module):
         if self.grid_shape is not None:
             opts.append(f"grid_shape={self.grid_shape}")
         return ", ".join(opts)
+
+
+def _refuse_lossy_cast(wrapper: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+    """Raise before ``fn`` (a ``Module._apply`` function) turns a complex tensor of the model
+    into a real one: torch's ``.to(torch.float64)`` does so with a UserWarning, discarding the
+    imaginary parts (neuraloperator's spectral weights), so the model is lost. ``fn`` is tried
+    on a one-element tensor of each complex dtype the wrapper holds; nothing is cast first."""
+    seen: dict[tuple[torch.dtype, torch.device], str] = {}
+    for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]:
+        if t.is_complex():
+            seen.setdefault((t.dtype, t.device), name)
+    for (dtype, device), name in seen.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "discards the imaginary part"
+            probe = fn(torch.zeros(1, dtype=dtype, device=device))
+        if isinstance(probe, Tensor) and not probe.is_complex():
+            call = type(wrapper).__name__
+            raise TypeError(
+                f"{call}.to({probe.dtype}): the wrapped model holds complex tensors (e.g. "
+                f"{name!r}, {dtype}) that this cast would make real, discarding their imaginary "
+                "parts (torch only warns; the model would be another one). Refused; nothing was "
+                "cast. To change the precision of the real tensors and keep the complex ones, "
+                "use .double() / .float() (for a neuraloperator FNO in float64, also cast its "
+                "complex weights: p.data = p.data.to(torch.complex128) for each complex "
+                "parameter); to move it, .to(device) alone."
+            )
 
 
 def _check_bounds(
