@@ -73,6 +73,13 @@ __all__ = [
 
 _MODES = ("output", "refine")
 
+_NO_TRACE = (
+    "{call}: a constraint layer cannot be traced with torch.jit.trace: its rows depend on the "
+    "output's grid (boundary positions, spacing, quadrature weights), which a trace freezes as "
+    "constants, so the traced module would be wrong at any other resolution. Use "
+    "torch.compile(wrapper) instead (exact at every resolution), or call the wrapper untraced."
+)
+
 
 def _check_constraints(items: Any, call: str) -> tuple[Any, ...]:
     if isinstance(items, (list, tuple)):
@@ -322,6 +329,8 @@ class ConstraintLayer(nn.Module):
             return self.adapter.call(self.model, args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE.format(call=type(self).__name__))
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)
         inputs = self.adapter.model_input(args, kwargs)

@@ -146,7 +146,17 @@ def plan(
     call: str,
     exclusive: bool = True,
 ) -> BoundaryPlan:
-    """The rows' structure of ``bcs`` on an output of ``shape`` (cached per structure)."""
+    """The rows' structure of ``bcs`` on an output of ``shape`` (cached per structure).
+
+    Refused under ``torch.jit.trace``: the structure depends on the shape, which a trace would
+    freeze (the traced function would be wrong at any other resolution)."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            f"{call}: boundary conditions cannot be traced with torch.jit.trace: their rows "
+            "depend on the grid (boundary positions, spacing), which a trace freezes as "
+            "constants (wrong results at any other resolution). Use torch.compile instead, or "
+            "call it untraced."
+        )
     shape = tuple(int(s) for s in shape)
     key = (
         tuple(bc.structure_key() for bc in bcs),
