@@ -520,9 +520,12 @@ def _refuse_lossy_cast(wrapper: nn.Module, fn: Callable[[Tensor], Tensor]) -> No
         if t.is_complex():
             seen.setdefault((t.dtype, t.device), name)
     for (dtype, device), name in seen.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's "discards the imaginary part"
-            probe = fn(torch.zeros(1, dtype=dtype, device=device))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "discards the imaginary part"
+                probe = fn(torch.zeros(1, dtype=dtype, device=device))
+        except Exception:  # a function meant for other tensors: torch's own _apply decides
+            continue
         if isinstance(probe, Tensor) and not probe.is_complex():
             call = type(wrapper).__name__
             raise TypeError(
