@@ -90,6 +90,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...], list, dict]] = 
         {"mode": "refine"},
     ),
     ("refine Periodic", fno1d, (3, 1, 32), [P()], {"mode": "refine"}),
+    ("refine refresh=2", fno1d, (3, 1, 32), [D(0.0)], {"mode": "refine", "refresh": 2}),
+    ("refine detached", fno1d, (3, 1, 32), [D(0.0)], {"mode": "refine", "kernel_grad": "detached"}),
     ("joint walls + total", fno1d, (3, 1, 32), [D(0.0), TOTAL(1.0)], {}),
     ("joint Neumann + total", fno1d, (3, 1, 32), [N(0.0), TOTAL(1.0)], {}),
     ("joint refine + total", fno1d, (3, 1, 32), [D(0.0), TOTAL(1.0)], {"mode": "refine"}),
