@@ -125,3 +125,49 @@ def test_neuralop_trainer_mixed_precision(mode, tmp_path):
         assert bool((face == 0).all())
     state = torch.load(tmp_path / "model_state_dict.pt", weights_only=True)
     assert set(state) == set(cl.unwrap(model).state_dict()) - {"_metadata"}
+
+
+class CircularNet(torch.nn.Module):
+    """Shift-invariant layers without a spectral description: refined by probing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = torch.nn.Conv1d(1, 3, 1)
+        self.mix = torch.nn.ModuleList(
+            torch.nn.Conv1d(3, 3, 5, padding=2, padding_mode="circular") for _ in range(2)
+        )
+        self.proj = torch.nn.Conv1d(3, 1, 1)
+
+    def forward(self, x):
+        x = self.lift(x)
+        for layer in self.mix:
+            x = torch.nn.functional.gelu(layer(x) + x)
+        return self.proj(x)
+
+
+class CircularAdapter(cl.adapters.Adapter):
+    name = "test-harness-circular"
+    supports_refinement = True
+
+    def attach(self, wrapper):
+        if wrapper.mode == "refine":
+            for layer in wrapper.model.mix:
+                wrapper.add_refinement(layer)
+
+
+def test_probed_refinement_under_autocast():
+    """A layer refined by probing (``add_refinement`` without a description) under autocast:
+    the refinement in float32, the layer's own evaluation under autocast."""
+    torch.manual_seed(0)
+    bcs = [D(0.5, side="low"), N(1.0, side="high")]
+    wrapped = cl.BoundaryCorrection(
+        CircularNet(), bcs, mode="refine", adapter=CircularAdapter(), debug=True
+    )
+    x = torch.randn(2, 1, 24)
+    want = wrapped(x).detach()
+    with torch.autocast("cpu", dtype=BF16):
+        got = wrapped(x)
+    assert got.dtype == BF16
+    assert _relative(got, want) <= tolerance(BF16).reference
+    assert bool((got[..., 0] == 0.5).all())
+    got.float().square().mean().backward()
