@@ -71,6 +71,9 @@ function (``_RegularisedSolve``): its Cholesky factor is a constant for autograd
 in ``K``, ``lam^2`` and the right-hand side is autograd's through ``cholesky`` and
 ``cholesky_solve`` in closed form (one more solve with the factor).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
+Under ``torch.autocast`` (bfloat16 / float16 inputs) the refinement runs with autocast off in
+float32, as a stock ``SpectralConv`` runs its FFTs; the refined layer returns float32, as the
+stock one does, and the model's next layers run under autocast again.
 Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
 wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
 size along an axis other than the last (it applies ``fftshift`` twice); the adapter refuses those.
