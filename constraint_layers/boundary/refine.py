@@ -794,7 +794,11 @@ def _full_precision(v: Tensor) -> Iterator[torch.dtype]:
     or float32 for bfloat16 / float16 (what a stock ``SpectralConv`` does under autocast: its
     FFTs run in float32 and it returns float32)."""
     dtype = torch.float32 if v.dtype in _LOW_PRECISION else v.dtype
-    if not torch.is_autocast_enabled(v.device.type):
+    try:
+        enabled = torch.is_autocast_enabled(v.device.type)
+    except TypeError:  # torch < 2.4 takes no device type: switch it off regardless
+        enabled = True
+    if not enabled:
         yield dtype
         return
     with torch.autocast(v.device.type, enabled=False):
