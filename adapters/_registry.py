@@ -10,6 +10,7 @@ are loaded on the first lookup.
 from __future__ import annotations
 
 import importlib
+import sys
 import threading
 from collections.abc import Callable
 from importlib import metadata
@@ -19,7 +20,7 @@ from constraint_layers.errors import NoAdapterError
 
 from .base import Adapter
 
-__all__ = ["ENTRY_POINT_GROUP", "find", "register", "registered"]
+__all__ = ["ENTRY_POINT_GROUP", "compiled_inner", "find", "register", "registered"]
 
 ENTRY_POINT_GROUP = "constraint_layers.adapters"
 
@@ -157,8 +158,21 @@ def _load_entry_points() -> None:
             # otherwise the module registered itself when it was imported
 
 
+def compiled_inner(model: object) -> object:
+    """The model that ``torch.compile(model)`` compiled (``OptimizedModule._orig_mod``, through
+    any nesting), or ``model`` itself when it is not a compiled module."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    compiled = getattr(dynamo, "OptimizedModule", None)
+    while compiled is not None and isinstance(model, compiled):
+        model = model._orig_mod
+    return model
+
+
 def find(model: object) -> Adapter:
     """The adapter for ``model``: the registration nearest to its type in the MRO.
+
+    A compiled model (``torch.compile(model)``, an ``OptimizedModule``) is served by the adapter
+    of the model it compiles, unless ``OptimizedModule`` itself has a registration.
 
     Raises
     ------
@@ -166,6 +180,9 @@ def find(model: object) -> Adapter:
         No registered adapter serves this type (the message lists the registered ones).
     """
     _load_entry_points()
+    inner = compiled_inner(model)
+    if inner is not model and _key(type(model)) not in _REGISTRY:
+        return find(inner)
     for klass in type(model).__mro__:
         key = _key(klass)
         if key not in _REGISTRY and key in _LAZY:

@@ -49,7 +49,7 @@ from torch import nn
 from constraint_layers.boundary.spectral import SpectralKernel
 from constraint_layers.errors import GridError
 
-from ._registry import register
+from ._registry import compiled_inner, register
 from .base import Adapter
 
 __all__ = ["SIDECAR_SUFFIX", "NeuralopAdapter", "from_checkpoint"]
@@ -142,6 +142,14 @@ def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
     sl.append(slice(None, -starts[-1]) if starts[-1] else slice(None))
     weight = conv.weight
     dense = weight if torch.is_tensor(weight) else weight.to_tensor()
+    if not dense.is_complex():
+        raise TypeError(
+            f"mode='refine': the spectral weights of {name} are real ({dense.dtype}), where "
+            "neuraloperator's are complex: a cast such as model.to(torch.float64) made them "
+            "real and discarded their imaginary parts, so the model is no longer the one trained. "
+            "Reload it, and change its precision with .double() (real tensors only; also cast "
+            "each complex parameter to torch.complex128 for float64 throughout)."
+        )
     if conv.separable:  # (C, *modes): the diagonal of (C, C, *modes)
         dense = torch.diag_embed(dense.movedim(0, -1)).movedim(-2, 0).movedim(-1, 1)
     w = dense[(slice(None), slice(None), *sl)]
@@ -189,7 +197,7 @@ class NeuralopAdapter(Adapter):
         wrapper.register_state_dict_post_hook(_drop_metadata)
         wrapper.register_load_state_dict_pre_hook(_accept_plain)
         if getattr(wrapper, "mode", "output") == "refine":
-            for conv in _spectral_convs(wrapper.model):
+            for conv in _spectral_convs(compiled_inner(wrapper.model)):
                 closed = hasattr(conv, "n_modes") and hasattr(conv, "max_n_modes")
                 spectrum = functools.partial(spectral_kernel, conv) if closed else None
                 wrapper.add_refinement(conv, spectrum=spectrum)
@@ -241,7 +249,7 @@ def _describe(wrapper: nn.Module) -> dict[str, Any]:
     record: dict[str, Any] = {
         "format": _FORMAT,
         "layer": _class_path(layer),
-        "model": _class_path(type(wrapper.model)),
+        "model": _class_path(type(compiled_inner(wrapper.model))),
         "adapter": wrapper.adapter,
         "normalizer": None if normalizer is None else type(normalizer).__name__,
         "constraints": None,
@@ -304,7 +312,7 @@ def save_checkpoint(wrapper: nn.Module, save_folder: str | Path, save_name: str)
     save_name : str
         The prefix of the file names.
     """
-    model = wrapper.model
+    model = compiled_inner(wrapper.model)  # torch.compile(fno): the FNO's own checkpoint
     folder = Path(save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

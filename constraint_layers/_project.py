@@ -144,13 +144,16 @@ def _pull_back(G: Tensor, bplan: Any, shape: tuple[int, ...]) -> Tensor:
     """``G S``: the rows ``G`` composed with the linear part of the boundary step (float64).
 
     ``S`` is the adjoint taken by autograd through the step on a zero input with zero values:
-    one batched pass over ``M`` grids.
+    one batched pass over ``M`` grids (outside inference mode, where autograd is off: the
+    result is a plain constant, also under ``torch.inference_mode()``).
     """
     lead = G.shape[:-1]
     m = math.prod(lead)
-    x = torch.zeros((m, *shape[1:]), dtype=F64, device=G.device, requires_grad=True)
-    zeros = [torch.zeros((m, c.index.shape[0]), dtype=F64, device=G.device) for c in bplan.conds]
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.zeros((m, *shape[1:]), dtype=F64, device=G.device, requires_grad=True)
+        zeros = [
+            torch.zeros((m, c.index.shape[0]), dtype=F64, device=G.device) for c in bplan.conds
+        ]
         out = apply_plan(x, bplan, zeros)
         (gs,) = torch.autograd.grad(out, x, G.detach().reshape(m, *shape[1:]).to(F64))
     return gs.reshape(*lead, -1)

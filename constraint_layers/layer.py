@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,13 @@ __all__ = [
 ]
 
 _MODES = ("output", "refine")
+
+_NO_TRACE = (
+    "{call}: a constraint layer cannot be traced with torch.jit.trace: its rows depend on the "
+    "output's grid (boundary positions, spacing, quadrature weights), which a trace freezes as "
+    "constants, so the traced module would be wrong at any other resolution. Use "
+    "torch.compile(wrapper) instead (exact at every resolution), or call the wrapper untraced."
+)
 
 
 _LAYOUTS = ("auto", "grid", "points")
@@ -314,6 +322,12 @@ class ConstraintLayer(nn.Module):
                 raise
             return adapter.wrapper_attribute(self, name)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ConstraintLayer:
+        """``Module._apply`` (behind ``.to``, ``.type``, ``.double``, ...), refusing a cast that
+        would make the model's complex tensors real (see :func:`_refuse_lossy_cast`)."""
+        _refuse_lossy_cast(self, fn)
+        return super()._apply(fn, recurse)
+
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle that :meth:`release` removes (hooks on the wrapped model)."""
         self._handles.append(handle)
@@ -367,6 +381,8 @@ class ConstraintLayer(nn.Module):
             return self.adapter.call(self.model, args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            raise NotImplementedError(_NO_TRACE.format(call=type(self).__name__))
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)
         inputs = self.adapter.model_input(args, kwargs)
@@ -565,6 +581,35 @@ class ConstraintLayer(nn.Module):
         if self.grid_shape is not None:
             opts.append(f"grid_shape={self.grid_shape}")
         return ", ".join(opts)
+
+
+def _refuse_lossy_cast(wrapper: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+    """Raise before ``fn`` (a ``Module._apply`` function) turns a complex tensor of the model
+    into a real one: torch's ``.to(torch.float64)`` does so with a UserWarning, discarding the
+    imaginary parts (neuraloperator's spectral weights), so the model is lost. ``fn`` is tried
+    on a one-element tensor of each complex dtype the wrapper holds; nothing is cast first."""
+    seen: dict[tuple[torch.dtype, torch.device], str] = {}
+    for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]:
+        if t.is_complex():
+            seen.setdefault((t.dtype, t.device), name)
+    for (dtype, device), name in seen.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "discards the imaginary part"
+                probe = fn(torch.zeros(1, dtype=dtype, device=device))
+        except Exception:  # a function meant for other tensors: torch's own _apply decides
+            continue
+        if isinstance(probe, Tensor) and not probe.is_complex():
+            call = type(wrapper).__name__
+            raise TypeError(
+                f"{call}.to({probe.dtype}): the wrapped model holds complex tensors (e.g. "
+                f"{name!r}, {dtype}) that this cast would make real, discarding their imaginary "
+                "parts (torch only warns; the model would be another one). Refused; nothing was "
+                "cast. To change the precision of the real tensors and keep the complex ones, "
+                "use .double() / .float() (for a neuraloperator FNO in float64, also cast its "
+                "complex weights: p.data = p.data.to(torch.complex128) for each complex "
+                "parameter); to move it, .to(device) alone."
+            )
 
 
 def _check_bounds(

@@ -350,6 +350,69 @@ def _grad_flows():
     return p.grad is not None and bool(torch.isfinite(p.grad).all()) and float(p.grad) != 0
 
 
+# ---------------------------------------------------------- training harnesses (issue 19)
+def _fno32(n_layers=1):
+    from _models import fno as make
+
+    torch.manual_seed(0)
+    return make((4,), hidden=4, n_layers=n_layers)
+
+
+def _inference_then_train(*constraints, **options):
+    """A call under inference_mode (Lightning's validation), then a training step of the same
+    wrapper and of a new one with the same constraints; returns the second output."""
+    x = torch.randn(2, 1, 16)
+    wrapped = cl.wrap(_fno32(), *constraints, **options)
+    with torch.inference_mode():
+        wrapped(x)
+    wrapped(x).square().mean().backward()
+    other = cl.wrap(_fno32(), *constraints, **options)
+    y = other(x)
+    y.square().mean().backward()
+    return y
+
+
+def _refine_bf16():
+    wrapped = cl.wrap(_fno32(), cl.Dirichlet(0.5), mode="refine")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return wrapped(torch.randn(2, 1, 16))
+
+
+def _compiled_refine_adapter():
+    wrapped = cl.wrap(torch.compile(_fno32(), backend="eager"), cl.Dirichlet(0.0), mode="refine")
+    return wrapped.adapter.name, len(wrapped.refinements)
+
+
+def _compiled_save_checkpoint():
+    import tempfile
+    from pathlib import Path
+
+    wrapped = cl.wrap(torch.compile(_fno32(), backend="eager"), cl.Dirichlet(0.0))
+    with tempfile.TemporaryDirectory() as folder:
+        wrapped.save_checkpoint(folder, "m")
+        return torch.load(Path(folder) / "m_state_dict.pt", weights_only=True)
+
+
+def _cast(how, mode="refine"):
+    return how(cl.wrap(_fno32(), cl.Dirichlet(0.0), mode=mode))
+
+
+def _made_real_behind():
+    inner = _fno32()
+    wrapped = cl.wrap(inner, cl.Dirichlet(0.0), mode="refine")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner.to(F64)
+    return wrapped(torch.randn(2, 1, 16, dtype=F64))
+
+
+def _trace(*constraints, **options):
+    wrapped = cl.wrap(_fno32(), *constraints, **options)
+    return torch.jit.trace(wrapped, torch.randn(2, 1, 16), check_trace=False)
+
+
 W = cl.wrap
 D, N, P, C = cl.Dirichlet, cl.Neumann, cl.Periodic, cl.Conservation
 I = cl.Conservation.integral
@@ -1564,6 +1627,71 @@ CASES: list[Case] = [
         "metrics.conservation_error bad shape",
         lambda: cl.metrics.conservation_error(torch.ones(2, 5, dtype=F64), C(G6)),
         R(ValueError, r"9 columns.*5 values"),
+    ),
+    # ---- training harnesses (issue 19) --------------------------------------------------------
+    Case(
+        "inference_mode then train: output",
+        lambda: _inference_then_train(D(0.0)),
+        A(lambda y: faces(y, 0.0)),
+    ),
+    Case(
+        "inference_mode then train: Neumann",
+        lambda: _inference_then_train(N(1.0)),
+        A(shape_is(2, 1, 16)),
+    ),
+    Case(
+        "inference_mode then train: refine",
+        lambda: _inference_then_train(D(0.0), mode="refine"),
+        A(lambda y: faces(y, 0.0)),
+    ),
+    Case(
+        "inference_mode then train: walls + total",
+        lambda: _inference_then_train(D(0.0), I(1.0)),
+        A(lambda y: faces(y, 0.0) and total(y, 1.0, 1e-5)),
+    ),
+    Case("refine under bfloat16 autocast", _refine_bf16, A(lambda y: faces(y, 0.5))),
+    Case(
+        "compiled FNO wrapped, refine",
+        _compiled_refine_adapter,
+        A(lambda r: r == ("neuraloperator", 1)),
+    ),
+    Case(
+        "compiled FNO save_checkpoint",
+        _compiled_save_checkpoint,
+        A(lambda sd: all(not k.startswith("_orig_mod") for k in sd)),
+    ),
+    Case(
+        "refine .to(float64)",
+        lambda: _cast(lambda m: m.to(F64)),
+        R(TypeError, r"BoundaryCorrection\.to\(torch\.float64\).*imaginary parts.*\.double\(\)"),
+    ),
+    Case(
+        "output .to(float32) of an FNO",
+        lambda: _cast(lambda m: m.to(F32), "output"),
+        R(TypeError, r"BoundaryCorrection\.to\(torch\.float32\).*imaginary parts"),
+    ),
+    Case(
+        "refine .double()",
+        lambda: _cast(lambda m: m.double())(torch.randn(2, 1, 16, dtype=F64)),
+        A(lambda y: faces(y, 0.0)),
+    ),
+    Case(
+        "refine weights made real behind the wrapper",
+        _made_real_behind,
+        R(TypeError, r"mode='refine'.*spectral weights.*real.*imaginary"),
+    ),
+    Case(
+        "jit.trace output mode",
+        lambda: _trace(N(1.0)),
+        R(
+            NotImplementedError,
+            r"BoundaryCorrection.*torch\.jit\.trace.*resolution.*torch\.compile",
+        ),
+    ),
+    Case(
+        "jit.trace conservation",
+        lambda: _trace(I(1.0)),
+        R(NotImplementedError, r"ConservationProjection.*torch\.jit\.trace"),
     ),
     # ---- torch.compile --------------------------------------------------------------------------
     Case(

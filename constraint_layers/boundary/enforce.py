@@ -13,6 +13,12 @@ move; a smooth profile next to the face with ``lift``). The rows' structure (pos
 coefficients, directions) depends only on the conditions and the grid, so it is built once per
 output shape and cached; each call computes the right-hand sides and runs gathers and
 scatters over the flattened output.
+
+The cache is shared by every wrapper and call in the process, whatever their autograd context:
+its tensors are built outside ``torch.inference_mode`` and without gradients
+(``_state.building_constants``), so a plan made during a validation under inference mode serves
+the training step that follows (PyTorch Lightning's loop), and results its users derive from the
+structure are stored as plain constants too (``derived``, a ``ConstantDict``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._grid import check_grid, flat_channels, resolve_spacing
+from .._state import ConstantDict, building_constants
 from .._values import check_finite_now
 from ..errors import ConstraintError, GridError
 from ..rows import Rows
@@ -96,29 +103,33 @@ class BoundaryPlan(NamedTuple):
     conds: tuple[_Cond, ...]
     fast: tuple[dict[str, Tensor], ...]  # per condition, per (dtype, device) on first use
     #: Results that depend on the structure only, computed once by their users (the engine's
-    #: fixed-point rows of the step).
-    derived: dict[str, Any]
+    #: fixed-point rows of the step); stored as plain constants (no inference tensors, no graph).
+    derived: ConstantDict
 
     def device_tensors(self, i: int, dtype: torch.dtype, device: torch.device) -> dict:
         key = (dtype, device)
         cache = self.fast[i]
         t = cache.get(key)
         if t is None:
-            c = self.conds[i]
-            cp = c.coeff.gather(1, c.pivot.unsqueeze(1))  # (M, 1)
-            rest = c.coeff.scatter(1, c.pivot.unsqueeze(1), 0.0) / cp
-            t = {
-                "index": c.index.to(device),
-                "coeff": c.coeff.to(device=device, dtype=dtype),
-                "rest": rest.to(device=device, dtype=dtype),
-                "inv_pivot": (1.0 / cp.squeeze(1)).to(device=device, dtype=dtype),
-                "unit_pivot": bool((cp == 1).all()),
-                "pos": c.index.gather(1, c.pivot.unsqueeze(1)).squeeze(1).to(device),
-                "moves": c.moves.reshape(-1).to(device),
-                "weights": c.weights.to(device=device, dtype=dtype),
-            }
+            with building_constants():  # shared by later calls in any autograd context
+                t = self._device_tensors(i, dtype, device)
             cache[key] = t
         return t
+
+    def _device_tensors(self, i: int, dtype: torch.dtype, device: torch.device) -> dict:
+        c = self.conds[i]
+        cp = c.coeff.gather(1, c.pivot.unsqueeze(1))  # (M, 1)
+        rest = c.coeff.scatter(1, c.pivot.unsqueeze(1), 0.0) / cp
+        return {
+            "index": c.index.to(device),
+            "coeff": c.coeff.to(device=device, dtype=dtype),
+            "rest": rest.to(device=device, dtype=dtype),
+            "inv_pivot": (1.0 / cp.squeeze(1)).to(device=device, dtype=dtype),
+            "unit_pivot": bool((cp == 1).all()),
+            "pos": c.index.gather(1, c.pivot.unsqueeze(1)).squeeze(1).to(device),
+            "moves": c.moves.reshape(-1).to(device),
+            "weights": c.weights.to(device=device, dtype=dtype),
+        }
 
 
 _CACHE: dict[tuple, BoundaryPlan] = {}
@@ -135,7 +146,17 @@ def plan(
     call: str,
     exclusive: bool = True,
 ) -> BoundaryPlan:
-    """The rows' structure of ``bcs`` on an output of ``shape`` (cached per structure)."""
+    """The rows' structure of ``bcs`` on an output of ``shape`` (cached per structure).
+
+    Refused under ``torch.jit.trace``: the structure depends on the shape, which a trace would
+    freeze (the traced function would be wrong at any other resolution)."""
+    if torch.jit.is_tracing():
+        raise NotImplementedError(
+            f"{call}: boundary conditions cannot be traced with torch.jit.trace: their rows "
+            "depend on the grid (boundary positions, spacing), which a trace freezes as "
+            "constants (wrong results at any other resolution). Use torch.compile instead, or "
+            "call it untraced."
+        )
     shape = tuple(int(s) for s in shape)
     key = (
         tuple(bc.structure_key() for bc in bcs),
@@ -149,8 +170,9 @@ def plan(
         hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    conds = _build(shape, bcs, hs, lift, endpoint, call, exclusive)
-    out = BoundaryPlan(conds, tuple({} for _ in conds), {})
+    with building_constants():  # shared by later calls in any autograd context
+        conds = _build(shape, bcs, hs, lift, endpoint, call, exclusive)
+    out = BoundaryPlan(conds, tuple({} for _ in conds), ConstantDict())
     with _CACHE_LOCK:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))

@@ -71,6 +71,9 @@ function (``_RegularisedSolve``): its Cholesky factor is a constant for autograd
 in ``K``, ``lam^2`` and the right-hand side is autograd's through ``cholesky`` and
 ``cholesky_solve`` in closed form (one more solve with the factor).
 ``torch.jit.trace`` is refused: the refinement depends on the grid in ways a trace cannot record.
+Under ``torch.autocast`` (bfloat16 / float16 inputs) the refinement runs with autocast off in
+float32, as a stock ``SpectralConv`` runs its FFTs; the refined layer returns float32, as the
+stock one does, and the model's next layers run under autocast again.
 Activation checkpointing of a refined layer is not supported (its recomputation runs outside the
 wrapper's call). neuraloperator's ``SpectralConv`` is not shift invariant on grids with an odd
 size along an axis other than the last (it applies ``fftshift`` twice); the adapter refuses those.
@@ -548,12 +551,20 @@ class Refinement:
             return None
         if torch.jit.is_tracing():
             raise NotImplementedError(_NO_TRACE)
-        v = args[0]
+        v = v_in = args[0]
         if not isinstance(v, Tensor) or v.ndim < 3:
             raise GridError(
                 "mode='refine': a refined layer must take a channel-first grid tensor "
                 f"(batch, channels, d1, ..., dn), got {type(v).__name__}."
             )
+        with _full_precision(v) as dtype:
+            if v.dtype != dtype:  # autocast's bfloat16 / float16: refine in the layer's precision
+                v = v.to(dtype)
+                args = (v, *args[1:])
+            out = self._before(module, call, v, args)
+        return args if out is None and args[0] is not v_in else out
+
+    def _before(self, module: torch.nn.Module, call: _Call, v: Tensor, args: tuple):
         phys = call.grid
         pads = self._pads(v, None, phys)
         faces = tuple(
@@ -668,6 +679,10 @@ class Refinement:
         call = self.context.current()
         if call is None or not call.rows:
             return None
+        with _full_precision(output) as dtype:
+            return self._rows(call, output.to(dtype))
+
+    def _rows(self, call: _Call, output: Tensor) -> Tensor | None:
         stack = call.pending.get(id(self))
         if not stack:
             raise GridError(
@@ -755,7 +770,8 @@ class _FusedForward:
                 # the layer refines what it receives (a forward pre-hook registered after the
                 # refinement's may have replaced the input; the rows of T1 follow it)
                 entry["v"] = v
-                return self.refinement._fused(entry, v, *args[1:], **kwargs)
+                with _full_precision(v):
+                    return self.refinement._fused(entry, v, *args[1:], **kwargs)
         if self.previous is not None:
             return self.previous(*args, **kwargs)
         return type(self.layer).forward(self.layer, *args, **kwargs)
@@ -766,6 +782,27 @@ class _FusedForward:
             del self.layer.forward
             if self.previous is not None:
                 self.layer.forward = self.previous
+
+
+#: Input dtypes below the precision the refinement computes in (autocast's).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextmanager
+def _full_precision(v: Tensor) -> Iterator[torch.dtype]:
+    """Autocast off for the refinement's own arithmetic; yields the dtype to compute in: ``v``'s,
+    or float32 for bfloat16 / float16 (what a stock ``SpectralConv`` does under autocast: its
+    FFTs run in float32 and it returns float32)."""
+    dtype = torch.float32 if v.dtype in _LOW_PRECISION else v.dtype
+    try:
+        enabled = torch.is_autocast_enabled(v.device.type)
+    except TypeError:  # torch < 2.4 takes no device type: switch it off regardless
+        enabled = True
+    if not enabled:
+        yield dtype
+        return
+    with torch.autocast(v.device.type, enabled=False):
+        yield dtype
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._state import building_constants
 from ..errors import ConditioningWarning, SingularConstraintError
 from .gaussian import (
     F64,
@@ -53,8 +54,8 @@ class _SparseRows:
         """Row norms (M,), and the eigenvalues (M,) and vectors (M, M) of the normalised Gram
         matrix ``Gn Gn^T`` (float64)."""
         if self._geometry is None:
-            G = self.csr.to_dense().to(F64)
-            self._geometry = _gram_geometry(G)
+            with building_constants():  # kept: plain tensors in any autograd context
+                self._geometry = _gram_geometry(self.csr.to_dense().to(F64))
         return self._geometry
 
 
@@ -82,10 +83,12 @@ def sparse_rows(G: Tensor) -> _SparseRows | None:
                 return value
     if int(torch.count_nonzero(G)) > SPARSE_FRACTION * G.numel():
         return None
-    value = _SparseRows(G)
+    with building_constants():  # kept across calls: plain tensors in any autograd context
+        value = _SparseRows(G)
+        key = G.detach().clone()
     if G.numel() <= _CACHE_NUMEL:
         with _cache_lock:
-            _cache.insert(0, (G.detach().clone(), value))
+            _cache.insert(0, (key, value))
             del _cache[_CACHE_SIZE:]
     return value
 
