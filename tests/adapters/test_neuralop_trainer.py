@@ -227,9 +227,9 @@ def test_from_checkpoint_says_what_to_pass_again(tmp_path: Path):
     dropped = from_checkpoint(tmp_path, "n", normalizer=None)  # a deliberate choice
     assert dropped.normalizer is None
 
-    # a callable value cannot be pickled: the weights are saved, the user is told what to pass
+    # a callable value is code, not data: the weights are saved, the user is told what to pass
     lam = cl.wrap(make_fno(), cl.Dirichlet(lambda a: a[:, :, 0, :], dim=0, side="low"))
-    with pytest.warns(UserWarning, match="cannot be pickled"):
+    with pytest.warns(UserWarning, match="callable values, which are code, not data"):
         lam.save_checkpoint(tmp_path, "lam")
     with pytest.raises(ValueError, match=r"expected the constraints.*Dirichlet\(<lambda>"):
         from_checkpoint(tmp_path, "lam")
