@@ -463,7 +463,7 @@ def from_checkpoint(
 
     if not constraints:
         if record is None or (
-            record["constraints"] is None and not record.get("constraints_objects")
+            record.get("constraints") is None and not record.get("constraints_objects")
         ):
             why = (
                 f"{sidecar.name} is missing (a plain neuraloperator checkpoint?)"
