@@ -53,6 +53,7 @@ __all__ = [
     "SIDECAR_SUFFIX",
     "TENSORS_SUFFIX",
     "NeuralopAdapter",
+    "NormalisedUnits",
     "from_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
@@ -186,6 +187,7 @@ class NeuralopAdapter(Adapter):
     def attach(self, wrapper: nn.Module) -> None:
         wrapper.register_state_dict_post_hook(_drop_metadata)
         wrapper.register_load_state_dict_pre_hook(_accept_plain)
+        wrapper.register_forward_pre_hook(check_trainer_normalizer, with_kwargs=True)
         if getattr(wrapper, "mode", "output") == "refine":
             for conv in _spectral_convs(wrapper.model):
                 closed = hasattr(conv, "n_modes") and hasattr(conv, "max_n_modes")
@@ -214,3 +216,4 @@ from ._neuralop_checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from ._neuralop_checkpoint import WRAPPER_METHODS as _WRAPPER_METHODS  # noqa: E402
+from ._neuralop_trainer import NormalisedUnits, check_trainer_normalizer  # noqa: E402
