@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._values import Given, evaluate_value
+from ._values import Given, evaluate_value, shown_value
 from .errors import GridError
 from .rows import DEFAULT_GRID, GridSpec, Rows
 
@@ -247,7 +247,7 @@ class Bounds:
     def __repr__(self) -> str:
         parts = []
         for name in ("lower", "upper"):
-            v = getattr(self, name)
+            v = shown_value(self, name)
             if v is None:
                 continue
             if isinstance(v, Tensor):

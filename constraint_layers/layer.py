@@ -207,7 +207,7 @@ class ConstraintLayer(nn.Module):
                 f"{call}: kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}."
             )
         self.kernel_grad = kernel_grad
-        self.noise = _check_noise(noise, len(self.constraints), call)
+        self.noise = _check_noise(noise, self.constraints, call)
         if metric not in METRICS:
             raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
         self.metric = metric
@@ -530,7 +530,8 @@ def _row_scale(c: Any, y: Tensor) -> float:
     return max(1.0, float(rows.coeff.abs().sum(-1).max()))
 
 
-def _check_noise(noise: Any, n: int, call: str) -> Any:
+def _check_noise(noise: Any, constraints: Sequence[Any], call: str) -> Any:
+    n = len(constraints)
     if isinstance(noise, (list, tuple)):
         if len(noise) != n:
             raise ValueError(
@@ -540,6 +541,17 @@ def _check_noise(noise: Any, n: int, call: str) -> Any:
         for v in noise:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{call}: noise values must be numbers >= 0, got {v!r}.")
+        for c, v in zip(constraints, noise):
+            if v != 0 and c.family != "conservation":
+                fix = [
+                    0.0 if d.family != "conservation" else float(w)
+                    for d, w in zip(constraints, noise)
+                ]
+                raise ValueError(
+                    f"{call}: noise={list(noise)} gives {c!r} the noise {v}, but noise softens "
+                    "conservation rows only: boundary conditions and bounds stay exact. Give 0.0 "
+                    f"for them (noise={fix})."
+                )
         return tuple(float(v) for v in noise)
     if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
         raise TypeError(f"{call}: noise must be a number, a tensor or a sequence, got {noise!r}.")

@@ -61,7 +61,10 @@ def test_sidecar_is_json_and_tensors_load_weights_only(tmp_path: Path):
     wrapped = _save(tmp_path, "m", *constraints, lift=2, noise=0.0, extent=2.0)
     record = json.loads((tmp_path / f"m{SIDECAR_SUFFIX}").read_text())
     assert record["format"] == "constraint-layers sidecar" and record["version"] == 2
-    assert record["weights"]["file"] == "m_state_dict.pt" and len(record["weights"]["fingerprint"]) == 64
+    assert (
+        record["weights"]["file"] == "m_state_dict.pt"
+        and len(record["weights"]["fingerprint"]) == 64
+    )
     table = torch.load(tmp_path / f"m{TENSORS_SUFFIX}", weights_only=True)
     assert all(isinstance(t, torch.Tensor) for t in table.values()) and len(table) == 3
     torch.load(tmp_path / "m_state_dict.pt", weights_only=True)  # pure tensors
@@ -97,7 +100,9 @@ def test_a_pickle_with_a_payload_is_never_run(tmp_path: Path, where: str):
     if where == "legacy":  # an old pickled sidecar, and no new one
         (tmp_path / f"m{SIDECAR_SUFFIX}").unlink()
     torch.save({"format": 1, "constraints": [Payload(marker)]}, target)
-    flag = "trust_pickled_sidecar" if where == "legacy" else r"(SHA-256|trust_pickled_metadata|JSON)"
+    flag = (
+        "trust_pickled_sidecar" if where == "legacy" else r"(SHA-256|trust_pickled_metadata|JSON)"
+    )
     with pytest.raises(CheckpointError, match=rf"{target.name}.*{flag}"):
         from_checkpoint(tmp_path, "m")
     assert not marker.exists()
