@@ -55,10 +55,32 @@ def _calling_trainer() -> Any:
     return None
 
 
+def check_channels_first(wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise for a channel-last input ``(batch, d1, ..., dn, channels)``, which neuraloperator
+    models do not take (they would fail deep inside, or in refine mode inside the refinement)."""
+    x = args[0] if args else kwargs.get("x")
+    model = wrapper.__dict__.get("_modules", {}).get("model")
+    c = getattr(model, "in_channels", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(c, int) or x.ndim < 3 or x.shape[1] == c:
+        return
+    if x.shape[-1] == c:
+        mode = getattr(wrapper, "mode", "output")
+        raise ValueError(
+            f"{type(wrapper).__name__}(mode={mode!r}): the input has shape {tuple(x.shape)}, "
+            f"with the model's {c} input channel(s) last; {type(model).__name__} takes "
+            "channel-first input (batch, channels, d1, ..., dn). Move the channels: "
+            "x.movedim(-1, 1)."
+        )
+
+
 def check_trainer_normalizer(wrapper: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
     """Forward pre-hook: raise when neuraloperator's ``Trainer`` calls a wrapper that has no
-    ``normalizer=`` while its data processor normalises the outputs."""
-    if getattr(wrapper, "normalizer", None) is not None or torch.compiler.is_compiling():
+    ``normalizer=`` while its data processor normalises the outputs (and, first, for a
+    channel-last input)."""
+    if torch.compiler.is_compiling():
+        return
+    check_channels_first(wrapper, args, kwargs or {})
+    if getattr(wrapper, "normalizer", None) is not None:
         return
     trainer = _calling_trainer()
     processor = getattr(trainer, "data_processor", None)

@@ -262,6 +262,28 @@ class ConstraintLayer(nn.Module):
                 raise
             return adapter.wrapper_attribute(self, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # after construction, a public name the wrapper lacks but the model has is meant for the
+        # model (`wrapper.n_modes = ...`): set on the wrapper it would change nothing
+        d = self.__dict__
+        if (
+            "_context" in d
+            and not name.startswith("_")
+            and name not in d
+            and not hasattr(type(self), name)
+            and name not in d.get("_parameters", {})
+            and name not in d.get("_buffers", {})
+            and name not in d.get("_modules", {})
+        ):
+            model = d.get("_modules", {}).get("model")
+            if model is not None and hasattr(model, name):
+                raise AttributeError(
+                    f"{type(self).__name__}: {name!r} is an attribute of the wrapped model "
+                    f"({type(model).__name__}), not of the wrapper: set on the wrapper it would "
+                    f"change nothing. Set it on the model: wrapped.model.{name} = ..."
+                )
+        super().__setattr__(name, value)
+
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle that :meth:`release` removes (hooks on the wrapped model)."""
         self._handles.append(handle)
@@ -574,6 +596,13 @@ def _check_grid_shape(grid_shape: Any, call: str) -> tuple[int, ...]:
 
 
 def _check_prediction(pred: Gaussian, call: str) -> None:
+    if pred.mean.is_meta:
+        raise ValueError(
+            f"{call}: the model's output is a meta tensor (device='meta': shapes without "
+            "values), and the constraints need values. Run the wrapper on a real device (e.g. "
+            "model.to_empty(device='cpu'), then load the weights); to infer output shapes, call "
+            "the unwrapped model: constraint_layers.unwrap(wrapper)(x)."
+        )
     check_finite_now(pred.mean, call, "model's output (mean)")
     if pred.variance is not None:
         check_finite_now(pred.variance, call, "model's output variance")
