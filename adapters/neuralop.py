@@ -129,11 +129,16 @@ def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
     if conv.order != n:
         raise GridError(f"mode='refine': {name} acts on {conv.order} axes, the grid has {n}.")
     if n > 1 and any(m % 2 for m in grid[:-1]):
+        odd = [(d, m) for d, m in enumerate(grid[:-1]) if m % 2]
+        sizes = ", ".join(f"axis {d}: {m - 1} or {m + 1} instead of {m}" for d, m in odd)
         raise GridError(
             f"mode='refine': {name} is not shift invariant on the grid {tuple(grid)}: with "
-            "an odd size along an axis other than the last, neuraloperator 2.0 applies fftshift "
-            "twice and moves every output frequency by one. Use even sizes there (the layer's "
-            "grid, after domain padding)."
+            "an odd size along an axis other than the last, neuraloperator 2.0's SpectralConv "
+            "applies fftshift twice (fftshift is its own inverse only for even sizes) and moves "
+            "every output frequency by one, so the layer is no convolution there and has no "
+            f"kernel to refine. Sizes that work: even sizes on the axes other than the last "
+            f"({sizes}; this is the layer's grid, after domain padding), any size on the last "
+            "axis. Or use mode='output', which is exact at every size."
         )
     fft_size = [*grid[:-1], grid[-1] // 2 + 1]
     starts = [mx - min(size, nm) for size, nm, mx in zip(fft_size, conv.n_modes, conv.max_n_modes)]
