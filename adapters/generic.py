@@ -62,22 +62,6 @@ def _key(d: dict, keys: tuple[str, ...]) -> str | None:
     return found[0] if found else None
 
 
-@torch.compiler.disable
-def _check_tuple_variance(var: Tensor, where: str) -> None:
-    """A 2-tuple is read as (mean, variance): a second item with negative values is another
-    output (``(x, aux)``), and the message says how to declare it."""
-    if var.is_meta or not bool((var.detach() < 0).any()):
-        return
-    raise ValueError(
-        f"{where}: the model returned a 2-tuple, which is read as (mean, variance), but its "
-        f"second item holds negative values (min {float(var.detach().min()):.3e}): it is not a "
-        "variance. If it is another output (e.g. the model returns (x, aux)), return a dict "
-        "with the prediction under 'mean' instead ({'mean': x, 'aux': aux}: the other entries "
-        "pass through unchanged), or register an adapter whose read() picks the prediction "
-        "(constraint_layers.adapters.register)."
-    )
-
-
 def read_gaussian(output: Any, where: str = "ModuleAdapter.read") -> Gaussian:
     """Read a tensor, ``(mean, variance)`` tuple, dict or ``Normal`` as a Gaussian record.
 
@@ -101,7 +85,6 @@ def read_gaussian(output: Any, where: str = "ModuleAdapter.read") -> Gaussian:
             )
         mean = _tensor(output[0], "the tuple's mean", where)
         var = _tensor(output[1], "the tuple's variance (item 1)", where)
-        _check_tuple_variance(var, where)
         return Gaussian(mean, _broadcast(var, mean, where), event_ndim=_event_ndim(mean))
     if isinstance(output, dict):
         mk = _key(output, _MEAN_KEYS)

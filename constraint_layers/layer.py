@@ -609,7 +609,12 @@ def _check_prediction(pred: Gaussian, call: str) -> None:
         if not bool((pred.variance.detach() >= 0).all()):
             raise ValueError(
                 f"{call}: the model's output variance holds negative values "
-                f"(min {float(pred.variance.detach().min()):.3e}); expected variances >= 0."
+                f"(min {float(pred.variance.detach().min()):.3e}); expected variances >= 0. A "
+                "2-tuple output is read as (mean, variance): if its second item is another "
+                "output (the model returns (x, aux)), return a dict with the prediction under "
+                "'mean' instead ({'mean': x, 'aux': aux}: the other entries pass through "
+                "unchanged), or register an adapter whose read() picks the prediction "
+                "(constraint_layers.adapters.register)."
             )
 
 

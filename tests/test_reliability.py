@@ -1778,7 +1778,11 @@ CASES: list[Case] = [
     Case(
         "(x, aux) tuple read as (mean, variance)",
         lambda: W(_Aux(), D(0.0))(x1()),
-        R(ValueError, r"2-tuple.*read as \(mean, variance\).*negative.*'mean': x, 'aux': aux"),
+        R(
+            ValueError,
+            r"BoundaryCorrection: .*variance holds negative.*2-tuple.*read as \(mean, "
+            r"variance\).*\(x, aux\).*'mean': x, 'aux': aux",
+        ),
     ),
     Case(
         "(x, aux) declared as a dict",
