@@ -114,12 +114,16 @@ def encode(obj: Any, tensors: dict[str, Tensor], callables: list[str], where: st
 
 
 def _find_class(path: str) -> type | None:
-    """The class named ``module:qualname``, looked up only in modules of constraint-layers that
-    are already imported (the file never makes us import or call anything)."""
+    """The class named ``module:qualname``, looked up only in modules of constraint-layers
+    (imported if need be: our own modules; the file never makes us import anything else, and
+    no class is called)."""
     module, _, qualname = path.partition(":")
     if not module.startswith(_PACKAGES):
         return None
-    obj: Any = sys.modules.get(module)
+    try:
+        obj: Any = sys.modules.get(module) or importlib.import_module(module)
+    except ImportError:
+        return None
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, type) and _rebuildable(obj) else None

@@ -105,7 +105,8 @@ class Bounds:
     the bounds.
     With boundary conditions on a deterministic output, the bounds act on the values the
     boundary step leaves unchanged; the values it sets (walls, stencil pivots, a lift) are checked
-    afterwards and a violation raises :class:`~constraint_layers.errors.ConstraintError`.
+    afterwards and a violation raises
+    :class:`~constraint_layers.errors.IncompatibleConstraintsError` (a ``ConstraintError``).
 
     Examples
     --------

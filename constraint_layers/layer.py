@@ -117,7 +117,8 @@ class ConstraintLayer(nn.Module):
         ``mode="refine"``: see :class:`BoundaryCorrection`.
     noise : float, Tensor or sequence, default 0.0
         Constraint noise standard deviation of the conservation rows (0: exact); a sequence gives
-        one value per constraint in the order given (boundary conditions included).
+        one value per constraint in the order given (boundary conditions included: they stay
+        exact, so their value must be 0; a non-zero one raises).
     metric : {"covariance", "euclidean"}, default "covariance"
         For Gaussian outputs: condition with the model's covariance (ProbConserv) or move the
         mean by the Euclidean projection (HardC). Deterministic outputs are always Euclidean.

@@ -224,3 +224,29 @@ def test_a_refine_checkpoint_does_not_pass_for_a_plain_model(tmp_path: Path):
         from_checkpoint(tmp_path, "r", mode="output")
     # the deliberate route to the bare model with these weights
     assert type(cl.unwrap(from_checkpoint(tmp_path, "r"))) is FNO
+
+
+def test_a_fresh_process_rebuilds_the_adapter_it_has_not_imported_yet(tmp_path: Path):
+    """The sidecar names the UQNO adapter; a new process loads it before wrapping any UQNO."""
+    import subprocess
+    import sys
+
+    from neuralop.models import UQNO
+
+    torch.manual_seed(0)
+    wrapped = cl.wrap(UQNO(fno1d()), cl.Conservation.integral(0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped.save_checkpoint(tmp_path, "u")
+    torch.save(wrapped(torch.ones(2, 1, 16))[0].detach(), tmp_path / "expected.pt")
+    script = (
+        "import sys, warnings, torch; warnings.simplefilter('ignore');"
+        "from constraint_layers.adapters.neuralop import from_checkpoint;"
+        "assert 'constraint_layers.adapters.uqno' not in sys.modules;"
+        f"w = from_checkpoint({str(tmp_path)!r}, 'u');"
+        "assert type(w.adapter).__name__ == 'UQNOAdapter', w.adapter;"
+        f"assert torch.equal(w(torch.ones(2, 1, 16))[0], torch.load({str(tmp_path / 'expected.pt')!r}))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
