@@ -193,6 +193,9 @@ def save_checkpoint(wrapper: nn.Module, save_folder: str | Path, save_name: str)
         record["tensors"] = {"file": table.name, "sha256": _sidecar.sha256_file(table)}
     elif table.exists():
         table.unlink()  # a previous save's: it would not match this record
+    legacy = folder / f"{save_name}{LEGACY_SIDECAR_SUFFIX}"
+    if legacy.exists():
+        legacy.unlink()  # the pickled sidecar of constraint-layers 0.1 under this name
     _write_json(folder / f"{save_name}{SIDECAR_SUFFIX}", record)
     if record["reason"] is not None:
         warnings.warn(
@@ -432,8 +435,14 @@ def from_checkpoint(
     record: dict[str, Any] | None = None
     tensors: dict[str, torch.Tensor] = {}
     if sidecar.exists():
+        if legacy.exists():  # save_checkpoint removes it: this one was put there afterwards
+            raise CheckpointError(
+                f"{call}: {legacy.name}, a pickled sidecar, lies next to {sidecar.name}, which "
+                "save_checkpoint writes after removing the pickle: it was not written with "
+                "this checkpoint, and is not read (loading a pickle runs the code it holds). "
+                f"Delete {legacy.name}."
+            )
         record = _sidecar.read_record(sidecar, call)
-        tensors = _sidecar.read_tensors(folder, record["tensors"], sidecar, call, map_location)
     elif legacy.exists():
         sidecar = legacy
         record = _legacy_record(legacy, call, trust_pickled_sidecar)
@@ -460,6 +469,8 @@ def from_checkpoint(
                 f"{sidecar.name} and pass the constraints: from_checkpoint(folder, "
                 f"{save_name!r}, *constraints)."
             )
+    if record is not None and "tensors" in record:  # after the fingerprint: a copied sidecar
+        tensors = _sidecar.read_tensors(folder, record["tensors"], sidecar, call, map_location)
 
     if not constraints:
         if record is None or (

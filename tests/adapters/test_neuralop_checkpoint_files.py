@@ -86,7 +86,7 @@ def test_learnable_value_and_dtype_round_trip(tmp_path: Path):
     assert float(bc.value.detach()) == 0.25
 
 
-@pytest.mark.parametrize("where", ["sidecar", "tensors", "legacy", "metadata", "weights"])
+@pytest.mark.parametrize("where", ["sidecar", "tensors", "legacy", "beside", "metadata", "weights"])
 def test_a_pickle_with_a_payload_is_never_run(tmp_path: Path, where: str):
     marker = tmp_path / "pwned"
     _save(tmp_path, "m", cl.Dirichlet(torch.tensor([0.0])))
@@ -94,6 +94,7 @@ def test_a_pickle_with_a_payload_is_never_run(tmp_path: Path, where: str):
         "sidecar": tmp_path / f"m{SIDECAR_SUFFIX}",
         "tensors": tmp_path / f"m{TENSORS_SUFFIX}",
         "legacy": tmp_path / f"m{LEGACY_SIDECAR_SUFFIX}",
+        "beside": tmp_path / f"m{LEGACY_SIDECAR_SUFFIX}",  # next to the JSON sidecar
         "metadata": tmp_path / "m_metadata.pkl",
         "weights": tmp_path / "m_state_dict.pt",
     }[where]
@@ -103,6 +104,8 @@ def test_a_pickle_with_a_payload_is_never_run(tmp_path: Path, where: str):
     flag = (
         "trust_pickled_sidecar" if where == "legacy" else r"(SHA-256|trust_pickled_metadata|JSON)"
     )
+    if where == "beside":
+        flag = rf"next to m{SIDECAR_SUFFIX}.*is not read"
     with pytest.raises(CheckpointError, match=rf"{target.name}.*{flag}"):
         from_checkpoint(tmp_path, "m")
     assert not marker.exists()
@@ -146,6 +149,19 @@ def test_a_sidecar_copied_from_another_checkpoint_is_refused(tmp_path: Path):
         CheckpointError, match=rf"model{SIDECAR_SUFFIX} does not belong to model_state_dict\.pt"
     ):
         from_checkpoint(tmp_path / "a", "model")
+    # with tensors, copied with or without its tensor file: the weights file is named first
+    _save(tmp_path / "d", "model", cl.Dirichlet(torch.tensor([1.0])), seed=2)
+    shutil.copy(tmp_path / "d" / f"model{SIDECAR_SUFFIX}", tmp_path / "a")
+    with pytest.raises(CheckpointError, match="does not belong to model_state_dict"):
+        from_checkpoint(tmp_path / "a", "model")
+    shutil.copy(tmp_path / "d" / f"model{TENSORS_SUFFIX}", tmp_path / "a")
+    with pytest.raises(CheckpointError, match="does not belong to model_state_dict"):
+        from_checkpoint(tmp_path / "a", "model")
+    # a new save over a folder holding a 0.1 pickle removes that pickle
+    torch.save({"format": 1}, tmp_path / "a" / f"model{LEGACY_SIDECAR_SUFFIX}")
+    _save(tmp_path / "a", "model", cl.Neumann(0.0))
+    assert not (tmp_path / "a" / f"model{LEGACY_SIDECAR_SUFFIX}").exists()
+    from_checkpoint(tmp_path / "a", "model")
     # weights saved again without the wrapper: same refusal
     _save(tmp_path / "c", "model", cl.Dirichlet(0.0), seed=0)
     fno1d(5).save_checkpoint(tmp_path / "c", "model")
