@@ -454,6 +454,15 @@ def _trainer_without_normalizer():
     return model
 
 
+def _set_own_attributes():
+    """The wrapper's own options, and names the model lacks, are set as ever."""
+    wrapped = W(_fno2d(), D(0.0, dim=0))
+    wrapped.debug = True
+    wrapped.note = "mine"
+    wrapped.model.n_modes = (2, 2)
+    return wrapped
+
+
 def _set_model_attribute():
     wrapped = W(_fno2d(), D(0.0, dim=0))
     wrapped.n_modes = (2, 2)
@@ -1806,6 +1815,11 @@ CASES: list[Case] = [
             r"BoundaryCorrection: 'n_modes' is an attribute of the wrapped model "
             r"\(FNO\).*wrapped\.model\.n_modes = ",
         ),
+    ),
+    Case(
+        "wrapper.debug = True, wrapper.model.n_modes = ...",
+        _set_own_attributes,
+        A(lambda w: w.debug and w.note == "mine" and tuple(w.model.n_modes) == (2, 2)),
     ),
     Case(
         "refine on an odd size off the last axis",

@@ -133,6 +133,37 @@ def test_trusted_legacy_sidecar_loads_with_the_explicit_opt_in(tmp_path: Path):
         assert torch.equal(again(x), wrapped(x))
 
 
+@pytest.mark.parametrize("kind", ["UQNO", "TFNO", "FNO-CP"])
+def test_plain_checkpoints_of_other_models_load_with_the_allowlist(tmp_path: Path, kind: str):
+    """neuraloperator's own files name layer classes, activations, a whole base model (UQNO)
+    and factorised tensors (tensorly-torch): all on the allowlist, no trust flag needed."""
+    from neuralop.models import TFNO, UQNO
+
+    torch.manual_seed(0)
+    model = {
+        "UQNO": lambda: UQNO(fno1d()),
+        "TFNO": lambda: TFNO(n_modes=(4,), in_channels=1, out_channels=1, hidden_channels=8),
+        "FNO-CP": lambda: FNO(
+            n_modes=(4,),
+            in_channels=1,
+            out_channels=1,
+            hidden_channels=8,
+            factorization="cp",
+            rank=0.5,
+        ),
+    }[kind]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_checkpoint(tmp_path, "p")
+    wrapped = from_checkpoint(tmp_path, "p", cl.Conservation.integral(0.0))
+    assert type(wrapped.model) is type(model)
+    x = torch.randn(2, 1, 16)
+    with torch.no_grad():
+        a, b = wrapped.model(x), model(x)
+    for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        assert torch.equal(u, v)
+
+
 def test_a_plain_neuralop_checkpoint_loads_without_unpickling(tmp_path: Path):
     fno1d(3).save_checkpoint(tmp_path, "plain")  # _metadata (F.gelu, SpectralConv) inside
     wrapped = from_checkpoint(tmp_path, "plain", cl.Dirichlet(0.0))
