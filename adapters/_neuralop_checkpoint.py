@@ -61,6 +61,13 @@ _NOT_OPTIONS = ("self", "model", "adapter", "normalizer")
 
 
 # ---------------------------------------------------------------------------------- saving
+def _plain_model(wrapper: nn.Module) -> nn.Module:
+    """The wrapped neuraloperator model itself: through ``torch.compile``'s ``OptimizedModule``
+    (whose state-dict keys carry ``_orig_mod.``), so the files stay a plain model's."""
+    model = wrapper.model
+    return getattr(model, "_orig_mod", model)
+
+
 def _describe(wrapper: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The sidecar record of a wrapper (layer, constraints, options, adapter) and its tensors.
 
@@ -85,7 +92,7 @@ def _describe(wrapper: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
         "format": _sidecar.FORMAT,
         "version": _sidecar.VERSION,
         "layer": _sidecar._class_path(layer),
-        "model": _sidecar._class_path(type(wrapper.model)),
+        "model": _sidecar._class_path(type(_plain_model(wrapper))),
         "mode": getattr(wrapper, "mode", "output"),
         "adapter": None,
         "normalizer": None if normalizer is None else type(normalizer).__name__,
@@ -175,7 +182,7 @@ def save_checkpoint(wrapper: nn.Module, save_folder: str | Path, save_name: str)
     """
     from .neuralop import _drop_metadata_entries
 
-    model = wrapper.model
+    model = _plain_model(wrapper)
     folder = Path(save_folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -252,7 +259,7 @@ def load_checkpoint(
             UserWarning,
             stacklevel=2,
         )
-    wrapper.model.load_state_dict(state)
+    _plain_model(wrapper).load_state_dict(state)
 
 
 def _legacy_record(path: Path, call: str, trusted: bool) -> dict[str, Any]:

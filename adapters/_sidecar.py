@@ -164,7 +164,9 @@ def decode(data: Any, tensors: dict[str, Tensor], where: str) -> Any:
             raise ValueError(f"unknown class {data['$object']!r} in {where}")
         obj = object.__new__(cls)
         for k, v in data["state"].items():
-            object.__setattr__(obj, str(k), decode(v, tensors, f"{where}.{k}"))
+            if not (isinstance(k, str) and k.isidentifier() and not k.startswith("__")):
+                raise ValueError(f"attribute name {k!r} in {where}")
+            object.__setattr__(obj, k, decode(v, tensors, f"{where}.{k}"))
         return obj
     raise ValueError(f"unexpected entry {data!r} in {where}")
 

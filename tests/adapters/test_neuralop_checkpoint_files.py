@@ -297,3 +297,25 @@ def test_a_fresh_process_rebuilds_the_adapter_it_has_not_imported_yet(tmp_path: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow  # torch.compile: about 10 s on a loaded machine
+def test_a_compiled_model_saves_a_plain_checkpoint(tmp_path: Path):
+    """torch.compile's OptimizedModule prefixes its keys with `_orig_mod.`: the files hold the
+    model's own (the adapter is named here; recognising a compiled model is the registry's)."""
+    from constraint_layers.adapters.neuralop import NeuralopAdapter
+
+    fno = fno1d()
+    wrapped = cl.wrap(torch.compile(fno, backend="eager"), cl.Dirichlet(0.0),
+                      adapter=NeuralopAdapter())  # fmt: skip
+    x = torch.randn(2, 1, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = wrapped(x).detach()
+        wrapped.save_checkpoint(tmp_path, "c")
+        state = torch.load(tmp_path / "c_state_dict.pt", weights_only=True)
+        assert set(state) == {k for k in fno.state_dict() if k != "_metadata"}
+        again = from_checkpoint(tmp_path, "c")
+        assert type(again.model) is FNO
+        torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+        wrapped.load_checkpoint(tmp_path, "c")  # in place, through the compiled module
