@@ -273,6 +273,7 @@ def test_a_refine_checkpoint_does_not_pass_for_a_plain_model(tmp_path: Path):
     assert type(cl.unwrap(from_checkpoint(tmp_path, "r"))) is FNO
 
 
+@pytest.mark.slow  # a new Python process importing torch and neuraloperator: about 10 s
 def test_a_fresh_process_rebuilds_the_adapter_it_has_not_imported_yet(tmp_path: Path):
     """The sidecar names the UQNO adapter; a new process loads it before wrapping any UQNO."""
     import subprocess
