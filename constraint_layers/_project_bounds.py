@@ -41,6 +41,7 @@ uncertainty is the equality-only one.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,8 +64,9 @@ __all__ = ["project_with_bounds"]
 F64 = torch.float64
 
 
-#: The private solvers' names, which a message under the user's call leaves out.
-_SOLVER_HEADS = ("project_bounded_rows: ", "project_bounded: ")
+#: The private solvers' names (``project_bounded (sample (0,)): ...``), which a message under
+#: the user's call leaves out.
+_SOLVER_HEAD = re.compile(r"^project_bounded(?:_rows)?(?: \(([^:]*)\))?: ")
 
 
 def _wall_outside(message: str) -> IncompatibleConstraintsError:
@@ -110,9 +112,7 @@ def _is_zero(noise: Any) -> bool:
 
 def _reraise(err: ConstraintError, call: str, constraints: Sequence[Any], bounds) -> None:
     order = ", ".join(repr(c) for c in constraints) or "no equality rows"
-    detail = str(err)
-    for head in _SOLVER_HEADS:
-        detail = detail.removeprefix(head)
+    detail = _SOLVER_HEAD.sub(lambda m: f"{m[1]}: " if m[1] else "", str(err))
     raise IncompatibleConstraintsError(
         f"{call}: the bounds {list(bounds)} cannot hold together with the rows of [{order}] "
         f"(rows stacked in that order; integral rows are indexed (batch, channel, *frames)): "

@@ -1753,6 +1753,14 @@ CASES: list[Case] = [
         ),
     ),
     Case(
+        "infeasible bounds: Gaussian head, wall above the upper bound",
+        lambda: W(head(), D(2.0), cl.Bounds(upper=1.0))(x1()),
+        R(
+            IncompatibleConstraintsError,
+            r"ConstraintLayer: the bounds.*cannot hold together.*sample \(0,\): no value",
+        ),
+    ),
+    Case(
         "Given value of a wrong shape keeps its name",
         lambda: W(det(), D(cl.Given("g")))(x1(), g=torch.zeros(3, 4, dtype=F64)),
         R(
