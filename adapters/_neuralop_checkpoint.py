@@ -245,6 +245,28 @@ def load_checkpoint(
     model's) without unpickling code; the wrapper keeps its own constraints and options (to
     rebuild those from the checkpoint, use :func:`from_checkpoint`). Weights of a refine
     checkpoint loaded into a wrapper in output mode give a warning (another model).
+
+    Parameters
+    ----------
+    wrapper : nn.Module
+        A constraint layer around a neuraloperator model.
+    save_folder : str or Path
+        The folder holding the checkpoint.
+    save_name : str
+        The prefix of its file names.
+    map_location : optional
+        As for ``torch.load``.
+    trust_pickled_metadata : bool, default False
+        Read a plain neuraloperator state dict (whose ``_metadata`` entry names classes and
+        functions) as a full pickle; by default it is read with ``weights_only=True`` and the
+        allowlist of :func:`from_checkpoint`.
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``{save_name}_state_dict.pt`` in ``save_folder``.
+    CheckpointError
+        The file names objects outside the allowlist, or is not a state dict.
     """
     call = "load_checkpoint"
     path = Path(save_folder) / f"{save_name}_state_dict.pt"

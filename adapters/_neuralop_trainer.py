@@ -95,6 +95,6 @@ def check_trainer_normalizer(wrapper: nn.Module, args: tuple, kwargs: dict | Non
         "constraints would hold in normalised units, not in the physical units the Trainer "
         "reports (Dirichlet walls would land on the training mean). Pass the data processor: "
         "cl.wrap(model, ..., normalizer=data_processor); or, to state the constraints in "
-        "normalised units deliberately, normalizer=constraint_layers.adapters.neuralop."
-        "NormalisedUnits()."
+        "normalised units deliberately, normalizer=NormalisedUnits() (from "
+        "constraint_layers.adapters.neuralop import NormalisedUnits)."
     )
