@@ -14,32 +14,27 @@ A wrapped neuraloperator model offers what neuraloperator's tools call on a mode
 ``Trainer`` with ``save_every`` / ``save_best`` / ``resume_from_dir``, and users):
 
 - ``wrapped.save_checkpoint(folder, name)`` writes the model's own neuraloperator checkpoint,
-  ``{name}_state_dict.pt`` (the model's state dict, pure tensors: ``torch.load`` reads it with
-  ``weights_only=True``) and ``{name}_metadata.pkl`` (its init kwargs), so plain
-  ``FNO.from_checkpoint(folder, name)`` loads it and nobody is locked in; plus the sidecar
-  ``{name}_constraint_layers.pt`` that describes the wrapper (its layer class, constraints and
-  options; written with ``torch.save``, a pickle: load only files you trust, as for
-  neuraloperator's ``_metadata.pkl``).
+  ``{name}_state_dict.pt`` (pure tensors: ``torch.load`` reads it with ``weights_only=True``)
+  and ``{name}_metadata.pkl`` (its init kwargs), plus the sidecar
+  ``{name}_constraint_layers.json``: a versioned JSON record of the wrapper (layer class,
+  constraints, options) and the fingerprint of the weights it belongs to, its tensors in
+  ``{name}_constraint_layers_tensors.pt``. No object of ours is pickled. In output mode,
+  plain ``FNO.from_checkpoint(folder, name)`` loads the model; a refine checkpoint marks its
+  weights (:data:`REFINE_KEY`) so that plain loading refuses them.
 - ``wrapped.load_checkpoint(folder, name)`` loads the weights into the wrapped model, in place;
   the wrapper keeps its own constraints.
-- :func:`from_checkpoint` (also ``wrapped.from_checkpoint``) rebuilds the wrapper: the model by
-  its class's ``from_checkpoint``, the constraints and options from the sidecar.
+- :func:`from_checkpoint` (also ``wrapped.from_checkpoint``) rebuilds the wrapper from these
+  files without unpickling code (neuraloperator's pickled ``_metadata.pkl`` is read with
+  ``weights_only=True`` and an allowlist of model classes and functions).
 
 The normaliser (``normalizer=``) is the training pipeline's, not part of the wrapper's state:
-pass it again to :func:`from_checkpoint`. Constraints that cannot be pickled (a lambda or a
-local function as a value) are not saved: the sidecar then says so, and :func:`from_checkpoint`
-asks for them.
+pass it again to :func:`from_checkpoint`. Constraints with callable values (a lambda) are code,
+not data: the sidecar says which, and :func:`from_checkpoint` asks for them.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
-import pickle
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 from types import MethodType
 from typing import Any
 
@@ -52,16 +47,19 @@ from constraint_layers.errors import GridError
 from ._registry import compiled_inner, register
 from .base import Adapter
 
-__all__ = ["SIDECAR_SUFFIX", "NeuralopAdapter", "from_checkpoint"]
+__all__ = [
+    "LEGACY_SIDECAR_SUFFIX",
+    "REFINE_KEY",
+    "SIDECAR_SUFFIX",
+    "TENSORS_SUFFIX",
+    "NeuralopAdapter",
+    "NormalisedUnits",
+    "from_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 _METADATA = "_metadata"
-#: File name suffix of the sidecar that describes a wrapper: ``{name}_constraint_layers.pt``.
-SIDECAR_SUFFIX = "_constraint_layers.pt"
-_FORMAT = 1
-_UNSET: Any = object()  # `normalizer=` not given (None means: no normaliser)
-#: Init arguments of a layer that are not saved in the sidecar: the model has its own files, the
-#: normaliser belongs to the training pipeline, and the adapter is saved on its own.
-_NOT_OPTIONS = ("self", "model", "adapter", "normalizer")
 
 
 def _drop_metadata_entries(model: nn.Module, state_dict: dict) -> None:
@@ -86,8 +84,9 @@ def _accept_plain(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
-    for key in (_METADATA, prefix + _METADATA, prefix + "model." + _METADATA):
-        state_dict.pop(key, None)
+    for key in (_METADATA, REFINE_KEY):
+        for p in ("", prefix, prefix + "model."):
+            state_dict.pop(p + key, None)
     ours = [k for k in state_dict if k.startswith(prefix)]
     if ours and not any(k.startswith(prefix + "model.") for k in ours):
         # a plain checkpoint of the model: its keys lack the wrapper's single prefix
@@ -130,11 +129,16 @@ def spectral_kernel(conv: nn.Module, grid: tuple[int, ...]) -> SpectralKernel:
     if conv.order != n:
         raise GridError(f"mode='refine': {name} acts on {conv.order} axes, the grid has {n}.")
     if n > 1 and any(m % 2 for m in grid[:-1]):
+        odd = [(d, m) for d, m in enumerate(grid[:-1]) if m % 2]
+        sizes = ", ".join(f"axis {d}: {m - 1} or {m + 1} instead of {m}" for d, m in odd)
         raise GridError(
             f"mode='refine': {name} is not shift invariant on the grid {tuple(grid)}: with "
-            "an odd size along an axis other than the last, neuraloperator 2.0 applies fftshift "
-            "twice and moves every output frequency by one. Use even sizes there (the layer's "
-            "grid, after domain padding)."
+            "an odd size along an axis other than the last, neuraloperator 2.0's SpectralConv "
+            "applies fftshift twice (fftshift is its own inverse only for even sizes) and moves "
+            "every output frequency by one, so the layer is no convolution there and has no "
+            f"kernel to refine. Sizes that work: even sizes on the axes other than the last "
+            f"({sizes}; this is the layer's grid, after domain padding), any size on the last "
+            "axis. Or use mode='output', which is exact at every size."
         )
     fft_size = [*grid[:-1], grid[-1] // 2 + 1]
     starts = [mx - min(size, nm) for size, nm, mx in zip(fft_size, conv.n_modes, conv.max_n_modes)]
@@ -196,6 +200,7 @@ class NeuralopAdapter(Adapter):
     def attach(self, wrapper: nn.Module) -> None:
         wrapper.register_state_dict_post_hook(_drop_metadata)
         wrapper.register_load_state_dict_pre_hook(_accept_plain)
+        wrapper.register_forward_pre_hook(check_trainer_normalizer, with_kwargs=True)
         if getattr(wrapper, "mode", "output") == "refine":
             for conv in _spectral_convs(compiled_inner(wrapper.model)):
                 closed = hasattr(conv, "n_modes") and hasattr(conv, "max_n_modes")
@@ -213,265 +218,15 @@ class NeuralopAdapter(Adapter):
 
 
 # ------------------------------------------------------------------------------- checkpoints
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _import_class(path: str) -> type | None:
-    module, _, qualname = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        return None
-    return obj if isinstance(obj, type) else None
-
-
-def _describe(wrapper: nn.Module) -> dict[str, Any]:
-    """The sidecar record of a wrapper: its layer class, constraints and init options.
-
-    A layer's init arguments are read back from the attributes of the same name (the layers
-    store each one under its own name); the first argument after the model holds the
-    constraints. Whatever cannot be described is recorded as ``reason``.
-    """
-    layer = type(wrapper)
-    params = [
-        p
-        for p in inspect.signature(layer.__init__).parameters.values()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    names = [p.name for p in params if p.name not in _NOT_OPTIONS]
-    values = {n: getattr(wrapper, n, _UNSET) for n in names}
-    missing = [n for n, v in values.items() if v is _UNSET]
-    constraints = values.pop(names[0]) if names else _UNSET
-    normalizer = getattr(wrapper, "normalizer", None)
-    record: dict[str, Any] = {
-        "format": _FORMAT,
-        "layer": _class_path(layer),
-        "model": _class_path(type(compiled_inner(wrapper.model))),
-        "adapter": wrapper.adapter,
-        "normalizer": None if normalizer is None else type(normalizer).__name__,
-        "constraints": None,
-        "options": None,
-        "description": f"{layer.__name__}({wrapper.extra_repr()})",
-        "reason": None,
-    }
-    if not _picklable(wrapper.adapter):
-        record["adapter"] = None  # the registry finds the adapter again on reload
-    if missing or constraints is _UNSET:
-        record["reason"] = (
-            f"{layer.__name__} keeps no attribute for its init argument(s) {missing}, so the "
-            "wrapper cannot be described"
-        )
-        return record
-    if not _picklable(values):
-        record["reason"] = f"the layer options {values} cannot be pickled"
-        return record
-    record["options"] = values
-    if _picklable(list(constraints)):
-        record["constraints"] = list(constraints)
-    else:
-        record["reason"] = (
-            f"the constraints {list(constraints)} cannot be pickled (a lambda or a local function "
-            "as a value?)"
-        )
-    return record
-
-
-def _picklable(obj: object) -> bool:
-    try:
-        pickle.dumps(obj)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        return False
-    return True
-
-
-def save_checkpoint(wrapper: nn.Module, save_folder: str | Path, save_name: str) -> None:
-    """Save a wrapped neuraloperator model: the model's own checkpoint plus the wrapper's sidecar.
-
-    Called as ``wrapped.save_checkpoint(save_folder, save_name)`` (neuraloperator's ``Trainer``
-    does so with ``save_every`` / ``save_best``). Writes, in ``save_folder`` (created if needed):
-
-    - ``{save_name}_state_dict.pt``: the model's state dict (pure tensors, without
-      neuraloperator's ``_metadata`` entry, so ``torch.load(..., weights_only=True)`` reads it);
-    - ``{save_name}_metadata.pkl``: the model's init kwargs, as neuraloperator writes them;
-    - ``{save_name}_constraint_layers.pt``: the wrapper's layer class, constraints and options.
-
-    The first two are a plain neuraloperator checkpoint: ``FNO.from_checkpoint(save_folder,
-    save_name)`` loads the bare model. The normaliser is not saved (it is the training
-    pipeline's); constraints that cannot be pickled (lambda values) are left out of the sidecar
-    with a warning.
-
-    Parameters
-    ----------
-    wrapper : nn.Module
-        A constraint layer around a neuraloperator model.
-    save_folder : str or Path
-        The folder to write to.
-    save_name : str
-        The prefix of the file names.
-    """
-    model = compiled_inner(wrapper.model)  # torch.compile(fno): the FNO's own checkpoint
-    folder = Path(save_folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    _drop_metadata_entries(model, state)
-    torch.save(state, folder / f"{save_name}_state_dict.pt")
-    torch.save(model._init_kwargs, folder / f"{save_name}_metadata.pkl")
-    record = _describe(wrapper)
-    torch.save(record, folder / f"{save_name}{SIDECAR_SUFFIX}")
-    if record["reason"] is not None:
-        warnings.warn(
-            f"save_checkpoint: saved the model's weights, but not the wrapper: {record['reason']}. "
-            f"To reload, pass the constraints again: constraint_layers.adapters.neuralop."
-            f"from_checkpoint(folder, {save_name!r}, *constraints, ...). Saved wrapper: "
-            f"{record['description']}.",
-            UserWarning,
-            stacklevel=2,
-        )
-
-
-def load_checkpoint(
-    wrapper: nn.Module, save_folder: str | Path, save_name: str, map_location: Any = None
-) -> None:
-    """Load the model weights of a checkpoint into the wrapped model, in place.
-
-    Called as ``wrapped.load_checkpoint(save_folder, save_name)``. Reads
-    ``{save_name}_state_dict.pt`` (written by the wrapper's ``save_checkpoint`` or by the plain
-    model's); the wrapper keeps its own constraints and options (to rebuild those from the
-    checkpoint, use :func:`from_checkpoint`).
-    """
-    wrapper.model.load_checkpoint(save_folder, save_name, map_location=map_location)
-
-
-def from_checkpoint(
-    save_folder: str | Path,
-    save_name: str,
-    *constraints: Any,
-    normalizer: object = _UNSET,
-    map_location: Any = None,
-    **options: Any,
-) -> nn.Module:
-    """Rebuild a wrapped neuraloperator model from a checkpoint its ``save_checkpoint`` wrote.
-
-    The model is rebuilt by its class's own ``from_checkpoint``; the wrapper from the sidecar
-    ``{save_name}_constraint_layers.pt`` (same layer class, constraints, options and adapter).
-    The sidecar is a pickle (``torch.load(weights_only=False)``): load only checkpoints you trust.
-
-    Parameters
-    ----------
-    save_folder : str or Path
-        The folder holding the checkpoint.
-    save_name : str
-        The prefix of its file names (the ``Trainer`` uses ``"model"`` or ``"best_model"``).
-    *constraints
-        Constraints to use instead of the saved ones (the saved layer and options are kept);
-        required when the sidecar holds none (they could not be pickled, or the checkpoint is a
-        plain neuraloperator one).
-    normalizer : object, optional
-        The training pipeline's output normaliser (e.g. the ``DefaultDataProcessor``). Required
-        when the wrapper was saved with one (pass ``None`` to drop it deliberately).
-    map_location : optional
-        As for ``torch.load``.
-    **options
-        Layer options that replace the saved ones (e.g. ``debug=True``).
-
-    Returns
-    -------
-    nn.Module
-        The rebuilt wrapper; ``wrapper.model`` is the model loaded by its ``from_checkpoint``.
-
-    Raises
-    ------
-    FileNotFoundError
-        The folder holds no model checkpoint named ``save_name``.
-    ValueError
-        The constraints or the normaliser are needed and were not given.
-
-    Examples
-    --------
-    >>> import tempfile, torch, constraint_layers as cl
-    >>> from neuralop.models import FNO
-    >>> from constraint_layers.adapters.neuralop import from_checkpoint
-    >>> fno = FNO(n_modes=(4,), in_channels=1, out_channels=1, hidden_channels=4)
-    >>> wrapped = cl.wrap(fno, cl.Dirichlet(0.0))
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     wrapped.save_checkpoint(folder, "fno")
-    ...     again = from_checkpoint(folder, "fno")
-    >>> list(again.bcs)
-    [Dirichlet(0.0, dim=0, side='both')]
-    >>> x = torch.randn(2, 1, 16)
-    >>> torch.equal(again(x), wrapped(x))
-    True
-    """
-    call = "from_checkpoint"
-    folder = Path(save_folder)
-    weights = folder / f"{save_name}_state_dict.pt"
-    metadata = folder / f"{save_name}_metadata.pkl"
-    if not (weights.exists() and metadata.exists()):
-        raise FileNotFoundError(
-            f"{call}: expected a checkpoint named {save_name!r} in {str(folder)!r} (files "
-            f"{weights.name} and {metadata.name}, as save_checkpoint writes them); found "
-            f"{sorted(p.name for p in folder.glob('*'))[:8] if folder.is_dir() else 'no folder'}."
-        )
-    sidecar = folder / f"{save_name}{SIDECAR_SUFFIX}"
-    record = torch.load(sidecar, weights_only=False) if sidecar.exists() else None
-    if record is not None and record.get("format", 0) > _FORMAT:
-        raise ValueError(
-            f"{call}: {sidecar.name} has format {record['format']}, newer than this version of "
-            f"constraint-layers reads ({_FORMAT}); upgrade constraint-layers."
-        )
-    model_cls = _import_class(record["model"]) if record is not None else None
-    if model_cls is None:
-        from neuralop.models.base_model import BaseModel
-
-        kwargs = torch.load(metadata, weights_only=False)
-        model_cls = BaseModel._models.get(str(kwargs.get("_name", "")).lower())
-        if model_cls is None:
-            raise ValueError(
-                f"{call}: cannot tell the model class of {metadata.name} (neuraloperator name "
-                f"{kwargs.get('_name')!r}); load it with YourModel.from_checkpoint and wrap it."
-            )
-    if not constraints:
-        if record is None or record["constraints"] is None:
-            why = (
-                f"{sidecar.name} is missing (a plain neuraloperator checkpoint?)"
-                if record is None
-                else f"the checkpoint holds no constraints: {record['reason']} (saved wrapper: "
-                f"{record['description']})"
-            )
-            raise ValueError(
-                f"{call}: expected the constraints, as the checkpoint cannot supply them: {why}. "
-                f"Pass them (and any layer options): from_checkpoint(folder, {save_name!r}, "
-                f"cl.Dirichlet(...), ...), or "
-                f"wrap the model yourself: cl.wrap({model_cls.__name__}.from_checkpoint(folder, "
-                f"{save_name!r}), *constraints)."
-            )
-        constraints = tuple(record["constraints"])
-    saved_options = dict(record["options"] or {}) if record is not None else {}
-    if normalizer is _UNSET:
-        if record is not None and record["normalizer"] is not None:
-            raise ValueError(
-                f"{call}: the wrapper was saved with normalizer= a {record['normalizer']}, which "
-                "is the training pipeline's and not part of the checkpoint. Pass it again: "
-                f"from_checkpoint(folder, {save_name!r}, normalizer=data_processor) (or "
-                "normalizer=None to drop it; the outputs are then in normalised units)."
-            )
-        normalizer = None
-    model = model_cls.from_checkpoint(folder, save_name, map_location=map_location)
-    options = {**saved_options, **options, "normalizer": normalizer}
-    if record is not None and record.get("adapter") is not None:
-        options.setdefault("adapter", record["adapter"])
-    layer = _import_class(record["layer"]) if record is not None else None
-    if layer is not None:
-        return layer(model, list(constraints), **options)
-    from .wrap import wrap
-
-    return wrap(model, *constraints, **options)
-
-
-_WRAPPER_METHODS: dict[str, Callable[..., Any]] = {
-    "save_checkpoint": save_checkpoint,
-    "load_checkpoint": load_checkpoint,
-}
+# in ._neuralop_checkpoint (re-exported here)
+from ._neuralop_checkpoint import (  # noqa: E402
+    LEGACY_SIDECAR_SUFFIX,
+    REFINE_KEY,
+    SIDECAR_SUFFIX,
+    TENSORS_SUFFIX,
+    from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ._neuralop_checkpoint import WRAPPER_METHODS as _WRAPPER_METHODS  # noqa: E402
+from ._neuralop_trainer import NormalisedUnits, check_trainer_normalizer  # noqa: E402

@@ -41,6 +41,7 @@ uncertainty is the equality-only one.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,15 +57,23 @@ from .conservation.conserve import conserve
 from .conservation.constraint import IntegralConservation
 from .conservation.enforce import flat_event, grid_view
 from .conservation.gaussian import Gaussian
-from .errors import ConstraintError
+from .errors import ConstraintError, IncompatibleConstraintsError
 
 __all__ = ["project_with_bounds"]
 
 F64 = torch.float64
 
 
-class _WallOutside(ConstraintError):
+#: The private solvers' names (``project_bounded (sample (0,)): ...``), which a message under
+#: the user's call leaves out.
+_SOLVER_HEAD = re.compile(r"^project_bounded(?:_rows)?(?: \(([^:]*)\))?: ")
+
+
+def _wall_outside(message: str) -> IncompatibleConstraintsError:
     """A value set by the boundary step lies outside the bounds (raised as it is)."""
+    err = IncompatibleConstraintsError(message)
+    err.wall_outside = True  # type: ignore[attr-defined]
+    return err
 
 
 def _within(x: Tensor, lo: Tensor | None, hi: Tensor | None) -> bool:
@@ -103,10 +112,11 @@ def _is_zero(noise: Any) -> bool:
 
 def _reraise(err: ConstraintError, call: str, constraints: Sequence[Any], bounds) -> None:
     order = ", ".join(repr(c) for c in constraints) or "no equality rows"
-    raise ConstraintError(
+    detail = _SOLVER_HEAD.sub(lambda m: f"{m[1]}: " if m[1] else "", str(err))
+    raise IncompatibleConstraintsError(
         f"{call}: the bounds {list(bounds)} cannot hold together with the rows of [{order}] "
         f"(rows stacked in that order; integral rows are indexed (batch, channel, *frames)): "
-        f"{err}"
+        f"{detail}"
     ) from err
 
 
@@ -158,9 +168,9 @@ def project_with_bounds(
             z = _deterministic(u, bnd, con, lo, hi, shape, grid, lift, inputs, call)
             return Gaussian(z.reshape(mean.shape), event_ndim=k)
         return _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, bounds, inputs, call)
-    except _WallOutside:
-        raise
     except ConstraintError as err:
+        if getattr(err, "wall_outside", False):
+            raise
         _reraise(err, call, constraints, bounds)
         raise  # unreachable: _reraise raises
 
@@ -331,11 +341,11 @@ class _WallBounds:
                  for c in self.bplan.conds]  # fmt: skip
         return apply_plan(x, self.bplan, zeros).reshape(-1) + self.f.detach().to(F64)
 
-    def _fixed(self, m: int, z: float) -> _WallOutside:
+    def _fixed(self, m: int, z: float) -> IncompatibleConstraintsError:
         pos = tuple(int(p) for p in torch.unravel_index(torch.tensor(m), tuple(self.shape[1:])))
         lo = -math.inf if self.lo is None else float(self.lo[m])
         hi = math.inf if self.hi is None else float(self.hi[m])
-        return _WallOutside(
+        return _wall_outside(
             f"{self.call}: the boundary conditions {list(self.bnd)} set the value {z:.6g} at "
             f"sample {self.s}, index {pos} (channel, d1, ...), outside the bounds [{lo:.6g}, "
             f"{hi:.6g}], and no choice of the other values changes it (a Dirichlet wall value): "

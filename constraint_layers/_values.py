@@ -17,6 +17,8 @@ __all__ = [
     "check_value",
     "evaluate_value",
     "given_names",
+    "shape_hint",
+    "shown_value",
     "value_attrs",
 ]
 
@@ -122,6 +124,28 @@ class Given:
         return f"Given({self.name!r})"
 
 
+def shape_hint(shape: tuple[int, ...], axes: str) -> str:
+    """Example value shapes for a target ``shape`` = (batch, channels, *rest), written for its
+    number of dimensions: ``(batch, 1)`` per sample on a 1-D grid's face, ``(batch, 1, 1)`` with
+    one more axis, and ``(K,)`` per index of the last of ``axes`` when there is one."""
+    per_sample = "(batch" + ", 1" * (len(shape) - 1) + ")"
+    hints = []
+    if len(shape) > 2:
+        hints.append(f"shape ({shape[-1]},) for one value per index of the last of the {axes}")
+    hints.append(f"shape {per_sample} for one value per sample")
+    hints.append(f"shape ({shape[1]},) for one value per channel" if len(shape) == 2 else "")
+    return "e.g. " + ", ".join(h for h in hints if h)
+
+
+def shown_value(constraint: Any, attr: str) -> Any:
+    """The value of ``attr`` as messages show it: the ``Given`` it was bound from during a call
+    (so that errors about the bound value name the keyword the user passed), else the value."""
+    names = constraint.__dict__.get("_given_names") if hasattr(constraint, "__dict__") else None
+    if names and attr in names:
+        return Given(names[attr])
+    return getattr(constraint, attr)
+
+
 def value_attrs(constraint: Any) -> tuple[str, ...]:
     """The attribute(s) holding a constraint's value(s): ``value_attr``, a name or a tuple of
     names (``cl.Bounds`` holds two: ``("lower", "upper")``)."""
@@ -174,5 +198,6 @@ def bind_given(constraints: Any, kwargs: dict, call: str) -> Any:
                 if isinstance(bound, Tensor) and bound.requires_grad and c.family != "bounds":
                     check_finite_now(bound, f"{call}: {c!r}", what)
                 setattr(c, attr, bound)
+                c._given_names = {**c.__dict__.get("_given_names", {}), attr: value.name}
         out.append(c)
     return type(constraints)(out) if isinstance(constraints, tuple) else out

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._values import Given, evaluate_value
+from ._values import Given, evaluate_value, shown_value
 from .errors import GridError
 from .rows import DEFAULT_GRID, GridSpec, Rows
 
@@ -105,7 +105,8 @@ class Bounds:
     the bounds.
     With boundary conditions on a deterministic output, the bounds act on the values the
     boundary step leaves unchanged; the values it sets (walls, stencil pivots, a lift) are checked
-    afterwards and a violation raises :class:`~constraint_layers.errors.ConstraintError`.
+    afterwards and a violation raises
+    :class:`~constraint_layers.errors.IncompatibleConstraintsError` (a ``ConstraintError``).
 
     Examples
     --------
@@ -247,7 +248,7 @@ class Bounds:
     def __repr__(self) -> str:
         parts = []
         for name in ("lower", "upper"):
-            v = getattr(self, name)
+            v = shown_value(self, name)
             if v is None:
                 continue
             if isinstance(v, Tensor):

@@ -8,6 +8,7 @@ classes below exist so that callers can catch the situations they may want to ha
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConditioningWarning",
     "ConstraintError",
     "ConstraintViolationError",
@@ -44,6 +45,12 @@ class IncompatibleConstraintsError(SingularConstraintError):
 
 class ConstraintViolationError(ConstraintError):
     """Raised in debug mode when a corrected output does not satisfy its constraint."""
+
+
+class CheckpointError(ConstraintError):
+    """A checkpoint that cannot be loaded as it is: a damaged or foreign sidecar file, a sidecar
+    that belongs to other weights, or a pickle that is not read without the user's say-so. The
+    message names the file(s)."""
 
 
 class NoAdapterError(TypeError):

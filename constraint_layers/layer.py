@@ -162,7 +162,8 @@ class ConstraintLayer(nn.Module):
         ``mode="refine"``: see :class:`BoundaryCorrection`.
     noise : float, Tensor or sequence, default 0.0
         Constraint noise standard deviation of the conservation rows (0: exact); a sequence gives
-        one value per constraint in the order given (boundary conditions included).
+        one value per constraint in the order given (boundary conditions included: they stay
+        exact, so their value must be 0; a non-zero one raises).
     metric : {"covariance", "euclidean"}, default "covariance"
         For Gaussian outputs: condition with the model's covariance (ProbConserv) or move the
         mean by the Euclidean projection (HardC). Deterministic outputs are always Euclidean.
@@ -267,7 +268,7 @@ class ConstraintLayer(nn.Module):
                 f"{call}: kernel_grad must be one of {KERNEL_GRADS}, got {kernel_grad!r}."
             )
         self.kernel_grad = kernel_grad
-        self.noise = _check_noise(noise, len(self.constraints), call)
+        self.noise = _check_noise(noise, self.constraints, call)
         if metric not in METRICS:
             raise ValueError(f"{call}: metric must be one of {METRICS}, got {metric!r}.")
         self.metric = metric
@@ -327,6 +328,27 @@ class ConstraintLayer(nn.Module):
         would make the model's complex tensors real (see :func:`_refuse_lossy_cast`)."""
         _refuse_lossy_cast(self, fn)
         return super()._apply(fn, recurse)
+    def __setattr__(self, name: str, value: Any) -> None:
+        # after construction, a public name the wrapper lacks but the model has is meant for the
+        # model (`wrapper.n_modes = ...`): set on the wrapper it would change nothing
+        d = self.__dict__
+        if (
+            "_context" in d
+            and not name.startswith("_")
+            and name not in d
+            and not hasattr(type(self), name)
+            and name not in d.get("_parameters", {})
+            and name not in d.get("_buffers", {})
+            and name not in d.get("_modules", {})
+        ):
+            model = d.get("_modules", {}).get("model")
+            if model is not None and hasattr(model, name):
+                raise AttributeError(
+                    f"{type(self).__name__}: {name!r} is an attribute of the wrapped model "
+                    f"({type(model).__name__}), not of the wrapper: set on the wrapper it would "
+                    f"change nothing. Set it on the model: wrapped.model.{name} = ..."
+                )
+        super().__setattr__(name, value)
 
     def add_handle(self, handle: Any) -> None:
         """Keep a hook handle that :meth:`release` removes (hooks on the wrapped model)."""
@@ -648,7 +670,8 @@ def _row_scale(c: Any, y: Tensor) -> float:
     return max(1.0, float(rows.coeff.abs().sum(-1).max()))
 
 
-def _check_noise(noise: Any, n: int, call: str) -> Any:
+def _check_noise(noise: Any, constraints: Sequence[Any], call: str) -> Any:
+    n = len(constraints)
     if isinstance(noise, (list, tuple)):
         if len(noise) != n:
             raise ValueError(
@@ -658,6 +681,17 @@ def _check_noise(noise: Any, n: int, call: str) -> Any:
         for v in noise:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{call}: noise values must be numbers >= 0, got {v!r}.")
+        for c, v in zip(constraints, noise):
+            if v != 0 and c.family != "conservation":
+                fix = [
+                    0.0 if d.family != "conservation" else float(w)
+                    for d, w in zip(constraints, noise)
+                ]
+                raise ValueError(
+                    f"{call}: noise={list(noise)} gives {c!r} the noise {v}, but noise softens "
+                    "conservation rows only: boundary conditions and bounds stay exact. Give 0.0 "
+                    f"for them (noise={fix})."
+                )
         return tuple(float(v) for v in noise)
     if isinstance(noise, bool) or not isinstance(noise, (int, float, Tensor)):
         raise TypeError(f"{call}: noise must be a number, a tensor or a sequence, got {noise!r}.")
@@ -680,13 +714,25 @@ def _check_grid_shape(grid_shape: Any, call: str) -> tuple[int, ...]:
 
 
 def _check_prediction(pred: Gaussian, call: str) -> None:
+    if pred.mean.is_meta:
+        raise ValueError(
+            f"{call}: the model's output is a meta tensor (device='meta': shapes without "
+            "values), and the constraints need values. Run the wrapper on a real device (e.g. "
+            "model.to_empty(device='cpu'), then load the weights); to infer output shapes, call "
+            "the unwrapped model: constraint_layers.unwrap(wrapper)(x)."
+        )
     check_finite_now(pred.mean, call, "model's output (mean)")
     if pred.variance is not None:
         check_finite_now(pred.variance, call, "model's output variance")
         if not bool((pred.variance.detach() >= 0).all()):
             raise ValueError(
                 f"{call}: the model's output variance holds negative values "
-                f"(min {float(pred.variance.detach().min()):.3e}); expected variances >= 0."
+                f"(min {float(pred.variance.detach().min()):.3e}); expected variances >= 0. A "
+                "2-tuple output is read as (mean, variance): if its second item is another "
+                "output (the model returns (x, aux)), return a dict with the prediction under "
+                "'mean' instead ({'mean': x, 'aux': aux}: the other entries pass through "
+                "unchanged), or register an adapter whose read() picks the prediction "
+                "(constraint_layers.adapters.register)."
             )
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 import constraint_layers as cl
 from constraint_layers.errors import (
+    CheckpointError,
     ConstraintError,
     ConstraintViolationError,
     GridError,
@@ -417,6 +418,123 @@ W = cl.wrap
 D, N, P, C = cl.Dirichlet, cl.Neumann, cl.Periodic, cl.Conservation
 I = cl.Conservation.integral
 G6 = torch.ones(1, 9, dtype=F64) / 9  # a mean-value row on 9 points
+
+
+# ----------------------------------------------------------------- issue 19: files, messages
+def _fno2d(seed=0):
+    import warnings
+
+    from neuralop.models import FNO
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FNO(n_modes=(4, 4), in_channels=1, out_channels=1, hidden_channels=4)
+
+
+def _in_tmp(f):
+    """Run ``f(folder)`` in a fresh temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    def run():
+        with tempfile.TemporaryDirectory() as folder:
+            return f(Path(folder))
+
+    return run
+
+
+def _payload_sidecar(folder):
+    """A pickled sidecar holding a payload: loading must neither run it nor pass silently."""
+    import os
+
+    from constraint_layers.adapters.neuralop import LEGACY_SIDECAR_SUFFIX, SIDECAR_SUFFIX
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {folder / 'pwned'}",))
+
+    W(_fno2d(), D(0.0, dim=0)).save_checkpoint(folder, "m")
+    (folder / f"m{SIDECAR_SUFFIX}").unlink()
+    torch.save({"constraints": [Payload()]}, folder / f"m{LEGACY_SIDECAR_SUFFIX}")
+    try:
+        return cl.adapters.neuralop.from_checkpoint(folder, "m")
+    finally:
+        if (folder / "pwned").exists():
+            raise AssertionError("the payload ran")
+
+
+def _copied_sidecar(folder):
+    import shutil
+
+    from constraint_layers.adapters.neuralop import SIDECAR_SUFFIX
+
+    W(_fno2d(0), N(0.0, dim=0)).save_checkpoint(folder / "a", "model")
+    W(_fno2d(1), D(0.0, dim=0)).save_checkpoint(folder / "b", "model")
+    shutil.copy(folder / "b" / f"model{SIDECAR_SUFFIX}", folder / "a")
+    return cl.adapters.neuralop.from_checkpoint(folder / "a", "model")
+
+
+def _empty_sidecar(folder):
+    from constraint_layers.adapters.neuralop import SIDECAR_SUFFIX
+
+    W(_fno2d(), D(0.0, dim=0)).save_checkpoint(folder, "m")
+    (folder / f"m{SIDECAR_SUFFIX}").write_bytes(b"")
+    return cl.adapters.neuralop.from_checkpoint(folder, "m")
+
+
+def _refine_as_plain(folder):
+    import warnings
+
+    from neuralop.models import FNO
+
+    W(_fno2d(), D(0.0, dim=0), D(0.0, dim=1), mode="refine").save_checkpoint(folder, "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FNO.from_checkpoint(folder, "r")
+
+
+def _trainer_without_normalizer():
+    import warnings
+
+    from neuralop import Trainer
+    from neuralop.data.transforms.data_processors import DefaultDataProcessor
+    from neuralop.data.transforms.normalizers import UnitGaussianNormalizer
+    from neuralop.losses import LpLoss
+
+    x, y = torch.rand(4, 1, 8, 8) + 3, torch.rand(4, 1, 8, 8) + 5
+    norm = UnitGaussianNormalizer(dim=[0, 2, 3])
+    norm.fit(y)
+    processor = DefaultDataProcessor(out_normalizer=norm)
+    model = W(_fno2d().float(), D(0.0, dim=0), D(0.0, dim=1))
+    loader = torch.utils.data.DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=2)
+    trainer = Trainer(model=model, n_epochs=1, data_processor=processor, verbose=False)
+    opt = torch.optim.Adam(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(loader, {}, opt, torch.optim.lr_scheduler.StepLR(opt, 10),
+                      training_loss=LpLoss(d=2))  # fmt: skip
+    return model
+
+
+def _set_own_attributes():
+    """The wrapper's own options, and names the model lacks, are set as ever."""
+    wrapped = W(_fno2d(), D(0.0, dim=0))
+    wrapped.debug = True
+    wrapped.note = "mine"
+    wrapped.model.n_modes = (2, 2)
+    return wrapped
+
+
+def _set_model_attribute():
+    wrapped = W(_fno2d(), D(0.0, dim=0))
+    wrapped.n_modes = (2, 2)
+    return wrapped
+
+
+class _Aux(nn.Module):
+    def forward(self, x):
+        return (x, x - 5.0)
 
 
 def R(exc, match):
@@ -1627,6 +1745,157 @@ CASES: list[Case] = [
         "metrics.conservation_error bad shape",
         lambda: cl.metrics.conservation_error(torch.ones(2, 5, dtype=F64), C(G6)),
         R(ValueError, r"9 columns.*5 values"),
+    ),
+    # ---- issue 19: checkpoint files and messages ------------------------------------------------
+    Case(
+        "sidecar pickle with a payload",
+        _in_tmp(_payload_sidecar),
+        R(
+            CheckpointError,
+            r"from_checkpoint: m_constraint_layers\.pt is a pickled sidecar.*"
+            r"trust_pickled_sidecar=True",
+        ),
+    ),
+    Case(
+        "sidecar copied from another checkpoint",
+        _in_tmp(_copied_sidecar),
+        R(
+            CheckpointError,
+            r"model_constraint_layers\.json does not belong to "
+            r"model_state_dict\.pt.*Save the wrapper again",
+        ),
+    ),
+    Case(
+        "sidecar empty",
+        _in_tmp(_empty_sidecar),
+        R(
+            CheckpointError,
+            r"from_checkpoint: m_constraint_layers\.json is not a "
+            r"constraint-layers sidecar",
+        ),
+    ),
+    Case(
+        "refine checkpoint into plain FNO.from_checkpoint",
+        _in_tmp(_refine_as_plain),
+        R(RuntimeError, r"Unexpected key.*trained_with_constraint_layers_refine"),
+    ),
+    Case(
+        "Trainer with out_normalizer, no normalizer=",
+        _trainer_without_normalizer,
+        R(
+            ValueError,
+            r"BoundaryCorrection: called by neuraloperator's Trainer.*"
+            r"normalizer=data_processor",
+        ),
+    ),
+    Case(
+        "noise=[0.5, 0.0] on a Dirichlet wall",
+        lambda: W(head(), D(0.0), I(0.3), noise=[0.5, 0.0]),
+        R(
+            ValueError,
+            r"ConstraintLayer: noise=\[0\.5, 0\.0\].*Dirichlet.*conservation rows "
+            r"only.*noise=\[0\.0, 0\.0\]",
+        ),
+    ),
+    Case(
+        "infeasible bounds: total below the lower bound",
+        lambda: W(det(), I(-1.0), cl.Bounds(lower=0.0))(x1()),
+        R(
+            IncompatibleConstraintsError,
+            r"ConstraintLayer: the bounds.*cannot hold together.*"
+            r"requested total -1",
+        ),
+    ),
+    Case(
+        "infeasible bounds: wall value above the upper bound",
+        lambda: W(det(), D(2.0), cl.Bounds(upper=1.0))(x1()),
+        R(
+            IncompatibleConstraintsError,
+            r"ConstraintLayer: the boundary conditions.*value 2.*"
+            r"outside the bounds",
+        ),
+    ),
+    Case(
+        "infeasible bounds: Gaussian head, wall above the upper bound",
+        lambda: W(head(), D(2.0), cl.Bounds(upper=1.0))(x1()),
+        R(
+            IncompatibleConstraintsError,
+            r"ConstraintLayer: the bounds.*cannot hold together.*sample \(0,\): no value",
+        ),
+    ),
+    Case(
+        "Given value of a wrong shape keeps its name",
+        lambda: W(det(), D(cl.Given("g")))(x1(), g=torch.zeros(3, 4, dtype=F64)),
+        R(
+            GridError,
+            r"Dirichlet\(Given\('g'\).*\(3, 4\).*shape \(batch, 1\) for one value "
+            r"per sample",
+        ),
+    ),
+    Case(
+        "Given total of a wrong shape keeps its name",
+        lambda: W(det(), I(cl.Given("m")))(x1(), m=torch.zeros(3, 4, dtype=F64)),
+        R(
+            GridError,
+            r"Conservation\.integral\(Given\('m'\).*shape \(batch, 1\) for one "
+            r"value per sample",
+        ),
+    ),
+    Case(
+        "value shape hint on a 2D grid",
+        lambda: W(det(), D(torch.zeros(3, 4, dtype=F64), dim=0))(x2()),
+        R(
+            GridError,
+            r"face shape \(2, 1, 5\).*shape \(5,\).*\(batch, 1, 1\) for one value "
+            r"per sample",
+        ),
+    ),
+    Case(
+        "meta tensor input",
+        lambda: W(nn.Identity(), D(0.0))(torch.zeros(2, 1, 9, device="meta")),
+        R(ValueError, r"BoundaryCorrection: the model's output is a meta tensor.*real device"),
+    ),
+    Case(
+        "(x, aux) tuple read as (mean, variance)",
+        lambda: W(_Aux(), D(0.0))(x1()),
+        R(
+            ValueError,
+            r"BoundaryCorrection: .*variance holds negative.*2-tuple.*read as \(mean, "
+            r"variance\).*\(x, aux\).*'mean': x, 'aux': aux",
+        ),
+    ),
+    Case(
+        "(x, aux) declared as a dict",
+        lambda: W(Fn(lambda x: {"mean": x, "aux": x - 5.0}), D(0.0))(x1())["mean"],
+        A(lambda y: faces(y, 0.0)),
+    ),
+    Case(
+        "channel-last input, refine",
+        lambda: W(_fno2d(), D(0.0, dim=0), mode="refine")(torch.randn(2, 8, 8, 1)),
+        R(
+            ValueError,
+            r"BoundaryCorrection\(mode='refine'\): the input has shape \(2, 8, 8, 1\)"
+            r".*channel-first.*movedim\(-1, 1\)",
+        ),
+    ),
+    Case(
+        "wrapper.n_modes = ...",
+        _set_model_attribute,
+        R(
+            AttributeError,
+            r"BoundaryCorrection: 'n_modes' is an attribute of the wrapped model "
+            r"\(FNO\).*wrapped\.model\.n_modes = ",
+        ),
+    ),
+    Case(
+        "wrapper.debug = True, wrapper.model.n_modes = ...",
+        _set_own_attributes,
+        A(lambda w: w.debug and w.note == "mine" and tuple(w.model.n_modes) == (2, 2)),
+    ),
+    Case(
+        "refine on an odd size off the last axis",
+        lambda: W(_fno2d(), D(0.0, dim=0), mode="refine")(torch.randn(1, 1, 85, 16)),
+        R(GridError, r"not shift invariant.*axis 0: 8\d or 8\d instead of 8\d.*mode='output'"),
     ),
     # ---- training harnesses (issue 19) --------------------------------------------------------
     Case(

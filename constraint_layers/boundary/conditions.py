@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .._values import Given, check_finite_now, check_value, evaluate_value
+from .._values import Given, check_finite_now, check_value, evaluate_value, shape_hint, shown_value
 from ..errors import GridError
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 from .stencils import OUTWARD_STENCILS, lift_profile, neumann_lift_profile
@@ -233,13 +233,13 @@ class BoundaryCondition:
             raise GridError(
                 f"{where}: value of shape {tuple(value.shape)} does not broadcast to the face "
                 f"shape {face_shape} = (batch, channels, *face dims). Give one value per face "
-                "point, broadcastable from the right (e.g. shape (T,) for one value per time "
-                "frame, (batch, 1, 1, ...) for one value per sample)."
+                "point, broadcastable from the right "
+                f"({shape_hint(tuple(face_shape), 'face dims (e.g. time frames)')})."
             )
         return value
 
     def __repr__(self) -> str:
-        value = self.value
+        value = shown_value(self, "value")
         if isinstance(value, Tensor):
             value = f"tensor{tuple(value.shape)}"
         elif callable(value):

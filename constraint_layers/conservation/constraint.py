@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._grid import normalize_dim
-from .._values import check_value, evaluate_value
+from .._values import check_value, evaluate_value, shape_hint, shown_value
 from ..errors import GridError
 from ..quadrature import RULES, cumulative_trapezoid, tensor_product
 from ..quadrature import weights as quadrature_weights
@@ -237,7 +237,7 @@ class Conservation:
         )
 
     def __repr__(self) -> str:
-        b = self.b
+        b = shown_value(self, "b")
         if isinstance(b, Tensor):
             b = f"tensor{tuple(b.shape)}"
         elif callable(b):
@@ -439,8 +439,8 @@ class IntegralConservation(Conservation):
             raise GridError(
                 f"{call}: {self!r}: total of shape {tuple(t.shape)} does not broadcast to the "
                 f"rows' shape {lay.row_shape} = (batch, channels, *remaining axes). Give one "
-                "value per row, broadcastable from the right (e.g. shape (T,) for one value per "
-                "time frame, (batch, 1, 1) for one value per sample)."
+                "value per row, broadcastable from the right "
+                f"({shape_hint(tuple(lay.row_shape), 'remaining axes (e.g. time frames)')})."
             ) from None
 
     def rows(
@@ -475,7 +475,7 @@ class IntegralConservation(Conservation):
         return res.reshape(y.shape[0], -1)
 
     def __repr__(self) -> str:
-        b = self.b
+        b = shown_value(self, "b")
         if isinstance(b, Tensor):
             b = f"tensor{tuple(b.shape)}"
         elif callable(b):

@@ -176,7 +176,12 @@ def _build(kind: str, seed: int, processor: DefaultDataProcessor) -> torch.nn.Mo
     fno = make_fno(seed)
     if kind == "plain":
         return fno
-    return cl.wrap(fno, *walls(), normalizer=processor if kind == "wrapped+normalizer" else None)
+    from constraint_layers.adapters.neuralop import NormalisedUnits
+
+    # "wrapped": the conditions stated in normalised units, deliberately (issue 19: a wrapper
+    # without normalizer= is refused by the Trainer when the processor normalises the outputs)
+    norm = processor if kind == "wrapped+normalizer" else NormalisedUnits()
+    return cl.wrap(fno, *walls(), normalizer=norm)
 
 
 @pytest.mark.parametrize(
@@ -227,9 +232,9 @@ def test_from_checkpoint_says_what_to_pass_again(tmp_path: Path):
     dropped = from_checkpoint(tmp_path, "n", normalizer=None)  # a deliberate choice
     assert dropped.normalizer is None
 
-    # a callable value cannot be pickled: the weights are saved, the user is told what to pass
+    # a callable value is code, not data: the weights are saved, the user is told what to pass
     lam = cl.wrap(make_fno(), cl.Dirichlet(lambda a: a[:, :, 0, :], dim=0, side="low"))
-    with pytest.warns(UserWarning, match="cannot be pickled"):
+    with pytest.warns(UserWarning, match="callable values, which are code, not data"):
         lam.save_checkpoint(tmp_path, "lam")
     with pytest.raises(ValueError, match=r"expected the constraints.*Dirichlet\(<lambda>"):
         from_checkpoint(tmp_path, "lam")
@@ -340,3 +345,30 @@ def test_uqno_wrapper_checkpoint_round_trip(tmp_path: Path):
     with torch.no_grad():
         for a, b in zip(again(x), wrapped(x)):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------- issue 19: a forgotten normalizer=
+def test_trainer_refuses_a_wrapper_without_normalizer_when_outputs_are_normalised():
+    """With an out_normalizer in the Trainer's data processor, a wrapper without normalizer=
+    would hold its walls in normalised units (on the training mean in physical units)."""
+    x, y = make_data()
+    processor = make_processor(x, y)
+    model = cl.wrap(make_fno(), *walls())
+    with pytest.raises(ValueError, match=r"BoundaryCorrection: called by neuraloperator's Trainer"
+                       r".*out_normalizer.*normalizer=data_processor"):  # fmt: skip
+        train(model, processor, make_loader(x, y), n_epochs=1)
+
+    # deliberately in normalised units: said so, and the Trainer runs
+    from constraint_layers.adapters.neuralop import NormalisedUnits
+
+    model = cl.wrap(make_fno(), *walls(), normalizer=NormalisedUnits())
+    train(model, processor, make_loader(x, y), n_epochs=1)
+    xn = processor.in_normalizer.transform(x)
+    with torch.no_grad():
+        assert (boundary(model(xn)) == 0).all()  # the walls hold in the model's units
+
+    # a processor without an output normaliser: nothing to convert, nothing to refuse
+    plain = DefaultDataProcessor(in_normalizer=processor.in_normalizer, out_normalizer=None)
+    train(cl.wrap(make_fno(), *walls()), plain, make_loader(x, y), n_epochs=1)
+    # outside the Trainer the wrapper is called as it is
+    cl.wrap(make_fno(), *walls())(xn)
