@@ -328,6 +328,7 @@ class ConstraintLayer(nn.Module):
         would make the model's complex tensors real (see :func:`_refuse_lossy_cast`)."""
         _refuse_lossy_cast(self, fn)
         return super()._apply(fn, recurse)
+
     def __setattr__(self, name: str, value: Any) -> None:
         # after construction, a public name the wrapper lacks but the model has is meant for the
         # model (`wrapper.n_modes = ...`): set on the wrapper it would change nothing

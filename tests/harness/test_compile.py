@@ -53,27 +53,37 @@ def test_compiled_generic_module_gets_the_generic_adapter():
     assert find(compiled) is find(nn.Conv1d(1, 1, 3))
 
 
-def test_compiled_fno_save_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", ["output", "refine"])
+def test_compiled_fno_save_checkpoint(tmp_path, mode):
     """The Trainer's save_checkpoint on a wrapped compiled FNO writes the FNO's own checkpoint:
-    un-prefixed keys, read with weights_only=True and by FNO.from_checkpoint."""
+    un-prefixed keys, read with weights_only=True; in output mode by FNO.from_checkpoint too (a
+    refine checkpoint carries its marker key, which plain loading refuses by design)."""
+    from constraint_layers.adapters.neuralop import REFINE_KEY
+
     plain = model()
     compiled = torch.compile(plain, backend="eager")
-    wrapped = cl.wrap(compiled, D(0.0, side="low"), N(1.0, side="high"), mode="refine")
+    wrapped = cl.wrap(compiled, D(0.0, side="low"), N(1.0, side="high"), mode=mode)
     wrapped.save_checkpoint(tmp_path, "model")
     state = torch.load(tmp_path / "model_state_dict.pt", weights_only=True)
     want = {k: v for k, v in plain.state_dict().items() if k != "_metadata"}
+    assert (REFINE_KEY in state) == (mode == "refine")
+    state.pop(REFINE_KEY, None)
     assert state.keys() == want.keys()
     for k in want:
         assert torch.equal(state[k], want[k])
+    x = torch.randn(2, 1, 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bare = FNO.from_checkpoint(tmp_path, "model")
+        if mode == "output":
+            bare = FNO.from_checkpoint(tmp_path, "model")
+            torch.testing.assert_close(bare(x), plain(x), rtol=0, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="trained_with_constraint_layers_refine"):
+                FNO.from_checkpoint(tmp_path, "model")
         again = from_checkpoint(tmp_path, "model")
-    x = torch.randn(2, 1, 20)
-    torch.testing.assert_close(bare(x), plain(x), rtol=0, atol=0)
     assert type(again.model) is FNO  # rebuilt eager: compile it again if wanted
-    assert again.mode == "refine" and repr(again.bcs) == repr(wrapped.bcs)
-    reference = cl.wrap(model(), *wrapped.bcs, mode="refine")
+    assert again.mode == mode and repr(again.bcs) == repr(wrapped.bcs)
+    reference = cl.wrap(model(), *wrapped.bcs, mode=mode)
     torch.testing.assert_close(again(x), reference(x), rtol=0, atol=0)
 
 
