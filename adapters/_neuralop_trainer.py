@@ -58,6 +58,8 @@ def _calling_trainer() -> Any:
 def check_channels_first(wrapper: nn.Module, args: tuple, kwargs: dict) -> None:
     """Raise for a channel-last input ``(batch, d1, ..., dn, channels)``, which neuraloperator
     models do not take (they would fail deep inside, or in refine mode inside the refinement)."""
+    if getattr(wrapper, "layout", "grid") == "points":
+        return  # point-cloud models (GINO, FNOGNO) take channel-last features by design
     x = args[0] if args else kwargs.get("x")
     model = wrapper.__dict__.get("_modules", {}).get("model")
     c = getattr(model, "in_channels", None)
