@@ -48,8 +48,9 @@ import torch
 from torch import Tensor
 
 from ._bounded import project_bounded, project_bounded_rows
+from ._dependence import independent_rows
 from ._grid import resolve_spacing
-from ._project import _labels, _pull_back, _stack, independent_rows, split_families
+from ._project import _labels, _pull_back, _stack, split_families
 from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
 from .bounds import Bounds, resolve_bounds
 from .conservation.conserve import conserve

@@ -35,3 +35,51 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 def tolerance(dtype: torch.dtype) -> Tolerance:
     """The tolerances of ``dtype`` (float32's for dtypes not in the table)."""
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+# --- engine: row dependence and consistency ---
+# The thresholds of the projection engine (``_project.py``, ``_project_bounds.py``,
+# ``_bounded/``, ``_dependence.py``). Decisions AT ROUNDING are relative to the rounding unit of
+# the data (``eps``) and the problem's size; decisions on CONDITIONING are fixed fractions.
+
+#: Rows are dependent when a combination of the unit-normalised rows (a unit vector of
+#: combination weights) has norm at most ``DEPENDENCE_FACTOR * sqrt(M) * (eps_rows +
+#: eps64 * sqrt(max(M, N)))``: the rows' own rounding (``eps_rows``: float64, or the dtype the
+#: coefficients were given in), summed over ``M`` rows, and the float64 factorisation's.
+DEPENDENCE_FACTOR = 16.0
+#: The right-hand sides of dependent rows agree when the vanishing combination of them is at
+#: most ``CONSISTENCY_FACTOR * sqrt(M) * eps_rhs`` (``eps_rhs``: the coarsest rounding of the
+#: values and the output dtype) times their size, plus the rows' own dependence tolerance.
+CONSISTENCY_FACTOR = 64.0
+#: A squared pivot of the unit-normalised rows' Gram matrix (the squared sine of the angle
+#: between a row and the span of the ones before it) above this: the rows are independent far
+#: above rounding, and the exact test (an SVD) is skipped.
+GRAM_INDEPENDENT = 1e-8
+#: Conditioning (not rounding): eigenvalues of ``G' G'^T`` (the rows on the freedom the boundary
+#: step leaves) below this fraction of the largest are directions no free value can reach; a
+#: residual there must vanish to the output dtype's ``residual`` tolerance. Formerly
+#: ``_project.DEPENDENT_RTOL``.
+REACH_RTOL = 1e-10
+#: The wall active set of the bounded step (``_project_bounds._WallBounds``): a multiplier below
+#: ``-WALL_MULTIPLIER_RTOL`` times the largest one releases its bound.
+WALL_MULTIPLIER_RTOL = 1e-9
+
+
+def rounding(*dtypes: torch.dtype | None) -> float:
+    """The coarsest rounding unit of ``dtypes`` (floating ones; float64's at least)."""
+    eps = torch.finfo(torch.float64).eps
+    for d in dtypes:
+        if d is not None and d.is_floating_point:
+            eps = max(eps, torch.finfo(d).eps)
+    return eps
+
+
+def dependence_tol(eps_rows: float, m: int, n: int) -> float:
+    """The norm below which a unit combination of ``m`` unit rows of length ``n`` vanishes."""
+    eps64 = torch.finfo(torch.float64).eps
+    return DEPENDENCE_FACTOR * max(m, 1) ** 0.5 * (eps_rows + eps64 * max(m, n, 1) ** 0.5)
+
+
+def consistency_tol(eps_rhs: float, m: int) -> float:
+    """The relative size below which a vanishing combination of ``m`` right-hand sides is 0."""
+    return CONSISTENCY_FACTOR * max(m, 1) ** 0.5 * eps_rhs
