@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._bind_grid import bind_grid
 from ._grid import check_grid_options, resolve_spacing
 from ._messages import under_call
 from ._project import project as _engine_project
@@ -189,6 +190,8 @@ class ConstraintLayer(nn.Module):
         self._handles: list[Any] = []
         self.constraints = self._accept(constraints, call)
         check_grid_options(spacing, extent, call)
+        # the wrapper's grid is every constraint's: integrals take it (a conflict raises)
+        self.constraints = bind_grid(self.constraints, spacing, extent, endpoint, call)
         self.spacing = spacing
         self.extent = extent
         self.endpoint = bool(endpoint)
