@@ -14,13 +14,14 @@ diagonal one
 one integral constraint, no     :func:`project_bounded_rows` on the per-frame rows: one
 boundary rows, a diagonal (or   multiplier per row from its piecewise-linear equation
 no) metric
-boundary rows, deterministic    the boundary step ``B(v) = S v + f`` keeps its meaning: the
-output                          bounded Euclidean projection of ``u`` onto ``G S v = b - G f``
-                                with the bounds on the values ``B`` leaves unchanged, then ``B``;
-                                the values ``B`` sets (Neumann pivots, a lift) are affine in the
-                                others: a violated one is held at its bound by an active set
-                                over those inequalities (exact); a Dirichlet wall value outside
-                                the bounds raises (no other value changes it)
+boundary rows, deterministic    the boundary step ``B(v) = S v + f`` keeps its meaning (its
+output                          face-local rows eliminated): the bounded Euclidean projection
+                                of ``u`` onto ``G S v = b - G f`` with the bounds on the values
+                                ``B`` leaves unchanged AND on the values it sets (Neumann pivots,
+                                a lift: affine in ``v``, sparse rows), then ``B``;
+                                :func:`~constraint_layers._bounded.faces.project_faces_bounded`
+                                (a projected Newton method on the dual, exact); a Dirichlet wall
+                                value outside the bounds raises (no other value changes it)
 anything else (a dense or       :func:`project_bounded`: the dual active-set method on the
 low-rank covariance, several    stacked rows (boundary rows where each condition is in charge,
 constraints, boundary rows on   then the conservation rows)

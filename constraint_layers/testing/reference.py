@@ -118,15 +118,32 @@ def dense_qp(
     Returns
     -------
     Tensor
-        shape: (N,), float64.
+        shape: (N,), float64; differentiable (autograd through the projection onto the rows
+        and the final active set).
     """
-    u = u.detach().to(F64)
+    return _dense_qp(u, E, e, A, c, W, rtol=rtol)[0]
+
+
+def _dense_qp(
+    u: Tensor,
+    E: Tensor,
+    e: Tensor,
+    A: Tensor | None = None,
+    c: Tensor | None = None,
+    W: Tensor | None = None,
+    *,
+    rtol: float = 1e-10,
+) -> tuple[Tensor, Tensor]:
+    """:func:`dense_qp` and the active inequality rows (mask over the finite ones)."""
     n = u.shape[0]
-    E, e = E.detach().to(F64).reshape(-1, n), e.detach().to(F64).reshape(-1)
-    A = torch.zeros(0, n, dtype=F64) if A is None else A.detach().to(F64).reshape(-1, n)
-    c = torch.zeros(0, dtype=F64) if c is None else c.detach().to(F64).reshape(-1)
-    W = torch.eye(n, dtype=F64) if W is None else W.detach().to(F64)
-    A, c = A[torch.isfinite(c)], c[torch.isfinite(c)]  # an infinite bound binds nothing
+    u_g = u.to(F64)  # kept with their graphs: the result is differentiable (the active set's)
+    E_g, e_g = E.to(F64).reshape(-1, n), e.to(F64).reshape(-1)
+    A_g = torch.zeros(0, n, dtype=F64) if A is None else A.to(F64).reshape(-1, n)
+    c_g = torch.zeros(0, dtype=F64) if c is None else c.to(F64).reshape(-1)
+    W_g = torch.eye(n, dtype=F64) if W is None else W.to(F64)
+    keep = torch.isfinite(c_g.detach())  # an infinite bound binds nothing
+    A_g, c_g = A_g[keep], c_g[keep]
+    u, E, e, A, c, W = (t.detach() for t in (u_g, E_g, e_g, A_g, c_g, W_g))
     m = E.shape[0]
     scale = float(u.abs().max()) + _amax(e.abs()) + 1.0
     finite_c = c[torch.isfinite(c)]
@@ -176,6 +193,8 @@ def dense_qp(
     N = torch.cat([E, A[active]])
     rhs = torch.cat([e, c[active]])
     x = _kkt_solve(u, W, N, rhs)[0] if N.shape[0] else u
+    N_g = torch.cat([E_g, A_g[active]])
+    x_g = _kkt_solve(u_g, W_g, N_g, torch.cat([e_g, c_g[active]]))[0] if N.shape[0] else u_g
     # the KKT conditions, checked: rows, inequalities, stationarity with the method's
     # multipliers, and their signs (>= 0 on the inequalities)
     big = _amax(mult.abs()) + 1.0
@@ -188,7 +207,9 @@ def dense_qp(
     for what, err in checks.items():
         if not err <= tol:
             raise AssertionError(f"dense_qp: the KKT conditions fail ({what}: {err:.3e})")
-    return x
+    mask = torch.zeros(keep.shape[0], dtype=torch.bool)
+    mask[keep.nonzero().flatten()[active]] = True
+    return x_g, mask
 
 
 def reference_enforce(y: Tensor, bcs: Sequence[Any], *, lift: int = 0, **grid: Any) -> Tensor:
@@ -374,20 +395,24 @@ def _boundary_affine(brows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor,
     return S, f
 
 
-def _box_rows(M: Tensor, f: Tensor, lo: Tensor | None, hi: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Inequality rows stating ``lo <= M v + f <= hi`` (infinite bounds dropped)."""
-    rows, rhs = [], []
+def _box_rows(
+    M: Tensor, f: Tensor, lo: Tensor | None, hi: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Inequality rows stating ``lo <= M v + f <= hi`` and the entry of each (infinite bounds
+    are rows that bind nothing)."""
+    rows, rhs, entry = [], [], []
+    every = torch.arange(M.shape[0])
     if lo is not None:
         rows.append(M)
         rhs.append(lo - f)
+        entry.append(every)
     if hi is not None:
         rows.append(-M)
         rhs.append(f - hi)
+        entry.append(every)
     if not rows:
-        return M[:0], f[:0]
-    A, c = torch.cat(rows), torch.cat(rhs)
-    keep = torch.isfinite(c)
-    return A[keep], c[keep]
+        return M[:0], f[:0], every[:0]
+    return torch.cat(rows), torch.cat(rhs), torch.cat(entry)
 
 
 def _bounded_reference(
@@ -409,11 +434,11 @@ def _bounded_reference(
     mean = pred.mean
     shape = grid_view(mean, k, grid_shape, "reference_prediction")
     B, n = shape[0], math.prod(shape[1:])
-    u = mean.detach().reshape(B, n).to(F64)
+    u = mean.reshape(B, n).to(F64)
     lo, hi = resolve_bounds(bounds, shape, dtype=mean.dtype, device=mean.device, inputs=inputs,
                             flat_shape=tuple(mean.shape), call="reference_prediction")  # fmt: skip
-    lo = None if lo is None else lo.detach().reshape(B, n).to(F64)
-    hi = None if hi is None else hi.detach().reshape(B, n).to(F64)
+    lo = None if lo is None else lo.reshape(B, n).to(F64)
+    hi = None if hi is None else hi.reshape(B, n).to(F64)
     deterministic = pred.variance is None and pred.covariance is None and pred.low_rank is None
     brows, crows = rows_of(constraints, shape, grid=grid, inputs=inputs, include_overridden=True,
                            lift=lift if deterministic else 0)  # fmt: skip
@@ -423,7 +448,7 @@ def _bounded_reference(
     out = []
     if deterministic:
         for s in range(B):
-            A, c = _box_rows(S, f[s], _at(lo, s), _at(hi, s))
+            A, c, _ = _box_rows(S, f[s], _at(lo, s), _at(hi, s))
             v = dense_qp(u[s], G[s] @ S, b[s] - G[s] @ f[s], A, c)
             out.append(S @ v + f[s])
         return torch.stack(out).reshape(mean.shape), None
@@ -433,19 +458,17 @@ def _bounded_reference(
     cov = _dense_metric(pred, B, n)
     _, var_eq = reference_prediction(pred, constraints, grid=grid, noise=noise, metric=metric,
                                      grid_shape=grid_shape, inputs=inputs)  # fmt: skip
+    act = torch.zeros(B, n, dtype=torch.bool)
     for s in range(B):
-        A, c = _box_rows(eye, torch.zeros(n, dtype=F64), _at(lo, s), _at(hi, s))
+        A, c, entry = _box_rows(eye, torch.zeros(n, dtype=F64), _at(lo, s), _at(hi, s))
         W = None if metric == "euclidean" else cov[s]
-        out.append(dense_qp(u[s], E[s], e[s], A, c, W))
+        xs, held = _dense_qp(u[s], E[s], e[s], A, c, W)
+        out.append(xs)
+        act[s, entry[held]] = True
     x = torch.stack(out)
     if metric == "euclidean" or all(getattr(c, "variance", "rows") == "rows" for c in bounds):
         return x.reshape(mean.shape), var_eq
-    act = torch.zeros(B, n, dtype=torch.bool)
-    if lo is not None:
-        act |= x <= lo
-    if hi is not None:
-        act |= x >= hi
-    act &= cov.diagonal(dim1=-2, dim2=-1) > 0
+    act &= cov.detach().diagonal(dim1=-2, dim2=-1) > 0  # the QP's active bounds
     variances = []
     for s in range(B):
         idx = act[s].nonzero().flatten()
