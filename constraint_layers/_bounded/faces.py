@@ -92,10 +92,10 @@ class _Stack:
     def gram(self, free: Tensor) -> Tensor:
         """``R_F R_F^T`` over the entries ``free`` (n,) bool: (k, k)."""
         EF = self.E * free
-        WF = self.W * free[self.T]
         EE = EF @ self.E.mT
         EW = EF[:, self.T] @ self.W.mT
-        WW = WF @ self.W.mT
+        # each wall row reads a few values: the sparse product costs O(nnz K), not O(K^2 t)
+        WW = (self.W * free[self.T]) @ self.W.mT
         return torch.cat([torch.cat([EE, EW], 1), torch.cat([EW.mT, WW], 1)])
 
 
@@ -109,14 +109,14 @@ def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
     ineq = torch.arange(k) >= R.M
     norms = R.norms()
 
-    def at(y: Tensor) -> tuple[Tensor, Tensor, float]:
+    def at(y: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
         w = u + R.rt(y)
         x = _clip(w, lo, hi)
-        return w, x, 0.5 * float((x - u).square().sum()) - float(y @ (R.r(x) - r))
-
-    w, x, dual = at(y)
-    for _ in range(MAX_NEWTON):
         g = r - R.r(x)  # the dual's gradient
+        return w, x, g, 0.5 * float((x - u).square().sum()) + float(y @ g)
+
+    w, _, g, dual = at(y)
+    for _ in range(MAX_NEWTON):
         # optimal: the rows hold, the inequalities hold, and a held one (y > 0) holds with
         # equality
         bad = torch.where(ineq, torch.where(y > 0, g.abs(), g.clamp_min(0)), g.abs())
@@ -134,13 +134,13 @@ def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
         while True:
             yn = y + t * d
             yn = torch.where(ineq, yn.clamp_min(0), yn)
-            wn, xn, dn = at(yn)
+            wn, _, gn, dn = at(yn)
             if dn >= dual + ARMIJO * float(g @ (yn - y)) - 1e-15 * abs(dual):
                 break
             t *= 0.5
             if t < 1e-14:
                 raise _no_progress(call, float(bad.max()))
-        y, w, x, dual = yn, wn, xn, dn
+        y, w, g, dual = yn, wn, gn, dn
     raise _no_progress(call, float(bad.max()))
 
 
@@ -223,6 +223,9 @@ def project_faces_bounded(
     if hi is not None:
         xa = torch.where(at_hi, hi.to(F64), xa)
     base = torch.where(fixed, xa, u.to(F64))
+    # rows with no free entry left hold already (the dual solve converged): left out
+    reach = torch.cat([(Rg.E * ~fixed).abs().sum(-1), (Rg.W * ~fixed[T]).abs().sum(-1)]) > 0
+    Rg, rg = Rg.select(reach.detach()), rg[reach.detach()]
     if not Rg.k:
         return base, at_wl, at_wh
     A = Rg.gram(~fixed)
