@@ -94,3 +94,21 @@ def test_dense_qp_checks_its_answer_against_the_kkt_conditions():
     torch.testing.assert_close(x, torch.tensor([0.3, 0.0, 0.8, 0.1], dtype=F64))
     with pytest.raises(ValueError, match="no common point"):
         dense_qp(u, E, torch.tensor([-1.0], dtype=F64), A, torch.zeros(4, dtype=F64))
+
+
+def test_walls_total_and_active_bounds_at_64x64_hold_exactly():
+    """The size that took minutes through the dense general solver: every row, every bound (and
+    the optimality conditions, through the reference at a smaller size above)."""
+    x = torch.randn(2, 1, 64, 64, dtype=F64, generator=_gen(0))
+    cons = [cl.Neumann(0.0, dim=0), cl.Neumann(0.0, dim=1),
+            cl.Conservation.integral(0.4, dim=(0, 1)), cl.Bounds(lower=0.0)]  # fmt: skip
+    y = cl.wrap(nn.Identity(), *cons)(x)
+    _check(y, x, cons, 0.0, dtype=F64, ref=False)
+    assert int((y == 0).sum()) > 1000  # the bound is active on a large part of the box
+
+
+def test_gradients_through_the_walls_and_the_bounds():
+    x = (0.03 * torch.randn(2, 1, 12, generator=_gen(3))).double().requires_grad_(True)
+    cons = [cl.Neumann(0.0), cl.Conservation.integral(-0.005), cl.Bounds(lower=-0.01)]
+    model = cl.wrap(nn.Identity(), *cons)
+    assert torch.autograd.gradcheck(model, (x,))
