@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tolerance import GRAM_INDEPENDENT, consistency_tol, dependence_tol, rounding
+from ._tolerance import (
+    CULPRIT_FRACTION,
+    GRAM_INDEPENDENT,
+    consistency_tol,
+    dependence_tol,
+    rounding,
+)
 from .errors import IncompatibleConstraintsError
 
 __all__ = ["data_rounding", "describe_rows", "independent_rows"]
@@ -135,7 +141,9 @@ def independent_rows(
     bad = off > (consistency_tol(eps_rhs, m) + tol) * size
     if bool(bad.any()):
         combos = null[:, bad.any(0)].abs()
-        culprits = (combos > 1e-3 * combos.amax(0, keepdim=True)).any(1).nonzero().flatten()
+        culprits = (
+            (combos > CULPRIT_FRACTION * combos.amax(0, keepdim=True)).any(1).nonzero().flatten()
+        )
         which = culprits.tolist()
         raise IncompatibleConstraintsError(
             f"{call}: the constraints cannot hold together: {describe_rows(labels, which)} "

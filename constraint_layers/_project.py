@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._dependence import data_rounding, describe_rows, independent_rows
 from ._grid import resolve_spacing
-from ._tolerance import REACH_RTOL, tolerance
+from ._tolerance import CULPRIT_FRACTION, REACH_RTOL, tolerance
 from .boundary.enforce import apply_plan, condition_rhs, plan
 from .conservation.conserve import conserve
 from .conservation.constraint import Conservation, IntegralConservation
@@ -137,9 +137,9 @@ def _solve_consistent(
     off = torch.where(keep, 0.0, rv).abs()  # residual in the directions no move can reach
     if bool((off > tol * scale.amax(-1, keepdim=True)).any()):
         weight = (V * (~keep).unsqueeze(-2)).abs().amax(-1)  # rows in the unreachable directions
-        which = sorted(
-            {int(i) for i in (weight.reshape(-1, weight.shape[-1]) > 1e-6).any(0).nonzero()}
-        )
+        weight = weight.reshape(-1, weight.shape[-1])
+        named = weight > CULPRIT_FRACTION * weight.amax(-1, keepdim=True)
+        which = sorted({int(i) for i in named.any(0).nonzero()})
         raise IncompatibleConstraintsError(
             f"{call}: the constraints cannot hold together: {describe_rows(labels, which)} "
             "cannot be met once the boundary conditions hold (residual "

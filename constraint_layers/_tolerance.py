@@ -60,9 +60,29 @@ GRAM_INDEPENDENT = 1e-8
 #: residual there must vanish to the output dtype's ``residual`` tolerance. Formerly
 #: ``_project.DEPENDENT_RTOL``.
 REACH_RTOL = 1e-10
-#: The wall active set of the bounded step (``_project_bounds._WallBounds``): a multiplier below
-#: ``-WALL_MULTIPLIER_RTOL`` times the largest one releases its bound.
-WALL_MULTIPLIER_RTOL = 1e-9
+#: Rows named in an error: those whose weight in a vanishing combination is at least this
+#: fraction of the combination's largest (labelling only, no decision).
+CULPRIT_FRACTION = 1e-3
+
+# bounded solvers (``_bounded/``), float64 throughout
+_EPS64 = torch.finfo(torch.float64).eps
+#: The separable solver: a row has converged when ``|f(lam) - d| <= SEPARABLE_RTOL * (sum_i
+#: |c_i x_i| + |d|)`` (and ``4 *`` that for the breakpoint search's final check).
+SEPARABLE_RTOL = 64 * _EPS64
+#: The general (Goldfarb-Idnani) solver: a bound is violated beyond ``ACTIVE_SET_ROUNDING * eps
+#: * scale`` (``scale``: the largest value and finite bound).
+ACTIVE_SET_ROUNDING = 1e3
+#: The general solver's feasibility judgement: a total within ``FEASIBILITY_RTOL * (|C| |u| +
+#: |d|)`` of an end of its reachable range sits at that end (it pins its entries).
+FEASIBILITY_RTOL = 1e-12
+#: Relative jitters (times the largest variance) tried on a numerically singular dense metric.
+BOUNDED_JITTER = (0.0, 1e-12, 1e-10, 1e-8)
+#: The faces solver (``_bounded/faces.py``) stops when the rows hold, and the inequalities hold
+#: (with equality where their multiplier is positive), within ``FACES_ROUNDING * eps * scale``.
+FACES_ROUNDING = 256
+#: The faces solver's Newton ridge, relative to each row's squared norm (an exact step's error
+#: from it is removed by the next step).
+FACES_RIDGE = 1e-10
 
 
 def rounding(*dtypes: torch.dtype | None) -> float:

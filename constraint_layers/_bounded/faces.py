@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tolerance import FACES_RIDGE, FACES_ROUNDING
 from ..errors import ConstraintError
 from .checks import EPS, F64
 
@@ -40,13 +41,8 @@ __all__ = ["project_faces_bounded"]
 
 #: Newton steps of the rows-and-box solve, and active-set rounds over the wall values.
 MAX_NEWTON = 200
-#: The Newton system's ridge, relative to each row's squared norm (its effect on an exact step is
-#: removed by the next one: the iteration converges by that factor per step at worst).
-RIDGE = 1e-10
 #: Armijo fraction of the line search on the dual.
 ARMIJO = 1e-4
-#: Violations and multipliers are judged at ``ROUNDING * eps * scale``.
-ROUNDING = 256
 
 
 def _clip(w: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
@@ -127,7 +123,7 @@ def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
         J = R.select(move).gram(_free(w, lo, hi))
         # a ridge relative to each row's full norm: a row whose entries all sit at a bound
         # gets a long step (cut back by the line search) instead of none
-        ridge = RIDGE * norms[move] + 1e-300
+        ridge = FACES_RIDGE * norms[move] + 1e-300
         d = torch.zeros(k, dtype=F64)
         d[move] = torch.linalg.solve(J + torch.diag(ridge), g[move])
         t = 1.0
@@ -199,7 +195,7 @@ def project_faces_bounded(
         finite = [t[torch.isfinite(t)] for t in (r, lo64, hi64) if t is not None]
         scale = float(u64.abs().max()) if n else 0.0
         scale = max([scale, 1e-300] + [float(t.abs().max()) for t in finite if t.numel()])
-        y = _solve_dual(u64, R, r, lo64, hi64, ROUNDING * EPS * scale, call)
+        y = _solve_dual(u64, R, r, lo64, hi64, FACES_ROUNDING * EPS * scale, call)
         w = u64 + R.rt(y) if R.k else u64
         at_lo = torch.zeros(n, dtype=torch.bool) if lo64 is None else w <= lo64
         at_hi = torch.zeros(n, dtype=torch.bool) if hi64 is None else w >= hi64
