@@ -80,6 +80,10 @@ BOUNDED_JITTER = (0.0, 1e-12, 1e-10, 1e-8)
 #: The faces solver (``_bounded/faces.py``) stops when the rows hold, and the inequalities hold
 #: (with equality where their multiplier is positive), within ``FACES_ROUNDING * eps * scale``.
 FACES_ROUNDING = 256
+#: The faces solver's final solve: squared Cholesky pivots below this fraction of their diagonal
+#: entry mean rows dependent over the free entries (a periodic pair, a wall row a total implies):
+#: the pseudo-inverse then.
+FACES_PIVOT_RTOL = 1e-12
 #: The faces solver's Newton ridge, relative to each row's squared norm (an exact step's error
 #: from it is removed by the next step).
 FACES_RIDGE = 1e-10

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._tolerance import FACES_RIDGE, FACES_ROUNDING
+from .._tolerance import FACES_PIVOT_RTOL, FACES_RIDGE, FACES_ROUNDING
 from ..errors import ConstraintError
 from .checks import EPS, F64
 
@@ -125,7 +125,9 @@ def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
         # gets a long step (cut back by the line search) instead of none
         ridge = FACES_RIDGE * norms[move] + 1e-300
         d = torch.zeros(k, dtype=F64)
-        d[move] = torch.linalg.solve(J + torch.diag(ridge), g[move])
+        Jr = J + torch.diag(ridge)
+        step, info = torch.linalg.solve_ex(Jr, g[move])
+        d[move] = step if int(info) == 0 else torch.linalg.pinv(Jr, hermitian=True) @ g[move]
         t = 1.0
         while True:
             yn = y + t * d
@@ -226,9 +228,10 @@ def project_faces_bounded(
         return base, at_wl, at_wh
     A = Rg.gram(~fixed)
     rhs = rg - Rg.r(base)
-    _, info = torch.linalg.cholesky_ex(A.detach())
-    if int(info) == 0:
-        coef = torch.linalg.solve(A, rhs)
+    L, info = torch.linalg.cholesky_ex(A.detach())
+    pivots = L.diagonal().square() / A.detach().diagonal().clamp_min(1e-300)
+    if int(info) == 0 and bool((pivots > FACES_PIVOT_RTOL).all()):
+        coef = torch.cholesky_solve(rhs.unsqueeze(-1), torch.linalg.cholesky(A)).squeeze(-1)
     else:  # dependent rows over the free entries (consistent: the dual solve converged)
         coef = torch.linalg.pinv(A, hermitian=True) @ rhs
     return base + torch.where(fixed, 0.0, Rg.rt(coef)), at_wl, at_wh

@@ -112,3 +112,59 @@ def test_gradients_through_the_walls_and_the_bounds():
     cons = [cl.Neumann(0.0), cl.Conservation.integral(-0.005), cl.Bounds(lower=-0.01)]
     model = cl.wrap(nn.Identity(), *cons)
     assert torch.autograd.gradcheck(model, (x,))
+
+
+CASES = [
+    # (constraints, shape, bounds): walls of every kind, totals per frame, two-sided boxes
+    (lambda: [cl.Neumann(0.0, order=3), cl.Conservation.integral(0.3)], (3, 1, 15), (0.0, 0.5)),
+    (
+        lambda: [
+            cl.Dirichlet(0.0, side="low"),
+            cl.Neumann(0.5, side="high"),
+            cl.Conservation.integral(0.2),
+        ],
+        (2, 1, 13),
+        (0.0, None),
+    ),
+    (
+        lambda: [
+            cl.Neumann(0.0, dim=0),
+            cl.Conservation.integral(torch.linspace(0.05, 0.25, 6), dim=0),
+        ],
+        (2, 1, 9, 6),
+        (0.0, 0.3),
+    ),
+    (
+        lambda: [
+            cl.Periodic(dim=1),
+            cl.Neumann(0.0, dim=0),
+            cl.Conservation.integral(0.1, dim=(0, 1)),
+        ],
+        (2, 1, 8, 7),
+        (-0.05, 0.4),
+    ),
+    (
+        lambda: [
+            cl.Neumann(0.0),
+            cl.Conservation.integral(0.2),
+            cl.Conservation(torch.linspace(0, 1, 11), 0.3),
+        ],
+        (2, 1, 11),
+        (0.0, None),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_walls_totals_and_boxes_equal_the_dense_qp(case):
+    make, shape, (lower, upper) = CASES[case]
+    for seed in range(4):
+        x = 0.3 * torch.randn(shape, dtype=F64, generator=_gen(seed))
+        cons = [*make(), cl.Bounds(lower, upper)]
+        for lift in (0, 2) if len(shape) == 3 and case != 1 else (0,):
+            y = cl.wrap(nn.Identity(), *cons, lift=lift)(x)
+            assert bool((y >= lower).all()) and (upper is None or bool((y <= upper).all()))
+            pred = cl.functional.Gaussian(x, event_ndim=x.ndim - 1)
+            want, _ = reference_prediction(pred, cons, lift=lift)
+            scale = float(want.abs().max()) + 1e-2
+            torch.testing.assert_close(y, want, rtol=0, atol=1e-10 * scale)
