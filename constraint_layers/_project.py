@@ -86,12 +86,23 @@ def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[
     shape = grid_view(mean, k, grid_shape, call)
     rows = [c.rows(shape, inputs=inputs) for c in con]
     G, b = _stack(rows, shape[0], math.prod(shape[1:]))
-    if G.ndim != 2:  # per-sample rows: left to the solver
-        return con
     labels = _labels(con, [r.num_rows for r in rows])
     eps_rows, eps_rhs = data_rounding(con, mean.dtype)
-    Gk, bk = independent_rows(G, b, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
-    return con if Gk is G else [Conservation(Gk, bk)]
+    if G.ndim == 2:
+        Gk, bk = independent_rows(G, b, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
+        return con if Gk is G else [Conservation(Gk, bk)]
+    # rows per sample: each sample's own decision; one system when the ranks agree (else the
+    # solver meets the dependent rows and says so)
+    views = list(G.unbind(0))
+    parts = [
+        independent_rows(g, b[s : s + 1], labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
+        for s, g in enumerate(views)
+    ]
+    if all(Gk is g for g, (Gk, _) in zip(views, parts)):
+        return con
+    if len({Gk.shape[0] for Gk, _ in parts}) > 1:
+        return con
+    return [Conservation(torch.stack([Gk for Gk, _ in parts]), torch.cat([bk for _, bk in parts]))]
 
 
 def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:

@@ -148,3 +148,19 @@ def test_zero_rows_are_redundant_when_their_value_is_zero():
     assert G2.shape == (1, 6) and torch.allclose(b2 @ G2, 3.0 * G[:1])
     with pytest.raises(IncompatibleConstraintsError, match="b"):
         independent_rows(G, torch.tensor([[3.0, 1e-3]], dtype=F64), ["a", "b"], "t")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_given_per_sample_twice(dtype):
+    for n in SIZES:
+        G = torch.randn(2, 1, n, dtype=dtype, generator=_gen(n))  # one row per sample
+        C = cl.Conservation(G, torch.tensor([1.0], dtype=dtype))
+        x = torch.randn(2, n, dtype=dtype, generator=_gen(50 + n))
+        for head in (nn.Identity(), VarianceHead()):
+            out = cl.wrap(head, C, C)(x)
+            y = out[0] if isinstance(out, tuple) else out
+            for s in range(2):
+                assert _worst(y[s : s + 1], G[s], torch.ones(1, 1)) <= tolerance(dtype).residual
+        bad = cl.Conservation(G, torch.tensor([2.0], dtype=dtype))
+        with pytest.raises(IncompatibleConstraintsError, match="cannot hold together"):
+            cl.wrap(nn.Identity(), C, bad)(x)
