@@ -18,10 +18,10 @@ problem separates: ``v(y) = clip(u + R^T y, lo, hi)``, and the dual
 gradient points out stay there, the others take the Newton step ``(R_F R_F^T) d = r - R v`` over
 the free entries ``F`` (the separable solver's step, for several rows), projected on ``y >= 0``
 with a backtracking line search on ``D``. Once the active sets settle the step solves the linear
-system of those sets: the iteration ends on the exact solution. Cost per step ``O(k^2 n)`` for
-``k`` rows with nonzero multiplier: a total and the walls of a 64 x 64 grid take milliseconds,
-where the dense general solver (:func:`~constraint_layers._bounded.project_bounded`) takes
-``O(n^2)`` per active bound.
+system of those sets: the iteration ends on the exact solution. The wall rows are stored over
+the columns near the walls only (``t`` of them): a step costs ``O(M n + k^2 t + k^3)`` for ``M``
+dense rows and ``k`` rows that move, where the dense general solver
+(:func:`~constraint_layers._bounded.project_bounded`) costs ``O(n^2)`` per active bound.
 
 The solution is re-derived, with autograd, from the final active sets: the equality-only
 projection onto the rows and the held wall values over the free entries (the implicit function
@@ -39,7 +39,7 @@ from .checks import EPS, F64
 
 __all__ = ["project_faces_bounded"]
 
-#: Newton steps of the rows-and-box solve, and active-set rounds over the wall values.
+#: Newton steps of the dual iteration.
 MAX_NEWTON = 200
 #: Armijo fraction of the line search on the dual.
 ARMIJO = 1e-4
