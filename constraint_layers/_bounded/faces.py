@@ -65,6 +65,28 @@ class _Stack:
     def __init__(self, E: Tensor, W: Tensor, T: Tensor, n: int) -> None:
         self.E, self.W, self.T, self.n = E, W, T, n
         self.M = E.shape[0]
+        self._pairs: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, l, c)``: every pair of wall rows that read the same column ``c`` (each wall row
+        reads a few values: a few pairs per column)."""
+        if self._pairs is None:
+            rows, cols = (self.W != 0).nonzero(as_tuple=True)  # sorted by row
+            order = torch.argsort(cols, stable=True)
+            rows, cols = rows[order], cols[order]
+            t = self.W.shape[1]
+            count = torch.bincount(cols, minlength=t)
+            width = int(count.max()) if count.numel() else 0
+            start = torch.cumsum(count, 0) - count
+            slot = torch.arange(rows.numel()) - start[cols]
+            table = torch.full((t, max(width, 1)), -1, dtype=torch.long)
+            table[cols, slot] = rows
+            a = table[:, :, None].expand(t, table.shape[1], table.shape[1])
+            b = table[:, None, :].expand_as(a)
+            c = torch.arange(t)[:, None, None].expand_as(a)
+            ok = (a >= 0) & (b >= 0)
+            self._pairs = (a[ok], b[ok], c[ok])
+        return self._pairs
 
     @property
     def k(self) -> int:
@@ -90,8 +112,12 @@ class _Stack:
         EF = self.E * free
         EE = EF @ self.E.mT
         EW = EF[:, self.T] @ self.W.mT
-        # each wall row reads a few values: the sparse product costs O(nnz K), not O(K^2 t)
-        WW = (self.W * free[self.T]) @ self.W.mT
+        # each wall row reads a few values: summed over the pairs that share a column, O(pairs)
+        # rather than O(K^2 t)
+        K = self.W.shape[0]
+        a, b, c = self.pairs()
+        prod = self.W[a, c] * self.W[b, c] * free[self.T[c]]
+        WW = self.W.new_zeros((K, K)).index_put((a, b), prod, accumulate=True)
         return torch.cat([torch.cat([EE, EW], 1), torch.cat([EW.mT, WW], 1)])
 
 
@@ -120,7 +146,7 @@ def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
             return y
         # multipliers at 0 whose gradient points out stay at 0
         move = ~(ineq & (y <= 0) & (g <= 0))
-        J = R.select(move).gram(_free(w, lo, hi))
+        J = R.gram(_free(w, lo, hi))[move][:, move]
         # a ridge relative to each row's full norm: a row whose entries all sit at a bound
         # gets a long step (cut back by the line search) instead of none
         ridge = FACES_RIDGE * norms[move] + 1e-300
