@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._dependence import data_rounding, describe_rows, independent_rows
 from ._grid import resolve_spacing
-from ._tolerance import tolerance
+from ._tolerance import CULPRIT_FRACTION, REACH_RTOL, tolerance
 from .boundary.enforce import apply_plan, condition_rhs, plan
 from .conservation.conserve import conserve
-from .conservation.constraint import Conservation
+from .conservation.constraint import Conservation, IntegralConservation
 from .conservation.enforce import condition, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import IncompatibleConstraintsError
@@ -53,14 +54,6 @@ from .rows import DEFAULT_GRID, GridSpec, Rows
 __all__ = ["dense_projection", "project", "split_families"]
 
 F64 = torch.float64
-#: A squared pivot below this fraction of its row's norm: the row depends on the ones before it.
-DEPENDENT_RTOL = 1e-10
-#: Relative disagreement of right-hand sides (float64 data) beyond which dependent rows are
-#: incompatible.
-CONSISTENT_RTOL = 1e-10
-#: The same for rows dependent to rounding (conservation alone: nearer rows keep today's path,
-#: conditioned with a :class:`~constraint_layers.errors.ConditioningWarning`).
-EXACT_RTOL = 1e-20
 
 
 def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -70,10 +63,6 @@ def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return bnd, con
 
 
-def _describe(labels: Sequence[str], rows: Sequence[int]) -> str:
-    return ", ".join(labels[i] for i in rows[:6]) + (" ..." if len(rows) > 6 else "")
-
-
 def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
     out = []
     for c, m in zip(constraints, counts):
@@ -81,43 +70,13 @@ def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
     return out
 
 
-def independent_rows(
-    G: Tensor, b: Tensor, labels: Sequence[str], call: str, rtol: float = DEPENDENT_RTOL
-) -> tuple[Tensor, Tensor]:
-    """An equivalent system of independent rows for ``G u = b``, after checking that dependent
-    rows agree (else raise, naming them).
-
-    ``G`` (M, N) float64 shared by the batch, ``b`` (batch, M) float64. A healthy system (Cholesky
-    of ``G G^T`` with good pivots) comes back as it is; otherwise the rows are replaced by an
-    orthonormal basis of their span (``Q^T G``, ``Q^T b``: the same constraint set).
-    """
-    gram = G @ G.mT
-    norms = gram.diagonal().clamp_min(torch.finfo(F64).tiny)
-    L, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0 and bool((L.diagonal().square() > rtol * norms).all()):
-        return G, b
-    # rows scaled to unit norm, so that the tolerance is relative to each row
-    unit = norms.rsqrt()
-    lam, V = torch.linalg.eigh(gram * unit.unsqueeze(0) * unit.unsqueeze(1))
-    keep = lam > rtol * lam.amax().clamp_min(torch.finfo(F64).tiny)
-    bs = b * unit
-    V0 = V[:, ~keep]  # combinations of the (unit) rows that vanish
-    off = (bs @ V0).abs()  # (batch, K0): what those combinations of the totals leave over
-    size = bs.abs() @ V0.abs() + 1.0
-    bad = off > CONSISTENT_RTOL * size
-    if bool(bad.any()):
-        culprits = (V0[:, bad.any(0)].abs() > 1e-6).any(1).nonzero().flatten().tolist()
-        raise IncompatibleConstraintsError(
-            f"{call}: the constraints cannot hold together: {_describe(labels, culprits)} "
-            f"depend on each other, but their values disagree (off by {float(off.max()):.3e} "
-            "in a combination that must vanish). Check the values and totals (e.g. a total "
-            "that the wall values make impossible).",
-            tuple(culprits),
-        )
-    Q = V[:, keep] * unit.unsqueeze(1)  # (M, R): the basis, back in the rows' scaling
-    scale = (Q.square().sum(0)).rsqrt()
-    Q = Q * scale
-    return Q.mT @ G, b @ Q
+def _may_depend(con: Sequence[Any]) -> bool:
+    """Whether the conservation rows may depend on each other: several constraints, or one
+    general matrix of several rows (one integral's rows touch disjoint values)."""
+    if len(con) > 1:
+        return True
+    c = con[0]
+    return not isinstance(c, IntegralConservation) and (c.num_rows or 0) > 1
 
 
 def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[Any]:
@@ -127,11 +86,23 @@ def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[
     shape = grid_view(mean, k, grid_shape, call)
     rows = [c.rows(shape, inputs=inputs) for c in con]
     G, b = _stack(rows, shape[0], math.prod(shape[1:]))
-    if G.ndim != 2:  # per-sample rows: left to the solver
-        return con
     labels = _labels(con, [r.num_rows for r in rows])
-    Gk, bk = independent_rows(G, b, labels, call, rtol=EXACT_RTOL)
-    return con if Gk.shape[0] == G.shape[0] else [Conservation(Gk, bk)]
+    eps_rows, eps_rhs = data_rounding(con, mean.dtype)
+    if G.ndim == 2:
+        Gk, bk = independent_rows(G, b, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
+        return con if Gk is G else [Conservation(Gk, bk)]
+    # rows per sample: each sample's own decision; one system when the ranks agree (else the
+    # solver meets the dependent rows and says so)
+    views = list(G.unbind(0))
+    parts = [
+        independent_rows(g, b[s : s + 1], labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
+        for s, g in enumerate(views)
+    ]
+    if all(Gk is g for g, (Gk, _) in zip(views, parts)):
+        return con
+    if len({Gk.shape[0] for Gk, _ in parts}) > 1:
+        return con
+    return [Conservation(torch.stack([Gk for Gk, _ in parts]), torch.cat([bk for _, bk in parts]))]
 
 
 def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
@@ -171,23 +142,23 @@ def _solve_consistent(
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
     if not bool((info != 0).any()):
         ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.clamp_min(1e-300)
-        if bool((ratio > DEPENDENT_RTOL).all()):
+        if bool((ratio > REACH_RTOL).all()):
             return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
     lam, V = torch.linalg.eigh(A)
-    keep = lam > DEPENDENT_RTOL * lam.amax(-1, keepdim=True).clamp_min(1e-300)
+    keep = lam > REACH_RTOL * lam.amax(-1, keepdim=True).clamp_min(1e-300)
     inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), 0.0)
     rv = (V.mT @ r.unsqueeze(-1)).squeeze(-1)
     off = torch.where(keep, 0.0, rv).abs()  # residual in the directions no move can reach
     if bool((off > tol * scale.amax(-1, keepdim=True)).any()):
         weight = (V * (~keep).unsqueeze(-2)).abs().amax(-1)  # rows in the unreachable directions
-        which = sorted(
-            {int(i) for i in (weight.reshape(-1, weight.shape[-1]) > 1e-6).any(0).nonzero()}
-        )
+        weight = weight.reshape(-1, weight.shape[-1])
+        named = weight > CULPRIT_FRACTION * weight.amax(-1, keepdim=True)
+        which = sorted({int(i) for i in named.any(0).nonzero()})
         raise IncompatibleConstraintsError(
-            f"{call}: the constraints cannot hold together: {_describe(labels, which)} cannot be "
-            f"met once the boundary conditions hold (residual {float(off.detach().max()):.3e} in a "
-            "direction no free value can change). Check the values and totals (e.g. a total that "
-            "the wall values make impossible).",
+            f"{call}: the constraints cannot hold together: {describe_rows(labels, which)} "
+            "cannot be met once the boundary conditions hold (residual "
+            f"{float(off.detach().max()):.3e} in a direction no free value can change). Check "
+            "the values and totals (e.g. a total that the wall values make impossible).",
             tuple(which),
         )
     return (V @ (inv * rv).unsqueeze(-1)).squeeze(-1)
@@ -245,7 +216,7 @@ def project(
     k = pred.event_ndim
     mean = pred.mean
     if not bnd:
-        if len(con) > 1 and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
+        if _may_depend(con) and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
             con = _without_dependent_rows(con, mean, k, grid_shape, inputs, call)
         if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
             shape = grid_view(mean, k, grid_shape, call)
@@ -285,25 +256,46 @@ def project(
 
 
 def _joint_deterministic(u, z1, bplan, rhs, con, shape, inputs, call) -> Tensor:
-    """Conservation rows on the freedom the boundary step leaves (Euclidean), then the step."""
+    """Conservation rows on the freedom the boundary step leaves (Euclidean), then the step.
+
+    ``B(v) = S v + f``: the rows ``G B(v) = b`` read ``G' v = b'`` with ``G' = G S`` and
+    ``b' = b - G f``. Rows that depend on the others there (a total that reads only wall values,
+    a repeated total) are dropped when their values agree, and named when they do not
+    (:func:`~constraint_layers._dependence.independent_rows`, at rounding).
+    """
     n = math.prod(shape[1:])
     rows = [c.rows(shape, inputs=inputs) for c in con]
     G, b = _stack(rows, shape[0], n)
     G = G.to(u.device)
     b = b.to(u.device)
     Gp = _pull_back(G, bplan, shape)  # (M, N) or (B, M, N)
-    flat = z1.reshape(shape[0], -1).to(F64)
-    r = (flat @ G.mT if G.ndim == 2 else (G @ flat.unsqueeze(-1)).squeeze(-1)) - b
-    A = Gp @ Gp.mT
+    f = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(shape[0], -1).to(F64)
+    bp = b - (f @ G.mT if G.ndim == 2 else (G @ f.unsqueeze(-1)).squeeze(-1))
     labels = _labels(con, [x.num_rows for x in rows])
-    absz = flat.abs()
-    scale = absz @ G.abs().mT if G.ndim == 2 else (G.abs() @ absz.unsqueeze(-1)).squeeze(-1)
-    scale = scale + b.abs() + torch.finfo(F64).tiny
+    eps_rows, eps_rhs = data_rounding(con, u.dtype)
     tol = tolerance(u.dtype).residual
-    coef = _solve_consistent(A, r, scale, tol, labels, call)  # (B, M)
-    step = coef @ Gp if Gp.ndim == 2 else (coef.unsqueeze(-2) @ Gp).squeeze(-2)
-    v = (u.reshape(shape[0], -1).to(F64) - step).to(u.dtype).reshape(shape)
+    flat = u.reshape(shape[0], -1).to(F64)
+    if Gp.ndim == 2:
+        Gk, bk = independent_rows(Gp, bp, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
+        step = _reduced_step(flat, Gk, bk, tol, labels, call)
+    else:  # rows per sample: each its own decision
+        parts = []
+        for s in range(shape[0]):
+            Gk, bk = independent_rows(
+                Gp[s], bp[s : s + 1], labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs
+            )
+            parts.append(_reduced_step(flat[s : s + 1], Gk, bk, tol, labels, call))
+        step = torch.cat(parts)
+    v = (flat - step).to(u.dtype).reshape(shape)
     return apply_plan(v, bplan, rhs)
+
+
+def _reduced_step(flat: Tensor, Gk: Tensor, bk: Tensor, tol: float, labels, call) -> Tensor:
+    """``Gk^T (Gk Gk^T)^+ (Gk u - bk)``: the Euclidean step onto the (independent) rows."""
+    r = flat @ Gk.mT - bk
+    scale = flat.abs() @ Gk.abs().mT + bk.abs() + torch.finfo(F64).tiny
+    coef = _solve_consistent(Gk @ Gk.mT, r, scale, tol, labels, call)  # (B, R)
+    return coef @ Gk
 
 
 def _fixed_point_rows(
@@ -366,7 +358,8 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
     labels = [*blabels, *_labels(con, [r.num_rows for r in crows])]
     s = _noise_rows(noise, bcounts, [r.num_rows for r in crows])
     if G.ndim == 2 and not isinstance(s, Tensor):
-        G, b = independent_rows(G, b, labels, call)
+        eps_rows, eps_rhs = data_rounding([*bnd, *con], mean.dtype)
+        G, b = independent_rows(G, b, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
     G = G.to(mean.device)
     b = b.to(mean.device).reshape(*lead, -1)
     if G.ndim == 3:

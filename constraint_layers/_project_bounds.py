@@ -14,13 +14,14 @@ diagonal one
 one integral constraint, no     :func:`project_bounded_rows` on the per-frame rows: one
 boundary rows, a diagonal (or   multiplier per row from its piecewise-linear equation
 no) metric
-boundary rows, deterministic    the boundary step ``B(v) = S v + f`` keeps its meaning: the
-output                          bounded Euclidean projection of ``u`` onto ``G S v = b - G f``
-                                with the bounds on the values ``B`` leaves unchanged, then ``B``;
-                                the values ``B`` sets (Neumann pivots, a lift) are affine in the
-                                others: a violated one is held at its bound by an active set
-                                over those inequalities (exact); a Dirichlet wall value outside
-                                the bounds raises (no other value changes it)
+boundary rows, deterministic    the boundary step ``B(v) = S v + f`` keeps its meaning (its
+output                          face-local rows eliminated): the bounded Euclidean projection
+                                of ``u`` onto ``G S v = b - G f`` with the bounds on the values
+                                ``B`` leaves unchanged AND on the values it sets (Neumann pivots,
+                                a lift: affine in ``v``, sparse rows), then ``B``;
+                                :func:`~constraint_layers._bounded.faces.project_faces_bounded`
+                                (a projected Newton method on the dual, exact); a Dirichlet wall
+                                value outside the bounds raises (no other value changes it)
 anything else (a dense or       :func:`project_bounded`: the dual active-set method on the
 low-rank covariance, several    stacked rows (boundary rows where each condition is in charge,
 constraints, boundary rows on   then the conservation rows)
@@ -49,8 +50,10 @@ import torch
 from torch import Tensor
 
 from ._bounded import project_bounded, project_bounded_rows
+from ._bounded.faces import project_faces_bounded
+from ._dependence import data_rounding, independent_rows
 from ._grid import resolve_spacing
-from ._project import _labels, _pull_back, _stack, independent_rows, split_families
+from ._project import _labels, _pull_back, _stack, split_families
 from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
 from .bounds import Bounds, resolve_bounds
 from .conservation.conserve import conserve
@@ -67,13 +70,6 @@ F64 = torch.float64
 #: The private solvers' names (``project_bounded (sample (0,)): ...``), which a message under
 #: the user's call leaves out.
 _SOLVER_HEAD = re.compile(r"^project_bounded(?:_rows)?(?: \(([^:]*)\))?: ")
-
-
-def _wall_outside(message: str) -> IncompatibleConstraintsError:
-    """A value set by the boundary step lies outside the bounds (raised as it is)."""
-    err = IncompatibleConstraintsError(message)
-    err.wall_outside = True  # type: ignore[attr-defined]
-    return err
 
 
 def _within(x: Tensor, lo: Tensor | None, hi: Tensor | None) -> bool:
@@ -227,9 +223,10 @@ def _moved(bplan: Any, n: int, device: Any) -> Tensor:
 
 
 def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Tensor:
-    """Boundary rows on a deterministic output: the bounded projection on the substituted
-    system, with the bounds on the values the boundary step leaves unchanged (and, where it
-    sets a value outside them, on that value too: :class:`_WallBounds`)."""
+    """Boundary rows on a deterministic output: the face-local rows eliminated (``B(v) = S v +
+    f``), the bounded projection of ``u`` onto the substituted rows ``G S v = b - G f`` with the
+    bounds on the values ``B`` leaves unchanged and on the values it sets (affine in ``v``):
+    :func:`~constraint_layers._bounded.faces.project_faces_bounded`, then ``B``."""
     B, n = shape[0], math.prod(shape[1:])
     hs = resolve_spacing(
         shape[2:], spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint, call=call
@@ -243,66 +240,70 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
     lo_v = None if lo is None else torch.where(moved, -inf, lo.reshape(B, n))
     hi_v = None if hi is None else torch.where(moved, inf, hi.reshape(B, n))
     flat = u.reshape(B, n)
-    f0 = None  # B(0) (B, n): the values the step sets, formed when needed
+    f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n).to(F64)  # B(0)
     if con:
         rows = [c.rows(shape, inputs=inputs) for c in con]
         G, b = _stack(rows, B, n)
         G, b = G.to(u.device), b.to(u.device)
         Gp = _pull_back(G, bplan, shape)  # (M, N) or (B, M, N)
-        f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n)
-        f = f0.to(F64)
-        Gf = f @ G.mT if G.ndim == 2 else (G @ f.unsqueeze(-1)).squeeze(-1)
-        bp = b - Gf
+        bp = b - (f0 @ G.mT if G.ndim == 2 else (G @ f0.unsqueeze(-1)).squeeze(-1))
         if Gp.ndim == 2:
             labels = _labels(con, [r.num_rows for r in rows])
-            Gp, bp = independent_rows(Gp, bp, labels, call)
-        v = project_bounded(flat, Gp, bp, lower=lo_v, upper=hi_v)
-    else:
-        v = _clip(flat, lo_v, hi_v)
-    out = apply_plan(v.to(u.dtype).reshape(shape), bplan, rhs)
-    bad = _outside(out.reshape(B, n), lo, hi, B, n)
-    if not bool(bad.any()):
-        return out
-    # values the step sets (a Neumann pivot, a lift) left the bounds: re-solve those samples
-    # with the violated ones held at their bound (an active set over the walls' inequalities)
-    if con:
+            eps_rows, eps_rhs = data_rounding(con, u.dtype)
+            Gp, bp = independent_rows(Gp, bp, labels, call, eps_rows=eps_rows, eps_rhs=eps_rhs)
         Gp_b = Gp if Gp.ndim == 3 else Gp.expand(B, *Gp.shape)
-        bp_b = bp
     else:
         Gp_b = torch.zeros((B, 0, n), dtype=F64, device=u.device)
-        bp_b = torch.zeros((B, 0), dtype=F64, device=u.device)
-    if f0 is None:
-        f0 = apply_plan(torch.zeros_like(u), bplan, rhs).reshape(B, n)
-    rows_out = []
+        bp = torch.zeros((B, 0), dtype=F64, device=u.device)
+    # the values the step sets, as functions of v: x_m = W_m v + f_m (zero rows: Dirichlet)
+    idx, W, T, settable = _wall_rows(bplan, moved, shape)
+    ninf = torch.full((idx.numel(),), -math.inf, dtype=F64, device=u.device)
+    out: list[Tensor] = []
+    held_lo: list[Tensor] = []
+    held_hi: list[Tensor] = []
     for s in range(B):
-        if not bool(bad[s].any()):
-            rows_out.append(out[s])
-            continue
-        walls = _WallBounds(bplan, shape, f0[s], lo, hi, B, n, s, bnd, call)
-        vs, held = walls.solve(flat[s], Gp_b[s], bp_b[s], _row(lo_v, s), _row(hi_v, s), bad[s])
-        zs = apply_plan(vs.to(u.dtype).reshape(1, *shape[1:]), bplan, [r[s : s + 1] for r in rhs])
-        if held:  # the values held at a bound: on it exactly (the pivot re-solve rounds)
-            idx = torch.tensor(list(held), dtype=torch.long, device=u.device)
-            val = torch.stack([held[m] for m in held]).to(u.dtype)
-            zs = zs.reshape(-1).index_put((idx,), val)
-        rows_out.append(zs.reshape(shape[1:]))
-    out = torch.stack(rows_out)
-    return _walls_exact(out, lo, hi, B, n)
+        fs = f0[s, idx]
+        wl = ninf if lo is None else lo.reshape(B, n)[s, idx].to(F64) - fs
+        wh = -ninf if hi is None else hi.reshape(B, n)[s, idx].to(F64) - fs
+        outside = ~settable & ((wl.detach() > 0) | (wh.detach() < 0))
+        if bool(outside.any()):
+            m = int(idx[outside.nonzero()[0, 0]])
+            raise _wall_outside(bnd, shape, s, m, float(f0[s, m]), lo, hi, call)
+        v, at_wl, at_wh = project_faces_bounded(
+            flat[s], Gp_b[s], bp[s], W[settable], T, wl[settable], wh[settable],
+            _row(lo_v, s), _row(hi_v, s), call,
+        )  # fmt: skip
+        out.append(v)
+        held_lo.append(idx[settable][at_wl])
+        held_hi.append(idx[settable][at_wh])
+    z = apply_plan(torch.stack(out).to(u.dtype).reshape(shape), bplan, rhs).reshape(B, n)
+    # wall values held at a bound: on it exactly (the pivot re-solve rounds)
+    for s in range(B):
+        for pos, bound in ((held_lo[s], lo), (held_hi[s], hi)):
+            if pos.numel():
+                z = z.index_put((torch.full_like(pos, s), pos), bound.reshape(B, n)[s, pos])
+    return _walls_exact(z, lo, hi, B, n).reshape(shape)
+
+
+def _wall_rows(bplan: Any, moved: Tensor, shape: tuple[int, ...]):
+    """The values the boundary step sets as functions of the values it leaves: ``(idx, W, T,
+    settable)``: their flat positions (K,), the rows (K, t) over the columns ``T`` (t,) that any
+    of them reads, and which rows are not zero (zero: a Dirichlet value). Cached on the plan."""
+    cached = bplan.derived.get("wall_rows")
+    if cached is None:
+        n = moved.numel()
+        idx = moved.nonzero().flatten()
+        unit = torch.zeros((idx.numel(), n), dtype=F64, device=moved.device)
+        unit[torch.arange(idx.numel(), device=moved.device), idx] = 1.0
+        full = _pull_back(unit, bplan, shape) if idx.numel() else unit
+        T = (full != 0).any(0).nonzero().flatten()
+        cached = (idx, full[:, T].contiguous(), T, (full != 0).any(-1))
+        bplan.derived["wall_rows"] = cached
+    return cached
 
 
 def _row(t: Tensor | None, s: int) -> Tensor | None:
     return None if t is None else t[s]
-
-
-def _outside(z: Tensor, lo: Tensor | None, hi: Tensor | None, B: int, n: int) -> Tensor:
-    """(B, n) bool: values outside the bounds (exact comparison)."""
-    bad = torch.zeros((B, n), dtype=torch.bool, device=z.device)
-    z = z.detach()
-    if lo is not None:
-        bad = bad | (z < lo.reshape(B, n).detach())
-    if hi is not None:
-        bad = bad | (z > hi.reshape(B, n).detach())
-    return bad
 
 
 def _walls_exact(out: Tensor, lo: Tensor | None, hi: Tensor | None, B: int, n: int) -> Tensor:
@@ -311,100 +312,22 @@ def _walls_exact(out: Tensor, lo: Tensor | None, hi: Tensor | None, B: int, n: i
     return _clip(out.reshape(B, n), _flat(lo, B), _flat(hi, B)).reshape(out.shape)
 
 
-class _WallBounds:
-    """One sample's values set by the boundary step (walls, Neumann pivots, a lift), each an
-    affine function ``z_m = s_m . v + f_m`` of the values ``v`` the step leaves unchanged, kept
-    within their bounds: the inequalities ``lower_m <= z_m <= upper_m`` join the Euclidean
-    projection of ``v`` through an active set (a violated one is held at its bound as an equality
-    row; one whose multiplier has the wrong sign is released), with
-    :func:`project_bounded` for the box bounds and the other rows at every step."""
-
-    def __init__(self, bplan, shape, f, lo, hi, B, n, s, bnd, call) -> None:
-        self.bplan, self.shape, self.f, self.n, self.call, self.bnd = bplan, shape, f, n, call, bnd
-        self.lo = None if lo is None else lo.reshape(B, n)[s]
-        self.hi = None if hi is None else hi.reshape(B, n)[s]
-        self.s = s
-        self._rows: dict[int, Tensor] = {}
-
-    def row(self, m: int) -> Tensor:
-        """``s_m`` (n,) float64: the step's value at flat position ``m`` as a function of v."""
-        if m not in self._rows:
-            e = torch.zeros((1, self.n), dtype=F64, device=self.f.device)
-            e[0, m] = 1.0
-            self._rows[m] = _pull_back(e, self.bplan, self.shape)[0]
-        return self._rows[m]
-
-    def values(self, v: Tensor) -> Tensor:
-        """The step's output (n,) for the values ``v`` (float64)."""
-        x = v.detach().to(F64).reshape(1, *self.shape[1:])
-        zeros = [torch.zeros((1, c.index.shape[0]), dtype=F64, device=x.device)
-                 for c in self.bplan.conds]  # fmt: skip
-        return apply_plan(x, self.bplan, zeros).reshape(-1) + self.f.detach().to(F64)
-
-    def _fixed(self, m: int, z: float) -> IncompatibleConstraintsError:
-        pos = tuple(int(p) for p in torch.unravel_index(torch.tensor(m), tuple(self.shape[1:])))
-        lo = -math.inf if self.lo is None else float(self.lo[m])
-        hi = math.inf if self.hi is None else float(self.hi[m])
-        return _wall_outside(
-            f"{self.call}: the boundary conditions {list(self.bnd)} set the value {z:.6g} at "
-            f"sample {self.s}, index {pos} (channel, d1, ...), outside the bounds [{lo:.6g}, "
-            f"{hi:.6g}], and no choice of the other values changes it (a Dirichlet wall value): "
-            "the wall values must lie in the bounds. Check the boundary values and the bounds."
-        )
-
-    def solve(self, u, Gp, bp, lo_v, hi_v, bad) -> tuple[Tensor, dict[int, Tensor]]:
-        """The values ``v`` (n,) float64 and the positions held at a bound (position -> bound)."""
-        u64 = u.to(F64)
-        active: dict[int, tuple[float, Tensor]] = {}  # position -> (sign, bound)
-        z = self.values(u64)
-        cand = bad
-        for _ in range(4 * int(self.n) + 10):
-            if bool(cand.any()):  # hold the most violated value at its bound
-                zd = z.detach()
-                below = torch.zeros_like(zd) if self.lo is None else (self.lo.to(F64) - zd)
-                above = torch.zeros_like(zd) if self.hi is None else (zd - self.hi.to(F64))
-                gap = torch.where(cand, torch.maximum(below, above), -math.inf)
-                m = int(gap.argmax())
-                sign = 1.0 if float(below[m]) > 0 else -1.0
-                row = self.row(m)
-                if not bool((row != 0).any()):
-                    raise self._fixed(m, float(zd[m]))
-                bound = (self.lo if sign > 0 else self.hi)[m].to(F64)
-                active[m] = (sign, bound)
-            keys = list(active)
-            C, d = Gp, bp
-            if keys:
-                C = torch.cat([Gp, torch.stack([self.row(m) for m in keys])])
-                d = torch.cat([bp, torch.stack([active[m][1] - self.f.to(F64)[m] for m in keys])])
-            v = project_bounded(u64, C, d, lower=lo_v, upper=hi_v) if C.shape[0] else u64
-            # multipliers (v - u = C^T nu on the entries free of their box bounds)
-            free = torch.ones(self.n, dtype=torch.bool, device=u.device)
-            vd = v.detach()
-            if lo_v is not None:
-                free = free & (vd > lo_v)
-            if hi_v is not None:
-                free = free & (vd < hi_v)
-            move = (vd - u64.detach())[free, None]
-            nu = torch.linalg.lstsq(C.detach()[:, free].mT, move).solution
-            signs = torch.tensor([active[m][0] for m in keys], dtype=F64, device=nu.device)
-            nu_w = nu[Gp.shape[0] :, 0] * signs
-            tol = 1e-9 * (float(nu.abs().max()) if nu.numel() else 0.0) + 1e-300
-            if nu_w.numel() and float(nu_w.min()) < -tol:  # released: the bound pulls
-                del active[keys[int(nu_w.argmin())]]
-                cand = torch.zeros_like(bad)
-                z = self.values(v)
-                continue
-            z = self.values(v)
-            cand = _outside(z[None], self.lo, self.hi, 1, self.n)[0]
-            for m in active:
-                cand[m] = False
-            if not bool(cand.any()):
-                return v, {m: b for m, (_, b) in active.items()}
-        raise ConstraintError(
-            f"{self.call}: the active set over the values the boundary step sets (sample "
-            f"{self.s}) did not settle: the bounds on the walls cannot be met together with the "
-            "rows. Check the boundary values, the totals and the bounds."
-        )
+def _wall_outside(
+    bnd, shape, s: int, m: int, z: float, lo, hi, call: str
+) -> IncompatibleConstraintsError:
+    """A value the boundary step sets whatever the input (a Dirichlet wall) outside the bounds."""
+    B, n = shape[0], math.prod(shape[1:])
+    pos = tuple(int(p) for p in torch.unravel_index(torch.tensor(m), tuple(shape[1:])))
+    low = -math.inf if lo is None else float(lo.reshape(B, n)[s, m])
+    high = math.inf if hi is None else float(hi.reshape(B, n)[s, m])
+    err = IncompatibleConstraintsError(
+        f"{call}: the boundary conditions {list(bnd)} set the value {z:.6g} at sample {s}, "
+        f"index {pos} (channel, d1, ...), outside the bounds [{low:.6g}, {high:.6g}], and no "
+        "choice of the other values changes it (a Dirichlet wall value): the wall values must "
+        "lie in the bounds. Check the boundary values and the bounds."
+    )
+    err.wall_outside = True  # type: ignore[attr-defined]  # raised as it is
+    return err
 
 
 # ----------------------------------------------------------------------------------- Gaussian

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._bind_grid import bind_grid
 from ._grid import check_grid_options, resolve_spacing
 from ._messages import under_call
 from ._project import project as _engine_project
@@ -243,6 +244,8 @@ class ConstraintLayer(nn.Module):
         self.constraints = self._accept(constraints, call)
         self.layout = _resolve_layout(layout, adapter, model, self.constraints, call)
         check_grid_options(spacing, extent, call)
+        # the wrapper's grid is every constraint's: integrals take it (a conflict raises)
+        self.constraints = bind_grid(self.constraints, spacing, extent, endpoint, call)
         self.spacing = spacing
         self.extent = extent
         self.endpoint = bool(endpoint)

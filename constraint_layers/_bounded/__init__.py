@@ -11,7 +11,7 @@ entry with zero weight (a zero row and column of ``W``) is fixed: it cannot move
 bounds the solution is the equality-only projection ``u - W C^T (C W C^T)^{-1} (C u - d)``
 (:func:`constraint_layers.functional.conserve` with ``noise = 0``).
 
-Two solvers:
+Three solvers:
 
 * :func:`project_bounded_rows`, the separable fast path. ``W = diag(w)`` and rows that touch
   disjoint entries (one quadrature row per time frame), laid out as ``(*batch, M, n)``: row ``m``
@@ -35,6 +35,10 @@ Two solvers:
   with torch operations, so autograd differentiates the active-set solution). Looped over
   samples; cost per sample O(N^2 (M + k)) for ``k`` active bounds. (A primal-dual active-set
   search, only (M + k)-sized systems, was tried: it cycled on smooth, GP-like covariances.)
+
+* :func:`~constraint_layers._bounded.faces.project_faces_bounded`, the path with the boundary
+  step eliminated (deterministic outputs with walls): a few dense rows, the box, and sparse
+  inequality rows on the values the step sets, by a projected Newton method on the dual (exact).
 
 Gaussian outputs (the semantics the layer implements with :func:`active_bounds`): the bounded
 mean is the MODE of the conditioned Gaussian ``u | C u = d`` restricted to the box (on the affine

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._tolerance import ACTIVE_SET_ROUNDING, BOUNDED_JITTER, FEASIBILITY_RTOL
 from ..errors import ConstraintError, SingularConstraintError
 from .checks import (
     EPS,
@@ -133,7 +134,7 @@ def _gi_active_set(
         if t is not None:
             fin = t[torch.isfinite(t)]
             scale = max(scale, float(fin.abs().amax()) if fin.numel() else 0.0)
-    tol = 1e3 * EPS * max(scale, 1e-300)
+    tol = ACTIVE_SET_ROUNDING * EPS * max(scale, 1e-300)
     wdiag = W.diagonal()
     for _ in range(10 * (N + M) + 10):
         slack = torch.full((2, N), math.inf, dtype=F64)
@@ -188,7 +189,7 @@ def _gi_active_set(
 
 
 #: Relative jitters (times the largest variance) tried on a numerically singular dense metric.
-JITTER = (0.0, 1e-12, 1e-10, 1e-8)
+JITTER = BOUNDED_JITTER
 
 
 def _jittered(W: Tensor, fixed: Tensor, jitter: float) -> Tensor:
@@ -364,7 +365,7 @@ def _forced(C, d, low, high, span, fixed, lo, hi, call) -> tuple[Tensor, Tensor]
     the bound that gives that end (e.g. a zero total of non-negative values). Returns their
     indices, their signs (+1 lower, -1 upper) and the (M,) mask of such rows (implied by the
     pinned entries)."""
-    tol = 1e-12 * span
+    tol = FEASIBILITY_RTOL * span
     t_lo = (d <= low + tol) & torch.isfinite(low)  # (M,)
     t_hi = (d >= high - tol) & torch.isfinite(high)
     touch = (C != 0) & ~fixed  # (M, N)
@@ -404,7 +405,7 @@ def _dense_one(u, C, d, WB, b, loB, hiB, out_dtype, call, where) -> Tensor:
             _check_fixed(u64, fixed, lo, hi, call)
         low, high = _row_ranges(C64, u64, fixed, lo, hi)
         span = C64.abs() @ u64.abs() + d64.abs()
-        bad = (d64 < low - 1e-12 * span) | (d64 > high + 1e-12 * span)
+        bad = (d64 < low - FEASIBILITY_RTOL * span) | (d64 > high + FEASIBILITY_RTOL * span)
         if bool(bad.any()):
             rows = bad.nonzero()[:, 0]
             raise _infeasible(call + where, (C64.shape[0],), rows, d64[bad], low[bad], high[bad])

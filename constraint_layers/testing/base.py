@@ -14,8 +14,9 @@ the rest::
         def make_constraints(self):
             return [cl.Dirichlet(0.0), cl.Conservation.integral(1.0)]
 
-Checks: every row holds to the tolerance table's residual (float64 and float32), the base model
-violated them (non-vacuity), agreement with the dense reference (values and gradients),
+Checks: every row holds to the tolerance table's residual (float64 and float32), every value lies
+within the bounds (``cl.Bounds``, exactly), the base model violated the rows (non-vacuity),
+agreement with the dense reference (values and gradients; with bounds, the dense QP),
 idempotence, batching, the output dtype, the ``state_dict`` round trip, ``unwrap`` identity, and
 that neither the input nor the base model changes. Works with pytest (``Test*`` classes) and
 ``unittest.TestCase``.
@@ -169,6 +170,33 @@ class ConstraintLayerTests:
                 worst = self.worst_residual(layer, layer(x), x)
             if not worst <= tolerance(dtype).residual:
                 raise AssertionError(f"{dtype}: relative residual {worst:.3e} after the projection")
+
+    def test_bounds_hold(self) -> None:
+        """Every value within the bounds (``cl.Bounds``), exactly, in every dtype."""
+        from ..bounds import resolve_bounds
+        from ..layer import _to_physical, current_normalizer
+
+        bounds = [c for c in self.wrap(self.make_model(self.dtype)).constraints
+                  if c.family == "bounds"]  # fmt: skip
+        if not bounds:
+            return
+        for dtype in self.dtypes:
+            _model, layer, x = self.build(dtype)
+            with torch.no_grad():
+                g = self.prediction(layer, layer(x))
+            norm = current_normalizer(layer.normalizer)
+            if norm is not None:
+                g, _ = _to_physical(g, norm)
+            shape = grid_view(g.mean, g.event_ndim, layer.grid_shape, "test_bounds_hold")
+            y = g.mean.detach().reshape(shape)
+            lo, hi = resolve_bounds(
+                bounds, shape, dtype=y.dtype, device=y.device, inputs=x,
+                flat_shape=tuple(g.mean.shape), call="test_bounds_hold",
+            )  # fmt: skip
+            if lo is not None and not bool((y >= lo).all()):
+                raise AssertionError(f"{dtype}: {float((lo - y).max()):.3e} below a lower bound")
+            if hi is not None and not bool((y <= hi).all()):
+                raise AssertionError(f"{dtype}: {float((y - hi).max()):.3e} above an upper bound")
 
     def test_matches_reference(self) -> None:
         _model, layer, x = self.build()
