@@ -14,6 +14,7 @@ from . import (
     adapters,
     errors,
     functional,
+    local,
     metrics,
     problems,
     quadrature,
@@ -25,6 +26,7 @@ from .boundary import BoundaryCondition, Dirichlet, Neumann, Periodic
 from .bounds import Bounds
 from .conservation import Conservation, IntegralConservation, mass_over_time
 from .layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
+from .local import Continuity, DivergenceFree, LinearPDE
 from .rows import GridSpec, Rows
 
 __version__ = "0.1.0.dev0"
@@ -36,16 +38,20 @@ __all__ = [
     "Conservation",
     "ConservationProjection",
     "ConstraintLayer",
+    "Continuity",
     "Dirichlet",
+    "DivergenceFree",
     "Given",
     "GridSpec",
     "IntegralConservation",
+    "LinearPDE",
     "Neumann",
     "Periodic",
     "Rows",
     "adapters",
     "errors",
     "functional",
+    "local",
     "mass_over_time",
     "metrics",
     "problems",

@@ -60,6 +60,7 @@ from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError
+from .local.project import is_local, project_record
 from .rows import FAMILIES, GridSpec
 
 __all__ = [
@@ -355,20 +356,26 @@ class ConstraintLayer(nn.Module):
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
         with under_call(call):
-            post = _engine_project(
-                pred,
-                constraints,
-                grid=self.grid,
-                lift=self.lift,
-                noise=self.noise,
-                metric=self.metric,
-                grid_shape=self.grid_shape,
-                inputs=inputs,
-                call=call,
-            )
+            if is_local(constraints):  # rows tagged structure="local": the local engine
+                post = project_record(
+                    pred, constraints, grid=self.grid, noise=self.noise, metric=self.metric,
+                    grid_shape=self.grid_shape, inputs=inputs, debug=self.debug, call=call,
+                )  # fmt: skip
+            else:
+                post = _engine_project(
+                    pred,
+                    constraints,
+                    grid=self.grid,
+                    lift=self.lift,
+                    noise=self.noise,
+                    metric=self.metric,
+                    grid_shape=self.grid_shape,
+                    inputs=inputs,
+                    call=call,
+                )
         check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
                          f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
-        if self.debug:
+        if self.debug and not is_local(constraints):
             self._check(post, inputs, constraints)
         if norm is not None:
             post = _from_physical(post, norm, scale)

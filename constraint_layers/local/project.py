@@ -1,0 +1,336 @@
+"""The local engine's entry point: local rows, with Dirichlet walls, on deterministic and Gaussian
+(diagonal variance) outputs.
+
+Semantics (one local constraint per call, any number of ``cl.Dirichlet`` conditions):
+
+- Deterministic output ``u``: the Dirichlet nodes are set to their values (to the bit, as
+  everywhere), then the other nodes move by the Euclidean projection onto the local rows with
+  the Dirichlet values substituted:
+  ``u~ = z - M C^T (C M C^T)^+ (C z - f)``, ``z`` the output with the wall values, ``M`` the free
+  nodes. With Dirichlet walls this is the Euclidean projection onto all rows at once.
+- Gaussian output with a diagonal variance ``w`` (ProbConserv's conditioning, Dirichlet nodes
+  first: they get their values and zero variance): mean
+  ``z - W M C^T (C W M C^T)^+ (C z - f)``; marginal variances
+  ``w - diag(W M C^T K^+ C M W)`` by dense float64 algebra for grids of at most
+  :data:`DENSE_VARIANCE_MAX_NODES` nodes (64 x 64); beyond that they are not formed
+  (:class:`LocalGaussian` raises and points at :meth:`LocalGaussian.sample`: exact draws by
+  Matheron's rule, whose sample variance estimates them with a stated standard error).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._grid import resolve_spacing
+from ..boundary.conditions import Dirichlet
+from ..boundary.enforce import apply_plan, condition_rhs, plan
+from ..rows import DEFAULT_GRID, GridSpec
+from .constraint import LocalRows
+from .solve import fft_project, project_cg
+
+__all__ = [
+    "DENSE_VARIANCE_MAX_NODES",
+    "LocalGaussian",
+    "condition_local",
+    "enforce_local",
+    "is_local",
+    "project_local",
+    "project_record",
+]
+
+F64 = torch.float64
+#: The largest grid (nodes per channel) whose marginal variances are formed densely.
+DENSE_VARIANCE_MAX_NODES = 64 * 64
+
+
+def is_local(constraints: Sequence[Any]) -> bool:
+    """Whether any constraint states local rows (structure tag ``"local"``)."""
+    return any(getattr(c, "structure", None) == "local" for c in constraints)
+
+
+def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any]]:
+    local = [c for c in constraints if getattr(c, "structure", None) == "local"]
+    walls = [c for c in constraints if getattr(c, "family", None) == "boundary"]
+    other = [c for c in constraints if c not in local and c not in walls]
+    if len(local) != 1:
+        raise NotImplementedError(
+            f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
+            f"call is supported, got {len(local)}: {local}. Combine them into one cl.LinearPDE "
+            "where they share the right-hand side, or open an issue."
+        )
+    bad = [c for c in walls if not isinstance(c, Dirichlet)] + other
+    if bad:
+        raise NotImplementedError(
+            f"{call}: a local constraint combines with cl.Dirichlet walls only (got {bad}). "
+            "Neumann / periodic walls, totals and bounds with local rows are not supported yet."
+        )
+    return local[0], walls
+
+
+def _walls(z: Tensor, walls: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
+    """``(z with the wall values, free-node mask (channels, *grid) or None)``."""
+    if not walls:
+        return z, None
+    shape = tuple(z.shape)
+    hs = resolve_spacing(shape[2:], spacing=grid.spacing, extent=grid.extent,
+                         endpoint=grid.endpoint, call=call)  # fmt: skip
+    bplan = plan(shape, walls, hs, 0, grid.endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, shape[0], z.dtype, z.device, inputs, call)
+        for c, bc in zip(bplan.conds, walls)
+    ]
+    z = apply_plan(z, bplan, rhs)
+    mask = torch.ones(math.prod(shape[1:]), dtype=torch.bool)
+    for c in bplan.conds:
+        mask[c.moves.flatten()] = False
+    return z, mask.reshape(shape[1:]).to(z.device)
+
+
+def _check_grid_output(mean: Tensor, call: str) -> None:
+    if mean.ndim < 3:
+        raise ValueError(
+            f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
+            f"..., dn); got shape {tuple(mean.shape)}."
+        )
+    if mean.is_complex():
+        raise TypeError(
+            f"{call}: local constraints act on real outputs, got {mean.dtype}; constrain the "
+            "real and imaginary parts as channels (torch.view_as_real)."
+        )
+
+
+def enforce_local(
+    y: Tensor,
+    constraint: Any,
+    *walls: Any,
+    spacing: float | Sequence[float] | None = None,
+    extent: float | Sequence[float] | None = None,
+    endpoint: bool = True,
+    inputs: Any = None,
+) -> Tensor:
+    """Project a grid output onto a local constraint (and Dirichlet walls), Euclidean.
+
+    Parameters
+    ----------
+    y : Tensor
+        shape: (batch, channels, d1, ..., dn). Not modified.
+    constraint : LinearPDE
+        ``cl.DivergenceFree``, ``cl.Continuity`` or ``cl.LinearPDE``.
+    *walls : Dirichlet
+        Dirichlet conditions held at the same time (e.g. no-slip walls).
+    spacing, extent, endpoint, inputs
+        The grid (as for :func:`~constraint_layers.functional.enforce_boundary`) and the model
+        input for callable values.
+
+    Returns
+    -------
+    Tensor
+        The closest output (Euclidean) with every row exact: same shape and dtype.
+    """
+    call = "enforce_local"
+    return project_local(
+        y, [constraint, *walls], grid=GridSpec(spacing, extent, endpoint), inputs=inputs,
+        call=call,
+    )  # fmt: skip
+
+
+def project_local(
+    y: Tensor,
+    constraints: Sequence[Any],
+    *,
+    grid: GridSpec = DEFAULT_GRID,
+    inputs: Any = None,
+    call: str = "project_local",
+) -> Tensor:
+    """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
+    _check_grid_output(y, call)
+    local, walls = _split(constraints, call)
+    if y.shape[0] == 0:
+        return y
+    z, mask = _walls(y, walls, grid, inputs, call)
+    rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
+    op = rows.operator
+    z64 = z.to(F64)
+    f = rows.rhs.to(z.device)
+    if mask is None and op.fourier:
+        out = fft_project(op, z64, f, call)
+    else:
+        out = project_cg(op, z64, f, mask=mask, call=call)
+    out = out.to(y.dtype)
+    if mask is not None:  # wall values to the bit
+        out = torch.where(mask, out, z)
+    return out
+
+
+class LocalGaussian:
+    """A Gaussian with diagonal variance conditioned on local rows (and Dirichlet walls).
+
+    Attributes
+    ----------
+    mean : Tensor
+        (batch, channels, *grid): every row holds to rounding.
+    """
+
+    def __init__(self, prior_mean, prior_var, mean, op, mask, f, z, dtype, call) -> None:
+        self.prior_mean, self.prior_var = prior_mean, prior_var
+        self.mean = mean
+        self._op, self._mask, self._f, self._z = op, mask, f, z
+        self._dtype, self._call = dtype, call
+        self._variance: Tensor | None = None
+
+    @property
+    def variance(self) -> Tensor:
+        """The exact marginal variances (dense float64 algebra; grids of at most
+        :data:`DENSE_VARIANCE_MAX_NODES` nodes per channel)."""
+        if self._variance is None:
+            n = math.prod(self._op.grid)
+            if n > DENSE_VARIANCE_MAX_NODES:
+                raise NotImplementedError(
+                    f"{self._call}: exact marginal variances are formed densely up to "
+                    f"{DENSE_VARIANCE_MAX_NODES} nodes per channel (64 x 64); this grid has {n}. "
+                    "Estimate them from exact draws: s = g.sample(n); s.var(0) (standard error "
+                    "about var * sqrt(2 / (n - 1)))."
+                )
+            self._variance = _dense_variance(self._op, self.prior_var, self._mask).to(self._dtype)
+        return self._variance
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` exact draws (Matheron's rule: draw from the prior, then move in the variance
+        metric onto the rows): (n, batch, channels, *grid); every draw satisfies every row."""
+        w = self.prior_var.to(F64)
+        eps = torch.randn((n, *w.shape), dtype=F64, device=w.device, generator=generator)
+        x = (self._z.to(F64) + w.sqrt() * eps).flatten(0, 1)
+        if self._mask is not None:
+            x = torch.where(self._mask, x, self._z.to(F64).repeat(n, *[1] * (x.ndim - 1)))
+        ww = w.repeat(n, *[1] * (w.ndim - 1))
+        f = self._f.repeat(n, *[1] * (self._f.ndim - 1))
+        out = project_cg(self._op, x, f, mask=self._mask, weight=ww, call=self._call)
+        return out.reshape(n, *w.shape).to(self._dtype)
+
+
+def condition_local(
+    mean: Tensor,
+    variance: Tensor,
+    constraint: Any,
+    *walls: Any,
+    spacing: float | Sequence[float] | None = None,
+    extent: float | Sequence[float] | None = None,
+    endpoint: bool = True,
+    inputs: Any = None,
+    call: str = "condition_local",
+) -> LocalGaussian:
+    """Condition a Gaussian with diagonal variance on a local constraint (and Dirichlet walls).
+
+    Parameters
+    ----------
+    mean, variance : Tensor
+        shape: (batch, channels, d1, ..., dn); variances >= 0 (positive on the nodes the rows
+        read). Not modified.
+    constraint, walls, spacing, extent, endpoint, inputs
+        As for :func:`enforce_local`.
+
+    Returns
+    -------
+    LocalGaussian
+        ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
+        64 nodes), ``.sample(n)`` (exact draws).
+    """
+    _check_grid_output(mean, call)
+    local, walls_ = _split([constraint, *walls], call)
+    grid = GridSpec(spacing, extent, endpoint)
+    variance = torch.broadcast_to(variance, mean.shape)
+    if not bool((variance.detach() >= 0).all()):
+        raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
+    z, mask = _walls(mean, walls_, grid, inputs, call)
+    if mask is not None:
+        variance = torch.where(mask, variance, torch.zeros_like(variance))
+    rows: LocalRows = local.rows(tuple(mean.shape), grid=grid, inputs=inputs)
+    f = rows.rhs.to(mean.device)
+    out = project_cg(rows.operator, z.to(F64), f, mask=mask, weight=variance.to(F64), call=call)
+    out = out.to(mean.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
+    return LocalGaussian(mean, variance, out, rows.operator, mask, f, z, mean.dtype, call)
+
+
+def _dense_variance(op: Any, var: Tensor, mask: Tensor | None) -> Tensor:
+    """``w - diag(W C^T K^+ C W)`` per sample, dense float64 (``W`` masked)."""
+    n = math.prod(op.shape)
+    eye = torch.eye(n, dtype=F64, device=var.device).reshape(n, *op.shape)
+    C = op.apply(eye).reshape(n, -1).T  # (M, n)
+    out = []
+    for w in var.to(F64):
+        wf = w.reshape(-1)
+        if mask is not None:
+            wf = wf * mask.reshape(-1).to(wf.dtype)
+        K = (C * wf) @ C.T
+        lam, V = torch.linalg.eigh(K)
+        keep = lam > 1e-10 * lam.amax().clamp_min(torch.finfo(F64).tiny)
+        B = (V[:, keep] * lam[keep].rsqrt()).T @ (C * wf)  # (r, n)
+        out.append((wf - B.square().sum(0)).clamp_min(0.0).reshape(op.shape))
+    return torch.stack(out)
+
+
+def project_record(
+    pred: Any,
+    constraints: Sequence[Any],
+    *,
+    grid: GridSpec = DEFAULT_GRID,
+    noise: Any = 0.0,
+    metric: str = "covariance",
+    grid_shape: Sequence[int] | None = None,
+    inputs: Any = None,
+    debug: bool = False,
+    call: str = "project",
+) -> Any:
+    """The layer's entry: a prediction record (:class:`~constraint_layers.functional.Gaussian`)
+    with local rows. Deterministic: :func:`project_local`; a diagonal variance:
+    :func:`condition_local` (``metric="covariance"``) or the Euclidean move of the mean with the
+    variance kept (``metric="euclidean"``)."""
+    from ..conservation.gaussian import Gaussian
+
+    if grid_shape is not None or pred.event_ndim != pred.mean.ndim - 1:
+        raise NotImplementedError(
+            f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
+            "..., dn); flat outputs (grid_shape=) are not supported."
+        )
+    if not (isinstance(noise, (int, float)) and noise == 0):
+        raise NotImplementedError(f"{call}: local rows are exact; noise must be 0, got {noise}.")
+    if pred.covariance is not None or pred.low_rank is not None:
+        raise NotImplementedError(
+            f"{call}: local rows condition Gaussians with a diagonal variance; a dense or "
+            "low-rank covariance is not supported yet."
+        )
+    mean = pred.mean
+    if pred.variance is None or metric == "euclidean":
+        out = project_local(mean, constraints, grid=grid, inputs=inputs, call=call)
+        var = pred.variance
+    else:
+        local, walls = _split(constraints, call)
+        g = condition_local(
+            mean, pred.variance, local, *walls, spacing=grid.spacing, extent=grid.extent,
+            endpoint=grid.endpoint, inputs=inputs, call=call,
+        )  # fmt: skip
+        out, var = g.mean, g.variance
+    if debug:
+        _debug_check(out, constraints, grid, inputs, call)
+    return Gaussian(out, var, event_ndim=pred.event_ndim)
+
+
+def _debug_check(y: Tensor, constraints: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
+    from .._tolerance import tolerance
+    from ..errors import ConstraintViolationError
+
+    local, _ = _split(constraints, call)
+    rel = float(local.rows(tuple(y.shape), grid=grid, inputs=inputs).relative_residual(y).max())
+    tol = tolerance(y.dtype).residual
+    if not rel <= tol:
+        raise ConstraintViolationError(
+            f"{call}(debug=True): {local!r} has relative residual {rel:.3e} after the projection "
+            f"(tolerance {tol:.1e} for {y.dtype}). This is a bug: please report it."
+        )

@@ -1,0 +1,329 @@
+"""Solvers for local rows: the FFT projection and preconditioned CG with an implicit backward
+(private).
+
+The projection of a grid output ``z`` onto ``C u = f`` in the metric ``W`` (``W = I``: Euclidean;
+``W = diag(w)``: a diagonal variance), moving only the free nodes ``M`` (Dirichlet nodes
+eliminated):
+
+    u~ = z - W M C^T lam,    (C W M C^T) lam = C z - f.
+
+- Every differentiated axis periodic, Euclidean, nothing eliminated: :func:`fft_project`, one
+  projection per wavenumber (exact; wavenumbers whose row vanishes are left as they are, their
+  right-hand side must vanish).
+- Otherwise: :func:`project_cg`, conjugate gradients on ``K = C W M C^T`` in float64,
+  preconditioned by the separable fast solve of ``C C^T`` (scaled by the mean of ``w``), stopped on
+  the relative residual of the ROWS (CG's residual ``C z - f - K lam`` is the rows' residual of
+  the current iterate ``C u~ - f``). The backward is implicit: one more solve with ``K``, never
+  autograd through the iterations.
+
+Thresholds (all relative): :data:`CG_RTOL` (the target of the rows' residual, float64 work),
+:data:`ACCEPT_RTOL` (the largest accepted; beyond :data:`INCONSISTENT_RTOL` the data are
+incompatible), :data:`NULL_RTOL` (an eigenvalue or symbol treated as zero).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConstraintViolationError, IncompatibleConstraintsError
+from .operator import LocalOperator
+
+__all__ = ["CG_RTOL", "FastSolve", "fft_project", "project_cg"]
+
+F64 = torch.float64
+#: CG stops when every row's residual is below this fraction of ``row_scale max|u| + max|f|``.
+CG_RTOL = 1e-13
+#: The largest rows' residual accepted after CG (relative, as above).
+ACCEPT_RTOL = 1e-11
+#: A residual left beyond this (relative) means the rows cannot hold: incompatible data.
+INCONSISTENT_RTOL = 1e-7
+#: An eigenvalue of ``C C^T`` (or a squared symbol) below this fraction of the largest is zero.
+NULL_RTOL = 1e-10
+#: The most CG iterations.
+MAXITER = 2000
+
+
+def _scale(op: LocalOperator, z: Tensor, f: Tensor) -> Tensor:
+    """``row_scale max|u| + max|f|`` per sample: (batch,)."""
+    zs = z.detach().abs().flatten(1).amax(1)
+    fs = f.detach().abs().flatten(1).amax(1) if f.numel() else torch.zeros_like(zs)
+    return op.row_scale() * zs + fs + torch.finfo(F64).tiny
+
+
+def _net_flux_message(what: float, call: str, op: LocalOperator) -> str:
+    return (
+        f"{call}: the local constraint cannot hold with these data: the net flux (the part of "
+        f"the right-hand side and wall values that no field on the free nodes can produce, the "
+        f"discrete Gauss law of the stencil) is {what:.6e}, not 0. A field whose discrete "
+        "derivative combination equals the right-hand side with these wall values does not "
+        "exist: make the wall values carry zero net flux (e.g. inflow = outflow) and the "
+        "right-hand side integrate to it."
+    )
+
+
+# ------------------------------------------------------------------------- the FFT path
+def fft_project(op: LocalOperator, z: Tensor, f: Tensor, call: str) -> Tensor:
+    """The Euclidean projection per wavenumber (differentiable through the FFTs).
+
+    ``z`` (batch, channels, *grid) float64, ``f`` (batch, *grid) float64.
+    """
+    d = len(op.grid)
+    dims = tuple(range(2, 2 + d))
+    chans = list(op.channels)
+    s = op.symbols().to(z.device)  # (k, *rgrid)
+    norm2 = s.abs().square().sum(0)
+    zero = norm2 <= NULL_RTOL**2 * norm2.amax()
+    zh = torch.fft.rfftn(z[:, chans], dim=dims)
+    fh = torch.fft.rfftn(f, dim=tuple(range(1, 1 + d)))
+    r = (s * zh).sum(1) - fh  # (batch, *rgrid)
+    off = fh.abs().where(zero, 0.0).detach()
+    if bool((off > INCONSISTENT_RTOL * _scale(op, z, f).reshape(-1, *[1] * d) * math.prod(op.grid))
+            .any()):  # fmt: skip
+        raise IncompatibleConstraintsError(
+            _net_flux_message(float(off.amax()) / math.prod(op.grid), call, op)
+            + " (periodic grid: the right-hand side's Fourier coefficient where the rows vanish, "
+            "e.g. its mean)"
+        )
+    coef = torch.where(zero, 0.0, r / torch.where(zero, 1.0, norm2))
+    zh = zh - s.conj() * coef.unsqueeze(1)
+    out = torch.fft.irfftn(zh, s=op.grid, dim=dims)
+    parts = list(z.unbind(1))
+    for i, c in enumerate(chans):
+        parts[c] = out[:, i]
+    return torch.stack(parts, 1)
+
+
+# ------------------------------------------------------------------ the separable solve
+class FastSolve:
+    """The pseudo-inverse of the Kronecker sum ``sum_axes F_axis`` (``C C^T`` when separable):
+    per axis ``F = Q diag(lam) Q^T``, ``x = Q (lam_sum^+ (Q^T r))``. Cost: one dense
+    ``n x n`` product per differentiated axis and node, ``O(N (n_1 + ... + n_d))``."""
+
+    def __init__(self, op: LocalOperator, free: tuple | None = None) -> None:
+        self.eig = _eig(op.factors(free))
+        lam = None
+        for axis, e in enumerate(self.eig):
+            if e is None:
+                continue
+            view = [1] * len(op.grid)
+            view[axis] = -1
+            part = e[0].reshape(view)
+            lam = part if lam is None else lam + part
+        self.null = lam <= NULL_RTOL * lam.amax()
+        self.inv = torch.where(self.null, 0.0, 1.0 / torch.where(self.null, 1.0, lam))
+
+    def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
+        for axis, e in enumerate(self.eig):
+            if e is None:
+                continue
+            q = e[1].to(r.device)
+            x = r.movedim(axis + 1, -1)
+            x = x @ q if transpose else x @ q.T
+            r = x.movedim(-1, axis + 1)
+        return r
+
+    def __call__(self, r: Tensor) -> Tensor:
+        """``(sum F)^+ r`` for ``r`` (batch, *grid) float64."""
+        return self._rotate(self._rotate(r, True) * self.inv.to(r.device), False)
+
+    def null_part(self, r: Tensor) -> Tensor:
+        """The component of ``r`` in the null space: (batch, *grid)."""
+        return self._rotate(self._rotate(r, True) * self.null.to(r.device), False)
+
+
+def _eig(factors: list[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:
+    return [None if f is None else _eigh(f) for f in factors]
+
+
+def _eigh(f: Tensor) -> tuple[Tensor, Tensor]:
+    lam, q = torch.linalg.eigh(f)
+    return lam.clamp_min(0.0), q
+
+
+@lru_cache(maxsize=32)
+def fast_solve(op_key: tuple, free: tuple | None = None) -> FastSolve:
+    """The cached fast solve of an operator (keyed by its terms and grid, and the free nodes
+    along each term's axis)."""
+    return FastSolve(LocalOperator(*op_key), free)
+
+
+def _free_lines(op: LocalOperator, mask: Tensor | None) -> tuple | None:
+    """Per term, the nodes along its axis that are free on some line (None: all free)."""
+    if mask is None:
+        return None
+    out = []
+    for t in op.terms:
+        m = mask[t.channel].movedim(t.axis, -1).reshape(-1, op.grid[t.axis]).any(0)
+        out.append(tuple(bool(v) for v in m.cpu()))
+    return tuple(out)
+
+
+def op_key(op: LocalOperator) -> tuple:
+    return (op.terms, op.shape, op.spacing, op.stencil, op.periodic)
+
+
+# --------------------------------------------------------------------------------- CG
+class System:
+    """``K = C W M C^T`` for one call: operator, free-node mask and weight."""
+
+    def __init__(self, op: LocalOperator, mask: Tensor | None, weight: Tensor | None) -> None:
+        self.op = op
+        self.mask = mask  # (channels, *grid) bool, True: free
+        self.weight = weight  # (batch, channels, *grid) float64, or None
+        self.pre = fast_solve(op_key(op), _free_lines(op, mask))
+        self.pre_scale = None
+        if weight is not None:
+            w = weight[:, list(op.channels)]
+            if mask is None:
+                mean = w.flatten(1).mean(1)
+            else:
+                m = mask[list(op.channels)].to(w.device, F64)
+                mean = (w * m).flatten(1).sum(1) / m.sum().clamp_min(1.0)
+            self.pre_scale = mean.clamp_min(torch.finfo(F64).tiny)
+
+    def mobility(self, x: Tensor) -> Tensor:
+        """``W M x`` for a field ``x`` (batch, channels, *grid)."""
+        if self.weight is not None:
+            x = x * self.weight
+        if self.mask is not None:
+            x = x * self.mask.to(x.device)
+        return x
+
+    def move(self, lam: Tensor) -> Tensor:
+        """``W M C^T lam``."""
+        return self.mobility(self.op.transpose(lam))
+
+    def matvec(self, lam: Tensor) -> Tensor:
+        return self.op.apply(self.move(lam))
+
+    def precondition(self, r: Tensor) -> Tensor:
+        x = self.pre(r)
+        if self.pre_scale is not None:
+            x = x / self.pre_scale.reshape(-1, *[1] * (x.ndim - 1))
+        return x
+
+    def solve(self, rhs: Tensor, scale: Tensor, call: str) -> tuple[Tensor, int]:
+        """``K^+ rhs`` by preconditioned CG; returns ``(lam, iterations)``. Raises when the
+        rows cannot hold (a residual no move reaches)."""
+        lam, res, it = pcg(self.matvec, self.precondition, rhs, scale)
+        rel = float((res / scale).amax()) if res.numel() else 0.0
+        if rel > ACCEPT_RTOL:
+            if rel > INCONSISTENT_RTOL:
+                r = rhs - self.matvec(lam)
+                h = math.prod(self.op.spacing)
+                raise IncompatibleConstraintsError(
+                    _net_flux_message(float((r.flatten(1).sum(1) * h).abs().max()), call, self.op)
+                    + f" (rows' residual left {rel:.3e} relative after {it} CG iterations; "
+                    "h^d sum of it shown)"
+                )
+            raise ConstraintViolationError(
+                f"{call}: the local solve reached a relative residual of {rel:.3e} after {it} "
+                f"iterations (target {CG_RTOL:.0e}). This is a bug: please report it with the "
+                "constraints and the output shape."
+            )
+        return lam, it
+
+
+def pcg(
+    matvec: Callable[[Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor],
+    b: Tensor,
+    scale: Tensor,
+    rtol: float = CG_RTOL,
+    maxiter: int = MAXITER,
+) -> tuple[Tensor, Tensor, int]:
+    """Preconditioned CG on a symmetric PSD ``K`` (singular allowed, consistent ``b``), batched.
+
+    Stops when every sample's ``max |b - K x|`` is below ``rtol * scale`` (batch,), or when the
+    residual stops decreasing (incompatible data). Returns ``(x, max |residual| per sample,
+    iterations)``.
+    """
+    dims = tuple(range(1, b.ndim))
+    view = (-1, *[1] * (b.ndim - 1))
+    x = torch.zeros_like(b)
+    r = b.clone()
+    res = r.abs().amax(dims)
+    best, since = res.clone(), 0
+    if bool((res <= rtol * scale).all()):
+        return x, res, 0
+    z = precond(r)
+    p = z
+    rz = (r * z).sum(dims)
+    it = 0
+    while it < maxiter:
+        it += 1
+        kp = matvec(p)
+        pkp = (p * kp).sum(dims)
+        ok = pkp > 0
+        alpha = torch.where(ok, rz / torch.where(ok, pkp, 1.0), 0.0)
+        x = x + alpha.reshape(view) * p
+        r = r - alpha.reshape(view) * kp
+        res = r.abs().amax(dims)
+        if bool((res <= rtol * scale).all()):
+            break
+        improved = res < 0.5 * best
+        best = torch.minimum(best, res)
+        since = 0 if bool(improved.any()) else since + 1
+        if since > 50:
+            break
+        z = precond(r)
+        rz_new = (r * z).sum(dims)
+        ok = rz != 0
+        beta = torch.where(ok, rz_new / torch.where(ok, rz, 1.0), 0.0)
+        p = z + beta.reshape(view) * p
+        rz = rz_new
+    return x, res, it
+
+
+class _Project(torch.autograd.Function):
+    """``u~ = z - W M C^T K^+ (C z - f)`` with an implicit backward (one solve with ``K``)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, f: Tensor, w: Tensor | None, system: System, call: str):
+        scale = _scale(system.op, z, f)
+        lam, it = system.solve(system.op.apply(z) - f, scale, call)
+        ctx.system, ctx.call = system, call
+        ctx.save_for_backward(lam)
+        ctx.iterations = it
+        return z - system.move(lam)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        system: System = ctx.system
+        (lam,) = ctx.saved_tensors
+        cg = system.op.apply(system.mobility(g))
+        mu, _ = system.solve(cg, _scale(system.op, g, cg), ctx.call + " (backward)")
+        ctm = system.op.transpose(mu)
+        grad_z = g - ctm
+        grad_f = mu
+        grad_w = None
+        if system.weight is not None and ctx.needs_input_grad[2]:
+            ctl = system.op.transpose(lam)
+            grad_w = ctl * (ctm - g)
+            if system.mask is not None:
+                grad_w = grad_w * system.mask.to(grad_w.device)
+        return grad_z, grad_f, grad_w, None, None
+
+
+def project_cg(
+    op: LocalOperator,
+    z: Tensor,
+    f: Tensor,
+    *,
+    mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    call: str = "project",
+) -> Tensor:
+    """``z - W M C^T (C W M C^T)^+ (C z - f)`` by preconditioned CG (float64 in and out).
+
+    ``z`` (batch, channels, *grid), ``f`` (batch, *grid), ``mask`` (channels, *grid) bool (True:
+    free; None: all), ``weight`` (batch, channels, *grid) or None (Euclidean).
+    """
+    system = System(op, mask, None if weight is None else weight.detach())
+    return _Project.apply(z, f, weight, system, call)
