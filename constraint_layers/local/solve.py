@@ -168,6 +168,36 @@ def op_key(op: LocalOperator) -> tuple:
     return (op.terms, op.shape, op.spacing, op.stencil, op.periodic)
 
 
+# ----------------------------------------------------------------- the discrete Gauss law
+def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float, Tensor] | None:
+    """The discrete net flux ``lam^T r`` with ``lam = w_1 x ... x w_d`` (per differentiated
+    axis, ``w`` solves ``D^T w = e_last - e_first``: the quadrature under which ``D``
+    integrates exactly, ``w^T D u = u_last - u_first``), when ``lam`` is in the null space of
+    ``M C^T`` (each channel held at the walls of its own axis): then no free value can change
+    it and ``C u = f`` needs it to vanish. Returns ``(sum |lam|, net (batch,))`` or None.
+    """
+    if mask is None or any(t.order != 1 for t in op.terms) or not op.separable:
+        return None
+    ws = []
+    for axis, n in enumerate(op.grid):
+        if axis not in op.axes:
+            ws.append(torch.ones(n, dtype=F64))
+            continue
+        t = next(t for t in op.terms if t.axis == axis)
+        D = op.ops[op.terms.index(t)].dense() * t.coefficient
+        e = torch.zeros(n, dtype=F64)
+        e[0], e[-1] = -1.0, 1.0
+        ws.append(torch.linalg.lstsq(D.T, e.unsqueeze(1), driver="gelsd").solution.squeeze(1))
+    lam = ws[0]
+    for w in ws[1:]:
+        lam = torch.outer(lam.reshape(-1), w).reshape(*lam.shape, -1)
+    lam = lam.to(r.device)
+    ct = op.transpose(lam.unsqueeze(0))[0]
+    if float((ct * mask).abs().max()) > 1e-9 * float(ct.abs().max()):
+        return None
+    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+
+
 # --------------------------------------------------------------------------------- CG
 class System:
     """``K = C W M C^T`` for one call: operator, free-node mask and weight."""
@@ -211,16 +241,34 @@ class System:
     def solve(self, rhs: Tensor, scale: Tensor, call: str) -> tuple[Tensor, int]:
         """``K^+ rhs`` by preconditioned CG; returns ``(lam, iterations)``. Raises when the
         rows cannot hold (a residual no move reaches)."""
+        flux = gauss_flux(self.op, self.mask, rhs)
+        if flux is not None:
+            size, net = flux
+            if bool((net.abs() > INCONSISTENT_RTOL * size * scale).any()):
+                raise IncompatibleConstraintsError(
+                    _net_flux_message(float(net.abs().max()), call, self.op)
+                    + " (the wall values' flux through the walls minus the integrated "
+                    "right-hand side, with the stencil's exact quadrature)"
+                )
+        if self.mask is None and self.weight is None and self.op.separable:
+            off = self.pre.null_part(rhs).flatten(1).abs().amax(1)  # exact: C C^T's null space
+            if bool((off > INCONSISTENT_RTOL * scale).any()):
+                raise IncompatibleConstraintsError(
+                    _net_flux_message(float(off.max()), call, self.op)
+                    + " (the largest entry of the right-hand side's component in the null space "
+                    "of C^T: the combinations of rows that every field leaves at zero)"
+                )
         lam, res, it = pcg(self.matvec, self.precondition, rhs, scale)
         rel = float((res / scale).amax()) if res.numel() else 0.0
         if rel > ACCEPT_RTOL:
             if rel > INCONSISTENT_RTOL:
-                r = rhs - self.matvec(lam)
-                h = math.prod(self.op.spacing)
                 raise IncompatibleConstraintsError(
-                    _net_flux_message(float((r.flatten(1).sum(1) * h).abs().max()), call, self.op)
-                    + f" (rows' residual left {rel:.3e} relative after {it} CG iterations; "
-                    "h^d sum of it shown)"
+                    f"{call}: the local constraint cannot hold with these data: CG left a "
+                    f"relative residual of the rows of {rel:.3e} after {it} iterations: the "
+                    "right-hand side and the wall values have a part that no field on the free "
+                    "nodes can produce (a net flux, e.g. at a corner where the wall values "
+                    "alone fix every node a row reads). Make the wall values compatible (zero "
+                    "net flux; continuous at corners)."
                 )
             raise ConstraintViolationError(
                 f"{call}: the local solve reached a relative residual of {rel:.3e} after {it} "
@@ -267,6 +315,8 @@ def pcg(
         res = r.abs().amax(dims)
         if bool((res <= rtol * scale).all()):
             break
+        if bool((res > 1e3 * best).any()):
+            break  # growing: incompatible data
         improved = res < 0.5 * best
         best = torch.minimum(best, res)
         since = 0 if bool(improved.any()) else since + 1
