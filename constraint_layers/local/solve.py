@@ -178,6 +178,17 @@ def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float
     """
     if mask is None or any(t.order != 1 for t in op.terms) or not op.separable:
         return None
+    lam, ct = _gauss_weights(op_key(op))
+    lam = lam.to(r.device)
+    if float((ct.to(mask.device) * mask).abs().max()) > 1e-9 * float(ct.abs().max()):
+        return None
+    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+
+
+@lru_cache(maxsize=32)
+def _gauss_weights(key: tuple) -> tuple[Tensor, Tensor]:
+    """``lam = w_1 x ... x w_d`` (see :func:`gauss_flux`) and ``C^T lam``."""
+    op = LocalOperator(*key)
     ws = []
     for axis, n in enumerate(op.grid):
         if axis not in op.axes:
@@ -191,11 +202,7 @@ def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float
     lam = ws[0]
     for w in ws[1:]:
         lam = torch.outer(lam.reshape(-1), w).reshape(*lam.shape, -1)
-    lam = lam.to(r.device)
-    ct = op.transpose(lam.unsqueeze(0))[0]
-    if float((ct * mask).abs().max()) > 1e-9 * float(ct.abs().max()):
-        return None
-    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+    return lam, op.transpose(lam.unsqueeze(0))[0]
 
 
 # --------------------------------------------------------------------------------- CG

@@ -198,19 +198,19 @@ def test_periodic_source_with_nonzero_mean_raises():
 @pytest.mark.parametrize("case", ["walls", "periodic", "no_slip"])
 def test_gradcheck(case):
     g = torch.Generator().manual_seed(2)
-    grid = (6, 7)
-    u = torch.randn(2, 2, *grid, dtype=F64, generator=g, requires_grad=True)
+    grid = (5, 6)
+    u = torch.randn(1, 2, *grid, dtype=F64, generator=g, requires_grad=True)
     per = case == "periodic"
     hs = [1 / n for n in grid] if per else walls_h(grid)
     C = dense_div((2, *grid), hs, periodic=per)
     # the source as the divergence of a field (in the range of C, whatever the perturbation)
-    v = 0.1 * torch.randn(2, 2, *grid, dtype=F64, generator=g) * interior_mask((2, *grid))
+    v = 0.1 * torch.randn(1, 2, *grid, dtype=F64, generator=g) * interior_mask((2, *grid))
     v.requires_grad_()
     args = no_slip() if case == "no_slip" else ()
 
     def fn(u, v):
         f = (v.flatten(1) * interior_mask((2, *grid)).flatten()) @ C.T
-        return enforce_local(u, cl.DivergenceFree(periodic=per, value=f.reshape(2, *grid)), *args)
+        return enforce_local(u, cl.DivergenceFree(periodic=per, value=f.reshape(1, *grid)), *args)
 
     assert torch.autograd.gradcheck(fn, (u, v))
 
@@ -218,16 +218,15 @@ def test_gradcheck(case):
 def test_backward_is_one_solve_not_through_iterations():
     u = torch.randn(1, 2, 9, 9, dtype=F64, requires_grad=True)
     out = enforce_local(u, cl.DivergenceFree(), *no_slip())
-    assert type(out.grad_fn).__name__ in ("WhereBackward0", "ToCopyBackward0")
-    names, stack = set(), [out.grad_fn]
+    nodes, stack = [], [out.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None:
             continue
-        names.add(type(fn).__name__)
+        nodes.append(type(fn).__name__)
         stack += [n for n, _ in fn.next_functions]
-    assert "_ProjectBackward" in names  # the custom autograd node
-    assert not any("Mul" in n and "Backward" in n for n in names - {"MulBackward0"}) or True
+    assert "_ProjectBackward" in nodes  # the custom node with the implicit (adjoint) solve
+    assert len(nodes) < 20  # no node per CG iteration (it takes about 11 here)
 
 
 def test_bad_input_messages():
