@@ -47,6 +47,10 @@ INCONSISTENT_RTOL = 1e-7
 NULL_RTOL = 1e-10
 #: The most CG iterations.
 MAXITER = 2000
+#: CG stops when the residual has not halved for this many iterations (non-monotone residuals of
+#: ill-conditioned operators recover within it), or grows beyond ``GROWTH`` times its start.
+PATIENCE = 200
+GROWTH = 1e8
 
 
 def _scale(op: LocalOperator, z: Tensor, f: Tensor) -> Tensor:
@@ -116,7 +120,11 @@ class FastSolve:
             part = e[0].reshape(view)
             lam = part if lam is None else lam + part
         self.null = lam <= NULL_RTOL * lam.amax()
-        self.inv = torch.where(self.null, 0.0, 1.0 / torch.where(self.null, 1.0, lam))
+        # positive definite: the null space (of the fast operator, perhaps not of the system's)
+        # is weighted as the smallest non-zero eigenvalue, so CG reaches it where the system
+        # needs it (a consistent right-hand side has no component there when they agree)
+        low = lam.where(~self.null, lam.amax()).amin()
+        self.inv = 1.0 / torch.where(self.null, low, lam)
 
     def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
         for axis, e in enumerate(self.eig):
@@ -129,7 +137,8 @@ class FastSolve:
         return r
 
     def __call__(self, r: Tensor) -> Tensor:
-        """``(sum F)^+ r`` for ``r`` (batch, *grid) float64."""
+        """``(sum F)^+ r`` for ``r`` (batch, *grid) float64 (on the null space: ``r / max
+        lam``)."""
         return self._rotate(self._rotate(r, True) * self.inv.to(r.device), False)
 
     def null_part(self, r: Tensor) -> Tensor:
@@ -304,6 +313,7 @@ def pcg(
     x = torch.zeros_like(b)
     r = b.clone()
     res = r.abs().amax(dims)
+    res0 = res.clone()
     best, since = res.clone(), 0
     if bool((res <= rtol * scale).all()):
         return x, res, 0
@@ -322,13 +332,13 @@ def pcg(
         res = r.abs().amax(dims)
         if bool((res <= rtol * scale).all()):
             break
-        if bool((res > 1e3 * best).any()):
-            break  # growing: incompatible data
+        if bool((res > GROWTH * res0).any()):
+            break  # growing far beyond the start: incompatible data
         improved = res < 0.5 * best
         best = torch.minimum(best, res)
         since = 0 if bool(improved.any()) else since + 1
-        if since > 50:
-            break
+        if since > PATIENCE:
+            break  # stagnating: incompatible data (or a residual at rounding)
         z = precond(r)
         rz_new = (r * z).sum(dims)
         ok = rz != 0

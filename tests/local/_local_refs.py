@@ -37,8 +37,9 @@ def dense_projection(u, C, f=None, free=None, weight=None):
         if free is not None:
             w = w * free.flatten().to(F64)
         r = C @ x[b] - (0 if f is None else f[b].flatten().to(F64))
-        K = (C * w) @ C.T
-        out.append(x[b] - w * (C.T @ (torch.linalg.pinv(K, hermitian=True) @ r)))
+        # W^(1/2) pinv(C W^(1/2)) r: the SVD of C W^(1/2), not of the squared system
+        s = w.sqrt()
+        out.append(x[b] - s * (torch.linalg.pinv(C * s, rtol=1e-12) @ r))
     return torch.stack(out).reshape(u.shape)
 
 
