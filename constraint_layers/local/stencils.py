@@ -63,6 +63,7 @@ class Stencil1D:
             interior = [(-1, -0.5 / h), (1, 0.5 / h)] if order == 1 else _second(h)
             self.offsets = tuple(o for o, _ in interior)
             self.weights = torch.tensor([[w] * n for _, w in interior], dtype=F64)
+            self._bands()
             return
         rows = _wall_rows(n, h, order)
         offsets = sorted({j - i for i, row in enumerate(rows) for j, _ in row})
@@ -72,6 +73,20 @@ class Stencil1D:
                 weights[offsets.index(j - i), i] += w
         self.offsets = tuple(offsets)
         self.weights = weights
+        self._bands()
+
+    def _bands(self) -> None:
+        """The band of ``D`` and of ``D^T``: (n, 2K + 1), ``band[i, j] = D[i, i + j - K]``."""
+        k = max(abs(o) for o in self.offsets)
+        d = torch.zeros((self.n, self.n), dtype=F64)
+        i = torch.arange(self.n)
+        for j, o in enumerate(self.offsets):
+            cols = (i + o) % self.n if self.periodic else i + o
+            ok = (cols >= 0) & (cols < self.n)
+            d[i[ok], cols[ok]] += self.weights[j, ok]
+        self.bandwidth = k
+        self.band = _band(d, k, self.periodic)
+        self.band_t = _band(d.T.contiguous(), k, self.periodic)
 
     # ----------------------------------------------------------------------------- apply
     def apply(self, u: Tensor, axis: int) -> Tensor:
@@ -87,26 +102,16 @@ class Stencil1D:
         return self._banded(v, axis, transpose=True)
 
     def _banded(self, u: Tensor, axis: int, transpose: bool) -> Tensor:
+        """``sum_j W[i, j] u[i + j - K]`` over the ``2K + 1`` window of each node (one pad, one
+        unfold): ``W`` the band of ``D`` (or of ``D^T``), indices modulo ``n`` when periodic."""
         x = u.movedim(axis, -1)
-        w = self.weights.to(device=x.device)
-        out = torch.zeros_like(x)
-        n = self.n
-        for j, o in enumerate(self.offsets):
-            if self.periodic:
-                if transpose:  # (D^T v)_k = sum_o w_o[k - o] v[k - o]
-                    out = out + torch.roll(w[j] * x, o, -1)
-                else:  # (D u)_i = sum_o w_o[i] u[i + o]
-                    out = out + w[j] * torch.roll(x, -o, -1)
-                continue
-            lo, hi = max(0, -o), min(n, n - o)
-            if hi <= lo:
-                continue
-            if transpose:
-                term = w[j, lo:hi] * x[..., lo:hi]
-                out = out + torch.nn.functional.pad(term, (lo + o, n - hi - o))
-            else:
-                term = w[j, lo:hi] * x[..., lo + o : hi + o]
-                out = out + torch.nn.functional.pad(term, (lo, n - hi))
+        k = self.bandwidth
+        w = (self.band_t if transpose else self.band).to(device=x.device, dtype=x.dtype)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, 1, self.n)
+        mode = "circular" if self.periodic else "constant"
+        padded = torch.nn.functional.pad(flat, (k, k), mode=mode).reshape(*lead, self.n + 2 * k)
+        out = (padded.unfold(-1, 2 * k + 1, 1) * w).sum(-1)
         return out.movedim(-1, axis)
 
     # ------------------------------------------------------------------- the fast solvers
@@ -135,6 +140,16 @@ class Stencil1D:
         if self.weights is not None:
             return float(self.weights.abs().sum(0).max())
         return float(self.dense().abs().sum(1).max())
+
+
+def _band(d: Tensor, k: int, periodic: bool) -> Tensor:
+    n = d.shape[0]
+    i = torch.arange(n).unsqueeze(1)
+    cols = i + torch.arange(-k, k + 1).unsqueeze(0)  # (n, 2K + 1)
+    if periodic:
+        return d.gather(1, cols % n)
+    ok = (cols >= 0) & (cols < n)
+    return torch.where(ok, d.gather(1, cols.clamp(0, n - 1)), 0.0)
 
 
 def _second(h: float) -> list[tuple[int, float]]:
