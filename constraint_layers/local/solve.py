@@ -80,7 +80,7 @@ def fft_project(op: LocalOperator, z: Tensor, f: Tensor, call: str) -> Tensor:
     d = len(op.grid)
     dims = tuple(range(2, 2 + d))
     chans = list(op.channels)
-    s = op.symbols().to(z.device)  # (k, *rgrid)
+    s = _symbols(op_key(op), z.device)  # (k, *rgrid)
     norm2 = s.abs().square().sum(0)
     zero = norm2 <= NULL_RTOL**2 * norm2.amax()
     zh = torch.fft.rfftn(z[:, chans], dim=dims)
@@ -103,6 +103,11 @@ def fft_project(op: LocalOperator, z: Tensor, f: Tensor, call: str) -> Tensor:
     return torch.stack(parts, 1)
 
 
+@lru_cache(maxsize=32)
+def _symbols(key: tuple, device: torch.device) -> Tensor:
+    return LocalOperator(*key).symbols().to(device)
+
+
 # ------------------------------------------------------------------ the separable solve
 class FastSolve:
     """The pseudo-inverse of the Kronecker sum ``sum_axes F_axis`` (``C C^T`` when separable):
@@ -111,6 +116,7 @@ class FastSolve:
 
     def __init__(self, op: LocalOperator, free: tuple | None = None) -> None:
         self.eig = _eig(op.factors(free))
+        self._on_device: dict = {}
         lam = None
         for axis, e in enumerate(self.eig):
             if e is None:
@@ -126,11 +132,20 @@ class FastSolve:
         low = lam.where(~self.null, lam.amax()).amin()
         self.inv = 1.0 / torch.where(self.null, low, lam)
 
+    def _device(self, device: torch.device) -> tuple[list, Tensor, Tensor]:
+        """The eigenvectors, inverse and null mask on ``device`` (copied once)."""
+        hit = self._on_device.get(device)
+        if hit is None:
+            qs = [None if e is None else e[1].to(device) for e in self.eig]
+            hit = (qs, self.inv.to(device), self.null.to(device))
+            self._on_device[device] = hit
+        return hit
+
     def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
-        for axis, e in enumerate(self.eig):
-            if e is None:
+        qs = self._device(r.device)[0]
+        for axis, q in enumerate(qs):
+            if q is None:
                 continue
-            q = e[1].to(r.device)
             x = r.movedim(axis + 1, -1)
             x = x @ q if transpose else x @ q.T
             r = x.movedim(-1, axis + 1)
@@ -139,11 +154,11 @@ class FastSolve:
     def __call__(self, r: Tensor) -> Tensor:
         """``(sum F)^+ r`` for ``r`` (batch, *grid) float64 (on the null space: ``r / max
         lam``)."""
-        return self._rotate(self._rotate(r, True) * self.inv.to(r.device), False)
+        return self._rotate(self._rotate(r, True) * self._device(r.device)[1], False)
 
     def null_part(self, r: Tensor) -> Tensor:
         """The component of ``r`` in the null space: (batch, *grid)."""
-        return self._rotate(self._rotate(r, True) * self.null.to(r.device), False)
+        return self._rotate(self._rotate(r, True) * self._device(r.device)[2], False)
 
 
 def _eig(factors: list[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:

@@ -53,6 +53,7 @@ class Stencil1D:
 
     def __init__(self, n: int, h: float, order: int, stencil: str, periodic: bool) -> None:
         self.n, self.h, self.order, self.stencil, self.periodic = n, h, order, stencil, periodic
+        self._on_device: dict = {}
         self.offsets: tuple[int, ...] = ()
         self.weights: Tensor | None = None
         self.symbol_rfft: Tensor | None = None
@@ -106,7 +107,11 @@ class Stencil1D:
         unfold): ``W`` the band of ``D`` (or of ``D^T``), indices modulo ``n`` when periodic."""
         x = u.movedim(axis, -1)
         k = self.bandwidth
-        w = (self.band_t if transpose else self.band).to(device=x.device, dtype=x.dtype)
+        key = (x.device, x.dtype, transpose)
+        w = self._on_device.get(key)
+        if w is None:  # one copy per device and dtype, not one per call
+            w = (self.band_t if transpose else self.band).to(device=x.device, dtype=x.dtype)
+            self._on_device[key] = w
         lead = x.shape[:-1]
         flat = x.reshape(-1, 1, self.n)
         mode = "circular" if self.periodic else "constant"
