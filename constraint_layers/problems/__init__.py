@@ -36,6 +36,7 @@ from .gpme import (
 )
 from .grf import evaluate_fourier, periodic_grf, sine_series
 from .heat import Heat
+from .navier_stokes import NavierStokes2D
 from .neural_process import NeuralProcessData, sample_neural_process
 from .stokes import Stokes
 
@@ -48,6 +49,7 @@ __all__ = [
     "Heat",
     "InviscidBurgers",
     "LinearAdvection",
+    "NavierStokes2D",
     "NeuralProcessData",
     "OperatorData",
     "OperatorDataset",
