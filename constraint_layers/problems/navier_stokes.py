@@ -56,7 +56,8 @@ class NavierStokes2D:
     """
 
     def __init__(self, viscosity: float, *, extent: float = 1.0, forcing: Any = None) -> None:
-        if not (isinstance(viscosity, (int, float)) and math.isfinite(viscosity) and viscosity >= 0):
+        ok = isinstance(viscosity, (int, float)) and math.isfinite(viscosity)
+        if not (ok and viscosity >= 0):
             raise ValueError(f"NavierStokes2D: viscosity must be >= 0, got {viscosity!r}.")
         if not (isinstance(extent, (int, float)) and math.isfinite(extent) and extent > 0):
             raise ValueError(f"NavierStokes2D: extent must be > 0, got {extent!r}.")
