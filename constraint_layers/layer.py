@@ -424,8 +424,8 @@ class ConstraintLayer(nn.Module):
 
     def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
         """Signed residual of every row on a model output (physical units), float64: shape
-        (batch, M), the boundary rows (where each condition is in charge) then the conservation
-        rows. ``given``: values of ``cl.Given`` constraints."""
+        (batch, M), the boundary rows (where each condition is in charge), the conservation
+        rows, then the local rows. ``given``: values of ``cl.Given`` constraints."""
         constraints = self._bind(dict(given))
         g = self.adapter.read(output)
         norm = current_normalizer(self.normalizer)
@@ -449,6 +449,9 @@ class ConstraintLayer(nn.Module):
                     parts.append(r.reshape(shape[0], -1).to(torch.float64))
         for c in con:
             parts.append(c.residual(y, inputs=inputs))
+        for c in constraints:  # local rows (structure tag "local"): one per node
+            if getattr(c, "structure", None) == "local":
+                parts.append(c.rows(shape, grid=self.grid, inputs=inputs).residual(y))
         return torch.cat(parts, dim=-1)
 
     def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Any]) -> None:

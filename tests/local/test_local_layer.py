@@ -56,6 +56,9 @@ def test_fno_no_slip_training_step_equals_dense():
     ref = dense_projection(raw * free, C, free=free)
     assert float((y.detach() - ref).abs().max()) <= 1e-10 * float(raw.abs().max())
     assert bool((y[:, ~free] == 0).all())
+    res = model.residual(y.detach())  # the wall rows, then one row per node
+    assert res.shape == (2, 2 * (2 * 10 + 2 * 12) + 12 * 10)
+    assert float(res.abs().max()) <= 1e-10 * float(raw.abs().max()) * 22
     y.square().sum().backward()
     assert all(p.grad is not None for p in net.parameters())
 
