@@ -1,13 +1,16 @@
 """The local engine's entry point: local rows, with Dirichlet walls, on deterministic and Gaussian
 (diagonal variance) outputs.
 
-Semantics (one local constraint per call, any number of ``cl.Dirichlet`` conditions):
+Semantics (one local constraint per call, any number of ``cl.Dirichlet`` conditions and of
+totals):
 
 - Deterministic output ``u``: the Dirichlet nodes are set to their values (to the bit, as
   everywhere), then the other nodes move by the Euclidean projection onto the local rows with
   the Dirichlet values substituted:
   ``u~ = z - M C^T (C M C^T)^+ (C z - f)``, ``z`` the output with the wall values, ``M`` the free
-  nodes. With Dirichlet walls this is the Euclidean projection onto all rows at once.
+  nodes. With Dirichlet walls this is the Euclidean projection onto all rows at once. Totals
+  (conservation rows ``G u = b``, a few) too: by the Schur complement over the local solver
+  (:func:`_with_totals`).
 - Gaussian output with a diagonal variance ``w`` (ProbConserv's conditioning, Dirichlet nodes
   first: they get their values and zero variance): mean
   ``z - W M C^T (C W M C^T)^+ (C z - f)``; marginal variances
@@ -53,10 +56,12 @@ def is_local(constraints: Sequence[Any]) -> bool:
     return any(getattr(c, "structure", None) == "local" for c in constraints)
 
 
-def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any]]:
+def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[Any]]:
+    """``(the local constraint, Dirichlet walls, totals (conservation rows))``."""
     local = [c for c in constraints if getattr(c, "structure", None) == "local"]
     walls = [c for c in constraints if getattr(c, "family", None) == "boundary"]
-    other = [c for c in constraints if c not in local and c not in walls]
+    totals = [c for c in constraints if getattr(c, "family", None) == "conservation"]
+    other = [c for c in constraints if c not in local and c not in walls and c not in totals]
     if len(local) != 1:
         raise NotImplementedError(
             f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
@@ -66,10 +71,11 @@ def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any]]:
     bad = [c for c in walls if not isinstance(c, Dirichlet)] + other
     if bad:
         raise NotImplementedError(
-            f"{call}: a local constraint combines with cl.Dirichlet walls only (got {bad}). "
-            "Neumann / periodic walls, totals and bounds with local rows are not supported yet."
+            f"{call}: a local constraint combines with cl.Dirichlet walls and conservation "
+            f"totals only (got {bad}). Neumann / periodic walls and bounds with local rows are "
+            "not supported yet."
         )
-    return local[0], walls
+    return local[0], walls, totals
 
 
 def _walls(z: Tensor, walls: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
@@ -121,8 +127,10 @@ def enforce_local(
         shape: (batch, channels, d1, ..., dn). Not modified.
     constraint : LinearPDE
         ``cl.DivergenceFree``, ``cl.Continuity`` or ``cl.LinearPDE``.
-    *walls : Dirichlet
-        Dirichlet conditions held at the same time (e.g. no-slip walls).
+    *walls : Dirichlet or Conservation
+        Dirichlet conditions held at the same time (e.g. no-slip walls), and totals
+        (``cl.Conservation``, ``cl.Conservation.integral``), solved by the Schur complement over
+        the local solver (one local solve per total).
     spacing, extent, endpoint, inputs
         The grid (as for :func:`~constraint_layers.functional.enforce_boundary`) and the model
         input for callable values.
@@ -149,7 +157,7 @@ def project_local(
 ) -> Tensor:
     """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
     _check_grid_output(y, call)
-    local, walls = _split(constraints, call)
+    local, walls, totals = _split(constraints, call)
     if y.shape[0] == 0:
         return y
     z, mask = _walls(y, walls, grid, inputs, call)
@@ -157,14 +165,77 @@ def project_local(
     op = rows.operator
     z64 = z.to(F64)
     f = rows.rhs.to(z.device)
-    if mask is None and op.fourier:
-        out = fft_project(op, z64, f, call)
-    else:
-        out = project_cg(op, z64, f, mask=mask, call=call)
+
+    def local_projection(x: Tensor, rhs: Tensor) -> Tensor:
+        if mask is None and op.fourier:
+            return fft_project(op, x, rhs, call)
+        return project_cg(op, x, rhs, mask=mask, call=call)
+
+    out = local_projection(z64, f)
+    if totals:
+        out = _with_totals(out, local_projection, mask, totals, grid, inputs, y.dtype, call)
     out = out.to(y.dtype)
     if mask is not None:  # wall values to the bit
         out = torch.where(mask, out, z)
     return out
+
+
+def _with_totals(u1, local_projection, mask, totals, grid, inputs, dtype, call) -> Tensor:
+    """Totals ``G u = b`` (a few dense rows) on top of the local rows, by the Schur complement
+    over the local solver: ``u = u1 - V mu`` with ``V = P0(M G^T)`` (each row, as a field on the
+    free nodes, projected onto the null space of the local rows: one local solve per row) and
+    ``(G V) mu = G u1 - b``. The Euclidean projection onto all rows at once (float64)."""
+    from .._tolerance import tolerance
+    from ..rows import Rows
+
+    shape = tuple(u1.shape)
+    n = math.prod(shape[1:])
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
+    stacked = Rows.stack(parts, shape[0])
+    G = stacked.dense(n).to(u1.device)  # (M, n) or (batch, M, n)
+    b = stacked.rhs.to(u1.device)  # (batch, M)
+    lead = G.shape[:-2]
+    fields = G.reshape(-1, *shape[1:])
+    if mask is not None:
+        fields = fields * mask
+    V = local_projection(fields, torch.zeros((fields.shape[0], *shape[2:]), dtype=F64,
+                         device=u1.device)).reshape(*lead, G.shape[-2], n)  # fmt: skip
+    flat = u1.reshape(shape[0], n)
+    if G.ndim == 2:
+        r = flat @ G.T - b
+        A = G @ V.T
+        scale = flat.abs() @ G.abs().T + b.abs()
+    else:
+        r = (G @ flat.unsqueeze(-1)).squeeze(-1) - b
+        A = G @ V.mT
+        scale = (G.abs() @ flat.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
+    A = 0.5 * (A + A.mT)
+    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
+    mu = _solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
+    step = mu @ V if V.ndim == 2 else (mu.unsqueeze(-2) @ V).squeeze(-2)
+    return (flat - step).reshape(shape)
+
+
+def _solve_small(A: Tensor, r: Tensor, scale: Tensor, tol: float, labels, call: str) -> Tensor:
+    """``A^+ r`` for the small symmetric PSD Schur complement (*, M, M); a residual left where
+    ``A`` vanishes (a total the local rows and walls fix) must be below ``tol * scale``."""
+    from ..errors import IncompatibleConstraintsError
+
+    lam, Q = torch.linalg.eigh(A)
+    keep = lam > 1e-10 * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
+    rq = (Q.mT @ r.unsqueeze(-1)).squeeze(-1)
+    off = torch.where(keep, 0.0, rq).abs()
+    if bool((off > tol * (scale.amax(-1, keepdim=True) + torch.finfo(F64).tiny)).any()):
+        weight = (Q * (~keep).unsqueeze(-2)).abs().amax(-1).reshape(-1, Q.shape[-1])
+        which = sorted({int(i) for i in (weight > 1e-6).any(0).nonzero()})
+        names = ", ".join(labels[i] for i in which[:6]) + (" ..." if len(which) > 6 else "")
+        raise IncompatibleConstraintsError(
+            f"{call}: the totals cannot hold with the local rows and the walls: {names} are fixed "
+            f"by them to other values (off by {float(off.max()):.3e}). Check the totals.",
+            tuple(which),
+        )
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    return (Q @ (inv * rq).unsqueeze(-1)).squeeze(-1)
 
 
 class LocalGaussian:
@@ -241,7 +312,12 @@ def condition_local(
         64 nodes), ``.sample(n)`` (exact draws).
     """
     _check_grid_output(mean, call)
-    local, walls_ = _split([constraint, *walls], call)
+    local, walls_, totals = _split([constraint, *walls], call)
+    if totals:
+        raise NotImplementedError(
+            f"{call}: conditioning a Gaussian on local rows together with totals is not "
+            "supported yet; deterministic outputs take both (enforce_local)."
+        )
     grid = GridSpec(spacing, extent, endpoint)
     variance = torch.broadcast_to(variance, mean.shape)
     if not bool((variance.detach() >= 0).all()):
@@ -311,7 +387,12 @@ def project_record(
         out = project_local(mean, constraints, grid=grid, inputs=inputs, call=call)
         var = pred.variance
     else:
-        local, walls = _split(constraints, call)
+        local, walls, totals = _split(constraints, call)
+        if totals:
+            raise NotImplementedError(
+                f"{call}: conditioning a Gaussian on local rows together with totals is not "
+                "supported yet (metric='euclidean' moves the mean onto both)."
+            )
         g = condition_local(
             mean, pred.variance, local, *walls, spacing=grid.spacing, extent=grid.extent,
             endpoint=grid.endpoint, inputs=inputs, call=call,
@@ -326,11 +407,13 @@ def _debug_check(y: Tensor, constraints: Sequence[Any], grid: GridSpec, inputs: 
     from .._tolerance import tolerance
     from ..errors import ConstraintViolationError
 
-    local, _ = _split(constraints, call)
-    rel = float(local.rows(tuple(y.shape), grid=grid, inputs=inputs).relative_residual(y).max())
+    local, _, totals = _split(constraints, call)
     tol = tolerance(y.dtype).residual
-    if not rel <= tol:
-        raise ConstraintViolationError(
-            f"{call}(debug=True): {local!r} has relative residual {rel:.3e} after the projection "
-            f"(tolerance {tol:.1e} for {y.dtype}). This is a bug: please report it."
-        )
+    for c in (local, *totals):
+        rel = float(c.rows(tuple(y.shape), grid=grid, inputs=inputs).relative_residual(
+            y.detach().flatten(1) if c is not local else y.detach()).max())  # fmt: skip
+        if not rel <= tol:  # NaN fails too
+            raise ConstraintViolationError(
+                f"{call}(debug=True): {c!r} has relative residual {rel:.3e} after the "
+                f"projection (tolerance {tol:.1e} for {y.dtype}). This is a bug: please report it."
+            )
