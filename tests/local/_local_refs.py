@@ -44,15 +44,19 @@ def dense_projection(u, C, f=None, free=None, weight=None):
 
 
 def dense_conditioning(m, v, C, f=None):
-    """Mean and marginal variances of ``N(m, diag(v))`` conditioned on ``C u = f`` (dense)."""
+    """Mean and marginal variances of ``N(m, diag(v))`` conditioned on ``C u = f`` (dense, by
+    the SVD of ``B = C diag(v)^(1/2)``: mean ``m - v^(1/2) B^+ (C m - f)``, variances
+    ``v (1 - diag(B^+ B))``)."""
     means, variances = [], []
     for b in range(m.shape[0]):
-        S = torch.diag(v[b].flatten().to(F64))
-        K = C @ S @ C.T
-        Kp = torch.linalg.pinv(K, hermitian=True)
+        s = v[b].flatten().to(F64).sqrt()
+        B = C * s
+        U, sv, Vh = torch.linalg.svd(B, full_matrices=False)
+        keep = sv > 1e-12 * sv.max()
+        Vr = Vh[keep]
         r = C @ m[b].flatten().to(F64) - (0 if f is None else f[b].flatten().to(F64))
-        means.append(m[b].flatten().to(F64) - S @ C.T @ Kp @ r)
-        variances.append((S - S @ C.T @ Kp @ C @ S).diagonal())
+        means.append(m[b].flatten().to(F64) - s * (Vr.T @ ((U[:, keep].T @ r) / sv[keep])))
+        variances.append(s.square() * (1 - Vr.square().sum(0)))
     return torch.stack(means).reshape(m.shape), torch.stack(variances).reshape(m.shape)
 
 

@@ -81,7 +81,7 @@ def test_variance_beyond_dense_limit_refuses_with_the_estimator():
     m, v = problem((65, 64), batch=1, seed=5, contrast=0.0)
     post = condition_local(m, v, cl.DivergenceFree(periodic=True))
     assert float(cl.DivergenceFree(periodic=True).residual(post.mean).abs().max()) < 1e-8
-    with pytest.raises(NotImplementedError, match="sample"):
+    with pytest.raises(NotImplementedError, match="estimate_variance"):
         _ = post.variance
 
 
@@ -89,3 +89,40 @@ def test_negative_variance_raises():
     m, v = problem((6, 6))
     with pytest.raises(ValueError, match="negative"):
         condition_local(m, -v, cl.DivergenceFree())
+
+
+def test_totals_conditioned_jointly_equal_dense():
+    grid = (10, 9)
+    m, v = problem(grid, batch=2, seed=6)
+    totals = (
+        cl.Conservation.integral(0.3, dim=(0, 1), channels=0),
+        cl.Conservation.integral(-0.1, dim=(0, 1), channels=1),
+    )
+    walls = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    post = condition_local(m, v, cl.DivergenceFree(), *walls, *totals)
+    free = torch.zeros(2, *grid, dtype=torch.bool)
+    free[:, 1:-1, 1:-1] = True
+    n = 2 * 90
+    C = dense_div((2, *grid), [1 / 9, 1 / 8])
+    G = torch.cat([t.rows(m.shape).dense(n) for t in totals])
+    A = torch.cat([C, G]) * free.flatten()  # the rows on the free nodes (walls at 0)
+    d = torch.cat([torch.zeros(90, dtype=F64), torch.tensor([0.3, -0.1], dtype=F64)])
+    mean, var = dense_conditioning(m * free, v * free, A, d.expand(2, -1))
+    assert float((post.mean - mean).abs().max()) <= 1e-10
+    assert float((post.variance - var).abs().max()) <= 1e-10
+    s = post.sample(3, generator=torch.Generator().manual_seed(1)).flatten(2)
+    assert float((s @ G.T - d[-2:]).abs().max()) <= 1e-10
+    assert float((s @ C.T).abs().max()) <= 1e-8
+
+
+def test_hutchinson_estimate_within_its_standard_error():
+    grid = (12, 12)
+    m, v = problem(grid, batch=1, seed=7)
+    post = condition_local(m, v, cl.DivergenceFree(), cl.Conservation.integral(0.0, dim=(0, 1)))
+    est, se = post.estimate_variance(256, generator=torch.Generator().manual_seed(3))
+    exact = post.variance
+    assert bool((se > 0).all())
+    assert float(((est - exact).abs() / se).max()) < 5.0
+    assert float(((est - exact).abs() / se).mean()) < 1.2  # about sqrt(2 / pi) = 0.8
+    with pytest.raises(ValueError, match="probes"):
+        post.estimate_variance(1)
