@@ -34,7 +34,7 @@ from ..boundary.conditions import Dirichlet
 from ..boundary.enforce import apply_plan, condition_rhs, plan
 from ..rows import DEFAULT_GRID, GridSpec
 from .constraint import LocalRows
-from .solve import fft_project, project_cg
+from .solve import INVOLVED_RTOL, NULL_RTOL, fft_project, project_cg
 
 __all__ = [
     "DENSE_VARIANCE_MAX_NODES",
@@ -222,12 +222,12 @@ def _solve_small(A: Tensor, r: Tensor, scale: Tensor, tol: float, labels, call: 
     from ..errors import IncompatibleConstraintsError
 
     lam, Q = torch.linalg.eigh(A)
-    keep = lam > 1e-10 * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
+    keep = lam > NULL_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
     rq = (Q.mT @ r.unsqueeze(-1)).squeeze(-1)
     off = torch.where(keep, 0.0, rq).abs()
     if bool((off > tol * (scale.amax(-1, keepdim=True) + torch.finfo(F64).tiny)).any()):
         weight = (Q * (~keep).unsqueeze(-2)).abs().amax(-1).reshape(-1, Q.shape[-1])
-        which = sorted({int(i) for i in (weight > 1e-6).any(0).nonzero()})
+        which = sorted({int(i) for i in (weight > INVOLVED_RTOL).any(0).nonzero()})
         names = ", ".join(labels[i] for i in which[:6]) + (" ..." if len(which) > 6 else "")
         raise IncompatibleConstraintsError(
             f"{call}: the totals cannot hold with the local rows and the walls: {names} are fixed "
@@ -417,7 +417,7 @@ def _totals_schur(m1, op, mask, w, totals, grid, inputs, dtype, call):
     labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
     _solve_small(A, r, scale, tolerance(dtype).residual, labels, call)  # compatibility
     lam, Q = torch.linalg.eigh(A)
-    keep = lam > 1e-10 * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
+    keep = lam > NULL_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
     inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
     Ap = (Q * inv.unsqueeze(-2)) @ Q.mT
     return G, b, V, Ap
@@ -435,7 +435,7 @@ def _dense_variance(op: Any, var: Tensor, mask: Tensor | None) -> Tensor:
             wf = wf * mask.reshape(-1).to(wf.dtype)
         K = (C * wf) @ C.T
         lam, V = torch.linalg.eigh(K)
-        keep = lam > 1e-10 * lam.amax().clamp_min(torch.finfo(F64).tiny)
+        keep = lam > NULL_RTOL * lam.amax().clamp_min(torch.finfo(F64).tiny)
         B = (V[:, keep] * lam[keep].rsqrt()).T @ (C * wf)  # (r, n)
         out.append((wf - B.square().sum(0)).clamp_min(0.0).reshape(op.shape))
     return torch.stack(out)

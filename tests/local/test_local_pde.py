@@ -147,3 +147,10 @@ def test_terms_accept_term_objects_and_reject_bad_ones():
         enforce_local(u, cl.LinearPDE([(1.0, 3, 0)]))
     with pytest.raises(NotImplementedError, match="one local constraint"):
         enforce_local(u, a, b)
+
+
+def test_non_separable_operator_that_stalls_says_so():
+    u = torch.randn(1, 1, 33, 33, dtype=F64, generator=torch.Generator().manual_seed(0))
+    heat = cl.LinearPDE([(1.0, 0, 0, 1), (-0.1, 0, 1, 2)])
+    with pytest.raises(cl.errors.SingularConstraintError, match="not separable"):
+        enforce_local(u, heat)
