@@ -359,7 +359,8 @@ class ConstraintLayer(nn.Module):
             if is_local(constraints):  # rows tagged structure="local": the local engine
                 post = project_record(
                     pred, constraints, grid=self.grid, noise=self.noise, metric=self.metric,
-                    grid_shape=self.grid_shape, inputs=inputs, debug=self.debug, call=call,
+                    grid_shape=self.grid_shape, inputs=inputs, debug=self.debug, lift=self.lift,
+                    call=call,
                 )  # fmt: skip
             else:
                 post = _engine_project(

@@ -451,6 +451,7 @@ def project_record(
     grid_shape: Sequence[int] | None = None,
     inputs: Any = None,
     debug: bool = False,
+    lift: int = 0,
     call: str = "project",
 ) -> Any:
     """The layer's entry: a prediction record (:class:`~constraint_layers.functional.Gaussian`)
@@ -463,6 +464,11 @@ def project_record(
         raise NotImplementedError(
             f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
             "..., dn); flat outputs (grid_shape=) are not supported."
+        )
+    if lift:
+        raise NotImplementedError(
+            f"{call}: lift={lift} smooths the boundary step over nodes next to the walls; with "
+            "local rows the Dirichlet nodes are eliminated instead: use lift=0."
         )
     if not (isinstance(noise, (int, float)) and noise == 0):
         raise NotImplementedError(f"{call}: local rows are exact; noise must be 0, got {noise}.")

@@ -97,6 +97,20 @@ def test_gaussian_head_conditioned_as_dense():
     assert float((mean_e - dense_projection(x, C)).abs().max()) <= 1e-10
 
 
+def test_gaussian_head_with_no_slip_walls():
+    walls = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    model = cl.wrap(GaussianHead(), cl.DivergenceFree(), *walls)
+    x = torch.randn(2, 2, 9, 8, dtype=F64)
+    mean, var = model(x)
+    free = torch.zeros(2, 9, 8, dtype=torch.bool)
+    free[:, 1:-1, 1:-1] = True
+    assert bool((mean[:, ~free] == 0).all()) and bool((var[:, ~free] == 0).all())
+    C = dense_div((2, 9, 8), [1 / 8, 1 / 7]) * free.flatten()
+    m_ref, v_ref = dense_conditioning(x * free, (0.2 + x.square()) * free, C)
+    assert float((mean - m_ref).abs().max()) <= 1e-10
+    assert float((var - v_ref).abs().max()) <= 1e-10
+
+
 def test_unsupported_combinations_raise_clearly():
     u = torch.randn(1, 2, 8, 8)
     model = cl.wrap(torch.nn.Identity(), cl.DivergenceFree(), cl.Bounds(lower=0.0))
@@ -108,3 +122,6 @@ def test_unsupported_combinations_raise_clearly():
     noisy = cl.wrap(GaussianHead(), cl.DivergenceFree(), noise=0.1)
     with pytest.raises(NotImplementedError, match="noise"):
         noisy(u.double())
+    lifted = cl.wrap(torch.nn.Identity(), cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0), lift=2)
+    with pytest.raises(NotImplementedError, match="lift"):
+        lifted(u)
