@@ -34,7 +34,7 @@ from ..boundary.conditions import Dirichlet
 from ..boundary.enforce import apply_plan, condition_rhs, plan
 from ..rows import DEFAULT_GRID, GridSpec
 from .constraint import LocalRows
-from .solve import INVOLVED_RTOL, NULL_RTOL, fft_project, project_cg
+from .solve import INVOLVED_RTOL, NULL_RTOL, fft_project, project_cg, project_step
 
 __all__ = [
     "DENSE_VARIANCE_MAX_NODES",
@@ -68,14 +68,30 @@ def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[
             f"call is supported, got {len(local)}: {local}. Combine them into one cl.LinearPDE "
             "where they share the right-hand side, or open an issue."
         )
-    bad = [c for c in walls if not isinstance(c, Dirichlet)] + other
-    if bad:
+    if other:
         raise NotImplementedError(
-            f"{call}: a local constraint combines with cl.Dirichlet walls and conservation "
-            f"totals only (got {bad}). Neumann / periodic walls and bounds with local rows are "
-            "not supported yet."
+            f"{call}: a local constraint combines with boundary conditions and conservation "
+            f"totals only (got {other}). Bounds with local rows are not supported yet."
         )
     return local[0], walls, totals
+
+
+def _dirichlet_only(walls: Sequence[Any]) -> bool:
+    return all(isinstance(c, Dirichlet) for c in walls)
+
+
+def _step(y: Tensor, walls: Sequence[Any], grid: GridSpec, lift: int, inputs: Any, call: str):
+    """The boundary step on float64 grids: ``(affine B, linear part S)``."""
+    shape = tuple(y.shape)
+    hs = resolve_spacing(shape[2:], spacing=grid.spacing, extent=grid.extent,
+                         endpoint=grid.endpoint, call=call)  # fmt: skip
+    bplan = plan(shape, walls, hs, lift, grid.endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, shape[0], F64, y.device, inputs, call)
+        for c, bc in zip(bplan.conds, walls)
+    ]
+    zeros = [torch.zeros_like(r) for r in rhs]
+    return (lambda x: apply_plan(x, bplan, rhs)), (lambda x: apply_plan(x, bplan, zeros))
 
 
 def _walls(z: Tensor, walls: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
@@ -118,8 +134,9 @@ def enforce_local(
     extent: float | Sequence[float] | None = None,
     endpoint: bool = True,
     inputs: Any = None,
+    lift: int = 0,
 ) -> Tensor:
-    """Project a grid output onto a local constraint (and Dirichlet walls), Euclidean.
+    """Project a grid output onto a local constraint (and walls, and totals), Euclidean.
 
     Parameters
     ----------
@@ -127,13 +144,16 @@ def enforce_local(
         shape: (batch, channels, d1, ..., dn). Not modified.
     constraint : LinearPDE
         ``cl.DivergenceFree``, ``cl.Continuity`` or ``cl.LinearPDE``.
-    *walls : Dirichlet or Conservation
-        Dirichlet conditions held at the same time (e.g. no-slip walls), and totals
-        (``cl.Conservation``, ``cl.Conservation.integral``), solved by the Schur complement over
-        the local solver (one local solve per total).
-    spacing, extent, endpoint, inputs
-        The grid (as for :func:`~constraint_layers.functional.enforce_boundary`) and the model
-        input for callable values.
+    *walls : boundary conditions or Conservation
+        Boundary conditions held at the same time: ``cl.Dirichlet`` nodes are eliminated (e.g.
+        no-slip walls: the Euclidean projection onto all rows); other conditions (Neumann,
+        periodic, ``lift``) keep the meaning of their boundary step ``B(v) = S v + g`` and the
+        local rows act on the freedom it leaves: ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) -
+        f))``. Totals (``cl.Conservation``, ``cl.Conservation.integral``; with Dirichlet walls
+        or none) by the Schur complement over the local solver (one local solve per total).
+    spacing, extent, endpoint, inputs, lift
+        The grid (as for :func:`~constraint_layers.functional.enforce_boundary`), the model
+        input for callable values, and the boundary step's lift.
 
     Returns
     -------
@@ -143,7 +163,7 @@ def enforce_local(
     call = "enforce_local"
     return project_local(
         y, [constraint, *walls], grid=GridSpec(spacing, extent, endpoint), inputs=inputs,
-        call=call,
+        lift=lift, call=call,
     )  # fmt: skip
 
 
@@ -153,6 +173,7 @@ def project_local(
     *,
     grid: GridSpec = DEFAULT_GRID,
     inputs: Any = None,
+    lift: int = 0,
     call: str = "project_local",
 ) -> Tensor:
     """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
@@ -160,6 +181,16 @@ def project_local(
     local, walls, totals = _split(constraints, call)
     if y.shape[0] == 0:
         return y
+    if (walls and not _dirichlet_only(walls)) or lift:
+        if totals:
+            raise NotImplementedError(
+                f"{call}: totals with local rows and non-Dirichlet walls (or lift) are not "
+                "supported yet."
+            )
+        rows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
+        affine, linear = _step(y.to(F64), walls, grid, lift, inputs, call)
+        out = project_step(rows.operator, y.to(F64), linear, affine, rows.rhs.to(y.device), call)
+        return out.to(y.dtype)
     z, mask = _walls(y, walls, grid, inputs, call)
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
     op = rows.operator
@@ -368,6 +399,11 @@ def condition_local(
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
+    if not _dirichlet_only(walls_):
+        raise NotImplementedError(
+            f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
+            "only; Neumann / periodic walls are not supported yet there."
+        )
     grid = GridSpec(spacing, extent, endpoint)
     variance = torch.broadcast_to(variance, mean.shape)
     if not bool((variance.detach() >= 0).all()):
@@ -468,11 +504,6 @@ def project_record(
             f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
             "..., dn); flat outputs (grid_shape=) are not supported."
         )
-    if lift:
-        raise NotImplementedError(
-            f"{call}: lift={lift} smooths the boundary step over nodes next to the walls; with "
-            "local rows the Dirichlet nodes are eliminated instead: use lift=0."
-        )
     if not (isinstance(noise, (int, float)) and noise == 0):
         raise NotImplementedError(f"{call}: local rows are exact; noise must be 0, got {noise}.")
     if pred.covariance is not None or pred.low_rank is not None:
@@ -482,10 +513,16 @@ def project_record(
         )
     mean = pred.mean
     if pred.variance is None or metric == "euclidean":
-        out = project_local(mean, constraints, grid=grid, inputs=inputs, call=call)
+        out = project_local(mean, constraints, grid=grid, inputs=inputs, lift=lift, call=call)
         var = pred.variance
     else:
         local, walls, totals = _split(constraints, call)
+        if lift or not _dirichlet_only(walls):
+            raise NotImplementedError(
+                f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
+                "(lift=0) only; Neumann / periodic walls or a lift are not supported yet there "
+                "(metric='euclidean' moves the mean with them)."
+            )
         g = condition_local(
             mean, pred.variance, local, *walls, *totals, spacing=grid.spacing, extent=grid.extent,
             endpoint=grid.endpoint, inputs=inputs, call=call,

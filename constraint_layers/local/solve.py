@@ -447,3 +447,60 @@ def project_cg(
     system = System(op, mask, None if weight is None else weight.detach())
     system.check = check
     return _Project.apply(z, f, weight, system, call)
+
+
+# ------------------------------------------------------- walls of any kind: the boundary step
+class StepSystem(System):
+    """``K = C S S^T C^T`` with ``S`` the linear part of a boundary step ``B(v) = S v + g``
+    (Neumann, periodic or lifted walls): the local rows act on the freedom the step leaves."""
+
+    def __init__(self, op: LocalOperator, step: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(op, None, None)
+        self.step = step  # the linear part S (float64, differentiable)
+
+    def step_t(self, y: Tensor) -> Tensor:
+        """``S^T y`` (the adjoint of the step, by autograd)."""
+        x = torch.zeros_like(y, requires_grad=True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.step(x), x, y)
+        return g
+
+    def move(self, lam: Tensor) -> Tensor:
+        return self.step_t(self.op.transpose(lam))
+
+    def matvec(self, lam: Tensor) -> Tensor:
+        return self.op.apply(self.step(self.move(lam)))
+
+
+class _ProjectStep(torch.autograd.Function):
+    """``v = u - S^T C^T K^+ (C z - f)`` (``z = B(u)``, computed outside), implicit backward."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, z: Tensor, f: Tensor, system: StepSystem, call: str):
+        scale = _scale(system.op, z, f)
+        lam, _ = system.solve(system.op.apply(z) - f, scale, call, check=False)
+        ctx.system, ctx.call = system, call
+        return u - system.move(lam)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        system: StepSystem = ctx.system
+        cg = system.op.apply(system.step(g))
+        mu, _ = system.solve(cg, _scale(system.op, g, cg), ctx.call + " (backward)", check=False)
+        return g, -system.op.transpose(mu), mu, None, None
+
+
+def project_step(
+    op: LocalOperator,
+    u: Tensor,
+    step: Callable[[Tensor], Tensor],
+    affine: Callable[[Tensor], Tensor],
+    f: Tensor,
+    call: str = "project",
+) -> Tensor:
+    """``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``: the local rows on the freedom a boundary
+    step ``B = affine`` (linear part ``S = step``) leaves, float64; the walls then hold as the
+    step makes them hold."""
+    system = StepSystem(op, step)
+    v = _ProjectStep.apply(u, affine(u), f, system, call)
+    return affine(v)
