@@ -198,8 +198,8 @@ def project_local(
     f = rows.rhs.to(z.device)
 
     def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
-        if mask is None and op.fourier:
-            return fft_project(op, x, rhs, call)
+        if mask is None and op.fourier:  # f = 0: no transform of it, nothing to check
+            return fft_project(op, x, None if not check else rhs, call)
         return project_cg(op, x, rhs, mask=mask, call=call, check=check)
 
     # f = 0 with nothing eliminated: the right-hand side C z is in the range by construction

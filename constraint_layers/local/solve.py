@@ -90,10 +90,13 @@ def _net_flux_message(what: float, call: str, op: LocalOperator) -> str:
 
 
 # ------------------------------------------------------------------------- the FFT path
-def fft_project(op: LocalOperator, z: Tensor, f: Tensor, call: str) -> Tensor:
+def fft_project(
+    op: LocalOperator, z: Tensor, f: Tensor | None, call: str, check: bool = True
+) -> Tensor:
     """The Euclidean projection per wavenumber (differentiable through the FFTs).
 
-    ``z`` (batch, channels, *grid) float64, ``f`` (batch, *grid) float64.
+    ``z`` (batch, channels, *grid) float64, ``f`` (batch, *grid) float64 or None (zero: then
+    nothing to check).
     """
     d = len(op.grid)
     dims = tuple(range(2, 2 + d))
@@ -102,16 +105,24 @@ def fft_project(op: LocalOperator, z: Tensor, f: Tensor, call: str) -> Tensor:
     norm2 = s.abs().square().sum(0)
     zero = norm2 <= NULL_RTOL**2 * norm2.amax()
     zh = torch.fft.rfftn(z[:, chans], dim=dims)
+    r = (s * zh).sum(1)  # (batch, *rgrid)
+    if f is None:
+        return _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims)
     fh = torch.fft.rfftn(f, dim=tuple(range(1, 1 + d)))
-    r = (s * zh).sum(1) - fh  # (batch, *rgrid)
+    r = r - fh
     off = fh.abs().where(zero, 0.0).detach()
-    if bool((off > INCONSISTENT_RTOL * _scale(op, z, f).reshape(-1, *[1] * d) * math.prod(op.grid))
-            .any()):  # fmt: skip
+    if check and bool((off > INCONSISTENT_RTOL * _scale(op, z, f).reshape(-1, *[1] * d)
+                       * math.prod(op.grid)).any()):  # fmt: skip
         raise IncompatibleConstraintsError(
             _net_flux_message(float(off.amax()) / math.prod(op.grid), call, op)
             + " (periodic grid: the right-hand side's Fourier coefficient where the rows vanish, "
             "e.g. its mean)"
         )
+    return _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims)
+
+
+def _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims) -> Tensor:
+    """``z`` with the channels read moved by ``-conj(s) r / |s|^2`` per wavenumber."""
     coef = torch.where(zero, 0.0, r / torch.where(zero, 1.0, norm2))
     zh = zh - s.conj() * coef.unsqueeze(1)
     out = torch.fft.irfftn(zh, s=op.grid, dim=dims)
