@@ -11,10 +11,10 @@ eliminated):
   projection per wavenumber (exact; wavenumbers whose row vanishes are left as they are, their
   right-hand side must vanish).
 - Otherwise: :func:`project_cg`, conjugate gradients on ``K = C W M C^T`` in float64,
-  preconditioned by the separable fast solve of ``C C^T`` (scaled by the mean of ``w``), stopped on
-  the relative residual of the ROWS (CG's residual ``C z - f - K lam`` is the rows' residual of
-  the current iterate ``C u~ - f``). The backward is implicit: one more solve with ``K``, never
-  autograd through the iterations.
+  preconditioned by the separable fast solve of ``C C^T`` (scaled on each side by ``w``
+  averaged over a window), stopped on the relative residual of the ROWS (CG's residual
+  ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
+  backward is implicit: one more solve with ``K``, never autograd through the iterations.
 
 Thresholds (all relative; every threshold of the local package is here): :data:`CG_RTOL` (the
 target of the rows' residual, float64 work), :data:`ACCEPT_RTOL` (the largest accepted; beyond
