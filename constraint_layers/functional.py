@@ -13,7 +13,8 @@ from .conservation.enforce import enforce_conservation
 from .conservation.gaussian import Gaussian
 from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture
 from .conservation.posterior import ConstrainedGaussian, DegenerateGaussian
-from .local.project import LocalGaussian, condition_local, enforce_local
+from .local.gaussian import LocalGaussian, condition_local
+from .local.project import enforce_local
 from .rows import Rows
 
 #: The prediction record adapters read and write (a deterministic one has no variance).
