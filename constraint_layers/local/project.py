@@ -1,16 +1,17 @@
-"""The local engine's entry point: local rows, with Dirichlet walls, on deterministic and Gaussian
-(diagonal variance) outputs.
+"""The local engine's deterministic entry points, and the layer's (private).
 
-Semantics (one local constraint per call, any number of ``cl.Dirichlet`` conditions and of
-totals):
+Semantics (one local constraint per call, any boundary conditions, any number of totals):
 
-- Deterministic output ``u``: the Dirichlet nodes are set to their values (to the bit, as
+- ``cl.Dirichlet`` walls: the Dirichlet nodes are set to their values (to the bit, as
   everywhere), then the other nodes move by the Euclidean projection onto the local rows with
-  the Dirichlet values substituted:
-  ``u~ = z - M C^T (C M C^T)^+ (C z - f)``, ``z`` the output with the wall values, ``M`` the free
-  nodes. With Dirichlet walls this is the Euclidean projection onto all rows at once. Totals
-  (conservation rows ``G u = b``, a few) too: by the Schur complement over the local solver
-  (:func:`with_totals`).
+  the Dirichlet values substituted: ``u~ = z - M C^T (C M C^T)^+ (C z - f)``, ``z`` the output
+  with the wall values, ``M`` the free nodes. This is the Euclidean projection onto all rows at
+  once. Totals (conservation rows ``G u = b``, a few) too, by the Schur complement over the local
+  solver (:func:`~constraint_layers.local.totals.with_totals`).
+- Other walls (Neumann, periodic, ``lift``): the boundary step ``B(v) = S v + g`` keeps its
+  meaning and the local rows act on the freedom it leaves:
+  ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
+  (:func:`~constraint_layers.local.implicit.project_step`).
 - Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
 """
 
