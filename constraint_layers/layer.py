@@ -355,28 +355,23 @@ class ConstraintLayer(nn.Module):
         scale = None
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
+        # rows tagged structure="local" (one per node) go to the local engine
+        engine = project_record if is_local(constraints) else _engine_project
         with under_call(call):
-            if is_local(constraints):  # rows tagged structure="local": the local engine
-                post = project_record(
-                    pred, constraints, grid=self.grid, noise=self.noise, metric=self.metric,
-                    grid_shape=self.grid_shape, inputs=inputs, debug=self.debug, lift=self.lift,
-                    call=call,
-                )  # fmt: skip
-            else:
-                post = _engine_project(
-                    pred,
-                    constraints,
-                    grid=self.grid,
-                    lift=self.lift,
-                    noise=self.noise,
-                    metric=self.metric,
-                    grid_shape=self.grid_shape,
-                    inputs=inputs,
-                    call=call,
-                )
+            post = engine(
+                pred,
+                constraints,
+                grid=self.grid,
+                lift=self.lift,
+                noise=self.noise,
+                metric=self.metric,
+                grid_shape=self.grid_shape,
+                inputs=inputs,
+                call=call,
+            )
         check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
                          f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
-        if self.debug and not is_local(constraints):
+        if self.debug:
             self._check(post, inputs, constraints)
         if norm is not None:
             post = _from_physical(post, norm, scale)
@@ -479,6 +474,10 @@ class ConstraintLayer(nn.Module):
             r = c.residual(y, inputs=inputs)
             size = float(r.abs().max()) if r.numel() else 0.0
             worst.append((size / (scale * _row_scale(c, y)), c))
+        for c in constraints:  # local rows: relative to the terms each row balances
+            if getattr(c, "structure", None) == "local":
+                rows = c.rows(shape, grid=self.grid, inputs=inputs)
+                worst.append((float(rows.relative_residual(y).max()), c))
         for rel, c in worst:
             if not rel <= tol:  # NaN fails too
                 raise ConstraintViolationError(

@@ -214,7 +214,6 @@ def project_record(
     metric: str = "covariance",
     grid_shape: Sequence[int] | None = None,
     inputs: Any = None,
-    debug: bool = False,
     lift: int = 0,
     call: str = "project",
 ) -> Any:
@@ -254,22 +253,4 @@ def project_record(
             endpoint=grid.endpoint, inputs=inputs, call=call,
         )  # fmt: skip
         out, var = g.mean, g.variance
-    if debug:
-        _debug_check(out, constraints, grid, inputs, call)
     return Gaussian(out, var, event_ndim=pred.event_ndim)
-
-
-def _debug_check(y: Tensor, constraints: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
-    from .._tolerance import tolerance
-    from ..errors import ConstraintViolationError
-
-    local, _, totals = _split(constraints, call)
-    tol = tolerance(y.dtype).residual
-    for c in (local, *totals):
-        rel = float(c.rows(tuple(y.shape), grid=grid, inputs=inputs).relative_residual(
-            y.detach().flatten(1) if c is not local else y.detach()).max())  # fmt: skip
-        if not rel <= tol:  # NaN fails too
-            raise ConstraintViolationError(
-                f"{call}(debug=True): {c!r} has relative residual {rel:.3e} after the "
-                f"projection (tolerance {tol:.1e} for {y.dtype}). This is a bug: please report it."
-            )
