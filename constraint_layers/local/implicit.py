@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .operator import LocalOperator
 from .solve import System, _scale
@@ -37,6 +38,7 @@ class _Project(torch.autograd.Function):
         return z - system.move(lam)
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the solve's own derivative
     def backward(ctx: Any, g: Tensor):
         system: System = ctx.system
         (lam,) = ctx.saved_tensors
@@ -111,6 +113,7 @@ class _ProjectStep(torch.autograd.Function):
         return u - system.move(lam)
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the solve's own derivative
     def backward(ctx: Any, g: Tensor):
         system: StepSystem = ctx.system
         cg = system.op.apply(system.step(g))

@@ -125,3 +125,15 @@ def test_unsupported_combinations_raise_clearly():
     lifted = cl.wrap(GaussianHead(), cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0), lift=2)
     with pytest.raises(NotImplementedError, match="lift"):
         lifted(u.double())
+
+
+def test_new_resolution_stays_exact_and_double_backward_refuses():
+    model = cl.wrap(torch.nn.Identity(), cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0))
+    for n in (12, 20, 33):
+        u = torch.randn(2, 2, n, n + 1, dtype=F64)
+        y = model(u)
+        assert div_rel(y) <= 1e-10
+    u = torch.randn(1, 2, 8, 8, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad(model(u).square().sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        g.sum().backward()
