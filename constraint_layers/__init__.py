@@ -14,6 +14,7 @@ from . import (
     adapters,
     errors,
     functional,
+    local,
     metrics,
     pointcloud,
     problems,
@@ -26,6 +27,7 @@ from .boundary import BoundaryCondition, Dirichlet, Neumann, Periodic
 from .bounds import Bounds
 from .conservation import Conservation, IntegralConservation, mass_over_time
 from .layer import BoundaryCorrection, ConservationProjection, ConstraintLayer
+from .local import Continuity, DivergenceFree, LinearPDE
 from .pointcloud import NormalComponent
 from .rows import GridSpec, Rows
 
@@ -38,10 +40,13 @@ __all__ = [
     "Conservation",
     "ConservationProjection",
     "ConstraintLayer",
+    "Continuity",
     "Dirichlet",
+    "DivergenceFree",
     "Given",
     "GridSpec",
     "IntegralConservation",
+    "LinearPDE",
     "Neumann",
     "NormalComponent",
     "Periodic",
@@ -49,6 +54,7 @@ __all__ = [
     "adapters",
     "errors",
     "functional",
+    "local",
     "mass_over_time",
     "metrics",
     "pointcloud",

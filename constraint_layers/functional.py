@@ -13,6 +13,8 @@ from .conservation.enforce import enforce_conservation
 from .conservation.gaussian import Gaussian
 from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture
 from .conservation.posterior import ConstrainedGaussian, DegenerateGaussian
+from .local.gaussian import LocalGaussian, condition_local
+from .local.project import enforce_local
 from .rows import Rows
 
 #: The prediction record adapters read and write (a deterministic one has no variance).
@@ -22,16 +24,19 @@ __all__ = [
     "ConstrainedGaussian",
     "DegenerateGaussian",
     "Gaussian",
+    "LocalGaussian",
     "MixtureMoments",
     "Prediction",
     "Rows",
     "RunningMoments",
     "boundary_residuals",
     "boundary_rows",
+    "condition_local",
     "conservation_rows",
     "conserve",
     "conserve_mixture",
     "dense_projection",
     "enforce_boundary",
     "enforce_conservation",
+    "enforce_local",
 ]

@@ -62,6 +62,7 @@ from .conservation.constraint import constraints_of
 from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError, GridError
+from .local.project import is_local, project_record
 from .pointcloud.solve import (
     check_point_constraints,
     check_point_residual,
@@ -448,6 +449,8 @@ class ConstraintLayer(nn.Module):
         scale = None
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
+        # rows tagged structure="local" (one per node) go to the local engine
+        engine = project_record if is_local(constraints) else _engine_project
         with under_call(call):
             if self.layout == "points":
                 post = project_points(
@@ -455,7 +458,7 @@ class ConstraintLayer(nn.Module):
                     call=call,
                 )  # fmt: skip
             else:
-                post = _engine_project(
+                post = engine(
                     pred,
                     constraints,
                     grid=self.grid,
@@ -522,8 +525,8 @@ class ConstraintLayer(nn.Module):
 
     def residual(self, output: Any, inputs: Any = None, **given: Any) -> Tensor:
         """Signed residual of every row on a model output (physical units), float64: shape
-        (batch, M), the boundary rows (where each condition is in charge) then the conservation
-        rows. ``given``: values of ``cl.Given`` constraints."""
+        (batch, M), the boundary rows (where each condition is in charge), the conservation
+        rows, then the local rows. ``given``: values of ``cl.Given`` constraints."""
         constraints = self._bind(dict(given))
         g = self.adapter.read(output)
         norm = current_normalizer(self.normalizer)
@@ -549,6 +552,9 @@ class ConstraintLayer(nn.Module):
                     parts.append(r.reshape(shape[0], -1).to(torch.float64))
         for c in con:
             parts.append(c.residual(y, inputs=inputs))
+        for c in constraints:  # local rows (structure tag "local"): one per node
+            if getattr(c, "structure", None) == "local":
+                parts.append(c.rows(shape, grid=self.grid, inputs=inputs).residual(y))
         return torch.cat(parts, dim=-1)
 
     def _check(self, post: Gaussian, inputs: Any, constraints: Sequence[Any]) -> None:
@@ -581,6 +587,10 @@ class ConstraintLayer(nn.Module):
             r = c.residual(y, inputs=inputs)
             size = float(r.abs().max()) if r.numel() else 0.0
             worst.append((size / (scale * _row_scale(c, y)), c))
+        for c in constraints:  # local rows: relative to the terms each row balances
+            if getattr(c, "structure", None) == "local":
+                rows = c.rows(shape, grid=self.grid, inputs=inputs)
+                worst.append((float(rows.relative_residual(y).max()), c))
         for rel, c in worst:
             if not rel <= tol:  # NaN fails too
                 raise ConstraintViolationError(

@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_GRID", "FAMILIES", "Constraint", "GridSpec", "Rows"]
 F64 = torch.float64
 
 #: The constraint families, in the order the engine applies them.
-FAMILIES = ("boundary", "conservation", "bounds", "points")
+FAMILIES = ("boundary", "conservation", "bounds", "local", "points")
 
 
 class GridSpec(NamedTuple):
@@ -81,6 +81,13 @@ class Rows(NamedTuple):
     @property
     def num_rows(self) -> int:
         return int(self.index.shape[0])
+
+    @property
+    def structure(self) -> str:
+        """The structure tag the engine dispatches on: ``"sparse"`` (rows of a few entries);
+        local rows (one per node, an operator) are :class:`~constraint_layers.local.LocalRows`,
+        tagged ``"local"``."""
+        return "sparse"
 
     def dense(self, size: int) -> Tensor:
         """The dense float64 matrix ``C``: shape (M, size), or (batch, M, size) per sample."""

@@ -39,6 +39,7 @@ from .gpme import (
 )
 from .grf import evaluate_fourier, periodic_grf, sine_series
 from .heat import Heat
+from .navier_stokes import NavierStokes2D
 from .neural_process import NeuralProcessData, sample_neural_process
 from .potential_flow import PointCloudData, PotentialFlow
 from .stokes import Stokes
@@ -52,6 +53,7 @@ __all__ = [
     "Heat",
     "InviscidBurgers",
     "LinearAdvection",
+    "NavierStokes2D",
     "NeuralProcessData",
     "OperatorData",
     "OperatorDataset",

@@ -1,0 +1,240 @@
+"""Gaussians with a diagonal variance conditioned on local rows (with Dirichlet walls and totals).
+
+ProbConserv's conditioning at every node: mean ``z - W M C^T (C W M C^T)^+ (C z - f)`` by CG
+(:func:`~constraint_layers.local.implicit.project_cg` in the variance metric), the Dirichlet
+nodes first (their values, zero variance). Marginal variances ``w - diag(W M C^T K^+ C M W)`` by
+dense float64 algebra up to :data:`DENSE_VARIANCE_MAX_NODES` nodes per channel (64 x 64);
+beyond that :meth:`LocalGaussian.estimate_variance` (Hutchinson, with its standard error).
+Totals: the Schur complement in the variance metric. Draws: Matheron's rule (exact).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..rows import GridSpec
+from .constraint import LocalRows
+from .implicit import project_cg
+from .project import _check_grid_output, _dirichlet_only, _split, _walls
+from .solve import NULL_RTOL
+from .totals import solve_small
+
+__all__ = ["DENSE_VARIANCE_MAX_NODES", "LocalGaussian", "condition_local"]
+
+F64 = torch.float64
+#: The largest grid (nodes per channel) whose marginal variances are formed densely.
+DENSE_VARIANCE_MAX_NODES = 64 * 64
+
+
+class LocalGaussian:
+    """A Gaussian with diagonal variance conditioned on local rows (and Dirichlet walls, and
+    totals).
+
+    Attributes
+    ----------
+    mean : Tensor
+        (batch, channels, *grid): every row holds to rounding.
+    """
+
+    def __init__(self, mean, var, op, mask, f, z, totals, dtype, call) -> None:
+        self.mean = mean
+        self._var = var  # the prior variance, 0 at the Dirichlet nodes
+        self._op, self._mask, self._f, self._z = op, mask, f, z
+        self._totals = totals  # None or (G, b, V, A^+): the Schur complement of the totals
+        self._dtype, self._call = dtype, call
+        self._variance: Tensor | None = None
+
+    def _project(self, x: Tensor, f: Tensor, w: Tensor) -> Tensor:
+        """The projection onto the local rows in the variance metric (``x`` (k, *event))."""
+        return project_cg(self._op, x, f, mask=self._mask, weight=w, call=self._call)
+
+    def _totals_part(self) -> Tensor:
+        """``diag(V^T A^+ V)``: what the totals take off the variances (0 without totals)."""
+        if self._totals is None:
+            return torch.zeros((), dtype=F64)
+        _, _, V, Ap = self._totals  # V (batch, M, n), A^+ (batch, M, M)
+        return ((Ap @ V) * V).sum(-2).reshape(self._var.shape)
+
+    @property
+    def variance(self) -> Tensor:
+        """The exact marginal variances (dense float64 algebra; grids of at most
+        :data:`DENSE_VARIANCE_MAX_NODES` nodes per channel; beyond that see
+        :meth:`estimate_variance`)."""
+        if self._variance is None:
+            n = math.prod(self._op.grid)
+            if n > DENSE_VARIANCE_MAX_NODES:
+                raise NotImplementedError(
+                    f"{self._call}: exact marginal variances are formed densely up to "
+                    f"{DENSE_VARIANCE_MAX_NODES} nodes per channel (64 x 64); this grid has {n}. "
+                    "Estimate them with their standard error: g.estimate_variance(probes)."
+                )
+            var = _dense_variance(self._op, self._var, self._mask) - self._totals_part()
+            self._variance = var.clamp_min(0.0).to(self._dtype)
+        return self._variance
+
+    def estimate_variance(
+        self, probes: int = 64, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Hutchinson's estimate of the marginal variances and its standard error (any size).
+
+        ``var = w - diag(B) - diag(V^T A^+ V)`` with ``B = W M C^T K^+ C M W``: ``diag(B)`` is
+        estimated by ``mean_p z_p * (B z_p)`` over Rademacher probes ``z_p`` (one CG solve each;
+        unbiased), the totals' part exactly. Returns ``(estimate, standard error)``, each
+        (batch, channels, *grid): the standard error is the probes' sample standard deviation
+        over ``sqrt(probes)``.
+        """
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
+            raise ValueError(f"estimate_variance: probes must be an int >= 2, got {probes!r}.")
+        w = self._var.to(F64)
+        signs = torch.randint(0, 2, (probes, *w.shape), generator=generator, dtype=F64)
+        z = (2 * signs - 1).to(w.device)
+        y = (w * z).flatten(0, 1)
+        if self._mask is not None:
+            y = y * self._mask
+        ww = w.repeat(probes, *[1] * (w.ndim - 1))
+        f = torch.zeros((y.shape[0], *self._op.grid), dtype=F64, device=y.device)
+        bz = (y - self._project(y, f, ww)).reshape(probes, *w.shape)
+        terms = z * bz
+        est = w - terms.mean(0) - self._totals_part()
+        se = terms.std(0) / math.sqrt(probes)
+        return est.to(self._dtype), se.to(self._dtype)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` exact draws (Matheron's rule: draw from the prior, then move in the variance
+        metric onto the rows): (n, batch, channels, *grid); every draw satisfies every row."""
+        w = self._var.to(F64)
+        eps = torch.randn((n, *w.shape), dtype=F64, generator=generator).to(w.device)
+        x = (self._z.to(F64) + w.sqrt() * eps).flatten(0, 1)
+        if self._mask is not None:
+            x = torch.where(self._mask, x, self._z.to(F64).repeat(n, *[1] * (x.ndim - 1)))
+        ww = w.repeat(n, *[1] * (w.ndim - 1))
+        f = self._f.repeat(n, *[1] * (self._f.ndim - 1))
+        out = self._project(x, f, ww).reshape(n, *w.shape)
+        if self._totals is not None:
+            out = _totals_step(out.reshape(n, w.shape[0], -1), *self._totals).reshape(out.shape)
+        return out.to(self._dtype)
+
+
+def _totals_step(x: Tensor, G: Tensor, b: Tensor, V: Tensor, Ap: Tensor) -> Tensor:
+    """``x - V^T A^+ (G x - b)`` for ``x`` (*, batch, n) (the totals' Schur step)."""
+    r = (x.unsqueeze(-2) @ G.mT).squeeze(-2) - b  # (*, batch, M)
+    mu = (Ap @ r.unsqueeze(-1)).squeeze(-1)
+    return x - (mu.unsqueeze(-2) @ V).squeeze(-2)
+
+
+def condition_local(
+    mean: Tensor,
+    variance: Tensor,
+    constraint: Any,
+    *walls: Any,
+    spacing: float | Sequence[float] | None = None,
+    extent: float | Sequence[float] | None = None,
+    endpoint: bool = True,
+    inputs: Any = None,
+    call: str = "condition_local",
+) -> LocalGaussian:
+    """Condition a Gaussian with diagonal variance on a local constraint (with Dirichlet walls
+    and totals).
+
+    Parameters
+    ----------
+    mean, variance : Tensor
+        shape: (batch, channels, d1, ..., dn); variances >= 0 (positive on the nodes the rows
+        read). Not modified.
+    constraint, walls, spacing, extent, endpoint, inputs
+        As for :func:`enforce_local`. Totals are conditioned on jointly, by the Schur
+        complement over the local solver in the variance metric.
+
+    Returns
+    -------
+    LocalGaussian
+        ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
+        64 nodes), ``.estimate_variance(probes)`` (Hutchinson, with its standard error),
+        ``.sample(n)`` (exact draws).
+    """
+    _check_grid_output(mean, call)
+    local, walls_, totals = _split([constraint, *walls], call)
+    if not _dirichlet_only(walls_):
+        raise NotImplementedError(
+            f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
+            "only; Neumann / periodic walls are not supported yet there."
+        )
+    grid = GridSpec(spacing, extent, endpoint)
+    variance = torch.broadcast_to(variance, mean.shape)
+    if not bool((variance.detach() >= 0).all()):
+        raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
+    z, mask = _walls(mean, walls_, grid, inputs, call)
+    if mask is not None:
+        variance = torch.where(mask, variance, torch.zeros_like(variance))
+    rows: LocalRows = local.rows(tuple(mean.shape), grid=grid, inputs=inputs)
+    op = rows.operator
+    f = rows.rhs.to(mean.device)
+    w = variance.to(F64)
+    out = project_cg(op, z.to(F64), f, mask=mask, weight=w, call=call)
+    schur = None
+    if totals:
+        schur = _totals_schur(out, op, mask, w, totals, grid, inputs, mean.dtype, call)
+        out = _totals_step(out.reshape(out.shape[0], -1), *schur).reshape(out.shape)
+    out = out.to(mean.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
+    return LocalGaussian(out, variance, op, mask, f, z, schur, mean.dtype, call)
+
+
+def _totals_schur(m1, op, mask, w, totals, grid, inputs, dtype, call):
+    """``(G, b, V, A^+)`` of the totals in the variance metric: ``V = Sigma_1 G^T`` (each row,
+    weighted by the variance, projected onto the local rows in that metric: one local solve per
+    row and sample), ``A = G V^T``; the totals must be compatible with ``m1``'s rows."""
+    from .._tolerance import tolerance
+    from ..rows import Rows
+
+    shape = tuple(m1.shape)
+    batch, n = shape[0], math.prod(shape[1:])
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
+    stacked = Rows.stack(parts, batch)
+    G = stacked.dense(n).to(m1.device)
+    G = G.expand(batch, *G.shape[-2:]) if G.ndim == 2 else G  # (batch, M, n)
+    b = stacked.rhs.to(m1.device)
+    k = G.shape[-2]
+    y = (G.reshape(batch, k, *shape[1:]) * w.unsqueeze(1)).flatten(0, 1)
+    if mask is not None:
+        y = y * mask
+    ww = w.repeat_interleave(k, 0)
+    zero = torch.zeros((batch * k, *shape[2:]), dtype=F64, device=m1.device)
+    V = project_cg(op, y, zero, mask=mask, weight=ww, call=call, check=False)
+    V = V.reshape(batch, k, n)
+    A = G @ V.mT
+    A = 0.5 * (A + A.mT)
+    flat = m1.reshape(batch, n)
+    r = (G @ flat.unsqueeze(-1)).squeeze(-1) - b
+    scale = (G.abs() @ flat.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
+    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
+    solve_small(A, r, scale, tolerance(dtype).residual, labels, call)  # compatibility
+    lam, Q = torch.linalg.eigh(A)
+    keep = lam > NULL_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    Ap = (Q * inv.unsqueeze(-2)) @ Q.mT
+    return G, b, V, Ap
+
+
+def _dense_variance(op: Any, var: Tensor, mask: Tensor | None) -> Tensor:
+    """``w - diag(W C^T K^+ C W)`` per sample, dense float64 (``W`` masked)."""
+    n = math.prod(op.shape)
+    eye = torch.eye(n, dtype=F64, device=var.device).reshape(n, *op.shape)
+    C = op.apply(eye).reshape(n, -1).T  # (M, n)
+    out = []
+    for w in var.to(F64):
+        wf = w.reshape(-1)
+        if mask is not None:
+            wf = wf * mask.reshape(-1).to(wf.dtype)
+        K = (C * wf) @ C.T
+        lam, V = torch.linalg.eigh(K)
+        keep = lam > NULL_RTOL * lam.amax().clamp_min(torch.finfo(F64).tiny)
+        B = (V[:, keep] * lam[keep].rsqrt()).T @ (C * wf)  # (r, n)
+        out.append((wf - B.square().sum(0)).clamp_min(0.0).reshape(op.shape))
+    return torch.stack(out)

@@ -1,0 +1,256 @@
+"""The local engine's deterministic entry points, and the layer's (private).
+
+Semantics (one local constraint per call, any boundary conditions, any number of totals):
+
+- ``cl.Dirichlet`` walls: the Dirichlet nodes are set to their values (to the bit, as
+  everywhere), then the other nodes move by the Euclidean projection onto the local rows with
+  the Dirichlet values substituted: ``u~ = z - M C^T (C M C^T)^+ (C z - f)``, ``z`` the output
+  with the wall values, ``M`` the free nodes. This is the Euclidean projection onto all rows at
+  once. Totals (conservation rows ``G u = b``, a few) too, by the Schur complement over the local
+  solver (:func:`~constraint_layers.local.totals.with_totals`).
+- Other walls (Neumann, periodic, ``lift``): the boundary step ``B(v) = S v + g`` keeps its
+  meaning and the local rows act on the freedom it leaves:
+  ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
+  (:func:`~constraint_layers.local.implicit.project_step`).
+- Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._grid import resolve_spacing
+from ..boundary.conditions import Dirichlet
+from ..boundary.enforce import apply_plan, condition_rhs, plan
+from ..rows import DEFAULT_GRID, GridSpec
+from .constraint import LocalRows
+from .implicit import project_cg, project_step
+from .solve import fft_project
+from .totals import with_totals
+
+__all__ = [
+    "enforce_local",
+    "is_local",
+    "project_local",
+    "project_record",
+]
+
+F64 = torch.float64
+
+
+def is_local(constraints: Sequence[Any]) -> bool:
+    """Whether any constraint states local rows (structure tag ``"local"``)."""
+    return any(getattr(c, "structure", None) == "local" for c in constraints)
+
+
+def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[Any]]:
+    """``(the local constraint, Dirichlet walls, totals (conservation rows))``."""
+    local = [c for c in constraints if getattr(c, "structure", None) == "local"]
+    walls = [c for c in constraints if getattr(c, "family", None) == "boundary"]
+    totals = [c for c in constraints if getattr(c, "family", None) == "conservation"]
+    other = [c for c in constraints if c not in local and c not in walls and c not in totals]
+    if len(local) != 1:
+        raise NotImplementedError(
+            f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
+            f"call is supported, got {len(local)}: {local}. Combine them into one cl.LinearPDE "
+            "where they share the right-hand side, or open an issue."
+        )
+    if other:
+        raise NotImplementedError(
+            f"{call}: a local constraint combines with boundary conditions and conservation "
+            f"totals only (got {other}). Bounds with local rows are not supported yet."
+        )
+    return local[0], walls, totals
+
+
+def _dirichlet_only(walls: Sequence[Any]) -> bool:
+    return all(isinstance(c, Dirichlet) for c in walls)
+
+
+def _step(y: Tensor, walls: Sequence[Any], grid: GridSpec, lift: int, inputs: Any, call: str):
+    """The boundary step on float64 grids: ``(affine B, linear part S)``."""
+    shape = tuple(y.shape)
+    hs = resolve_spacing(shape[2:], spacing=grid.spacing, extent=grid.extent,
+                         endpoint=grid.endpoint, call=call)  # fmt: skip
+    bplan = plan(shape, walls, hs, lift, grid.endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, shape[0], F64, y.device, inputs, call)
+        for c, bc in zip(bplan.conds, walls)
+    ]
+    zeros = [torch.zeros_like(r) for r in rhs]
+    return (lambda x: apply_plan(x, bplan, rhs)), (lambda x: apply_plan(x, bplan, zeros))
+
+
+def _walls(z: Tensor, walls: Sequence[Any], grid: GridSpec, inputs: Any, call: str):
+    """``(z with the wall values, free-node mask (channels, *grid) or None)``."""
+    if not walls:
+        return z, None
+    shape = tuple(z.shape)
+    hs = resolve_spacing(shape[2:], spacing=grid.spacing, extent=grid.extent,
+                         endpoint=grid.endpoint, call=call)  # fmt: skip
+    bplan = plan(shape, walls, hs, 0, grid.endpoint, call)
+    rhs = [
+        condition_rhs(c, bc, shape[0], z.dtype, z.device, inputs, call)
+        for c, bc in zip(bplan.conds, walls)
+    ]
+    z = apply_plan(z, bplan, rhs)
+    mask = torch.ones(math.prod(shape[1:]), dtype=torch.bool)
+    for c in bplan.conds:
+        mask[c.moves.flatten()] = False
+    return z, mask.reshape(shape[1:]).to(z.device)
+
+
+def _check_grid_output(mean: Tensor, call: str) -> None:
+    if mean.ndim < 3:
+        raise ValueError(
+            f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
+            f"..., dn); got shape {tuple(mean.shape)}."
+        )
+    if mean.is_complex():
+        raise TypeError(
+            f"{call}: local constraints act on real outputs, got {mean.dtype}; constrain the "
+            "real and imaginary parts as channels (torch.view_as_real)."
+        )
+
+
+def enforce_local(
+    y: Tensor,
+    constraint: Any,
+    *walls: Any,
+    spacing: float | Sequence[float] | None = None,
+    extent: float | Sequence[float] | None = None,
+    endpoint: bool = True,
+    inputs: Any = None,
+    lift: int = 0,
+) -> Tensor:
+    """Project a grid output onto a local constraint (and walls, and totals), Euclidean.
+
+    Parameters
+    ----------
+    y : Tensor
+        shape: (batch, channels, d1, ..., dn). Not modified.
+    constraint : LinearPDE
+        ``cl.DivergenceFree``, ``cl.Continuity`` or ``cl.LinearPDE``.
+    *walls : boundary conditions or Conservation
+        Boundary conditions held at the same time: ``cl.Dirichlet`` nodes are eliminated (e.g.
+        no-slip walls: the Euclidean projection onto all rows); other conditions (Neumann,
+        periodic, ``lift``) keep the meaning of their boundary step ``B(v) = S v + g`` and the
+        local rows act on the freedom it leaves: ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) -
+        f))``. Totals (``cl.Conservation``, ``cl.Conservation.integral``; with Dirichlet walls
+        or none) by the Schur complement over the local solver (one local solve per total).
+    spacing, extent, endpoint, inputs, lift
+        The grid (as for :func:`~constraint_layers.functional.enforce_boundary`), the model
+        input for callable values, and the boundary step's lift.
+
+    Returns
+    -------
+    Tensor
+        The closest output (Euclidean) with every row exact: same shape and dtype.
+    """
+    call = "enforce_local"
+    return project_local(
+        y, [constraint, *walls], grid=GridSpec(spacing, extent, endpoint), inputs=inputs,
+        lift=lift, call=call,
+    )  # fmt: skip
+
+
+def project_local(
+    y: Tensor,
+    constraints: Sequence[Any],
+    *,
+    grid: GridSpec = DEFAULT_GRID,
+    inputs: Any = None,
+    lift: int = 0,
+    call: str = "project_local",
+) -> Tensor:
+    """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
+    _check_grid_output(y, call)
+    local, walls, totals = _split(constraints, call)
+    if y.shape[0] == 0:
+        return y
+    if (walls and not _dirichlet_only(walls)) or lift:
+        if totals:
+            raise NotImplementedError(
+                f"{call}: totals with local rows and non-Dirichlet walls (or lift) are not "
+                "supported yet."
+            )
+        rows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
+        affine, linear = _step(y.to(F64), walls, grid, lift, inputs, call)
+        out = project_step(rows.operator, y.to(F64), linear, affine, rows.rhs.to(y.device), call)
+        return out.to(y.dtype)
+    z, mask = _walls(y, walls, grid, inputs, call)
+    rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
+    op = rows.operator
+    z64 = z.to(F64)
+    f = rows.rhs.to(z.device)
+
+    def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
+        if mask is None and op.fourier:  # f = 0: no transform of it, nothing to check
+            return fft_project(op, x, None if not check else rhs, call)
+        return project_cg(op, x, rhs, mask=mask, call=call, check=check)
+
+    # f = 0 with nothing eliminated: the right-hand side C z is in the range by construction
+    homogeneous = mask is None and isinstance(local.value, float) and local.value == 0.0
+    out = local_projection(z64, f, check=not homogeneous)
+    if totals:
+        out = with_totals(out, local_projection, mask, totals, grid, inputs, y.dtype, call)
+    out = out.to(y.dtype)
+    if mask is not None:  # wall values to the bit
+        out = torch.where(mask, out, z)
+    return out
+
+
+def project_record(
+    pred: Any,
+    constraints: Sequence[Any],
+    *,
+    grid: GridSpec = DEFAULT_GRID,
+    noise: Any = 0.0,
+    metric: str = "covariance",
+    grid_shape: Sequence[int] | None = None,
+    inputs: Any = None,
+    lift: int = 0,
+    call: str = "project",
+) -> Any:
+    """The layer's entry: a prediction record (:class:`~constraint_layers.functional.Gaussian`)
+    with local rows. Deterministic: :func:`project_local`; a diagonal variance:
+    :func:`condition_local` (``metric="covariance"``) or the Euclidean move of the mean with the
+    variance kept (``metric="euclidean"``)."""
+    from ..conservation.gaussian import Gaussian
+    from .gaussian import condition_local
+
+    if grid_shape is not None or pred.event_ndim != pred.mean.ndim - 1:
+        raise NotImplementedError(
+            f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
+            "..., dn); flat outputs (grid_shape=) are not supported."
+        )
+    if not (isinstance(noise, (int, float)) and noise == 0):
+        raise NotImplementedError(f"{call}: local rows are exact; noise must be 0, got {noise}.")
+    if pred.covariance is not None or pred.low_rank is not None:
+        raise NotImplementedError(
+            f"{call}: local rows condition Gaussians with a diagonal variance; a dense or "
+            "low-rank covariance is not supported yet."
+        )
+    mean = pred.mean
+    if pred.variance is None or metric == "euclidean":
+        out = project_local(mean, constraints, grid=grid, inputs=inputs, lift=lift, call=call)
+        var = pred.variance
+    else:
+        local, walls, totals = _split(constraints, call)
+        if lift or not _dirichlet_only(walls):
+            raise NotImplementedError(
+                f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
+                "(lift=0) only; Neumann / periodic walls or a lift are not supported yet there "
+                "(metric='euclidean' moves the mean with them)."
+            )
+        g = condition_local(
+            mean, pred.variance, local, *walls, *totals, spacing=grid.spacing, extent=grid.extent,
+            endpoint=grid.endpoint, inputs=inputs, call=call,
+        )  # fmt: skip
+        out, var = g.mean, g.variance
+    return Gaussian(out, var, event_ndim=pred.event_ndim)

@@ -1,0 +1,428 @@
+"""Solvers for local rows: the FFT projection and preconditioned CG with an implicit backward
+(private).
+
+The projection of a grid output ``z`` onto ``C u = f`` in the metric ``W`` (``W = I``: Euclidean;
+``W = diag(w)``: a diagonal variance), moving only the free nodes ``M`` (Dirichlet nodes
+eliminated):
+
+    u~ = z - W M C^T lam,    (C W M C^T) lam = C z - f.
+
+- Every differentiated axis periodic, Euclidean, nothing eliminated: :func:`fft_project`, one
+  projection per wavenumber (exact; wavenumbers whose row vanishes are left as they are, their
+  right-hand side must vanish).
+- Otherwise: :func:`project_cg`, conjugate gradients on ``K = C W M C^T`` in float64,
+  preconditioned by the separable fast solve of ``C C^T`` (scaled on each side by ``w``
+  averaged over a window), stopped on the relative residual of the ROWS (CG's residual
+  ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
+  backward is implicit: one more solve with ``K``, never autograd through the iterations.
+
+Thresholds (all relative; every threshold of the local package is here): :data:`CG_RTOL` (the
+target of the rows' residual, float64 work), :data:`ACCEPT_RTOL` (the largest accepted; beyond
+:data:`INCONSISTENT_RTOL` the data are incompatible), :data:`NULL_RTOL` (an eigenvalue or symbol
+treated as zero), :data:`INVOLVED_RTOL`, :data:`PATIENCE` and :data:`GROWTH` (CG's stop on
+incompatible data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from ..errors import (
+    ConstraintViolationError,
+    IncompatibleConstraintsError,
+    SingularConstraintError,
+)
+from .operator import LocalOperator
+
+__all__ = [
+    "ACCEPT_RTOL",
+    "CG_RTOL",
+    "INCONSISTENT_RTOL",
+    "INVOLVED_RTOL",
+    "NULL_RTOL",
+    "FastSolve",
+    "System",
+    "fft_project",
+    "pcg",
+]
+
+F64 = torch.float64
+#: CG stops when every row's residual is below this fraction of ``row_scale max|u| + max|f|``.
+CG_RTOL = 1e-13
+#: The largest rows' residual accepted after CG (relative, as above).
+ACCEPT_RTOL = 1e-11
+#: A residual left beyond this (relative) means the rows cannot hold: incompatible data.
+INCONSISTENT_RTOL = 1e-7
+#: An eigenvalue of ``C C^T`` (or of a Schur complement, or a squared symbol) below this fraction
+#: of the largest is zero.
+NULL_RTOL = 1e-10
+#: A row takes part in an incompatible combination when its weight in it exceeds this.
+INVOLVED_RTOL = 1e-6
+#: The most CG iterations.
+MAXITER = 2000
+#: The window (nodes per axis) over which the variance is averaged for the preconditioner.
+BOX_WINDOW = 9
+#: CG stops when the residual has not halved for this many iterations (non-monotone residuals of
+#: ill-conditioned operators recover within it), or grows beyond ``GROWTH`` times its start.
+PATIENCE = 200
+GROWTH = 1e8
+
+
+def _scale(op: LocalOperator, z: Tensor, f: Tensor) -> Tensor:
+    """``row_scale max|u| + max|f|`` per sample: (batch,)."""
+    zs = z.detach().abs().flatten(1).amax(1)
+    fs = f.detach().abs().flatten(1).amax(1) if f.numel() else torch.zeros_like(zs)
+    return op.row_scale() * zs + fs + torch.finfo(F64).tiny
+
+
+def _net_flux_message(what: float, call: str, op: LocalOperator) -> str:
+    return (
+        f"{call}: the local constraint cannot hold with these data: the net flux (the part of "
+        f"the right-hand side and wall values that no field on the free nodes can produce, the "
+        f"discrete Gauss law of the stencil) is {what:.6e}, not 0. A field whose discrete "
+        "derivative combination equals the right-hand side with these wall values does not "
+        "exist: make the wall values carry zero net flux (e.g. inflow = outflow) and the "
+        "right-hand side integrate to it."
+    )
+
+
+# ------------------------------------------------------------------------- the FFT path
+def fft_project(
+    op: LocalOperator, z: Tensor, f: Tensor | None, call: str, check: bool = True
+) -> Tensor:
+    """The Euclidean projection per wavenumber (differentiable through the FFTs).
+
+    ``z`` (batch, channels, *grid) float64, ``f`` (batch, *grid) float64 or None (zero: then
+    nothing to check).
+    """
+    d = len(op.grid)
+    dims = tuple(range(2, 2 + d))
+    chans = list(op.channels)
+    s = _symbols(op_key(op), z.device)  # (k, *rgrid)
+    norm2 = s.abs().square().sum(0)
+    zero = norm2 <= NULL_RTOL**2 * norm2.amax()
+    zh = torch.fft.rfftn(z[:, chans], dim=dims)
+    r = (s * zh).sum(1)  # (batch, *rgrid)
+    if f is None:
+        return _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims)
+    fh = torch.fft.rfftn(f, dim=tuple(range(1, 1 + d)))
+    r = r - fh
+    off = fh.abs().where(zero, 0.0).detach()
+    if check and bool((off > INCONSISTENT_RTOL * _scale(op, z, f).reshape(-1, *[1] * d)
+                       * math.prod(op.grid)).any()):  # fmt: skip
+        raise IncompatibleConstraintsError(
+            _net_flux_message(float(off.amax()) / math.prod(op.grid), call, op)
+            + " (periodic grid: the right-hand side's Fourier coefficient where the rows vanish, "
+            "e.g. its mean)"
+        )
+    return _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims)
+
+
+def _fft_finish(op, z, zh, s, r, norm2, zero, chans, dims) -> Tensor:
+    """``z`` with the channels read moved by ``-conj(s) r / |s|^2`` per wavenumber."""
+    coef = torch.where(zero, 0.0, r / torch.where(zero, 1.0, norm2))
+    zh = zh - s.conj() * coef.unsqueeze(1)
+    out = torch.fft.irfftn(zh, s=op.grid, dim=dims)
+    parts = list(z.unbind(1))
+    for i, c in enumerate(chans):
+        parts[c] = out[:, i]
+    return torch.stack(parts, 1)
+
+
+def _box_mean(x: Tensor, periodic: tuple[bool, ...]) -> Tensor:
+    """The mean of ``x`` (batch, *grid) over a window of :data:`BOX_WINDOW` nodes per axis
+    (wrapping on periodic axes, the edge value repeated at walls)."""
+    k = BOX_WINDOW // 2
+    for axis, per in enumerate(periodic):
+        y = x.movedim(axis + 1, -1)
+        n = y.shape[-1]
+        flat = y.reshape(-1, 1, n)
+        pad = torch.nn.functional.pad(flat, (k, k), mode="circular" if per else "replicate")
+        y = pad.unfold(-1, 2 * k + 1, 1).mean(-1).reshape(y.shape)
+        x = y.movedim(-1, axis + 1)
+    return x
+
+
+@lru_cache(maxsize=32)
+def _symbols(key: tuple, device: torch.device) -> Tensor:
+    return LocalOperator(*key).symbols().to(device)
+
+
+# ------------------------------------------------------------------ the separable solve
+class FastSolve:
+    """The pseudo-inverse of the Kronecker sum ``sum_axes F_axis`` (``C C^T`` when separable):
+    per axis ``F = Q diag(lam) Q^T``, ``x = Q (lam_sum^+ (Q^T r))``. Cost: one dense
+    ``n x n`` product per differentiated axis and node, ``O(N (n_1 + ... + n_d))``."""
+
+    def __init__(self, op: LocalOperator, free: tuple | None = None) -> None:
+        self.eig = _eig(op.factors(free))
+        self._on_device: dict = {}
+        lam = None
+        for axis, e in enumerate(self.eig):
+            if e is None:
+                continue
+            view = [1] * len(op.grid)
+            view[axis] = -1
+            part = e[0].reshape(view)
+            lam = part if lam is None else lam + part
+        self.null = lam <= NULL_RTOL * lam.amax()
+        # positive definite: the null space (of the fast operator, perhaps not of the system's)
+        # is weighted as the smallest non-zero eigenvalue, so CG reaches it where the system
+        # needs it (a consistent right-hand side has no component there when they agree)
+        low = lam.where(~self.null, lam.amax()).amin()
+        self.inv = 1.0 / torch.where(self.null, low, lam)
+
+    def _device(self, device: torch.device) -> tuple[list, Tensor, Tensor]:
+        """The eigenvectors, inverse and null mask on ``device`` (copied once)."""
+        hit = self._on_device.get(device)
+        if hit is None:
+            qs = [None if e is None else e[1].to(device) for e in self.eig]
+            hit = (qs, self.inv.to(device), self.null.to(device))
+            self._on_device[device] = hit
+        return hit
+
+    def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
+        qs = self._device(r.device)[0]
+        for axis, q in enumerate(qs):
+            if q is None:
+                continue
+            x = r.movedim(axis + 1, -1)
+            x = x @ q if transpose else x @ q.T
+            r = x.movedim(-1, axis + 1)
+        return r
+
+    def __call__(self, r: Tensor) -> Tensor:
+        """``(sum F)^+ r`` for ``r`` (batch, *grid) float64 (on the null space: ``r / max
+        lam``)."""
+        return self._rotate(self._rotate(r, True) * self._device(r.device)[1], False)
+
+    def null_part(self, r: Tensor) -> Tensor:
+        """The component of ``r`` in the null space: (batch, *grid)."""
+        return self._rotate(self._rotate(r, True) * self._device(r.device)[2], False)
+
+
+def _eig(factors: list[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:
+    return [None if f is None else _eigh(f) for f in factors]
+
+
+def _eigh(f: Tensor) -> tuple[Tensor, Tensor]:
+    lam, q = torch.linalg.eigh(f)
+    return lam.clamp_min(0.0), q
+
+
+@lru_cache(maxsize=32)
+def fast_solve(op_key: tuple, free: tuple | None = None) -> FastSolve:
+    """The cached fast solve of an operator (keyed by its terms and grid, and the free nodes
+    along each term's axis)."""
+    return FastSolve(LocalOperator(*op_key), free)
+
+
+def _free_lines(op: LocalOperator, mask: Tensor | None) -> tuple | None:
+    """Per term, the nodes along its axis that are free on some line (None: all free)."""
+    if mask is None:
+        return None
+    out = []
+    for t in op.terms:
+        m = mask[t.channel].movedim(t.axis, -1).reshape(-1, op.grid[t.axis]).any(0)
+        out.append(tuple(bool(v) for v in m.cpu()))
+    return tuple(out)
+
+
+def op_key(op: LocalOperator) -> tuple:
+    return (op.terms, op.shape, op.spacing, op.stencil, op.periodic)
+
+
+# ----------------------------------------------------------------- the discrete Gauss law
+def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float, Tensor] | None:
+    """The discrete net flux ``lam^T r`` with ``lam = w_1 x ... x w_d`` (per differentiated
+    axis, ``w`` solves ``D^T w = e_last - e_first``: the quadrature under which ``D``
+    integrates exactly, ``w^T D u = u_last - u_first``), when ``lam`` is in the null space of
+    ``M C^T`` (each channel held at the walls of its own axis): then no free value can change
+    it and ``C u = f`` needs it to vanish. Returns ``(sum |lam|, net (batch,))`` or None.
+    """
+    if mask is None or any(t.order != 1 for t in op.terms) or not op.separable:
+        return None
+    lam, ct = _gauss_weights(op_key(op))
+    lam = lam.to(r.device)
+    if float((ct.to(mask.device) * mask).abs().max()) > NULL_RTOL * float(ct.abs().max()):
+        return None
+    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+
+
+@lru_cache(maxsize=32)
+def _gauss_weights(key: tuple) -> tuple[Tensor, Tensor]:
+    """``lam = w_1 x ... x w_d`` (see :func:`gauss_flux`) and ``C^T lam``."""
+    op = LocalOperator(*key)
+    ws = []
+    for axis, n in enumerate(op.grid):
+        if axis not in op.axes:
+            ws.append(torch.ones(n, dtype=F64))
+            continue
+        t = next(t for t in op.terms if t.axis == axis)
+        D = op.ops[op.terms.index(t)].dense() * t.coefficient
+        e = torch.zeros(n, dtype=F64)
+        e[0], e[-1] = -1.0, 1.0
+        ws.append(torch.linalg.lstsq(D.T, e.unsqueeze(1), driver="gelsd").solution.squeeze(1))
+    lam = ws[0]
+    for w in ws[1:]:
+        lam = torch.outer(lam.reshape(-1), w).reshape(*lam.shape, -1)
+    return lam, op.transpose(lam.unsqueeze(0))[0]
+
+
+# --------------------------------------------------------------------------------- CG
+class System:
+    """``K = C W M C^T`` for one call: operator, free-node mask and weight."""
+
+    def __init__(self, op: LocalOperator, mask: Tensor | None, weight: Tensor | None) -> None:
+        self.op = op
+        self.mask = mask  # (channels, *grid) bool, True: free
+        self.weight = weight  # (batch, channels, *grid) float64, or None
+        self.pre = fast_solve(op_key(op), _free_lines(op, mask))
+        self.check = True
+        self.row_scale = None
+        if weight is not None:
+            # K = C W C^T ~ D (C C^T) D with D^2 the variance averaged over a window of
+            # BOX_WINDOW nodes per axis (over the free nodes of the channels read): the
+            # preconditioner D^-1 (C C^T)^+ D^-1 (measured: CG iterations flat in N for smooth
+            # variance fields, slowly growing for i.i.d. ones)
+            chans = list(op.channels)
+            w = weight[:, chans]
+            m = torch.ones_like(w) if mask is None else mask[chans].to(w.device, F64).expand_as(w)
+            num = _box_mean((w * m).sum(1), op.periodic)
+            den = _box_mean(m.sum(1).expand_as(num), op.periodic)
+            mean = (w * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)
+            local = torch.where(den > 0, num / den.clamp_min(torch.finfo(F64).tiny), 0.0)
+            tiny = torch.finfo(F64).tiny
+            local = torch.where(local > 0, local, mean.reshape(-1, *[1] * (local.ndim - 1)))
+            self.row_scale = local.clamp_min(tiny).rsqrt()
+
+    def mobility(self, x: Tensor) -> Tensor:
+        """``W M x`` for a field ``x`` (batch, channels, *grid)."""
+        if self.weight is not None:
+            x = x * self.weight
+        if self.mask is not None:
+            x = x * self.mask.to(x.device)
+        return x
+
+    def move(self, lam: Tensor) -> Tensor:
+        """``W M C^T lam``."""
+        return self.mobility(self.op.transpose(lam))
+
+    def matvec(self, lam: Tensor) -> Tensor:
+        return self.op.apply(self.move(lam))
+
+    def precondition(self, r: Tensor) -> Tensor:
+        if self.row_scale is None:
+            return self.pre(r)
+        return self.row_scale * self.pre(self.row_scale * r)
+
+    def solve(
+        self, rhs: Tensor, scale: Tensor, call: str, check: bool = True
+    ) -> tuple[Tensor, int]:
+        """``K^+ rhs`` by preconditioned CG; returns ``(lam, iterations)``. Raises when the
+        rows cannot hold (a residual no move reaches)."""
+        flux = gauss_flux(self.op, self.mask, rhs) if check else None
+        if flux is not None:
+            size, net = flux
+            if bool((net.abs() > INCONSISTENT_RTOL * size * scale).any()):
+                raise IncompatibleConstraintsError(
+                    _net_flux_message(float(net.abs().max()), call, self.op)
+                    + " (the wall values' flux through the walls minus the integrated "
+                    "right-hand side, with the stencil's exact quadrature)"
+                )
+        if check and self.mask is None and self.weight is None and self.op.separable:
+            off = self.pre.null_part(rhs).flatten(1).abs().amax(1)  # exact: C C^T's null space
+            if bool((off > INCONSISTENT_RTOL * scale).any()):
+                raise IncompatibleConstraintsError(
+                    _net_flux_message(float(off.max()), call, self.op)
+                    + " (the largest entry of the right-hand side's component in the null space "
+                    "of C^T: the combinations of rows that every field leaves at zero)"
+                )
+        lam, res, it = pcg(self.matvec, self.precondition, rhs, scale)
+        rel = float((res / scale).amax()) if res.numel() else 0.0
+        if rel > ACCEPT_RTOL:
+            if not self.op.separable:
+                raise SingularConstraintError(
+                    f"{call}: CG on the local rows stopped at a relative residual of {rel:.3e} "
+                    f"after {it} iterations. This operator is not separable (a channel is "
+                    "differentiated along several axes, e.g. u_t - nu u_xx), so the fast solve is "
+                    "only an approximate preconditioner and such operators are nearly square and "
+                    "ill-conditioned: CG converges on small grids only (measured: the heat "
+                    "operator on 17 x 17, not on 33 x 33). Use a coarser grid, or state the "
+                    "constraint on several channels (e.g. the flux as its own channel: "
+                    "cl.Continuity), or the data may be incompatible with the rows."
+                )
+            if rel > INCONSISTENT_RTOL:
+                raise IncompatibleConstraintsError(
+                    f"{call}: the local constraint cannot hold with these data: CG left a "
+                    f"relative residual of the rows of {rel:.3e} after {it} iterations: the "
+                    "right-hand side and the wall values have a part that no field on the free "
+                    "nodes can produce (a net flux, e.g. at a corner where the wall values "
+                    "alone fix every node a row reads). Make the wall values compatible (zero "
+                    "net flux; continuous at corners)."
+                )
+            raise ConstraintViolationError(
+                f"{call}: the local solve reached a relative residual of {rel:.3e} after {it} "
+                f"iterations (target {CG_RTOL:.0e}). This is a bug: please report it with the "
+                "constraints and the output shape."
+            )
+        return lam, it
+
+
+def pcg(
+    matvec: Callable[[Tensor], Tensor],
+    precond: Callable[[Tensor], Tensor],
+    b: Tensor,
+    scale: Tensor,
+    rtol: float = CG_RTOL,
+    maxiter: int = MAXITER,
+) -> tuple[Tensor, Tensor, int]:
+    """Preconditioned CG on a symmetric PSD ``K`` (singular allowed, consistent ``b``), batched.
+
+    Stops when every sample's ``max |b - K x|`` is below ``rtol * scale`` (batch,), or when the
+    residual stops decreasing (incompatible data). Returns ``(x, max |residual| per sample,
+    iterations)``.
+    """
+    dims = tuple(range(1, b.ndim))
+    view = (-1, *[1] * (b.ndim - 1))
+    x = torch.zeros_like(b)
+    r = b.clone()
+    res = r.abs().amax(dims)
+    res0 = res.clone()
+    best, since = res.clone(), 0
+    if bool((res <= rtol * scale).all()):
+        return x, res, 0
+    z = precond(r)
+    p = z
+    rz = (r * z).sum(dims)
+    it = 0
+    while it < maxiter:
+        it += 1
+        kp = matvec(p)
+        pkp = (p * kp).sum(dims)
+        ok = pkp > 0
+        alpha = torch.where(ok, rz / torch.where(ok, pkp, 1.0), 0.0)
+        x = x + alpha.reshape(view) * p
+        r = r - alpha.reshape(view) * kp
+        res = r.abs().amax(dims)
+        if bool((res <= rtol * scale).all()):
+            break
+        if bool((res > GROWTH * res0).any()):
+            break  # growing far beyond the start: incompatible data
+        improved = res < 0.5 * best
+        best = torch.minimum(best, res)
+        since = 0 if bool(improved.any()) else since + 1
+        if since > PATIENCE:
+            break  # stagnating: incompatible data (or a residual at rounding)
+        z = precond(r)
+        rz_new = (r * z).sum(dims)
+        ok = rz != 0
+        beta = torch.where(ok, rz_new / torch.where(ok, rz, 1.0), 0.0)
+        p = z + beta.reshape(view) * p
+        rz = rz_new
+    return x, res, it

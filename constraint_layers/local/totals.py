@@ -1,0 +1,73 @@
+"""Totals (a few dense rows, ``G u = b``) next to local rows: the Schur complement over the local
+solver (one local solve per total, then an ``M x M`` solve)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .solve import INVOLVED_RTOL, NULL_RTOL
+
+__all__ = ["solve_small", "with_totals"]
+
+F64 = torch.float64
+
+
+def with_totals(u1, local_projection, mask, totals, grid, inputs, dtype, call) -> Tensor:
+    """Totals ``G u = b`` (a few dense rows) on top of the local rows, by the Schur complement
+    over the local solver: ``u = u1 - V mu`` with ``V = P0(M G^T)`` (each row, as a field on the
+    free nodes, projected onto the null space of the local rows: one local solve per row) and
+    ``(G V) mu = G u1 - b``. The Euclidean projection onto all rows at once (float64)."""
+    from .._tolerance import tolerance
+    from ..rows import Rows
+
+    shape = tuple(u1.shape)
+    n = math.prod(shape[1:])
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
+    stacked = Rows.stack(parts, shape[0])
+    G = stacked.dense(n).to(u1.device)  # (M, n) or (batch, M, n)
+    b = stacked.rhs.to(u1.device)  # (batch, M)
+    lead = G.shape[:-2]
+    fields = G.reshape(-1, *shape[1:])
+    if mask is not None:
+        fields = fields * mask
+    zero = torch.zeros((fields.shape[0], *shape[2:]), dtype=F64, device=u1.device)
+    V = local_projection(fields, zero, False).reshape(*lead, G.shape[-2], n)
+    flat = u1.reshape(shape[0], n)
+    if G.ndim == 2:
+        r = flat @ G.T - b
+        A = G @ V.T
+        scale = flat.abs() @ G.abs().T + b.abs()
+    else:
+        r = (G @ flat.unsqueeze(-1)).squeeze(-1) - b
+        A = G @ V.mT
+        scale = (G.abs() @ flat.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
+    A = 0.5 * (A + A.mT)
+    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
+    mu = solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
+    step = mu @ V if V.ndim == 2 else (mu.unsqueeze(-2) @ V).squeeze(-2)
+    return (flat - step).reshape(shape)
+
+
+def solve_small(A: Tensor, r: Tensor, scale: Tensor, tol: float, labels, call: str) -> Tensor:
+    """``A^+ r`` for the small symmetric PSD Schur complement (*, M, M); a residual left where
+    ``A`` vanishes (a total the local rows and walls fix) must be below ``tol * scale``."""
+    from ..errors import IncompatibleConstraintsError
+
+    lam, Q = torch.linalg.eigh(A)
+    keep = lam > NULL_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)
+    rq = (Q.mT @ r.unsqueeze(-1)).squeeze(-1)
+    off = torch.where(keep, 0.0, rq).abs()
+    if bool((off > tol * (scale.amax(-1, keepdim=True) + torch.finfo(F64).tiny)).any()):
+        weight = (Q * (~keep).unsqueeze(-2)).abs().amax(-1).reshape(-1, Q.shape[-1])
+        which = sorted({int(i) for i in (weight > INVOLVED_RTOL).any(0).nonzero()})
+        names = ", ".join(labels[i] for i in which[:6]) + (" ..." if len(which) > 6 else "")
+        raise IncompatibleConstraintsError(
+            f"{call}: the totals cannot hold with the local rows and the walls: {names} are fixed "
+            f"by them to other values (off by {float(off.max()):.3e}). Check the totals.",
+            tuple(which),
+        )
+    inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    return (Q @ (inv * rq).unsqueeze(-1)).squeeze(-1)
