@@ -12,6 +12,7 @@ Semantics (one local constraint per call, any boundary conditions, any number of
   meaning and the local rows act on the freedom it leaves:
   ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
   (:func:`~constraint_layers.local.implicit.project_step`).
+- Bounds (with Dirichlet walls or none): :mod:`constraint_layers.local.bounded`.
 - Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
 """
 
