@@ -7,6 +7,7 @@
 - :mod:`.solve`: the FFT projection, the separable fast solve, preconditioned CG;
 - :mod:`.implicit`: the CG projections as autograd functions with an implicit backward;
 - :mod:`.totals`: a few dense rows next to the local ones (Schur complement);
+- :mod:`.bounded`: box bounds with local rows (active set over the local solver);
 - :mod:`.project`: the deterministic entry points (walls of any kind, totals);
 - :mod:`.gaussian`: diagonal Gaussians conditioned on local rows.
 """

@@ -159,6 +159,11 @@ def condition_local(
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
+    if any(c.family == "bounds" for c in totals):
+        raise NotImplementedError(
+            f"{call}: Gaussian outputs with bounds and local rows are not supported yet "
+            "(deterministic outputs take both)."
+        )
     if not _dirichlet_only(walls_):
         raise NotImplementedError(
             f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "

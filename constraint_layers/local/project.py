@@ -12,6 +12,7 @@ Semantics (one local constraint per call, any boundary conditions, any number of
   meaning and the local rows act on the freedom it leaves:
   ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
   (:func:`~constraint_layers.local.implicit.project_step`).
+- Bounds (with Dirichlet walls or none): :mod:`constraint_layers.local.bounded`.
 - Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
 """
 
@@ -49,11 +50,15 @@ def is_local(constraints: Sequence[Any]) -> bool:
 
 
 def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[Any]]:
-    """``(the local constraint, Dirichlet walls, totals (conservation rows))``."""
+    """``(the local constraint, boundary conditions, totals (conservation rows) then bounds)``."""
     local = [c for c in constraints if getattr(c, "structure", None) == "local"]
     walls = [c for c in constraints if getattr(c, "family", None) == "boundary"]
     totals = [c for c in constraints if getattr(c, "family", None) == "conservation"]
-    other = [c for c in constraints if c not in local and c not in walls and c not in totals]
+    bounds = [c for c in constraints if getattr(c, "family", None) == "bounds"]
+    other = [
+        c for c in constraints if c not in local and c not in walls and c not in totals
+        and c not in bounds
+    ]  # fmt: skip
     if len(local) != 1:
         raise NotImplementedError(
             f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
@@ -63,9 +68,9 @@ def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[
     if other:
         raise NotImplementedError(
             f"{call}: a local constraint combines with boundary conditions and conservation "
-            f"totals only (got {other}). Bounds with local rows are not supported yet."
+            f"totals and bounds only (got {other})."
         )
-    return local[0], walls, totals
+    return local[0], walls, totals + bounds
 
 
 def _dirichlet_only(walls: Sequence[Any]) -> bool:
@@ -171,8 +176,12 @@ def project_local(
     """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
     _check_grid_output(y, call)
     local, walls, totals = _split(constraints, call)
+    bounds = [c for c in totals if c.family == "bounds"]
+    totals = [c for c in totals if c.family != "bounds"]
     if y.shape[0] == 0:
         return y
+    if bounds:
+        return _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call)
     if (walls and not _dirichlet_only(walls)) or lift:
         if totals:
             raise NotImplementedError(
@@ -254,3 +263,42 @@ def project_record(
         )  # fmt: skip
         out, var = g.mean, g.variance
     return Gaussian(out, var, event_ndim=pred.event_ndim)
+
+
+def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tensor:
+    """Bounds with local rows (and Dirichlet walls): :mod:`constraint_layers.local.bounded`."""
+    from ..bounds import resolve_bounds
+    from .bounded import project_local_bounded
+
+    if totals or lift or not _dirichlet_only(walls):
+        raise NotImplementedError(
+            f"{call}: bounds with local rows combine with cl.Dirichlet walls only (lift=0, no "
+            "totals) for now."
+        )
+    z, mask = _walls(y, walls, grid, inputs, call)
+    lo, hi = resolve_bounds(bounds, tuple(y.shape), dtype=F64, device=y.device, inputs=inputs,
+                            flat_shape=None, call=call)  # fmt: skip
+    if mask is not None:
+        fixed = z.detach().to(F64)
+        bad = torch.zeros_like(fixed, dtype=torch.bool)
+        if lo is not None:
+            bad |= (fixed < lo.detach()) & ~mask
+        if hi is not None:
+            bad |= (fixed > hi.detach()) & ~mask
+        if bool(bad.any()):
+            idx = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
+                f"bounds {list(bounds)}; nothing can move a Dirichlet value."
+            )
+    rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
+    out = project_local_bounded(rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi,
+                                call)  # fmt: skip
+    out = out.to(y.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
+    if lo is not None:  # the cast to the output dtype may round across a bound
+        out = torch.maximum(out, lo.to(y.dtype))
+    if hi is not None:
+        out = torch.minimum(out, hi.to(y.dtype))
+    return out

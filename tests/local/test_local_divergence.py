@@ -241,8 +241,10 @@ def test_bad_input_messages():
         cl.DivergenceFree(stencil="spectral")
     with pytest.raises(ValueError, match="stencil must be one of"):
         cl.DivergenceFree(stencil="upwind")
-    with pytest.raises(NotImplementedError, match="Bounds with local rows"):
-        enforce_local(u, cl.DivergenceFree(), cl.Bounds(lower=0.0))
+    with pytest.raises(NotImplementedError, match="bounds with local rows combine"):
+        enforce_local(u, cl.DivergenceFree(), cl.Neumann(0.0, dim=0), cl.Bounds(lower=-5.0))
+    with pytest.raises(NotImplementedError, match="combines with boundary conditions"):
+        enforce_local(u, cl.DivergenceFree(), object.__new__(type("X", (), {"family": "x"})))
     with pytest.raises(GridError, match="broadcastable"):
         enforce_local(u, cl.DivergenceFree(value=torch.zeros(3, 5)))
     with pytest.raises(ValueError, match="finite"):

@@ -113,9 +113,9 @@ def test_gaussian_head_with_no_slip_walls():
 
 def test_unsupported_combinations_raise_clearly():
     u = torch.randn(1, 2, 8, 8)
-    model = cl.wrap(torch.nn.Identity(), cl.DivergenceFree(), cl.Bounds(lower=0.0))
+    model = cl.wrap(GaussianHead(), cl.DivergenceFree(), cl.Bounds(lower=-5.0))
     with pytest.raises(NotImplementedError, match="not supported yet"):
-        model(u)
+        model(u.double())
     head = cl.wrap(GaussianHead(), cl.DivergenceFree(), cl.Neumann(0.0, dim=0))
     with pytest.raises(NotImplementedError, match="not supported yet"):
         head(u.double())

@@ -1,0 +1,154 @@
+"""Box bounds with local rows (deterministic outputs, Euclidean): the point closest to the
+prediction that satisfies the local rows, the Dirichlet walls and ``lower <= u <= upper``.
+
+A primal-dual active-set search over the local solver: the nodes at a bound are held there as
+if they were Dirichlet nodes, the others move by the masked projection
+(:func:`~constraint_layers.local.implicit.project_cg`); a held node whose multiplier
+``nu = u - z + (C^T lam)`` (lower; the opposite sign for upper) turns negative is released, a
+free node outside its bounds is held. It stops when the active set repeats (finite: the KKT
+conditions hold exactly there) and raises if it cycles or runs out of :data:`MAX_SWEEPS`. The
+result is the masked projection with the final active set, differentiable (the implicit function
+theorem on the active set). One sample at a time (each has its own active set).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import IncompatibleConstraintsError
+from .implicit import project_cg
+from .operator import LocalOperator
+from .solve import System, _scale
+
+__all__ = ["MAX_SWEEPS", "project_local_bounded"]
+
+F64 = torch.float64
+#: The most active-set changes.
+MAX_SWEEPS = 1000
+
+
+def _multipliers(op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str) -> Tensor:
+    """``C^T lam`` of the masked projection of ``z`` (1, channels, *grid), no autograd."""
+    system = System(op, free, None)
+    lam, _ = system.solve(op.apply(z) - f, _scale(op, z, f), call)
+    return op.transpose(lam)
+
+
+def project_local_bounded(
+    op: LocalOperator,
+    z: Tensor,
+    f: Tensor,
+    walls: Tensor | None,
+    lower: Tensor | None,
+    upper: Tensor | None,
+    call: str,
+) -> Tensor:
+    """``argmin |u - z|`` s.t. ``C u = f``, the wall nodes (``walls`` False) as in ``z``, and the
+    bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None)."""
+    shape = z.shape[1:]
+    free0 = torch.ones(shape, dtype=torch.bool, device=z.device) if walls is None else walls
+    lo = None if lower is None else torch.broadcast_to(lower.to(F64), z.shape)
+    hi = None if upper is None else torch.broadcast_to(upper.to(F64), z.shape)
+    out = []
+    for b in range(z.shape[0]):
+        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call))
+    return torch.cat(out)
+
+
+def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
+    lo_b = None if lo is None else lo[b : b + 1].detach()
+    hi_b = None if hi is None else hi[b : b + 1].detach()
+    zd = z.detach()
+    at_lo = torch.zeros_like(zd, dtype=torch.bool)
+    at_hi = torch.zeros_like(zd, dtype=torch.bool)
+    seen: set[bytes] = set()
+    single = False  # after a cycle: one change at a time
+    for _ in range(MAX_SWEEPS):
+        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call)
+        if state is None:  # the held nodes leave no solution: hold fewer
+            if not single:
+                single, at_lo, at_hi = True, *_fewer(at_lo, at_hi)
+                continue
+            raise IncompatibleConstraintsError(
+                f"{call}: the bounds and the local rows cannot hold together (sample {b})."
+            )
+        viol_lo, viol_hi, neg_lo, neg_hi = state
+        if not bool(viol_lo.any() | viol_hi.any() | neg_lo.any() | neg_hi.any()):
+            break  # KKT: every free node inside, every held multiplier >= 0
+        key = (at_lo.cpu().numpy().tobytes(), at_hi.cpu().numpy().tobytes())
+        if key in seen:
+            single = True
+        seen.add(key)
+        if single:
+            at_lo, at_hi = _one_change(at_lo, at_hi, viol_lo, viol_hi, neg_lo, neg_hi)
+        else:
+            at_lo = (at_lo & ~(neg_lo > 0)) | (viol_lo > 0)
+            at_hi = (at_hi & ~(neg_hi > 0)) | (viol_hi > 0)
+    else:
+        raise IncompatibleConstraintsError(
+            f"{call}: the active-set search for the bounds with the local rows did not settle "
+            f"in {MAX_SWEEPS} changes (sample {b})."
+        )
+    target = z
+    if lo is not None:
+        target = torch.where(at_lo, lo[b : b + 1], target)
+    if hi is not None:
+        target = torch.where(at_hi, hi[b : b + 1], target)
+    free = free0 & ~(at_lo | at_hi)[0]
+    out = project_cg(op, target, f, mask=free, call=call)
+    # free nodes inside to rounding (1e-12): clipped, so that every value is within its bounds
+    if lo is not None:
+        out = torch.where(free, torch.maximum(out, lo[b : b + 1]), out)
+    if hi is not None:
+        out = torch.where(free, torch.minimum(out, hi[b : b + 1]), out)
+    return out
+
+
+def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
+    """The violations of the free nodes and the negative multipliers of the held ones (as
+    amounts, 0 where none), or None when the held nodes leave the rows no solution."""
+    target = zd
+    if lo_b is not None:
+        target = torch.where(at_lo, lo_b, target)
+    if hi_b is not None:
+        target = torch.where(at_hi, hi_b, target)
+    free = free0 & ~(at_lo | at_hi)[0]
+    try:
+        ct = _multipliers(op, target, f, free, call)
+    except IncompatibleConstraintsError:
+        return None
+    u = torch.where(free, target - ct, target)
+    zero = torch.zeros_like(zd)
+    viol_lo = viol_hi = neg_lo = neg_hi = zero
+    if lo_b is not None:
+        viol_lo = torch.where(free, (lo_b - u).clamp_min(0.0), 0.0)
+        neg_lo = torch.where(at_lo, (zd - lo_b - ct).clamp_min(0.0), 0.0)  # -nu where < 0
+    if hi_b is not None:
+        viol_hi = torch.where(free, (u - hi_b).clamp_min(0.0), 0.0)
+        neg_hi = torch.where(at_hi, (hi_b - zd + ct).clamp_min(0.0), 0.0)
+    tol = 1e-12 * (float(zd.abs().max()) + 1.0)
+    return tuple(torch.where(x > tol, x, 0.0) for x in (viol_lo, viol_hi, neg_lo, neg_hi))
+
+
+def _fewer(at_lo: Tensor, at_hi: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.zeros_like(at_lo), torch.zeros_like(at_hi)
+
+
+def _one_change(at_lo, at_hi, viol_lo, viol_hi, neg_lo, neg_hi):
+    """Release the most negative multiplier, else hold the most violated free node."""
+    neg = torch.maximum(neg_lo, neg_hi)
+    if bool(neg.any()):
+        i = int(neg.flatten().argmax())
+        at_lo, at_hi = at_lo.clone(), at_hi.clone()
+        at_lo.view(-1)[i] = False
+        at_hi.view(-1)[i] = False
+        return at_lo, at_hi
+    viol = torch.maximum(viol_lo, viol_hi)
+    i = int(viol.flatten().argmax())
+    at_lo, at_hi = at_lo.clone(), at_hi.clone()
+    if float(viol_lo.view(-1)[i]) > 0:
+        at_lo.view(-1)[i] = True
+    else:
+        at_hi.view(-1)[i] = True
+    return at_lo, at_hi
