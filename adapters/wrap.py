@@ -71,7 +71,8 @@ def wrap(model: nn.Module, *constraints: Any, **options: Any) -> ConstraintLayer
         if getattr(type(c), "family", None) not in FAMILIES:
             raise TypeError(
                 "wrap: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, "
-                f"cl.Conservation, cl.Conservation.integral, cl.Bounds), got {type(c).__name__}."
+                "cl.Conservation, cl.Conservation.integral, cl.Bounds, cl.DivergenceFree, "
+                f"cl.LinearPDE, cl.Continuity, cl.NormalComponent), got {type(c).__name__}."
             )
     adapter = options.pop("adapter", None) or find(model)
     families = {c.family for c in constraints}

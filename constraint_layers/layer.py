@@ -129,7 +129,8 @@ def _check_constraints(items: Any, call: str) -> tuple[Any, ...]:
         if getattr(type(c), "family", None) not in FAMILIES:
             raise TypeError(
                 f"{call}: expected constraints (cl.Dirichlet, cl.Neumann, cl.Periodic, "
-                f"cl.Conservation, cl.Conservation.integral, cl.Bounds), got {type(c).__name__}."
+                "cl.Conservation, cl.Conservation.integral, cl.Bounds, cl.DivergenceFree, "
+                f"cl.LinearPDE, cl.Continuity, cl.NormalComponent), got {type(c).__name__}."
             )
     if not items:
         raise ValueError(
