@@ -38,6 +38,9 @@ SUPPRESS = re.compile(
     r"# The guide pages include README sections.*?\nsuppress_warnings = .*?\n", re.S
 )
 
+# The headings the split adds to the README (outside any marker pair); a second run adds nothing.
+ADDED = ("## What it does", "## Documentation")
+
 FEATURES = [
     (
         "Boundary conditions",
@@ -105,7 +108,7 @@ def split(root: Path, write: bool) -> list[str]:
     readme = readme_path.read_text()
     sections = {m["name"]: m["body"] for m in SECTION.finditer(readme)}
     outside = SECTION.sub("", readme)
-    stray = re.findall(r"^## .*$", outside, flags=re.M)
+    stray = [h for h in re.findall(r"^## .*$", outside, flags=re.M) if h not in ADDED]
     if stray:
         raise SystemExit(f"README headings outside any section markers: {stray}; add markers")
     pages = [
@@ -139,7 +142,9 @@ def split(root: Path, write: bool) -> list[str]:
     anchor = "<!-- /section:quickstart -->\n"
     if anchor not in kept:
         raise SystemExit("README has no quickstart section to put the links after")
-    kept = kept.replace(anchor, anchor + "\n" + DOCS_BLOCK, 1).rstrip("\n") + "\n"
+    if ADDED[0] not in kept:
+        kept = kept.replace(anchor, anchor + "\n" + DOCS_BLOCK, 1)
+    kept = kept.rstrip("\n") + "\n"
     conf_path = root / "docs" / "conf.py"
     conf = SUPPRESS.sub("", conf_path.read_text())
     done.append(f"README.md: {len(readme.splitlines())} -> {len(kept.splitlines())} lines")
