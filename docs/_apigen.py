@@ -15,6 +15,10 @@ from pathlib import Path
 MODULES = [
     "constraint_layers",
     "constraint_layers.adapters",
+    "constraint_layers.adapters.neuralop",
+    "constraint_layers.adapters.neuralop_points",
+    "constraint_layers.adapters.gpytorch",
+    "constraint_layers.adapters.uqno",
     "constraint_layers.functional",
     "constraint_layers.metrics",
     "constraint_layers.errors",
