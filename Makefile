@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench docs clean
 
 venv: $(STAMP)
 
@@ -29,5 +29,18 @@ lint: venv
 bench: venv
 	$(BIN)/python -m pytest tests/benchmarks -p no:randomly --override-ini addopts= -s
 
+# The documentation site, from nothing: installs the `docs` extra into .venv on first use, then
+# builds with warnings as errors (nitpicky: every cross-reference must resolve) into docs/_build.
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,dev,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/api/generated docs/api/constraint_layers*.rst
+	$(BIN)/python -m sphinx -W --keep-going -n -b html docs docs/_build/html
+	@echo "The site: docs/_build/html/index.html"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache out
+	rm -rf $(VENV) build *.egg-info .pytest_cache out docs/_build docs/api/generated docs/api/constraint_layers*.rst

@@ -101,10 +101,10 @@ class Ensemble(nn.Module):
         and conditions the one diagonal Gaussian. ``"auto"``: ``"members"`` for Gaussian members,
         ``"moments"`` for point predictions.
 
-    Shapes
-    ------
-    Each member returns (batch, *event) (a grid: (batch, channels, d1, ..., dn)); the ensemble
-    returns ``(mean, variance)`` of that shape.
+    Notes
+    -----
+    Shapes: each member returns (batch, *event) (a grid: (batch, channels, d1, ..., dn)); the
+    ensemble returns ``(mean, variance)`` of that shape.
 
     Examples
     --------

@@ -8,7 +8,7 @@ operator minus a rank-``M`` root (``Sigma - F F^T``), so nothing ``N x N`` is fo
 Its root decomposition is the exact conditioned root, so gpytorch's own ``sample`` and
 ``rsample`` draw samples that satisfy the constraint to rounding; ``log_prob`` and ``entropy``
 are those of the degenerate posterior on the constraint set (see
-:class:`ConstrainedMultivariateNormal`).
+``ConstrainedMultivariateNormal``).
 
 The test points are the flat event: for a GP evaluated on a grid of ``(t, x)`` points flattened in
 C order, pass ``grid_shape=(T, X)`` to the layer so that ``Conservation.integral(dim=1)``

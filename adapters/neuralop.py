@@ -187,7 +187,7 @@ class NeuralopAdapter(Adapter):
     With ``mode="refine"`` (BOON's kernel refinement) a forward hook on every spectral convolution
     of ``model.fno_blocks`` refines the layer so that its boundary outputs depend only on its
     boundary inputs (see ``constraint_layers.boundary.refine``); the layer's boundary block and
-    coupling come in closed form from its weights (:func:`spectral_kernel`). A stock
+    coupling come in closed form from its weights (``spectral_kernel``). A stock
     ``SpectralConv`` in full precision is evaluated in one pass from its weights (its
     ``forward`` replaced by the refinement's while wrapped; parameters and ``state_dict``
     unchanged). The hooks act only inside the wrapper's own calls, and

@@ -11,7 +11,7 @@ modelling choice: if the error is ``N(0, s^2)`` pointwise, ``P(|error| <= E) = c
 The wrapper conditions ``N(solution, diag(s^2))`` on the conservation constraint and returns
 ``(solution~, quantile~)`` with ``quantile~ = z * s~ / scale`` (the band of the conditioned
 Gaussian at the same coverage, in the model's units). For other levels or a calibration factor,
-pass ``adapter=UQNOAdapter(coverage=..., scale=...)`` to :class:`ConservationProjection`.
+pass ``adapter=UQNOAdapter(coverage=..., scale=...)`` to :class:`.ConservationProjection`.
 
 Examples
 --------

@@ -3,7 +3,7 @@
 Every constraint here is linear in the model's output ``u`` (one sample, flattened in C order over
 its event axes: ``(channels, d1, ..., dn)`` for a grid). A Dirichlet value, a Neumann stencil,
 periodicity and a conservation integral are all rows ``c . u = d``. A constraint states its rows
-for an output shape through :meth:`Constraint.rows`; the projection engine
+for an output shape through ``Constraint.rows``; the projection engine
 (:mod:`constraint_layers._project`) picks a solver from their structure.
 
 Besides the coefficients, a row may carry its **mobility**: the nodes the face-local output step
@@ -55,8 +55,8 @@ DEFAULT_GRID = GridSpec()
 class Rows(NamedTuple):
     """Rows ``C u = d`` over one sample's flattened output, with their mobility.
 
-    Shapes
-    ------
+    Attributes
+    ----------
     index : (M, K) long
         The flat positions each row reads (padded rows repeat a position with coefficient 0).
     coeff : (M, K) or (batch, M, K) float64

@@ -407,7 +407,7 @@ class Periodic(BoundaryCondition):
     -----
     A grid that leaves out the end point (``linspace(0, 1, N + 1)[:-1]``, neuraloperator's default
     positional embedding) has no pair of nodes to equate: periodicity there is a property of the
-    model (e.g. a Fourier basis), and :func:`enforce_boundary` raises for ``endpoint=False``.
+    model (e.g. a Fourier basis), and :func:`.enforce_boundary` raises for ``endpoint=False``.
 
     Examples
     --------

@@ -70,7 +70,7 @@ def enforce_conservation(
 ) -> Gaussian:
     """Make a (Gaussian or deterministic) model output satisfy conservation constraints.
 
-    The functional behind :class:`ConservationProjection`: the constraints' rows are stated on
+    The functional behind :class:`.ConservationProjection`: the constraints' rows are stated on
     the output's layout and :func:`~constraint_layers.functional.conserve` conditions the
     Gaussian on them (or projects a deterministic output orthogonally). A single integral
     constraint on a diagonal (or no) covariance runs as independent single-row updates, one per

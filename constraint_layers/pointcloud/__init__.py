@@ -12,7 +12,8 @@ stated on points:
 - ``cl.Conservation(G, b)`` over the flattened cloud (point-major: entry ``p * C + c``);
 - ``cl.Bounds``, as on grids.
 
-All of them jointly, on deterministic and Gaussian outputs; see :mod:`.solve` for the solver.
+All of them jointly, on deterministic and Gaussian outputs; see
+``constraint_layers.pointcloud.solve`` for the solver.
 """
 
 from __future__ import annotations

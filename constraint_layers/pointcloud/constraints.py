@@ -207,7 +207,7 @@ class PointValue(PointConstraint):
 
 
 class NormalComponent(PointConstraint):
-    """The component of a vector field along given normals at points: ``u . n = value``.
+    """The component of a vector field along given normals at points: ``u·n = value``.
 
     One row per selected point over the vector channels, e.g. no penetration through a surface
     (``value=0``) with the surface normals. Deterministic outputs move by the Euclidean projection

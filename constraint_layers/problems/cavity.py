@@ -108,8 +108,10 @@ class Cavity(ReferenceProblem):
         ``K`` of the random initial vorticity.
     ic_amplitude : float, default 5.0
 
-    Data (``generate``)
-    -------------------
+    Notes
+    -----
+    The data of ``generate``:
+
     ``x``: the initial vorticity, ``(n, 1, N, N, T)`` (repeated along ``T``); ``y``: the vorticity
     frames ``(n, 1, N, N, T)``; ``boundary["x_low"]``, ``["x_high"]`` (walls ``x = 0, 1``, shape
     ``(n, 1, N, T)`` over ``(y, t)``), ``["y_low"]``, ``["y_high"]`` (bottom wall and lid, over

@@ -93,7 +93,7 @@ class ClosedForm:
         return self._solution(tt, xx, *ps).to(out_dtype(t, x))
 
     def mass(self, t: Tensor | float) -> Tensor:
-        """The analytic total ``integral of u(t, x) dx`` over :attr:`domain`.
+        """The analytic total ``integral of u(t, x) dx`` over ``domain``.
 
         Returns
         -------
@@ -141,7 +141,7 @@ class ClosedForm:
     # --------------------------------------------------------------------- parameters
     @classmethod
     def train_params(cls, n: int, seed: int | torch.Generator = 0) -> Tensor:
-        """``n`` parameters drawn uniformly from :attr:`TRAIN_RANGE` (float64, shape ``(n,)``)."""
+        """``n`` parameters drawn uniformly from ``TRAIN_RANGE`` (float64, shape ``(n,)``)."""
         call = f"{cls.__name__}.train_params"
         n = check_int(n, "n", call)
         gen = make_generator(seed, call)
@@ -150,7 +150,7 @@ class ClosedForm:
 
     @classmethod
     def test_params(cls, n_per_value: int = 50) -> Tensor:
-        """Each value of :attr:`TEST_PARAMS` repeated ``n_per_value`` times (shape ``(n,)``)."""
+        """Each value of ``TEST_PARAMS`` repeated ``n_per_value`` times (shape ``(n,)``)."""
         n_per_value = check_int(n_per_value, "n_per_value", f"{cls.__name__}.test_params")
         values = torch.tensor(cls.TEST_PARAMS, dtype=torch.float64)
         return values.repeat_interleave(n_per_value)
@@ -222,10 +222,10 @@ class ClosedForm:
         Parameters
         ----------
         task : "frames" or "single"
-            "frames": ``n_frames`` times evenly spaced in ``(t0, t1]`` of :attr:`t_range` (or
-            ``times``), grid ``(resolution, T)``; "single": the table time :attr:`t_star`.
+            "frames": ``n_frames`` times evenly spaced in ``(t0, t1]`` of ``t_range`` (or
+            ``times``), grid ``(resolution, T)``; "single": the table time ``t_star``.
         resolution : int
-            Number of x nodes, both ends of :attr:`domain` included.
+            Number of x nodes, both ends of ``domain`` included.
 
         Returns
         -------

@@ -61,8 +61,10 @@ class Heat(ReferenceProblem):
     t_final : float, default 0.5
         The single-step time and the end of the frames.
 
-    Data (``generate``)
-    -------------------
+    Notes
+    -----
+    The data of ``generate``:
+
     ``x``: ``u0`` on ``linspace(0, 1, N)``; ``y``: ``u`` at the output times; ``params["omega"]``;
     ``boundary["x_low"] = 0`` and ``boundary["x_high"] = U sin(pi t)``: the OUTWARD-normal
     derivatives (``-u_x(0)`` and ``u_x(1)``), shaped ``(n, 1, T)`` (``(n, 1)`` for a single step).

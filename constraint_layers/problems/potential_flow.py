@@ -36,8 +36,8 @@ F64 = torch.float64
 class PointCloudData(NamedTuple):
     """Samples of a point-cloud problem (float64).
 
-    Shapes
-    ------
+    Attributes
+    ----------
     points : (P, 2)          the query points (shared by every sample)
     inflow : (batch, 2)      the inflow velocity of each sample (the model input)
     velocity : (batch, P, 2) the exact velocity at the query points

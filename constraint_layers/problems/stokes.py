@@ -52,8 +52,10 @@ class Stokes(ReferenceProblem):
     n_modes : int, default 16
         Sine modes of the perturbation.
 
-    Data (``generate``)
-    -------------------
+    Notes
+    -----
+    The data of ``generate``:
+
     ``x``: ``u0`` on ``linspace(0, L, N)``; ``y``: ``u``; ``params["omega"]`` (n,),
     ``params["coefficients"]`` (n, n_modes); ``boundary["x_low"]`` and ``boundary["x_high"]``: the
     Dirichlet values at ``x = 0`` and ``x = L``, (n, 1, T) (equal to ``y``'s end nodes bit for bit).

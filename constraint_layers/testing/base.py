@@ -68,15 +68,19 @@ class ConstraintLayerTests:
 
     # ------------------------------------------------------------------ to be defined
     def make_model(self, dtype: torch.dtype) -> nn.Module:
+        """The model to wrap, in ``dtype`` (define it in your test class)."""
         raise NotImplementedError
 
     def make_input(self, batch: int, dtype: torch.dtype) -> Any:
+        """The model's input for ``batch`` samples in ``dtype`` (define it in your test class)."""
         raise NotImplementedError
 
     def make_constraints(self) -> Any:
+        """The constraint, or a list of them, to wrap the model with (define it)."""
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
+        """Keyword options of ``cl.wrap`` (default: ``layer_options``)."""
         return dict(self.layer_options)
 
     # ------------------------------------------------------------------------ helpers
