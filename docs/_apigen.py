@@ -20,6 +20,7 @@ MODULES = [
     "constraint_layers.adapters.gpytorch",
     "constraint_layers.adapters.uqno",
     "constraint_layers.functional",
+    "constraint_layers.local",
     "constraint_layers.metrics",
     "constraint_layers.errors",
     "constraint_layers.problems",

@@ -1,21 +1,22 @@
 """Local constraints: one row per grid node, solved matrix-free.
 
-- :mod:`.stencils`: the one-dimensional derivative operators, stated exactly;
-- :mod:`.operator`: ``C u = sum_k a_k D_k u_{c_k}`` with ``C^T``, symbols and Kronecker factors;
-- :mod:`.constraint`: :class:`LinearPDE` and its presets :class:`DivergenceFree`,
+- ``stencils``: the one-dimensional derivative operators, stated exactly;
+- ``operator``: ``C u = sum_k a_k D_k u_{c_k}`` with ``C^T``, symbols and Kronecker factors;
+- ``constraint``: :class:`LinearPDE` and its presets :class:`DivergenceFree`,
   :class:`Continuity` (rows tagged ``structure = "local"``);
-- :mod:`.solve`: the FFT projection, the separable fast solve, preconditioned CG;
-- :mod:`.implicit`: the CG projections as autograd functions with an implicit backward;
-- :mod:`.totals`: a few dense rows next to the local ones (Schur complement);
-- :mod:`.bounded`: box bounds with local rows (active set over the local solver);
-- :mod:`.project`: the deterministic entry points (walls of any kind, totals);
-- :mod:`.gaussian`: diagonal Gaussians conditioned on local rows.
+- ``solve``: the FFT projection, the separable fast solve, preconditioned CG;
+- ``implicit``: the CG projections as autograd functions with an implicit backward;
+- ``totals``: a few dense rows next to the local ones (Schur complement);
+- ``bounded``: box bounds with local rows (active set over the local solver);
+- ``project``: the deterministic entry points (walls of any kind, totals);
+- ``gaussian``: diagonal Gaussians conditioned on local rows.
 """
 
 from __future__ import annotations
 
 from .constraint import Continuity, DivergenceFree, LinearPDE, LocalRows, Term
 from .gaussian import LocalGaussian, condition_local
+from .operator import LocalOperator
 from .project import enforce_local, is_local, project_local
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "DivergenceFree",
     "LinearPDE",
     "LocalGaussian",
+    "LocalOperator",
     "LocalRows",
     "Term",
     "condition_local",

@@ -7,7 +7,7 @@ differential constraint with constant coefficients).
     sum_k a_k D_k u_{c_k} = f        at every node,
 
 each ``D_k`` a first or second derivative along one spatial axis (the operators of
-:mod:`constraint_layers.local.stencils`, stated exactly there). :class:`DivergenceFree` and
+``constraint_layers.local.stencils``, stated exactly there). :class:`DivergenceFree` and
 :class:`Continuity` are presets. Their rows are stated as a structured operator (stencil or
 Fourier symbol), never as a dense matrix: :meth:`LinearPDE.rows` returns :class:`LocalRows`,
 tagged ``structure = "local"``, which the engine dispatches to the local solvers
@@ -121,7 +121,7 @@ class LinearPDE:
         inside, second-order one-sided at walls; central and wrapping on periodic axes; second
         derivatives: the three-point stencil inside, four-point one-sided at walls).
         ``"spectral"``: Fourier differentiation (every differentiated axis periodic). The
-        operators are stated exactly in :mod:`constraint_layers.local.stencils`.
+        operators are stated exactly in ``constraint_layers.local.stencils``.
 
     Notes
     -----

@@ -3,7 +3,7 @@
 ProbConserv's conditioning at every node: mean ``z - W M C^T (C W M C^T)^+ (C z - f)`` by CG
 (:func:`~constraint_layers.local.implicit.project_cg` in the variance metric), the Dirichlet
 nodes first (their values, zero variance). Marginal variances ``w - diag(W M C^T K^+ C M W)`` by
-dense float64 algebra up to :data:`DENSE_VARIANCE_MAX_NODES` nodes per channel (64 x 64);
+dense float64 algebra up to ``DENSE_VARIANCE_MAX_NODES`` nodes per channel (64 x 64);
 beyond that :meth:`LocalGaussian.estimate_variance` (Hutchinson, with its standard error).
 Totals: the Schur complement in the variance metric. Draws: Matheron's rule (exact).
 """
@@ -63,7 +63,7 @@ class LocalGaussian:
     @property
     def variance(self) -> Tensor:
         """The exact marginal variances (dense float64 algebra; grids of at most
-        :data:`DENSE_VARIANCE_MAX_NODES` nodes per channel; beyond that see
+        ``DENSE_VARIANCE_MAX_NODES`` nodes per channel; beyond that see
         :meth:`estimate_variance`)."""
         if self._variance is None:
             n = math.prod(self._op.grid)

@@ -3,7 +3,7 @@
 ``u`` is a grid output ``(batch, channels, d1, ..., dn)``; ``C u`` has one row per node,
 ``(batch, d1, ..., dn)``. Each term ``k`` is a coefficient ``a_k``, a channel ``c_k``, an axis
 and a derivative order; ``D_k`` is the one-dimensional operator of
-:mod:`constraint_layers.local.stencils` along that axis. The operator offers ``C``, ``C^T``,
+``constraint_layers.local.stencils`` along that axis. The operator offers ``C``, ``C^T``,
 the Fourier symbol per channel (every axis it differentiates periodic) and the Kronecker factors of
 ``C C^T`` for the separable fast solve (:mod:`constraint_layers.local.solve`).
 """

@@ -134,7 +134,7 @@ def _dense_qp(
     *,
     rtol: float = 1e-10,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`dense_qp` and the active inequality rows (mask over the finite ones)."""
+    """``dense_qp`` and the active inequality rows (mask over the finite ones)."""
     n = u.shape[0]
     u_g = u.to(F64)  # kept with their graphs: the result is differentiable (the active set's)
     E_g, e_g = E.to(F64).reshape(-1, n), e.to(F64).reshape(-1)
@@ -294,7 +294,7 @@ def reference_prediction(
     mean (the prediction's shape) and the marginal variance (None without uncertainty), float64.
 
     Bounds (``cl.Bounds``): the same problems with the bounds as inequalities, solved by
-    :func:`dense_qp` (checked against the KKT conditions). Deterministic: ``v`` minimises
+    ``dense_qp`` (checked against the KKT conditions). Deterministic: ``v`` minimises
     ``|v - u|^2`` on ``G S v = b - G f`` with every value of ``S v + f`` in the bounds, and the
     result is ``S v + f``. Gaussian: the mean minimises ``(x - u)^T Sigma^{-1} (x - u)`` (the
     identity with ``metric="euclidean"``) on all rows stacked, within the bounds; the variance is
