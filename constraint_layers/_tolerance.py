@@ -1,10 +1,33 @@
-"""The one table of tolerances by dtype (private).
+"""The one module of numerical thresholds of the engine (private).
 
-``residual``: the largest residual of a constraint row after enforcement, relative to the size of
-the terms it balances (``max |u| + |d|``, Neumann rows scaled by the spacing). It is what
-``debug=True`` checks after every call and what the test mixins assert.
-``reference``: how far two correct computations of the same result may differ, relative to the
-size of the result (the fast paths against the dense float64 references).
+Every numerical decision of the library (is a residual small enough, is a pivot zero, is a
+negative variance rounding) reads its threshold here, judged at the dtype's rounding and the
+problem's scale. Sections below; other parts of the engine add theirs at the end of the file.
+
+Residuals and references (:data:`TOLERANCES`, :func:`tolerance`)
+    ``residual``: the largest residual of a constraint row after enforcement, relative to the size
+    of the terms it balances (``max |u| + |d|``, Neumann rows scaled by the spacing). It is what
+    ``debug=True`` checks after every call and what the test mixins assert.
+    ``reference``: how far two correct computations of the same result may differ, relative to
+    the size of the result (the fast paths against the dense float64 references).
+
+Rounding, rank and positive semidefiniteness (:func:`rounding`, :func:`rank_cutoff`,
+:func:`psd_floor`, :func:`is_rounding`)
+    A symmetric positive semidefinite matrix of order ``n`` whose largest eigenvalue (or
+    diagonal entry) is ``scale``, computed in ``dtype``, is known only to about
+    ``n * eps * scale``. Eigenvalues and squared pivots at or below :func:`rank_cutoff` are zero
+    (numerical rank); negative values down to ``-psd_floor`` are rounding and are clamped to 0
+    silently. Anything more negative means the matrix given is indefinite beyond rounding (an
+    inaccurate model covariance): the conditioning then follows gpytorch (jitter, or a clamp)
+    with an :class:`~constraint_layers.errors.IndefiniteCovarianceWarning`. The judgement uses
+    the precision the matrix was *computed in* (a float32 covariance promoted to float64 is still
+    known to float32's rounding), and the decisions compare against margins many times the
+    rounding, so they do not depend on the machine's BLAS (summation order).
+
+Rows (:func:`dependent_rtol`, :func:`consistent_rtol`)
+    Squared Cholesky pivots below ``dependent_rtol`` of their row's norm: the row depends on the
+    ones before it. Right-hand sides of dependent rows that disagree by more than
+    ``consistent_rtol`` (relative): incompatible constraints.
 """
 
 from __future__ import annotations
@@ -12,10 +35,26 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-__all__ = ["TOLERANCES", "Tolerance", "tolerance"]
+__all__ = [
+    "CONSISTENT_RTOL",
+    "DEPENDENT_RTOL",
+    "PSD_FACTOR",
+    "RANK_FACTOR",
+    "TOLERANCES",
+    "Tolerance",
+    "consistent_rtol",
+    "dependent_rtol",
+    "is_rounding",
+    "psd_floor",
+    "rank_cutoff",
+    "rounding",
+    "tolerance",
+]
 
 
+# ------------------------------------------------------------------- residuals and references
 class Tolerance(NamedTuple):
     residual: float
     reference: float
@@ -35,3 +74,93 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 def tolerance(dtype: torch.dtype) -> Tolerance:
     """The tolerances of ``dtype`` (float32's for dtypes not in the table)."""
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+# ------------------------------------------------------------------ rounding, rank and PSD
+#: Margin of the numerical rank over the rounding ``n * eps * scale`` of a PSD matrix.
+RANK_FACTOR = 16.0
+#: Margin of the negative values read as rounding over ``n * eps * scale``.
+PSD_FACTOR = 64.0
+
+
+def rounding(dtype: torch.dtype) -> float:
+    """The unit rounding (machine epsilon) of ``dtype``: that of its real part for complex
+    dtypes, float64's for integer and boolean dtypes (they convert exactly)."""
+    if dtype.is_complex:
+        dtype = torch.float64 if dtype == torch.complex128 else torch.float32
+    if not dtype.is_floating_point:
+        dtype = torch.float64
+    return float(torch.finfo(dtype).eps)
+
+
+def _size(n: int) -> int:
+    return max(int(n), 1)
+
+
+def rank_cutoff(dtype: torch.dtype, scale: float | Tensor, n: int = 1) -> float | Tensor:
+    """Eigenvalues (or squared Cholesky pivots) at or below this are numerically zero.
+
+    One cutoff for every rank decision of a PSD matrix: the pseudo-inverse of ``G Sigma G^T``,
+    the root used for samples and the pseudo-determinant of the density.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The precision the matrix was computed in (not the one it is stored in).
+    scale : float or Tensor
+        Its largest eigenvalue or diagonal entry (a tensor: one per batch entry, keepdim).
+    n : int
+        Its order, or the number of terms summed into each entry, whichever is larger.
+
+    Returns
+    -------
+    float or Tensor
+        ``RANK_FACTOR * n * rounding(dtype) * scale`` (the type of ``scale``).
+    """
+    return RANK_FACTOR * _size(n) * rounding(dtype) * scale
+
+
+def psd_floor(
+    dtype: torch.dtype, scale: float | Tensor, n: int = 1, condition: float | Tensor = 1.0
+) -> float | Tensor:
+    """How negative a variance (or an eigenvalue, or ``g Sigma g^T``) may be and still be rounding.
+
+    A quantity ``d - f`` that is non-negative in exact arithmetic, with ``d`` and ``f`` of size
+    ``scale`` computed from ``n`` terms in ``dtype``, through a solve whose condition number is
+    ``condition``, is rounding down to ``-psd_floor``: clamp it to 0 silently. Below that the
+    matrix it came from is indefinite beyond rounding.
+
+    Returns
+    -------
+    float or Tensor
+        ``PSD_FACTOR * (n + condition) * rounding(dtype) * scale``.
+    """
+    return PSD_FACTOR * (_size(n) + condition) * rounding(dtype) * scale
+
+
+def is_rounding(
+    value: Tensor, dtype: torch.dtype, scale: float | Tensor, n: int = 1, condition: float = 1.0
+) -> Tensor:
+    """Elementwise: ``value >= -psd_floor(...)`` (NaN is not rounding)."""
+    return value >= -psd_floor(dtype, scale, n, condition)
+
+
+# ---------------------------------------------------------------------------------- rows
+#: A squared pivot below this fraction of its row's norm: the row depends on the ones before it
+#: (float64 algebra).
+DEPENDENT_RTOL = 1e-10
+#: Relative disagreement of right-hand sides (float64 data) beyond which dependent rows are
+#: incompatible.
+CONSISTENT_RTOL = 1e-10
+
+
+def dependent_rtol(dtype: torch.dtype = torch.float64) -> float:
+    """Squared pivot (relative to its row's squared norm) below which a row is dependent, for
+    rows known to the rounding of ``dtype`` (float64: ``DEPENDENT_RTOL``)."""
+    return max(DEPENDENT_RTOL, 1e3 * rounding(dtype))
+
+
+def consistent_rtol(dtype: torch.dtype = torch.float64) -> float:
+    """Relative disagreement of dependent rows' right-hand sides (data in ``dtype``) read as
+    rounding (float64: ``CONSISTENT_RTOL``)."""
+    return max(CONSISTENT_RTOL, 1e3 * rounding(dtype))
