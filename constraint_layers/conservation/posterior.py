@@ -60,6 +60,14 @@ class ConstrainedGaussian:
             f"{var}, rows: {self._G.shape[-2]}, metric={self.metric!r})"
         )
 
+    def used_covariance(self, given):
+        """The full covariance this posterior conditioned: ``given`` itself, or the jittered or
+        symmetrised form the PSD policy made of an inaccurate model covariance (see
+        :class:`~constraint_layers.errors.IndefiniteCovarianceWarning`). Records that return
+        ``covariance - F F^T`` must use this one, for ``G (covariance - F F^T) G^T = 0``."""
+        S = getattr(self._prior, "S", None)
+        return given if S is None else S
+
     @property
     def num_constraints(self) -> int:
         return int(self._G.shape[-2])
