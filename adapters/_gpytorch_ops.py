@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from linear_operator import to_linear_operator
 from linear_operator.operators import (
     DenseLinearOperator,
     LinearOperator,
@@ -77,6 +78,7 @@ def conditioned_covariance(
     variance: Tensor | None = None,  # shape: (*batch, N), its diagonal when already known
 ) -> LinearOperator:
     """The lazy posterior covariance; with ``conditioned`` (noise-free) its root is exact."""
+    base = to_linear_operator(base)  # a tensor when the conditioning evaluated it (CG posteriors)
     F = downdate.to(dtype=base.dtype, device=base.device)
     op = ConditionedCovariance(base, LowRankRootLinearOperator(F).mul(-1.0))
     if variance is not None and variance.shape == op.shape[:-1]:

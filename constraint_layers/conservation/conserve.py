@@ -308,8 +308,9 @@ def _source_dtype(prior: _Prior | None, mean: Tensor) -> torch.dtype:
 
 def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_Dense, Tensor]:
     """A lazy covariance whose ``G Sigma G^T`` is not symmetric beyond its rounding (a CG-based
-    posterior): condition its symmetric part ``(Sigma + Sigma^T) / 2``, with a warning, so that
-    the covariance returned is the one conditioned (``G Sigma~ G^T = 0``)."""
+    posterior): condition its symmetric part ``(Sigma + Sigma^T) / 2``, evaluated once as a
+    dense tensor (shape (*batch, N, N)), with a warning, so that the covariance returned is the
+    one conditioned (``G Sigma~ G^T = 0``)."""
     if not prior.lazy:
         return prior, P  # dense tensors: probed in cross_checked (an error: the user's matrix)
     A = _gram(G, P, None).detach()
@@ -324,7 +325,10 @@ def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_D
         IndefiniteCovarianceWarning,
         stacklevel=5,
     )
-    sym = _Dense((prior.S + prior.S.mT) * 0.5)
+    # its products are not reproducible either (each runs its own iterative solve): evaluate it
+    # once, so that the covariance returned is exactly the one conditioned
+    D = prior.S.to_dense()
+    sym = _Dense(0.5 * (D + D.mT))
     return sym, sym.cross(G.mT)
 
 
