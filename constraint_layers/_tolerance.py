@@ -38,10 +38,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BOUNDED_RTOL",
     "CONSISTENT_RTOL",
     "DEPENDENT_RTOL",
     "PSD_FACTOR",
     "RANK_FACTOR",
+    "RANK_RCOND",
+    "SUPPORT_RTOL",
+    "SYMMETRY_RTOL",
     "TOLERANCES",
     "Tolerance",
     "consistent_rtol",
@@ -164,3 +168,29 @@ def consistent_rtol(dtype: torch.dtype = torch.float64) -> float:
     """Relative disagreement of dependent rows' right-hand sides (data in ``dtype``) read as
     rounding (float64: ``CONSISTENT_RTOL``)."""
     return max(CONSISTENT_RTOL, 1e3 * rounding(dtype))
+
+
+# ------------------------------------------------------------------- covariances and densities
+#: Relative asymmetry tolerated in a caller's covariance matrix, by dtype (the random probe of
+#: ``conserve``; a model's linear operator is judged by ``psd_floor`` and symmetrised instead).
+SYMMETRY_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+#: Eigenvalues below this fraction of the largest are numerically zero in the density of a
+#: degenerate Gaussian, by the covariance's dtype (the cutoffs of
+#: ``scipy.stats.multivariate_normal(allow_singular=True)``).
+RANK_RCOND: dict[torch.dtype, float] = {
+    torch.float64: 1e6 * 2.220446049250313e-16,
+    torch.float32: 1e3 * 1.1920929e-07,
+}
+#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
+SUPPORT_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+# ------------------------------------------------------------------------- bounded solvers
+#: A row of the bounded solvers has converged when ``|f(lam) - d| <= BOUNDED_RTOL * (sum_i
+#: |c_i x_i| + |d|)`` (float64 algebra).
+BOUNDED_RTOL = 64 * torch.finfo(torch.float64).eps

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._tolerance import BOUNDED_RTOL
 from ..errors import ConstraintError
 
 F64 = torch.float64
@@ -17,8 +18,8 @@ CHUNK = 1 << 15
 GROUP = 1 << 17
 #: Newton steps per group of rows before the rows left fall back to the breakpoint search.
 MAX_NEWTON = 60
-#: A row has converged when |f(lam) - d| <= RTOL * (sum_i |c_i x_i| + |d|).
-RTOL = 64 * EPS
+#: A row has converged when |f(lam) - d| <= RTOL * (sum_i |c_i x_i| + |d|) (``_tolerance``).
+RTOL = BOUNDED_RTOL
 
 Bound = float | Tensor | None
 

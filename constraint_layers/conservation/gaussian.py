@@ -10,17 +10,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._tolerance import SYMMETRY_RTOL
+
 __all__ = ["Gaussian"]
 
 F64 = torch.float64
 METRICS = ("covariance", "euclidean")
-#: Relative asymmetry tolerated in a covariance matrix, by dtype.
-SYMMETRY_RTOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 1e-2,
-}
 
 
 class Gaussian(NamedTuple):

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._tolerance import RANK_RCOND, SUPPORT_RTOL
 from .gaussian import (
     F64,
 )
@@ -280,13 +281,6 @@ class ConstrainedGaussian:
     def entropy(self) -> Tensor:
         """Differential entropy on the support (see :meth:`log_prob`); shape (*batch,)."""
         return self._density().entropy()
-
-
-#: Eigenvalues below this fraction of the largest are numerically zero, by the covariance's dtype
-#: (the cutoffs of ``scipy.stats.multivariate_normal(allow_singular=True)``).
-RANK_RCOND = {torch.float64: 1e6 * 2.220446049250313e-16, torch.float32: 1e3 * 1.1920929e-07}
-#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
-SUPPORT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 class DegenerateGaussian:
