@@ -32,6 +32,7 @@ Rows (:func:`dependent_rtol`, :func:`consistent_rtol`)
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "consistent_rtol",
     "dependent_rtol",
     "is_rounding",
+    "model_rounding",
     "psd_floor",
     "rank_cutoff",
     "rounding",
@@ -140,6 +142,18 @@ def psd_floor(
         ``PSD_FACTOR * (n + condition) * rounding(dtype) * scale``.
     """
     return PSD_FACTOR * (_size(n) + condition) * rounding(dtype) * scale
+
+
+def model_rounding(dtype: torch.dtype, scale: float | Tensor) -> float | Tensor:
+    """How far a model's own covariance may miss symmetry or positive semidefiniteness and still
+    count as its rounding: ``sqrt(rounding(dtype)) * scale``.
+
+    A GP posterior ``K** - K*x K^{-1} Kx*`` is computed with cancellation by an algorithm the
+    library does not see (an ill-conditioned ``K``: float64 exact GPs miss by 1e-11 of the
+    result). Misses beyond rounding (``psd_floor``) but within this are repaired silently; beyond
+    it the covariance is inaccurate (float32, CG) and the repair warns.
+    """
+    return math.sqrt(rounding(dtype)) * scale
 
 
 def is_rounding(

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from .._tolerance import psd_floor
+from .._tolerance import model_rounding, psd_floor
 from ..errors import IndefiniteCovarianceWarning
 from .gaussian import (
     F64,
@@ -316,7 +316,7 @@ def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_D
     A = _gram(G, P, None).detach()
     gap = float((A - A.mT).abs().amax()) if A.numel() else 0.0
     scale = float(A.diagonal(dim1=-2, dim2=-1).abs().amax()) if A.numel() else 0.0
-    if not gap > psd_floor(prior.S.dtype, scale, G.shape[-1]):  # rounding of the products
+    if not gap > model_rounding(prior.S.dtype, scale):  # rounding: A is symmetrised below
         return prior, P
     warnings.warn(
         f"{call}: the model's covariance is not symmetric: G Sigma G^T differs from its "
@@ -347,9 +347,11 @@ def _psd_rows(
     scale = Ad.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
     floor = psd_floor(source, scale, m) + psd_floor(F64, scale, n)
     if not bool((lam[..., 0] < -floor).any()):
-        return prior, P, A
+        return prior, P, A  # rounding: the pseudo-inverse drops it
     low = float(lam[..., 0].amin())
-    if not prior.lazy:  # the caller's own matrix: say so, change nothing
+    floor = torch.maximum(floor, model_rounding(source, scale))  # beyond: inaccurate, say so
+    loud = bool((lam[..., 0] < -floor).any())
+    if not prior.lazy and loud:  # the caller's own matrix: say so, change nothing
         raise ValueError(
             f"{call}: the covariance is not positive semidefinite: G Sigma G^T has an "
             f"eigenvalue {low:.3e} (rounding reaches {-float(floor.amax()):.1e}). Pass a "
@@ -363,6 +365,18 @@ def _psd_rows(
     neg = (-lam).clamp_min(0)  # (*, M)
     root = U * neg.sqrt().unsqueeze(-2)  # (-A_-)^{1/2} up to rotation: (*, M, M)
     H = Gd.mT @ torch.cholesky_solve(root, Lc)  # (*, N, M)
+    if loud:
+        _warn_clamp(call, low, floor, m, H)
+    S = prior.S
+    if hasattr(S, "add_low_rank"):  # a linear operator: stays lazy
+        fixed = S.add_low_rank(H.to(S.dtype), generate_roots=False)
+    else:
+        fixed = S + (H @ H.mT).to(S.dtype)
+    clamp = (U * neg.unsqueeze(-2)) @ U.mT  # -A_-
+    return _Dense(fixed), P + Gd.mT @ torch.cholesky_solve(clamp, Lc), A + clamp
+
+
+def _warn_clamp(call: str, low: float, floor: Tensor, m: int, H: Tensor) -> None:
     warnings.warn(
         f"{call}: the model's covariance is not positive semidefinite beyond rounding: "
         f"G Sigma G^T has an eigenvalue {low:.3e} (rounding reaches "
@@ -373,13 +387,6 @@ def _psd_rows(
         IndefiniteCovarianceWarning,
         stacklevel=5,
     )
-    S = prior.S
-    if hasattr(S, "add_low_rank"):  # a linear operator: stays lazy
-        fixed = S.add_low_rank(H.to(S.dtype), generate_roots=False)
-    else:
-        fixed = S + (H @ H.mT).to(S.dtype)
-    clamp = (U * neg.unsqueeze(-2)) @ U.mT  # -A_-
-    return _Dense(fixed), P + Gd.mT @ torch.cholesky_solve(clamp, Lc), A + clamp
 
 
 def _clamped(
@@ -393,6 +400,7 @@ def _clamped(
     vd = v.detach()
     scale = d.detach().abs().amax(-1, keepdim=True)
     floor = psd_floor(source, scale) + psd_floor(F64, scale, n, condition)
+    floor = torch.maximum(floor, model_rounding(source, scale))
     if bool((vd + floor < 0).any()):
         if strict:
             raise ValueError(
