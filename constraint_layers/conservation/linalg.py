@@ -227,30 +227,37 @@ def _pinv_sqrt(A: Tensor, cut: Tensor) -> tuple[Tensor, float]:
     return R, max(cond, 1.0)
 
 
-class _PinvSqrt(torch.autograd.Function):
-    """``R = V h(Lambda) V^T`` with ``h(l) = l^{-1/2}`` above the cutoff, 0 at or below it.
+class _Spectral(torch.autograd.Function):
+    """``R = V h(Lambda) V^T`` with ``h(l) = l^{-1/2}`` above the cutoff, 0 at or below it, and
+    the log pseudo-determinant ``sum log l`` over the same eigenvalues (and which are kept).
 
     ``R R^T = A^+`` (the pseudo-inverse over the kept eigenvalues), and ``R`` is a spectral
     function of the symmetric ``A``: unique whatever basis ``eigh`` picks inside a repeated
     eigenvalue. Its derivative (Daleckii-Krein) is
     ``dR = V (Gamma o (V^T dA V)) V^T`` with ``Gamma_ij`` the divided difference
     ``(h_i - h_j) / (l_i - l_j)``, ``h'(l_i)`` where ``l_i = l_j``, written without cancellation
-    (``-1 / (s_i s_j (s_i + s_j))``, ``s = sqrt(l)``, for two kept eigenvalues): finite for
-    exactly repeated eigenvalues, where the backward of ``eigh`` itself is NaN.
+    (``-1 / (s_i s_j (s_i + s_j))``, ``s = sqrt(l)``, for two kept eigenvalues); that of the log
+    pseudo-determinant is ``A^+``. Both are finite for exactly repeated eigenvalues, where the
+    backward of ``eigh`` itself is NaN. The cutoff is ``cut`` (shape (*, 1)), or ``rcond`` times
+    the largest eigenvalue when ``cut`` is None.
     """
 
     @staticmethod
-    def forward(ctx, A: Tensor, cut: Tensor) -> Tensor:
+    def forward(ctx, A: Tensor, cut: Tensor | None, rcond: float = 0.0):
         lam, V = torch.linalg.eigh(A)
+        if cut is None:
+            cut = rcond * lam.abs().amax(-1, keepdim=True)
         keep = lam > cut
         s = torch.where(keep, lam, torch.ones_like(lam)).sqrt()
         h = torch.where(keep, 1.0 / s, torch.zeros_like(lam))
         ctx.save_for_backward(lam, V, s, h, keep)
-        return (V * h.unsqueeze(-2)) @ V.mT
+        ctx.mark_non_differentiable(keep)
+        log_pdet = torch.where(keep, 2 * s.log(), torch.zeros_like(lam)).sum(-1)
+        return (V * h.unsqueeze(-2)) @ V.mT, log_pdet, keep
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gR: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, gR: Tensor, glog: Tensor, _gkeep: Tensor | None):
         lam, V, s, h, keep = ctx.saved_tensors
         ki, kj = keep.unsqueeze(-1), keep.unsqueeze(-2)
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
@@ -261,7 +268,16 @@ class _PinvSqrt(torch.autograd.Function):
         mixed = (h.unsqueeze(-1) - h.unsqueeze(-2)) / safe
         gamma = torch.where(ki & kj, both, torch.where(ki ^ kj, mixed, torch.zeros_like(gap)))
         g = V.mT @ (0.5 * (gR + gR.mT)) @ V
-        return V @ (gamma * g) @ V.mT, None
+        inner = gamma * g + torch.diag_embed(glog.unsqueeze(-1) * h.square())
+        return V @ inner @ V.mT, None, None
+
+
+class _PinvSqrt:
+    """``(A^+)^{1/2}`` over the eigenvalues above ``cut``: :class:`_Spectral`'s first output."""
+
+    @staticmethod
+    def apply(A: Tensor, cut: Tensor) -> Tensor:
+        return _Spectral.apply(A, cut)[0]
 
 
 #: Rows whose normalised Gram matrix has eigenvalues below this fraction of the largest are nearly

@@ -16,6 +16,7 @@ from .gaussian import (
 from .linalg import (
     _rowdot,
     _solve_with,
+    _Spectral,
 )
 
 __all__ = ["ConstrainedGaussian", "DegenerateGaussian"]
@@ -321,23 +322,18 @@ class DegenerateGaussian:
         source = covariance.dtype if dtype is None else dtype
         cov = covariance.to(F64)
         cov = 0.5 * (cov + cov.mT)
-        lam, V = torch.linalg.eigh(cov)
         rcond = RANK_RCOND.get(source, 1e3 * torch.finfo(source).eps)
-        cut = rcond * lam.detach().abs().amax(-1, keepdim=True)
-        self.keep = lam.detach() > cut  # (*batch, N)
-        safe = torch.where(self.keep, lam, torch.ones_like(lam))
-        self.inv_sqrt = torch.where(self.keep, safe.rsqrt(), torch.zeros_like(lam))
-        self.V = V
+        # (Sigma^+)^{1/2}, log pdet and the kept eigenvalues from one eigendecomposition, with a
+        # backward that is finite for repeated eigenvalues (the M-fold zero of the support)
+        self.R, self.log_pdet, self.keep = _Spectral.apply(cov, None, rcond)
         self.rank = self.keep.sum(-1)  # (*batch,)
-        self.log_pdet = torch.where(self.keep, safe.log(), torch.zeros_like(lam)).sum(-1)
         self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
 
     def log_prob(self, x: Tensor) -> Tensor:
         """shape: x (..., *batch, N) -> (..., *batch)."""
         out_dtype = torch.promote_types(x.dtype, self.dtype)
         d = x.to(F64) - self.mean.to(F64)
-        z = (d.unsqueeze(-2) @ self.V).squeeze(-2) * self.inv_sqrt
-        quad = z.square().sum(-1)
+        quad = (d.unsqueeze(-2) @ self.R).squeeze(-2).square().sum(-1)
         res = -0.5 * (self.rank * math.log(2 * math.pi) + self.log_pdet + quad)
         if self.rows is not None:
             G, b = self.rows

@@ -400,3 +400,33 @@ def test_deep_kernel_learning_float32():
         scale = float(gp(test_x).variance.max())
         f = wrapped(test_x)
         _check_conditioned(f, T, X, torch.float32, scale)
+
+
+def test_degenerate_density_gradients_are_finite_at_its_repeated_zero_eigenvalues():
+    """The density on the constraint set: its covariance has eigenvalue 0 M times (and here
+    every other eigenvalue twice); ``log_prob`` agrees with the eigendecomposition formula and
+    its gradient is finite (gradcheck away from the cutoff)."""
+    from constraint_layers.functional import DegenerateGaussian
+
+    gen = torch.Generator().manual_seed(0)
+    n, m = 8, 2
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=gen))
+    lam = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 2.0, 2.0], dtype=F64)
+    S0 = (Q * lam) @ Q.mT
+    mean = torch.randn(n, dtype=F64, generator=gen)
+    x = mean + (Q[:, m:] @ torch.randn(n - m, 3, dtype=F64, generator=gen)).mT  # on the support
+
+    def logp(B):  # S = B B^T: rank n - m whatever the perturbation (the support is kept)
+        return DegenerateGaussian(mean, B @ B.mT).log_prob(x)
+
+    B = (Q[:, m:] * lam[m:].sqrt()).requires_grad_(True)
+    out = logp(B)
+    z = (x - mean) @ Q[:, m:] / lam[m:].sqrt()
+    ref = -0.5 * ((n - m) * math.log(2 * math.pi) + lam[m:].log().sum() + z.square().sum(-1))
+    torch.testing.assert_close(out, ref)
+    (g,) = torch.autograd.grad(out.sum(), B)
+    assert bool(torch.isfinite(g).all())
+    S = S0.clone().requires_grad_(True)  # with respect to the covariance itself: finite too
+    (gS,) = torch.autograd.grad(DegenerateGaussian(mean, S).log_prob(x).sum(), S)
+    assert bool(torch.isfinite(gS).all())
+    assert torch.autograd.gradcheck(logp, (B,), eps=1e-7, atol=1e-5, rtol=1e-4)
