@@ -430,3 +430,72 @@ def test_degenerate_density_gradients_are_finite_at_its_repeated_zero_eigenvalue
     (gS,) = torch.autograd.grad(DegenerateGaussian(mean, S).log_prob(x).sum(), S)
     assert bool(torch.isfinite(gS).all())
     assert torch.autograd.gradcheck(logp, (B,), eps=1e-7, atol=1e-5, rtol=1e-4)
+
+
+def _gp_posterior(T: int, X: int) -> torch.Tensor:
+    """A float64 GP posterior on a T x X grid from 60 noisy-free-ish context points (the
+    conservation paper's setting: ill-conditioned K, cancellation in K** - K*x K^-1 Kx*)."""
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.rand(60, 2, dtype=F64, generator=gen)
+    t, x = torch.meshgrid(
+        torch.linspace(0, 1, T, dtype=F64), torch.linspace(0, 1, X, dtype=F64), indexing="ij"
+    )
+    p = torch.stack([t, x], -1).reshape(-1, 2)
+
+    def k(a, b):
+        return torch.exp(-0.5 * torch.cdist(a, b).square() / 0.3**2)
+
+    K = k(ctx, ctx) + 1e-6 * torch.eye(60, dtype=F64)
+    Ks = k(p, ctx)
+    return k(p, p) - Ks @ torch.linalg.solve(K, Ks.mT)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_decisions_do_not_depend_on_rounding_of_the_blas(lazy):
+    """Another machine's BLAS changes the covariance at rounding: the conditioning neither raises
+    nor warns, and its results agree to far below the model's own accuracy."""
+    T, X = 6, 41
+    S = _gp_posterior(T, X)
+    G = mass_rows(T, X)
+    b = torch.linspace(-0.1, 0.1, T, dtype=F64)
+    mu = torch.zeros(T * X, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    scale = float(S.abs().max())
+    outs = []
+    for _ in range(6):
+        E = torch.randn(T * X, T * X, dtype=F64, generator=gen)
+        Sp = S + 8 * torch.finfo(F64).eps * scale * (E + E.mT)  # rounding, as summed elsewhere
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            post = conserve(mu, G, b, covariance=DenseLinearOperator(Sp) if lazy else Sp)
+        assert bool((post.variance >= 0).all())
+        torch.testing.assert_close(G @ post.mean, b, rtol=0, atol=1e-14)
+        outs.append((post.mean, post.variance))
+    for mean, var in outs[1:]:
+        torch.testing.assert_close(mean, outs[0][0], rtol=0, atol=1e-6 * float(b.abs().max()))
+        torch.testing.assert_close(var, outs[0][1], rtol=0, atol=1e-6 * scale)
+
+
+def test_rounding_amplified_by_an_ill_conditioned_solve_is_still_rounding():
+    """The conservation paper's failure on a fresh machine: variances of size 1e-5 and a solve
+    with cond ~ 1e10 give "negative variances" of -5e-10 of the largest (the old threshold was
+    1e-10): rounding, clamped silently, whatever the BLAS."""
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(10):
+        n, delta = 50, 1e-3
+        z = torch.rand(n, dtype=F64, generator=gen)
+        cols = [z] + [z + delta * torch.randn(n, dtype=F64, generator=gen) for _ in range(2)]
+        Z = torch.stack(cols, 1) * 3e-3  # rank 3, nearly collinear: G Sigma G^T ill-conditioned
+        S = Z @ Z.mT
+        G = Z.mT / 3e-3
+        b = G @ torch.randn(n, dtype=F64, generator=gen) * 1e-3
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            post = conserve(torch.zeros(n, dtype=F64), G, b, covariance=S)
+        raw = S.diagonal() - post.factor.square().sum(-1)
+        worst = min(worst, float(raw.min() / S.diagonal().max()))
+        assert bool((post.variance >= 0).all())
+        terms = float((G.abs() @ post.mean.abs() + b.abs()).max())  # what G mean - b sums
+        torch.testing.assert_close(G @ post.mean, b, rtol=0, atol=1e-13 * terms)
+    assert worst < -1e-10  # non-vacuous: beyond what the former check called rounding
