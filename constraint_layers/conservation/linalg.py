@@ -25,6 +25,8 @@ __all__ = []
 PIVOT_RTOL = 1e-12
 #: Below this pivot ratio the update is followed by an exactness correction (the polish step).
 POLISH_RTOL = 1e-6
+#: Further polish steps (iterative refinement) while ``G mean = b`` still misses rounding.
+REFINE_STEPS = 2
 
 
 #: A matrix of rows is handled as sparse when at most this fraction of its entries is non-zero.
@@ -382,5 +384,10 @@ def _polish(
     ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
     if bool((info != 0).any()) or not bool((ratio > PIVOT_RTOL).all()):
         raise _dependent(call)
-    step = torch.cholesky_solve(r.unsqueeze(-1), L)
-    return mean - (P @ step).squeeze(-1), L
+    mean = mean - (P @ torch.cholesky_solve(r.unsqueeze(-1), L)).squeeze(-1)
+    for _ in range(REFINE_STEPS):  # iterative refinement: an ill-conditioned G W G^T loses digits
+        if not _inexact(mean.detach(), G64, b.detach()):
+            break
+        r = _rowdot(G64, mean) - b
+        mean = mean - (P @ torch.cholesky_solve(r.unsqueeze(-1), L)).squeeze(-1)
+    return mean, L
