@@ -87,9 +87,9 @@ def conditioned_covariance(
         dtype = base.dtype
 
         def exact_root(method: str | None) -> Tensor:
-            root = base.root_decomposition(method=method).root
-            root = root.to_dense() if isinstance(root, LinearOperator) else root
-            return conditioned.exact_root(root).to(dtype)
+            # the root over the eigenvalues log_prob keeps (one rank cutoff for both), projected
+            # onto G u = b; not the model's jittered root, whose samples log_prob reads as far off
+            return conditioned.sampling_root().to(dtype)
 
         op._exact_root = exact_root
     return op

@@ -241,7 +241,7 @@ class _Spectral(torch.autograd.Function):
     (``-1 / (s_i s_j (s_i + s_j))``, ``s = sqrt(l)``, for two kept eigenvalues); that of the log
     pseudo-determinant is ``A^+``. Both are finite for exactly repeated eigenvalues, where the
     backward of ``eigh`` itself is NaN. The cutoff is ``cut`` (shape (*, 1)), or ``rcond`` times
-    the largest eigenvalue when ``cut`` is None.
+    the largest eigenvalue when ``cut`` is None (returned too, shape (*, 1)).
     """
 
     @staticmethod
@@ -253,13 +253,14 @@ class _Spectral(torch.autograd.Function):
         s = torch.where(keep, lam, torch.ones_like(lam)).sqrt()
         h = torch.where(keep, 1.0 / s, torch.zeros_like(lam))
         ctx.save_for_backward(lam, V, s, h, keep)
-        ctx.mark_non_differentiable(keep)
+        cut = cut.expand(*lam.shape[:-1], 1).clone()
+        ctx.mark_non_differentiable(keep, cut)
         log_pdet = torch.where(keep, 2 * s.log(), torch.zeros_like(lam)).sum(-1)
-        return (V * h.unsqueeze(-2)) @ V.mT, log_pdet, keep
+        return (V * h.unsqueeze(-2)) @ V.mT, log_pdet, keep, cut
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gR: Tensor, glog: Tensor, _gkeep: Tensor | None):
+    def backward(ctx, gR: Tensor, glog: Tensor, _gkeep: Tensor | None, _gcut: Tensor | None):
         lam, V, s, h, keep = ctx.saved_tensors
         ki, kj = keep.unsqueeze(-1), keep.unsqueeze(-2)
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
@@ -272,6 +273,34 @@ class _Spectral(torch.autograd.Function):
         g = V.mT @ (0.5 * (gR + gR.mT)) @ V
         inner = gamma * g + torch.diag_embed(glog.unsqueeze(-1) * h.square())
         return V @ inner @ V.mT, None, None
+
+
+class _SqrtKept(torch.autograd.Function):
+    """``V sqrt(Lambda) V^T`` over the eigenvalues above ``cut`` (*, 1): the symmetric root of
+    the kept part of a PSD matrix, a spectral function with the Daleckii-Krein backward
+    (``Gamma_ij = 1 / (s_i + s_j)`` for two kept eigenvalues, finite when they are equal)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, cut: Tensor) -> Tensor:
+        lam, V = torch.linalg.eigh(A)
+        keep = lam > cut
+        s = torch.where(keep, lam, torch.zeros_like(lam)).sqrt()
+        ctx.save_for_backward(lam, V, s, keep)
+        return (V * s.unsqueeze(-2)) @ V.mT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gR: Tensor) -> tuple[Tensor, None]:
+        lam, V, s, keep = ctx.saved_tensors
+        ki, kj = keep.unsqueeze(-1), keep.unsqueeze(-2)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        gap = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+        both = 1.0 / torch.where(ki & kj, si + sj, torch.ones_like(gap))
+        safe = torch.where(ki ^ kj, gap, torch.ones_like(gap))
+        mixed = (si - sj) / safe
+        gamma = torch.where(ki & kj, both, torch.where(ki ^ kj, mixed, torch.zeros_like(gap)))
+        g = V.mT @ (0.5 * (gR + gR.mT)) @ V
+        return V @ (gamma * g) @ V.mT, None
 
 
 class _PinvSqrt:

@@ -17,6 +17,7 @@ from .linalg import (
     _rowdot,
     _solve_with,
     _Spectral,
+    _SqrtKept,
 )
 
 __all__ = ["ConstrainedGaussian", "DegenerateGaussian"]
@@ -242,6 +243,15 @@ class ConstrainedGaussian:
             X = torch.cat([X, noise.expand(*X.shape[:-1], noise.shape[-1])], dim=-1)
         return X
 
+    def sampling_root(self) -> Tensor:
+        """A root of the posterior covariance that agrees with :meth:`log_prob`: the symmetric
+        root over the eigenvalues the density keeps (``DegenerateGaussian.root``), projected by
+        :meth:`exact_root` so that ``G u = b`` holds to rounding. Unlike a root built from the
+        model's own (jittered) root, its samples carry no variance in the directions the
+        density reads as null. Shape (*batch, N, N), float64; O(N^3) once (the density's
+        eigendecomposition is computed anyway for ``log_prob``)."""
+        return self.exact_root(self._density().root())
+
     def _density(self) -> DegenerateGaussian:
         if self._dens is None:
             if self._prior is None:
@@ -325,8 +335,9 @@ class DegenerateGaussian:
         rcond = RANK_RCOND.get(source, 1e3 * torch.finfo(source).eps)
         # (Sigma^+)^{1/2}, log pdet and the kept eigenvalues from one eigendecomposition, with a
         # backward that is finite for repeated eigenvalues (the M-fold zero of the support)
-        self.R, self.log_pdet, self.keep = _Spectral.apply(cov, None, rcond)
+        self.R, self.log_pdet, self.keep, self._cut = _Spectral.apply(cov, None, rcond)
         self.rank = self.keep.sum(-1)  # (*batch,)
+        self._cov = cov
         self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -344,6 +355,13 @@ class DegenerateGaussian:
             off = (gap.detach() > tol * scale.detach() + torch.finfo(F64).tiny).any(-1)
             res = torch.where(off, torch.full_like(res, -math.inf), res)
         return res.to(out_dtype)
+
+    def root(self) -> Tensor:
+        """The symmetric root of the covariance over the eigenvalues the density keeps (one rank
+        cutoff for samples and density): shape (*batch, N, N), float64. Samples
+        ``mean + root @ eps`` follow exactly the distribution whose density :meth:`log_prob`
+        gives."""
+        return _SqrtKept.apply(self._cov, self._cut)
 
     def entropy(self) -> Tensor:
         """shape: (*batch,)."""

@@ -499,3 +499,43 @@ def test_rounding_amplified_by_an_ill_conditioned_solve_is_still_rounding():
         terms = float((G.abs() @ post.mean.abs() + b.abs()).max())  # what G mean - b sums
         torch.testing.assert_close(G @ post.mean, b, rtol=0, atol=1e-13 * terms)
     assert worst < -1e-10  # non-vacuous: beyond what the former check called rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_log_prob_agrees_with_the_objects_own_samples(dtype):
+    """One rank cutoff for the sampling root and the density: gpytorch's own ``sample`` draws
+    from the root over the eigenvalues ``log_prob`` keeps, so the log density of the object's
+    own samples is distributed as ``-entropy - (chi2_k - k) / 2`` (median about -entropy + 1/3;
+    the jittered model root gave -1220 where +535 was expected)."""
+    torch.manual_seed(0)
+    train_x = torch.linspace(0, 1, 60, dtype=dtype)
+    train_y = torch.sin(train_x * 2 * math.pi) + 0.2 * torch.randn(60, dtype=dtype)
+
+    class GP(gpytorch.models.ExactGP):
+        def __init__(self, x, y, likelihood):
+            super().__init__(x, y, likelihood)
+            self.mean_module = gpytorch.means.ConstantMean()
+            self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+        def forward(self, x):
+            return gpytorch.distributions.MultivariateNormal(
+                self.mean_module(x), self.covar_module(x)
+            )
+
+    lik = gpytorch.likelihoods.GaussianLikelihood()
+    gp = GP(train_x, train_y, lik).to(dtype)
+    gp.covar_module.base_kernel.lengthscale = 0.2
+    gp.eval()
+    test_x = torch.linspace(0, 1, 41, dtype=dtype)
+    wrapped = cl.wrap(gp, cl.Conservation.integral(0.0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", gpytorch.utils.warnings.NumericalWarning)
+        f = wrapped(test_x)
+        s = f.sample(torch.Size([400]))
+        lp = f.log_prob(s).double()
+        h = float(f.entropy())
+    w = cl.quadrature.trapezoid(41, dtype=F64)
+    r = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((s.double() @ w).abs().max()) <= r * float(s.abs().max())
+    assert bool(torch.isfinite(lp).all())
+    assert abs(float(lp.median()) + h - 1 / 3) < 2.0, (float(lp.median()), -h)
