@@ -272,9 +272,10 @@ class _Dense(_Prior):
     def draw(self, shape, n, generator):
         S = self.dense()
         root, info = torch.linalg.cholesky_ex(S)
-        if bool((info != 0).any()):  # positive semidefinite but singular: a root from eigh
-            lam, vec = torch.linalg.eigh(S)
-            root = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+        if bool((info != 0).any()):  # positive semidefinite but singular: the symmetric root
+            from .linalg import psd_root  # (linalg imports this module)
+
+            root = psd_root(S)
         eps = _randn((*shape, n, 1), generator, S.device)
         return (root @ eps).squeeze(-1)
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._tolerance import rank_cutoff
+from .._tolerance import RANK_FACTOR, rank_cutoff
 from ..errors import ConditioningWarning, SingularConstraintError
 from .gaussian import (
     F64,
@@ -281,8 +281,10 @@ class _SqrtKept(torch.autograd.Function):
     (``Gamma_ij = 1 / (s_i + s_j)`` for two kept eigenvalues, finite when they are equal)."""
 
     @staticmethod
-    def forward(ctx, A: Tensor, cut: Tensor) -> Tensor:
+    def forward(ctx, A: Tensor, cut: Tensor | None, rcond: float = 0.0) -> Tensor:
         lam, V = torch.linalg.eigh(A)
+        if cut is None:
+            cut = rcond * lam.abs().amax(-1, keepdim=True)
         keep = lam > cut
         s = torch.where(keep, lam, torch.zeros_like(lam)).sqrt()
         ctx.save_for_backward(lam, V, s, keep)
@@ -300,7 +302,18 @@ class _SqrtKept(torch.autograd.Function):
         mixed = (si - sj) / safe
         gamma = torch.where(ki & kj, both, torch.where(ki ^ kj, mixed, torch.zeros_like(gap)))
         g = V.mT @ (0.5 * (gR + gR.mT)) @ V
-        return V @ (gamma * g) @ V.mT, None
+        return V @ (gamma * g) @ V.mT, None, None
+
+
+def psd_root(S: Tensor, rcond: float | None = None) -> Tensor:
+    """The symmetric root of a covariance ``S`` (*, N, N) over its eigenvalues above ``rcond``
+    times the largest (default: ``rank_cutoff`` of float64 at order N): negative rounding and
+    numerically null directions are dropped; the backward pass is finite for repeated
+    eigenvalues (unlike a root from ``eigh``'s eigenvectors)."""
+    S = 0.5 * (S + S.mT)
+    if rcond is None:
+        rcond = RANK_FACTOR * S.shape[-1] * torch.finfo(torch.float64).eps
+    return _SqrtKept.apply(S, None, rcond)
 
 
 class _PinvSqrt:

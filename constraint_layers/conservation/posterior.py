@@ -361,7 +361,7 @@ class DegenerateGaussian:
         cutoff for samples and density): shape (*batch, N, N), float64. Samples
         ``mean + root @ eps`` follow exactly the distribution whose density :meth:`log_prob`
         gives."""
-        return _SqrtKept.apply(self._cov, self._cut)
+        return _SqrtKept.apply(self._cov, self._cut, 0.0)
 
     def entropy(self) -> Tensor:
         """shape: (*batch,)."""

@@ -539,3 +539,20 @@ def test_log_prob_agrees_with_the_objects_own_samples(dtype):
     assert float((s.double() @ w).abs().max()) <= r * float(s.abs().max())
     assert bool(torch.isfinite(lp).all())
     assert abs(float(lp.median()) + h - 1 / 3) < 2.0, (float(lp.median()), -h)
+
+
+def test_psd_root_of_a_singular_covariance_has_finite_gradients():
+    """The sampling root of a singular covariance (the prior's draw when Cholesky fails, the
+    ensemble mixture's root): ``root @ root = S``, finite backward at repeated eigenvalues."""
+    gen = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=gen))
+    lam = torch.tensor([0.0, 0.0, 1.0, 1.0, 3.0, 3.0], dtype=F64)
+    B = (Q[:, 2:] * lam[2:].sqrt()).requires_grad_(True)
+    S = B @ B.mT
+    root = linalg.psd_root(S)
+    torch.testing.assert_close(root @ root.mT, S.detach(), rtol=0, atol=1e-13)
+    (g,) = torch.autograd.grad(root.sum(), B)
+    assert bool(torch.isfinite(g).all())
+    assert torch.autograd.gradcheck(
+        lambda b: linalg.psd_root(b @ b.mT), (B,), eps=1e-7, atol=1e-5, rtol=1e-4
+    )
