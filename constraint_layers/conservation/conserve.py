@@ -268,7 +268,7 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     if metric == "covariance":
         F = P @ root.R
         d = prior.diag()
-        strict = isinstance(prior, _Dense) and not prior.lazy
+        strict = isinstance(prior, _Dense) and not prior.from_model
         var_t = _clamped(d - F.square().sum(-1), d, source, n, root.condition, strict, call)
     chol2 = None
     if s2 is None and (root.polish or _inexact(mean_t, G64, b)):
@@ -311,7 +311,7 @@ def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_D
     posterior): condition its symmetric part ``(Sigma + Sigma^T) / 2``, evaluated once as a
     dense tensor (shape (*batch, N, N)), with a warning, so that the covariance returned is the
     one conditioned (``G Sigma~ G^T = 0``)."""
-    if not prior.lazy:
+    if not prior.from_model:
         return prior, P  # dense tensors: probed in cross_checked (an error: the user's matrix)
     A = _gram(G, P, None).detach()
     gap = float((A - A.mT).abs().amax()) if A.numel() else 0.0
@@ -329,6 +329,7 @@ def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_D
     # once, so that the covariance returned is exactly the one conditioned
     D = prior.S.to_dense()
     sym = _Dense(0.5 * (D + D.mT))
+    sym.from_model = True
     return sym, sym.cross(G.mT)
 
 
@@ -351,7 +352,7 @@ def _psd_rows(
     low = float(lam[..., 0].amin())
     floor = torch.maximum(floor, model_rounding(source, scale))  # beyond: inaccurate, say so
     loud = bool((lam[..., 0] < -floor).any())
-    if not prior.lazy and loud:  # the caller's own matrix: say so, change nothing
+    if not prior.from_model and loud:  # the caller's own matrix: say so, change nothing
         raise ValueError(
             f"{call}: the covariance is not positive semidefinite: G Sigma G^T has an "
             f"eigenvalue {low:.3e} (rounding reaches {-float(floor.amax()):.1e}). Pass a "
@@ -369,11 +370,12 @@ def _psd_rows(
         _warn_clamp(call, low, floor, m, H)
     S = prior.S
     if hasattr(S, "add_low_rank"):  # a linear operator: stays lazy
-        fixed = S.add_low_rank(H.to(S.dtype), generate_roots=False)
+        fixed = _Dense(S.add_low_rank(H.to(S.dtype), generate_roots=False))
     else:
-        fixed = S + (H @ H.mT).to(S.dtype)
+        fixed = _Dense(S + (H @ H.mT).to(S.dtype))
+    fixed.from_model = prior.from_model
     clamp = (U * neg.unsqueeze(-2)) @ U.mT  # -A_-
-    return _Dense(fixed), P + Gd.mT @ torch.cholesky_solve(clamp, Lc), A + clamp
+    return fixed, P + Gd.mT @ torch.cholesky_solve(clamp, Lc), A + clamp
 
 
 def _warn_clamp(call: str, low: float, floor: Tensor, m: int, H: Tensor) -> None:

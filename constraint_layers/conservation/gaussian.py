@@ -242,6 +242,9 @@ class _Dense(_Prior):
         self.S = S  # (*b, N, N): a tensor, or a linear operator (matmul, diagonal, to_dense)
         self.batch_shape = torch.Size(S.shape[:-2])
         self.lazy = not isinstance(S, Tensor)
+        #: A model's covariance (a linear operator, or one evaluated from it): an inaccurate one
+        #: is repaired with a warning; a caller's own tensor raises instead.
+        self.from_model = self.lazy
         self._diag: Tensor | None = None
 
     def cross(self, Gt):

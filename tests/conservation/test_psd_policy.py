@@ -556,3 +556,23 @@ def test_psd_root_of_a_singular_covariance_has_finite_gradients():
     assert torch.autograd.gradcheck(
         lambda b: linalg.psd_root(b @ b.mT), (B,), eps=1e-7, atol=1e-5, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_asymmetric_and_indefinite_model_covariance_is_repaired_not_refused(dtype):
+    """A CG posterior in float32 can be both (KISS-GP at gpytorch's tutorial size): evaluated,
+    symmetrised, clamped, with warnings; still the model's covariance, never an error."""
+    T, X = 3, 10
+    S = _indefinite(T, X)
+    skew = 1e-2 * torch.randn(T * X, T * X, dtype=F64, generator=torch.Generator().manual_seed(1))
+    Sa = (S + skew - skew.mT).to(dtype)
+    G = mass_rows(T, X, dtype)
+    b = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
+    with pytest.warns(IndefiniteCovarianceWarning) as record:
+        post = conserve(torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(Sa))
+    text = " ".join(str(w.message) for w in record)
+    assert "not symmetric" in text and "eigenvalue" in text
+    C = post.covariance().double()
+    r = 10 * torch.finfo(dtype).eps * T * X
+    assert float((G.double() @ C @ G.double().mT).abs().max()) <= r * float(S.diagonal().max())
+    assert bool((post.variance >= 0).all())
