@@ -58,6 +58,9 @@ def test_tolerance_functions_scale_with_rounding_and_size(dtype):
     assert tol.consistent_rtol() == tol.CONSISTENT_RTOL
     assert tol.dependent_rtol(torch.float32) > tol.dependent_rtol(F64)
     assert tol.tolerance(dtype) is tol.TOLERANCES[dtype]  # the existing table still works
+    # a model's own misses (cancellation in K** - K*x K^-1 Kx*): between rounding and sqrt(eps)
+    assert tol.model_rounding(dtype, 2.0) == pytest.approx(2.0 * math.sqrt(eps))
+    assert tol.psd_floor(dtype, 1.0, 10) < tol.model_rounding(dtype, 1.0)
 
 
 # ------------------------------------------------------------------------ rounding: silent
