@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from constraint_layers._tolerance import RANK_RCOND
+from constraint_layers.conservation.linalg import psd_root
 from constraint_layers.functional import Gaussian, RunningMoments
 
 from ._registry import register
@@ -327,8 +329,7 @@ def _projected_root(cov: Tensor, rows: tuple[Tensor, Tensor] | None) -> Tensor:
     orthogonal projector onto the null space of ``G``) is a root of ``cov`` for any root ``L``
     of it, and ``G P_G L = 0`` holds to rounding.
     """
-    lam, V = torch.linalg.eigh(0.5 * (cov + cov.mT))
-    L = V * lam.clamp_min(0).sqrt().unsqueeze(-2)
+    L = psd_root(cov, RANK_RCOND[torch.float64])  # the density's cutoff; finite backward
     if rows is None:
         return L
     G = rows[0].to(torch.float64)

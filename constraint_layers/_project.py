@@ -389,7 +389,8 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
     down = None
     if pred.covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(out_mean.reshape(*lead, *ev), var, pred.covariance, None, down, k, post)
+    cov = post.used_covariance(pred.covariance)  # jittered or symmetrised by the PSD policy
+    return Gaussian(out_mean.reshape(*lead, *ev), var, cov, None, down, k, post)
 
 
 def dense_projection(

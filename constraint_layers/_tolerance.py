@@ -1,21 +1,62 @@
-"""The one table of tolerances by dtype (private).
+"""The one module of numerical thresholds of the engine (private).
 
-``residual``: the largest residual of a constraint row after enforcement, relative to the size of
-the terms it balances (``max |u| + |d|``, Neumann rows scaled by the spacing). It is what
-``debug=True`` checks after every call and what the test mixins assert.
-``reference``: how far two correct computations of the same result may differ, relative to the
-size of the result (the fast paths against the dense float64 references).
+Every numerical decision of the library (is a residual small enough, is a pivot zero, is a
+negative variance rounding) reads its threshold here, judged at the dtype's rounding and the
+problem's scale. Sections below; other parts of the engine add theirs at the end of the file.
+
+Residuals and references (:data:`TOLERANCES`, :func:`tolerance`)
+    ``residual``: the largest residual of a constraint row after enforcement, relative to the size
+    of the terms it balances (``max |u| + |d|``, Neumann rows scaled by the spacing). It is what
+    ``debug=True`` checks after every call and what the test mixins assert.
+    ``reference``: how far two correct computations of the same result may differ, relative to
+    the size of the result (the fast paths against the dense float64 references).
+
+Rounding, rank and positive semidefiniteness (:func:`rounding`, :func:`rank_cutoff`,
+:func:`psd_floor`, :func:`is_rounding`)
+    A symmetric positive semidefinite matrix of order ``n`` whose largest eigenvalue (or
+    diagonal entry) is ``scale``, computed in ``dtype``, is known only to about
+    ``n * eps * scale``. Eigenvalues and squared pivots at or below :func:`rank_cutoff` are zero
+    (numerical rank); negative values down to ``-psd_floor`` are rounding and are clamped to 0
+    silently. Anything more negative means the matrix given is indefinite beyond rounding (an
+    inaccurate model covariance): the conditioning then follows gpytorch (jitter, or a clamp)
+    with an :class:`~constraint_layers.errors.IndefiniteCovarianceWarning`. The judgement uses
+    the precision the matrix was *computed in* (a float32 covariance promoted to float64 is still
+    known to float32's rounding), and the decisions compare against margins many times the
+    rounding, so they do not depend on the machine's BLAS (summation order).
+
+Rows (:func:`dependence_tol`, :func:`consistency_tol`, the engine section at the end)
+    Rows depend on each other when a unit combination of the unit rows vanishes within their
+    rounding; the right-hand sides of dependent rows agree when the same combination of them
+    vanishes within the rounding of the values and the output dtype (``_dependence.py``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-__all__ = ["TOLERANCES", "Tolerance", "rank_cutoff", "tolerance"]
+__all__ = [
+    "BOUNDED_RTOL",
+    "PSD_FACTOR",
+    "RANK_FACTOR",
+    "RANK_RCOND",
+    "SUPPORT_RTOL",
+    "SYMMETRY_RTOL",
+    "TOLERANCES",
+    "Tolerance",
+    "is_rounding",
+    "model_rounding",
+    "psd_floor",
+    "rank_cutoff",
+    "rounding",
+    "tolerance",
+]
 
 
+# ------------------------------------------------------------------- residuals and references
 class Tolerance(NamedTuple):
     residual: float
     reference: float
@@ -37,35 +78,110 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
 
-# ----------------------------------------------------------------- gp-objects (issue 21) ----
-# Provisional: the numerical rank of a PSD matrix, shared by the root used for samples and the
-# density of a degenerate posterior (conservation/posterior.py). gp-numerics owns this module and
-# defines the same function in its rank/PSD section; on merging, keep theirs and delete this one.
+# ------------------------------------------------------------------ rounding, rank and PSD
 #: Margin of the numerical rank over the rounding ``n * eps * scale`` of a PSD matrix.
 RANK_FACTOR = 16.0
+#: Margin of the negative values read as rounding over ``n * eps * scale``.
+PSD_FACTOR = 64.0
 
 
-def rank_cutoff(
-    dtype: torch.dtype, scale: float | torch.Tensor, n: int = 1
-) -> float | torch.Tensor:
-    """Eigenvalues (or squared pivots) of a PSD matrix at or below this are numerically zero.
+def rounding(*dtypes: torch.dtype | None) -> float:
+    """The unit rounding (machine epsilon) of the coarsest of ``dtypes``, float64's at least:
+    the real part's for complex dtypes; integer, boolean and None entries count as float64
+    (they convert exactly)."""
+    eps = float(torch.finfo(torch.float64).eps)
+    for d in dtypes:
+        if d is None:
+            continue
+        if d.is_complex:
+            d = torch.float64 if d == torch.complex128 else torch.float32
+        if d.is_floating_point:
+            eps = max(eps, float(torch.finfo(d).eps))
+    return eps
+
+
+def _size(n: int) -> int:
+    return max(int(n), 1)
+
+
+def rank_cutoff(dtype: torch.dtype, scale: float | Tensor, n: int = 1) -> float | Tensor:
+    """Eigenvalues (or squared Cholesky pivots) at or below this are numerically zero.
+
+    One cutoff for every rank decision of a PSD matrix: the pseudo-inverse of ``G Sigma G^T``,
+    the root used for samples and the pseudo-determinant of the density.
 
     Parameters
     ----------
     dtype : torch.dtype
         The precision the matrix was computed in (not the one it is stored in).
     scale : float or Tensor
-        Its largest eigenvalue (a tensor: one per batch entry, keepdim).
+        Its largest eigenvalue or diagonal entry (a tensor: one per batch entry, keepdim).
     n : int
-        Its order.
+        Its order, or the number of terms summed into each entry, whichever is larger.
 
     Returns
     -------
     float or Tensor
-        ``RANK_FACTOR * n * eps(dtype) * scale``.
+        ``RANK_FACTOR * n * rounding(dtype) * scale`` (the type of ``scale``).
     """
-    eps = float(torch.finfo(dtype).eps) if dtype.is_floating_point else 2.220446049250313e-16
-    return RANK_FACTOR * max(int(n), 1) * eps * scale
+    return RANK_FACTOR * _size(n) * rounding(dtype) * scale
+
+
+def psd_floor(
+    dtype: torch.dtype, scale: float | Tensor, n: int = 1, condition: float | Tensor = 1.0
+) -> float | Tensor:
+    """How negative a variance (or an eigenvalue, or ``g Sigma g^T``) may be and still be rounding.
+
+    A quantity ``d - f`` that is non-negative in exact arithmetic, with ``d`` and ``f`` of size
+    ``scale`` computed from ``n`` terms in ``dtype``, through a solve whose condition number is
+    ``condition``, is rounding down to ``-psd_floor``: clamp it to 0 silently. Below that the
+    matrix it came from is indefinite beyond rounding.
+
+    Returns
+    -------
+    float or Tensor
+        ``PSD_FACTOR * (n + condition) * rounding(dtype) * scale``.
+    """
+    return PSD_FACTOR * (_size(n) + condition) * rounding(dtype) * scale
+
+
+def model_rounding(dtype: torch.dtype, scale: float | Tensor) -> float | Tensor:
+    """How far a model's own covariance may miss symmetry or positive semidefiniteness and still
+    count as its rounding: ``sqrt(rounding(dtype)) * scale``.
+
+    A GP posterior ``K** - K*x K^{-1} Kx*`` is computed with cancellation by an algorithm the
+    library does not see (an ill-conditioned ``K``: float64 exact GPs miss by 1e-11 of the
+    result). Misses beyond rounding (``psd_floor``) but within this are repaired silently; beyond
+    it the covariance is inaccurate (float32, CG) and the repair warns.
+    """
+    return math.sqrt(rounding(dtype)) * scale
+
+
+def is_rounding(
+    value: Tensor, dtype: torch.dtype, scale: float | Tensor, n: int = 1, condition: float = 1.0
+) -> Tensor:
+    """Elementwise: ``value >= -psd_floor(...)`` (NaN is not rounding)."""
+    return value >= -psd_floor(dtype, scale, n, condition)
+
+
+# ------------------------------------------------------------------- covariances and densities
+#: Relative asymmetry tolerated in a caller's covariance matrix, by dtype (the random probe of
+#: ``conserve``; a model's linear operator is judged by ``psd_floor`` and symmetrised instead).
+SYMMETRY_RTOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+#: Eigenvalues below this fraction of the largest are numerically zero in the density of a
+#: degenerate Gaussian, by the covariance's dtype (the cutoffs of
+#: ``scipy.stats.multivariate_normal(allow_singular=True)``).
+RANK_RCOND: dict[torch.dtype, float] = {
+    torch.float64: 1e6 * 2.220446049250313e-16,
+    torch.float32: 1e3 * 1.1920929e-07,
+}
+#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
+SUPPORT_RTOL: dict[torch.dtype, float] = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 # --- engine: row dependence and consistency ---
@@ -100,6 +216,8 @@ _EPS64 = torch.finfo(torch.float64).eps
 #: The separable solver: a row has converged when ``|f(lam) - d| <= SEPARABLE_RTOL * (sum_i
 #: |c_i x_i| + |d|)`` (and ``4 *`` that for the breakpoint search's final check).
 SEPARABLE_RTOL = 64 * _EPS64
+#: The former name of :data:`SEPARABLE_RTOL`.
+BOUNDED_RTOL = SEPARABLE_RTOL
 #: The general (Goldfarb-Idnani) solver: a bound is violated beyond ``ACTIVE_SET_ROUNDING * eps
 #: * scale`` (``scale``: the largest value and finite bound).
 ACTIVE_SET_ROUNDING = 1e3
@@ -118,15 +236,6 @@ FACES_PIVOT_RTOL = 1e-12
 #: The faces solver's Newton ridge, relative to each row's squared norm (an exact step's error
 #: from it is removed by the next step).
 FACES_RIDGE = 1e-10
-
-
-def rounding(*dtypes: torch.dtype | None) -> float:
-    """The coarsest rounding unit of ``dtypes`` (floating ones; float64's at least)."""
-    eps = torch.finfo(torch.float64).eps
-    for d in dtypes:
-        if d is not None and d.is_floating_point:
-            eps = max(eps, torch.finfo(d).eps)
-    return eps
 
 
 def dependence_tol(eps_rows: float, m: int, n: int) -> float:

@@ -14,6 +14,7 @@ __all__ = [
     "ConstraintViolationError",
     "GridError",
     "IncompatibleConstraintsError",
+    "IndefiniteCovarianceWarning",
     "NoAdapterError",
     "SingularConstraintError",
 ]
@@ -60,3 +61,10 @@ class NoAdapterError(TypeError):
 class ConditioningWarning(UserWarning):
     """A constraint system that can be solved but only by a move far larger than the model's
     output (nearly dependent rows with conflicting totals)."""
+
+
+class IndefiniteCovarianceWarning(UserWarning):
+    """The model's covariance is indefinite beyond rounding (an inaccurate float32 or CG
+    posterior); the conditioning went on as gpytorch does (a diagonal jitter, or negative
+    variances clamped to 0). Turn it into an error with
+    ``warnings.filterwarnings("error", category=IndefiniteCovarianceWarning)``."""

@@ -20,11 +20,14 @@ identity in the mean update (the HardC projection) and leaves the uncertainty as
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .._tolerance import model_rounding, psd_floor
+from ..errors import IndefiniteCovarianceWarning
 from .gaussian import (
     F64,
     METRICS,
@@ -41,6 +44,8 @@ from .gaussian import (
 )
 from .linalg import (
     _check_rows,
+    _cutoff,
+    _dependent,
     _gram,
     _inexact,
     _inverse_root,
@@ -94,6 +99,7 @@ class _Solved(NamedTuple):
     cross: Tensor | None = None  # (*batch, N, M) W G^T when it was formed
     polish: Tensor | None = None  # (*batch, M, M) Cholesky factor of the polish step
     factor: Tensor | None = None  # (*batch, N, M) W G^T R when it was formed
+    prior: Any = None  # the prior as conditioned (jittered or symmetrised), when it changed
 
 
 def conserve(
@@ -202,8 +208,9 @@ def conserve(
         var = prior.diag()  # Euclidean: the uncertainty as given
     mean_out = solved.mean.to(out_dtype)
     var_out = None if var is None else var.to(out_dtype)
+    used = prior if solved.prior is None else solved.prior
     out = ConstrainedGaussian._make(
-        mean_out, var_out, prior, solved.root, solved.G, solved.b, solved.s2, post_metric
+        mean_out, var_out, used, solved.root, solved.G, solved.b, solved.s2, post_metric
     )
     out._P = solved.cross
     out._polish = solved.polish
@@ -236,16 +243,23 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     sparse = None if needs_grad else sparse_rows(G64)
     r = _rowdot(G64, mean.to(F64)) - b
     _check_residual(r, call)
+    source = _source_dtype(prior, mean)
     if metric == "euclidean":
         P = G64.mT  # (*, N, M)
     elif isinstance(prior, _Dense):
         P = prior.cross_checked(G64.mT, call)
+        prior, P = _symmetric_prior(prior, P, G64, call)
     else:
         P = prior.cross(G64.mT)
     A = _gram(G64, P, sparse)
+    n = mean.shape[-1]
+    if metric == "covariance" and isinstance(prior, _Dense):
+        A = 0.5 * (A + A.mT)
+        prior, P, A = _psd_rows(prior, P, A, G64, source, call)
     if s2 is not None:
         A = A + torch.diag_embed(s2)
-    root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call)
+    cut = _cutoff(A, source, n) if metric == "covariance" else None
+    root = _inverse_root(A, lambda: (G64.detach() != 0).any(-1), metric, call, cut)
     if root.polish and s2 is None:
         _warn_nearly_dependent(G64.detach(), mean.detach(), r.detach(), call, sparse)
     coef = _solve_with(root.R, r)
@@ -253,14 +267,14 @@ def _solve(mean, G, b, prior, s, metric, call) -> _Solved:
     var_t = F = None
     if metric == "covariance":
         F = P @ root.R
-        var_t = prior.diag() - F.square().sum(-1)
-        _check_psd(var_t, prior, call)
-        var_t = var_t.clamp_min(0)
+        d = prior.diag()
+        strict = isinstance(prior, _Dense) and not prior.from_model
+        var_t = _clamped(d - F.square().sum(-1), d, source, n, root.condition, strict, call)
     chol2 = None
     if s2 is None and (root.polish or _inexact(mean_t, G64, b)):
         w = None if metric == "euclidean" else prior.diag()
         mean_t, chol2 = _polish(mean_t, G64, b, w, call, sparse)
-    return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2, F)
+    return _Solved(mean_t, var_t, root.R, G, b, s2, P, chol2, F, prior)
 
 
 def _check_residual(r: Tensor, call: str) -> None:
@@ -270,19 +284,143 @@ def _check_residual(r: Tensor, call: str) -> None:
         )
 
 
-def _check_psd(var_t: Tensor, prior: _Prior, call: str) -> None:
+# ------------------------------------------------------------ PSD policy of a model covariance
+#: How to make the warnings below an error, and how to avoid them (named in their messages).
+_CONTROL = (
+    "The model's covariance is inaccurate (typical of float32 or conjugate-gradient GP "
+    "posteriors); compute it more accurately (float64; for gpytorch, a larger "
+    "gpytorch.settings.max_cholesky_size or gpytorch.settings.fast_computations(solves=False)), "
+    "or make this an error with warnings.filterwarnings('error', "
+    "category=cl.errors.IndefiniteCovarianceWarning)."
+)
+
+
+def _source_dtype(prior: _Prior | None, mean: Tensor) -> torch.dtype:
+    """The precision the uncertainty was computed in (judges its rounding)."""
     if isinstance(prior, _Dense):
-        v, d = var_t.detach(), prior.diag().detach()
-        # rounding of d - sum F^2 grows with the conditioning of G Sigma G^T (a GP posterior
-        # conditioned on many rows): float64 tolerates 1e-10 of the largest variance
-        rel = max(1e3 * torch.finfo(prior.S.dtype).eps, 1e-10)
-        tol = rel * d.abs().amax(-1, keepdim=True) + 1e-300
-        if bool((v < -tol).any()):
+        return prior.S.dtype
+    if isinstance(prior, _LowRank):
+        return prior.L.dtype
+    if isinstance(prior, _Diag):
+        return prior.d.dtype
+    return mean.dtype
+
+
+def _symmetric_prior(prior: _Dense, P: Tensor, G: Tensor, call: str) -> tuple[_Dense, Tensor]:
+    """A lazy covariance whose ``G Sigma G^T`` is not symmetric beyond its rounding (a CG-based
+    posterior): condition its symmetric part ``(Sigma + Sigma^T) / 2``, evaluated once as a
+    dense tensor (shape (*batch, N, N)), with a warning, so that the covariance returned is the
+    one conditioned (``G Sigma~ G^T = 0``)."""
+    if not prior.from_model:
+        return prior, P  # dense tensors: probed in cross_checked (an error: the user's matrix)
+    A = _gram(G, P, None).detach()
+    gap = float((A - A.mT).abs().amax()) if A.numel() else 0.0
+    scale = float(A.diagonal(dim1=-2, dim2=-1).abs().amax()) if A.numel() else 0.0
+    if not gap > model_rounding(prior.S.dtype, scale):  # rounding: A is symmetrised below
+        return prior, P
+    warnings.warn(
+        f"{call}: the model's covariance is not symmetric: G Sigma G^T differs from its "
+        f"transpose by {gap:.3e} (its largest entry {scale:.3e}); its symmetric part "
+        f"(Sigma + Sigma^T) / 2 is conditioned and returned. {_CONTROL}",
+        IndefiniteCovarianceWarning,
+        stacklevel=5,
+    )
+    # its products are not reproducible either (each runs its own iterative solve): evaluate it
+    # once, so that the covariance returned is exactly the one conditioned
+    D = prior.S.to_dense()
+    sym = _Dense(0.5 * (D + D.mT))
+    sym.from_model = True
+    return sym, sym.cross(G.mT)
+
+
+def _psd_rows(
+    prior: _Dense, P: Tensor, A: Tensor, G: Tensor, source: torch.dtype, call: str
+) -> tuple[_Dense, Tensor, Tensor]:
+    """``A = G Sigma G^T`` indefinite beyond rounding: clamp its negative eigenvalues to 0, as
+    gpytorch's eigendecomposition fallback does, by the least change of ``Sigma`` that does it:
+    ``Sigma + H H^T`` with ``H = G^T C^{-1} (-A_-)^{1/2}`` (``C = G G^T``, ``A_-`` the negative
+    part of ``A``; rank ``M``, along the rows only), with a warning. That covariance is the one
+    conditioned and returned, so ``G Sigma~ G^T = 0``. Rounding (down to ``psd_floor``) passes
+    silently: the pseudo-inverse drops it."""
+    m, n = A.shape[-1], G.shape[-1]
+    Ad = A.detach()
+    lam, U = torch.linalg.eigh(Ad)
+    scale = Ad.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+    floor = psd_floor(source, scale, m) + psd_floor(F64, scale, n)
+    if not bool((lam[..., 0] < -floor).any()):
+        return prior, P, A  # rounding: the pseudo-inverse drops it
+    low = float(lam[..., 0].amin())
+    floor = torch.maximum(floor, model_rounding(source, scale))  # beyond: inaccurate, say so
+    loud = bool((lam[..., 0] < -floor).any())
+    if not prior.from_model and loud:  # the caller's own matrix: say so, change nothing
+        raise ValueError(
+            f"{call}: the covariance is not positive semidefinite: G Sigma G^T has an "
+            f"eigenvalue {low:.3e} (rounding reaches {-float(floor.amax()):.1e}). Pass a "
+            "symmetric positive semidefinite covariance."
+        )
+    Gd = G.detach()
+    C = Gd @ Gd.mT
+    Lc, info = torch.linalg.cholesky_ex(C)
+    if bool((info != 0).any()):
+        raise _dependent(call)
+    neg = (-lam).clamp_min(0)  # (*, M)
+    root = U * neg.sqrt().unsqueeze(-2)  # (-A_-)^{1/2} up to rotation: (*, M, M)
+    H = Gd.mT @ torch.cholesky_solve(root, Lc)  # (*, N, M)
+    if loud:
+        _warn_clamp(call, low, floor, m, H)
+    S = prior.S
+    if hasattr(S, "add_low_rank"):  # a linear operator: stays lazy
+        fixed = _Dense(S.add_low_rank(H.to(S.dtype), generate_roots=False))
+    else:
+        fixed = _Dense(S + (H @ H.mT).to(S.dtype))
+    fixed.from_model = prior.from_model
+    clamp = (U * neg.unsqueeze(-2)) @ U.mT  # -A_-
+    return fixed, P + Gd.mT @ torch.cholesky_solve(clamp, Lc), A + clamp
+
+
+def _warn_clamp(call: str, low: float, floor: Tensor, m: int, H: Tensor) -> None:
+    warnings.warn(
+        f"{call}: the model's covariance is not positive semidefinite beyond rounding: "
+        f"G Sigma G^T has an eigenvalue {low:.3e} (rounding reaches "
+        f"{-float(floor.amax()):.1e}). Its negative eigenvalues were clamped to 0 (a rank-"
+        f"{m} correction of Sigma along the constraint rows, largest added variance "
+        f"{float(H.square().sum(-1).amax()):.3e}), and that covariance is conditioned and "
+        f"returned, so that G Sigma~ G^T = 0. {_CONTROL}",
+        IndefiniteCovarianceWarning,
+        stacklevel=5,
+    )
+
+
+def _clamped(
+    v: Tensor, d: Tensor, source: torch.dtype, n: int, condition: float, strict: bool, call: str
+) -> Tensor:
+    """Conditioned marginal variances ``d - |F|^2`` clamped to 0: silently where the negative
+    values are rounding (``psd_floor`` at the largest variance, the solve's condition number);
+    beyond, a model's covariance (a linear operator) is indefinite there: clamped with a
+    warning, as gpytorch clamps its negative variances; a caller's own matrix (``strict``):
+    an error."""
+    vd = v.detach()
+    scale = d.detach().abs().amax(-1, keepdim=True)
+    floor = psd_floor(source, scale) + psd_floor(F64, scale, n, condition)
+    floor = torch.maximum(floor, model_rounding(source, scale))
+    if bool((vd + floor < 0).any()):
+        if strict:
             raise ValueError(
                 f"{call}: the covariance is not positive semidefinite: conditioning made a "
-                f"marginal variance negative ({float(v.min()):.3e}). Pass a valid covariance "
-                "(e.g. add jitter to its diagonal)."
+                f"marginal variance negative ({float(vd.amin()):.3e}; rounding reaches "
+                f"{-float(floor.amax()):.1e} at the largest variance {float(scale.amax()):.3e})."
+                " Pass a symmetric positive semidefinite covariance."
             )
+        warnings.warn(
+            f"{call}: the model's covariance is not positive semidefinite beyond rounding: "
+            f"conditioning made a marginal variance negative ({float(vd.amin()):.3e}; rounding "
+            f"reaches {-float(floor.amax()):.1e} at the largest variance "
+            f"{float(scale.amax()):.3e}). Negative variances are clamped to 0, as gpytorch "
+            f"clamps its own. {_CONTROL}",
+            IndefiniteCovarianceWarning,
+            stacklevel=5,
+        )
+    return v.clamp_min(0)
 
 
 def _solve_one_row(mean, G, b, d, s2, metric, call) -> _Solved:

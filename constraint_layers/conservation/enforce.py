@@ -168,7 +168,8 @@ def condition(
     down = None
     if covariance is not None and post.factor is not None:
         down = post.factor.to(post.mean.dtype)
-    return Gaussian(post.mean.reshape(*lead, *ev), var, covariance, None, down, k, post)
+    cov = post.used_covariance(covariance)  # jittered or symmetrised by the PSD policy
+    return Gaussian(post.mean.reshape(*lead, *ev), var, cov, None, down, k, post)
 
 
 def _posterior(

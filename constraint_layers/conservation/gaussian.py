@@ -10,17 +10,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._tolerance import SYMMETRY_RTOL
+
 __all__ = ["Gaussian"]
 
 F64 = torch.float64
 METRICS = ("covariance", "euclidean")
-#: Relative asymmetry tolerated in a covariance matrix, by dtype.
-SYMMETRY_RTOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 1e-2,
-}
 
 
 class Gaussian(NamedTuple):
@@ -247,6 +242,9 @@ class _Dense(_Prior):
         self.S = S  # (*b, N, N): a tensor, or a linear operator (matmul, diagonal, to_dense)
         self.batch_shape = torch.Size(S.shape[:-2])
         self.lazy = not isinstance(S, Tensor)
+        #: A model's covariance (a linear operator, or one evaluated from it): an inaccurate one
+        #: is repaired with a warning; a caller's own tensor raises instead.
+        self.from_model = self.lazy
         self._diag: Tensor | None = None
 
     def cross(self, Gt):
@@ -277,9 +275,10 @@ class _Dense(_Prior):
     def draw(self, shape, n, generator):
         S = self.dense()
         root, info = torch.linalg.cholesky_ex(S)
-        if bool((info != 0).any()):  # positive semidefinite but singular: a root from eigh
-            lam, vec = torch.linalg.eigh(S)
-            root = vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
+        if bool((info != 0).any()):  # positive semidefinite but singular: the symmetric root
+            from .linalg import psd_root  # (linalg imports this module)
+
+            root = psd_root(S)
         eps = _randn((*shape, n, 1), generator, S.device)
         return (root @ eps).squeeze(-1)
 

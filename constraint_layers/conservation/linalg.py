@@ -3,6 +3,7 @@ polish step that keeps ``G mean = b`` exact, the near-dependence warning (privat
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._state import building_constants
+from .._tolerance import RANK_FACTOR, rank_cutoff
 from ..errors import ConditioningWarning, SingularConstraintError
 from .gaussian import (
     F64,
@@ -19,10 +21,13 @@ from .gaussian import (
 
 __all__ = []
 
-#: A squared Cholesky pivot below this fraction of its diagonal entry means dependent rows.
+#: A squared Cholesky pivot below this fraction of its diagonal entry means dependent rows (the
+#: rows' own geometry; the rank of ``G Sigma G^T`` is judged by ``_tolerance.rank_cutoff``).
 PIVOT_RTOL = 1e-12
 #: Below this pivot ratio the update is followed by an exactness correction (the polish step).
 POLISH_RTOL = 1e-6
+#: Further polish steps (iterative refinement) while ``G mean = b`` still misses rounding.
+REFINE_STEPS = 2
 
 
 #: A matrix of rows is handled as sparse when at most this fraction of its entries is non-zero.
@@ -108,26 +113,30 @@ def _rowdot(G: Tensor, x: Tensor) -> Tensor:
 
 
 def _check_rows(
-    A: Tensor, nonzero: Callable[[], Tensor], call: str, allow_tiny: bool = False
+    A: Tensor,
+    nonzero: Callable[[], Tensor],
+    call: str,
+    allow_tiny: bool = False,
+    floor: Tensor | None = None,
 ) -> Tensor:
     """Zero or negative diagonal entries of ``A``: a SingularConstraintError that says what to do.
 
     ``nonzero()`` (shape (*gb, M), bool): whether each row of G has a non-zero entry (evaluated
     only to word the error). ``allow_tiny``: let entries that are zero to rounding (within
-    ``PIVOT_RTOL`` of the largest, either sign, not exactly zero) through to the pseudo-inverse.
+    ``floor``, either sign, not exactly zero) through to the pseudo-inverse. ``floor`` (shape
+    (*, 1)): the rounding of ``A`` (default ``PIVOT_RTOL`` of its largest diagonal entry).
     Returns the diagonal of ``A`` (detached).
     """
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    if floor is None:
+        floor = PIVOT_RTOL * diag.abs().amax(-1, keepdim=True)
     bad = ~(diag > 0)
     if allow_tiny and bool(bad.any()):
-        scale = diag.abs().amax(-1, keepdim=True)
-        bad = bad & ((diag == 0) | (diag < -PIVOT_RTOL * scale))
+        bad = bad & ((diag == 0) | (diag < -floor))
     if bool(bad.any()):
         idx = bad.nonzero()[0].tolist()
         row, where = idx[-1], (f" (batch index {tuple(idx[:-1])})" if len(idx) > 1 else "")
-        if bool(diag[tuple(idx)] < 0) and bool(
-            diag[tuple(idx)] < -PIVOT_RTOL * diag[tuple(idx[:-1])].abs().amax()
-        ):
+        if bool(diag[tuple(idx)] < -floor.expand_as(diag)[tuple(idx)]):
             raise ValueError(
                 f"{call}: the covariance is not positive semidefinite: g Sigma g^T = "
                 f"{float(diag[tuple(idx)]):.3e} < 0 for constraint row {row}{where}. Pass a valid "
@@ -155,40 +164,167 @@ def _dependent(call: str, where: str = "") -> SingularConstraintError:
 
 
 class _Root(NamedTuple):
-    """``A^+ = R R^T`` (R: (*, M, K)); ``polish``: finish with an exactness correction."""
+    """``A^+ = R R^T`` (R: (*, M, K)); ``polish``: finish with an exactness correction;
+    ``condition``: the condition number of the part of ``A`` that was inverted (detached)."""
 
     R: Tensor
     polish: bool
+    condition: float = 1.0
 
 
-def _inverse_root(A: Tensor, nonzero: Callable[[], Tensor], metric: str, call: str) -> _Root:
+def _cutoff(A: Tensor, source: torch.dtype, n: int) -> Tensor:
+    """The rank cutoff of ``A = G W G^T`` (*, M, M), float64 sums of ``n`` terms of a matrix
+    ``W`` known to the rounding of ``source``: shape (*, 1)."""
+    scale = A.detach().diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)
+    return rank_cutoff(source, scale, A.shape[-1]) + rank_cutoff(F64, scale, n)
+
+
+def _inverse_root(
+    A: Tensor,
+    nonzero: Callable[[], Tensor],
+    metric: str,
+    call: str,
+    cut: Tensor | None = None,
+) -> _Root:
     """A root of the (pseudo-)inverse of ``A = G W G^T + noise^2 I`` (float64).
 
     Well-conditioned ``A``: ``R = L^{-T}`` from its Cholesky factor. When the covariance leaves
     (numerically) no freedom along some combination of the rows (a smooth GP's masses at many
     times, a low-rank ensemble with fewer members than rows), those directions are dropped
-    (eigenvalues below ``PIVOT_RTOL`` of the largest) and the result is marked for the polish
-    step, which enforces them with the marginal variances.
+    (eigenvalues at or below ``cut``, shape (*, 1), default ``PIVOT_RTOL`` of the largest
+    diagonal entry) and the result is marked for the polish step, which enforces them with the
+    marginal variances. The root of the pseudo-inverse is then its symmetric square root
+    ``(A^+)^{1/2}``, a spectral function of ``A`` whose backward pass is finite also for
+    repeated eigenvalues (identical blocks of rows): see :class:`_PinvSqrt`.
     """
     m = A.shape[-1]
-    diag = _check_rows(A, nonzero, call, allow_tiny=m > 1 and metric == "covariance")
+    diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    if cut is None:
+        cut = PIVOT_RTOL * diag.abs().amax(-1, keepdim=True)
+    diag = _check_rows(A, nonzero, call, allow_tiny=m > 1 and metric == "covariance", floor=cut)
     if m == 1:  # one row: a square root
         return _Root(A.rsqrt(), False)
     L, info = torch.linalg.cholesky_ex(A)
-    ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.abs()
+    piv = L.detach().diagonal(dim1=-2, dim2=-1).square()
+    ratio = piv / diag.abs()
     # a row whose variance is rounding next to the others' (g in the null space of Sigma, seen
     # through cancellation as +-1e-17) is not a pivot to invert, whatever its own ratio
-    visible = diag.abs() > PIVOT_RTOL * diag.abs().amax(-1, keepdim=True)
-    if not bool((info != 0).any()) and bool((ratio > PIVOT_RTOL).all()) and bool(visible.all()):
+    visible = diag.abs() > cut
+    healthy = (ratio > PIVOT_RTOL) & (piv > cut)
+    if not bool((info != 0).any()) and bool(healthy.all()) and bool(visible.all()):
         eye = torch.eye(m, dtype=A.dtype, device=A.device).expand_as(A)
         R = torch.linalg.solve_triangular(L, eye, upper=False).mT
-        return _Root(R, bool((ratio < POLISH_RTOL).any()))
+        cond = float((diag.amax(-1) / piv.amin(-1)).amax())
+        return _Root(R, bool((ratio < POLISH_RTOL).any()), cond)
     if metric == "euclidean":  # W = I: ill-conditioned only if the rows are dependent
         raise _dependent(call)
-    lam, V = torch.linalg.eigh(A)
-    keep = lam > PIVOT_RTOL * lam.amax(-1, keepdim=True)
-    scale = torch.where(keep, lam.clamp_min(torch.finfo(A.dtype).tiny).rsqrt(), 0.0)
-    return _Root(V * scale.unsqueeze(-2), True)
+    R, cond = _pinv_sqrt(A, cut)
+    return _Root(R, True, cond)
+
+
+def _pinv_sqrt(A: Tensor, cut: Tensor) -> tuple[Tensor, float]:
+    """``(A^+)^{1/2}`` over the eigenvalues above ``cut`` (*, 1), and the condition number of
+    the kept part."""
+    R = _PinvSqrt.apply(0.5 * (A + A.mT), cut.to(A.dtype))
+    lam = torch.linalg.eigvalsh(A.detach())
+    kept = torch.where(lam > cut, lam, torch.full_like(lam, math.inf)).amin(-1)
+    cond = float((lam.amax(-1) / kept).amax()) if bool(torch.isfinite(kept).all()) else 1.0
+    return R, max(cond, 1.0)
+
+
+class _Spectral(torch.autograd.Function):
+    """``R = V h(Lambda) V^T`` with ``h(l) = l^{-1/2}`` above the cutoff, 0 at or below it, and
+    the log pseudo-determinant ``sum log l`` over the same eigenvalues (and which are kept).
+
+    ``R R^T = A^+`` (the pseudo-inverse over the kept eigenvalues), and ``R`` is a spectral
+    function of the symmetric ``A``: unique whatever basis ``eigh`` picks inside a repeated
+    eigenvalue. Its derivative (Daleckii-Krein) is
+    ``dR = V (Gamma o (V^T dA V)) V^T`` with ``Gamma_ij`` the divided difference
+    ``(h_i - h_j) / (l_i - l_j)``, ``h'(l_i)`` where ``l_i = l_j``, written without cancellation
+    (``-1 / (s_i s_j (s_i + s_j))``, ``s = sqrt(l)``, for two kept eigenvalues); that of the log
+    pseudo-determinant is ``A^+``. Both are finite for exactly repeated eigenvalues, where the
+    backward of ``eigh`` itself is NaN. The cutoff is ``cut`` (shape (*, 1)), or ``rcond`` times
+    the largest eigenvalue when ``cut`` is None (returned too, shape (*, 1)).
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, cut: Tensor | None, rcond: float = 0.0):
+        lam, V = torch.linalg.eigh(A)
+        if cut is None:
+            cut = rcond * lam.abs().amax(-1, keepdim=True)
+        keep = lam > cut
+        s = torch.where(keep, lam, torch.ones_like(lam)).sqrt()
+        h = torch.where(keep, 1.0 / s, torch.zeros_like(lam))
+        ctx.save_for_backward(lam, V, s, h, keep)
+        cut = cut.expand(*lam.shape[:-1], 1).clone()
+        ctx.mark_non_differentiable(keep, cut)
+        log_pdet = torch.where(keep, 2 * s.log(), torch.zeros_like(lam)).sum(-1)
+        return (V * h.unsqueeze(-2)) @ V.mT, log_pdet, keep, cut
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gR: Tensor, glog: Tensor, _gkeep: Tensor | None, _gcut: Tensor | None):
+        lam, V, s, h, keep = ctx.saved_tensors
+        ki, kj = keep.unsqueeze(-1), keep.unsqueeze(-2)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        both = -1.0 / (si * sj * (si + sj))
+        gap = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+        # one kept, one dropped: the kept eigenvalue lies strictly above the dropped one
+        safe = torch.where(ki ^ kj, gap, torch.ones_like(gap))
+        mixed = (h.unsqueeze(-1) - h.unsqueeze(-2)) / safe
+        gamma = torch.where(ki & kj, both, torch.where(ki ^ kj, mixed, torch.zeros_like(gap)))
+        g = V.mT @ (0.5 * (gR + gR.mT)) @ V
+        inner = gamma * g + torch.diag_embed(glog.unsqueeze(-1) * h.square())
+        return V @ inner @ V.mT, None, None
+
+
+class _SqrtKept(torch.autograd.Function):
+    """``V sqrt(Lambda) V^T`` over the eigenvalues above ``cut`` (*, 1): the symmetric root of
+    the kept part of a PSD matrix, a spectral function with the Daleckii-Krein backward
+    (``Gamma_ij = 1 / (s_i + s_j)`` for two kept eigenvalues, finite when they are equal)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, cut: Tensor | None, rcond: float = 0.0) -> Tensor:
+        lam, V = torch.linalg.eigh(A)
+        if cut is None:
+            cut = rcond * lam.abs().amax(-1, keepdim=True)
+        keep = lam > cut
+        s = torch.where(keep, lam, torch.zeros_like(lam)).sqrt()
+        ctx.save_for_backward(lam, V, s, keep)
+        return (V * s.unsqueeze(-2)) @ V.mT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gR: Tensor) -> tuple[Tensor, None]:
+        lam, V, s, keep = ctx.saved_tensors
+        ki, kj = keep.unsqueeze(-1), keep.unsqueeze(-2)
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        gap = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+        both = 1.0 / torch.where(ki & kj, si + sj, torch.ones_like(gap))
+        safe = torch.where(ki ^ kj, gap, torch.ones_like(gap))
+        mixed = (si - sj) / safe
+        gamma = torch.where(ki & kj, both, torch.where(ki ^ kj, mixed, torch.zeros_like(gap)))
+        g = V.mT @ (0.5 * (gR + gR.mT)) @ V
+        return V @ (gamma * g) @ V.mT, None, None
+
+
+def psd_root(S: Tensor, rcond: float | None = None) -> Tensor:
+    """The symmetric root of a covariance ``S`` (*, N, N) over its eigenvalues above ``rcond``
+    times the largest (default: ``rank_cutoff`` of float64 at order N): negative rounding and
+    numerically null directions are dropped; the backward pass is finite for repeated
+    eigenvalues (unlike a root from ``eigh``'s eigenvectors)."""
+    S = 0.5 * (S + S.mT)
+    if rcond is None:
+        rcond = RANK_FACTOR * S.shape[-1] * torch.finfo(torch.float64).eps
+    return _SqrtKept.apply(S, None, rcond)
+
+
+class _PinvSqrt:
+    """``(A^+)^{1/2}`` over the eigenvalues above ``cut``: :class:`_Spectral`'s first output."""
+
+    @staticmethod
+    def apply(A: Tensor, cut: Tensor) -> Tensor:
+        return _Spectral.apply(A, cut)[0]
 
 
 #: Rows whose normalised Gram matrix has eigenvalues below this fraction of the largest are nearly
@@ -293,5 +429,10 @@ def _polish(
     ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag
     if bool((info != 0).any()) or not bool((ratio > PIVOT_RTOL).all()):
         raise _dependent(call)
-    step = torch.cholesky_solve(r.unsqueeze(-1), L)
-    return mean - (P @ step).squeeze(-1), L
+    mean = mean - (P @ torch.cholesky_solve(r.unsqueeze(-1), L)).squeeze(-1)
+    for _ in range(REFINE_STEPS):  # iterative refinement: an ill-conditioned G W G^T loses digits
+        if not _inexact(mean.detach(), G64, b.detach()):
+            break
+        r = _rowdot(G64, mean) - b
+        mean = mean - (P @ torch.cholesky_solve(r.unsqueeze(-1), L)).squeeze(-1)
+    return mean, L

@@ -9,13 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._tolerance import rank_cutoff
+from .._tolerance import SUPPORT_RTOL, rank_cutoff
 from .gaussian import (
     F64,
 )
 from .linalg import (
     _rowdot,
     _solve_with,
+    _Spectral,
+    _SqrtKept,
 )
 
 __all__ = ["ConstrainedGaussian", "DegenerateGaussian"]
@@ -60,6 +62,14 @@ class ConstrainedGaussian:
             f"ConstrainedGaussian(mean: {tuple(self.mean.shape)} {self.mean.dtype}, variance: "
             f"{var}, rows: {self._G.shape[-2]}, metric={self.metric!r})"
         )
+
+    def used_covariance(self, given):
+        """The full covariance this posterior conditioned: ``given`` itself, or the jittered or
+        symmetrised form the PSD policy made of an inaccurate model covariance (see
+        :class:`~constraint_layers.errors.IndefiniteCovarianceWarning`). Records that return
+        ``covariance - F F^T`` must use this one, for ``G (covariance - F F^T) G^T = 0``."""
+        S = getattr(self._prior, "S", None)
+        return given if S is None else S
 
     @property
     def num_constraints(self) -> int:
@@ -233,12 +243,14 @@ class ConstrainedGaussian:
             X = torch.cat([X, noise.expand(*X.shape[:-1], noise.shape[-1])], dim=-1)
         return X
 
-    def dense_root(self) -> Tensor:
-        """The root that :meth:`log_prob` agrees with: ``V_k lam_k^{1/2}`` of the dense
-        posterior covariance over its numerical rank, projected onto ``G u = 0`` (see
-        :meth:`DegenerateGaussian.root`); shape (*batch, N, N), float64. ``O(N^3)`` once (the
-        density's eigendecomposition, shared)."""
-        return self._density().root()
+    def sampling_root(self) -> Tensor:
+        """A root of the posterior covariance that agrees with :meth:`log_prob`: the symmetric
+        root over the eigenvalues the density keeps (:meth:`DegenerateGaussian.root`, one rank
+        cutoff for both), projected by :meth:`exact_root` so that ``G u = b`` holds to rounding.
+        Unlike a root built from the model's own (jittered) root, its samples carry no variance
+        in the directions the density reads as null. Shape (*batch, N, N), float64; O(N^3) once
+        (the density's eigendecomposition, shared with ``log_prob``)."""
+        return self.exact_root(self._density().root())
 
     def _density(self) -> DegenerateGaussian:
         if self._dens is None:
@@ -280,10 +292,6 @@ class ConstrainedGaussian:
     def entropy(self) -> Tensor:
         """Differential entropy on the support (see :meth:`log_prob`); shape (*batch,)."""
         return self._density().entropy()
-
-
-#: Relative residual ``|G x - b| / (|G| |x| + |b|)`` still read as on the constraint set.
-SUPPORT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 class DegenerateGaussian:
@@ -328,37 +336,21 @@ class DegenerateGaussian:
         source = covariance.dtype if dtype is None else dtype
         cov = covariance.to(F64)
         cov = 0.5 * (cov + cov.mT)
-        lam, V = torch.linalg.eigh(cov)
-        scale = lam.detach().abs().amax(-1, keepdim=True)
-        self.keep = lam.detach() > rank_cutoff(source, scale, cov.shape[-1])  # (*batch, N)
-        safe = torch.where(self.keep, lam, torch.ones_like(lam))
-        self.inv_sqrt = torch.where(self.keep, safe.rsqrt(), torch.zeros_like(lam))
-        self.V, self.lam, self.cov = V, lam, cov
+        # (Sigma^+)^{1/2}, log pdet and the kept eigenvalues from one eigendecomposition, with a
+        # backward that is finite for repeated eigenvalues (the M-fold zero of the support); the
+        # one rank cutoff (relative to the largest eigenvalue), shared with :meth:`root`
+        rcond = rank_cutoff(source, 1.0, cov.shape[-1])
+        self.R, self.log_pdet, self.keep, self._cut = _Spectral.apply(cov, None, rcond)
         self.rank = self.keep.sum(-1)  # (*batch,)
-        self.log_pdet = torch.where(self.keep, safe.log(), torch.zeros_like(lam)).sum(-1)
+        self._cov = cov
         self.rows = None if rows is None else (rows[0].to(F64), rows[1].to(F64))
 
     def root(self) -> Tensor:
-        """A root ``X`` of the covariance over its numerical rank: ``X X^T = V_k diag(lam_k)
-        V_k^T`` (the eigenpairs :meth:`log_prob` keeps), projected onto ``G u = 0`` with
-        ``rows`` (so that samples ``mean + X eps`` satisfy the rows to rounding).
-
-        Its value is ``V_k lam_k^{1/2}``; its gradient is that of ``Sigma V_k lam_k^{-1/2} / 2``
-        with the eigenpairs held fixed, which gives ``d(X X^T) = dSigma`` on the kept subspace
-        without the ``1 / (lam_i - lam_j)`` terms of an eigendecomposition's backward (finite for
-        repeated eigenvalues).
-
-        Returns
-        -------
-        Tensor
-            shape: (*batch, N, N) (dropped directions are zero columns), float64.
-        """
-        V, lam = self.V.detach(), self.lam.detach()
-        half = torch.where(self.keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
-        X = V * half.unsqueeze(-2)
-        if self.cov.requires_grad:
-            lin = (self.cov @ V) * (0.5 * self.inv_sqrt.detach()).unsqueeze(-2)
-            X = X + (lin - lin.detach())
+        """The symmetric root of the covariance over the eigenvalues :meth:`log_prob` keeps (one
+        rank cutoff for samples and density), projected onto ``G u = 0`` with ``rows`` so that
+        samples ``mean + X eps`` satisfy the rows to rounding. A spectral function with a finite
+        backward at repeated eigenvalues (Daleckii-Krein). Shape (*batch, N, N), float64."""
+        X = _SqrtKept.apply(self._cov, self._cut, 0.0)
         if self.rows is not None:
             G = self.rows[0]
             X = X - torch.linalg.pinv(G) @ (G @ X)
@@ -368,22 +360,24 @@ class DegenerateGaussian:
         self, scale: float = 1.0, shift: Tensor | None = None, index: Tensor | None = None
     ) -> DegenerateGaussian:
         """The Gaussian of ``u' = scale * u[..., index] + shift`` (``index`` a permutation of the
-        ``N`` positions; ``scale`` non-zero), from the same eigendecomposition.
+        ``N`` positions; ``scale`` non-zero), from the same eigendecomposition: the spectral
+        functions transform as ``R' = R[index][:, index] / |scale|``.
 
         The rows become ``G' = G[..., index]``, ``b' = scale * b + G' shift``.
         """
         out = DegenerateGaussian.__new__(DegenerateGaussian)
         out.__dict__.update(self.__dict__)
         s2 = float(scale) ** 2
-        mean = self.mean
+        mean, R, cov = self.mean, self.R, self._cov
         if index is not None:
-            mean, out.V = mean[..., index], self.V[..., index, :]
-            out.cov = self.cov[..., index, :][..., :, index]
+            mean = mean[..., index]
+            R = R[..., index, :][..., :, index]
+            cov = cov[..., index, :][..., :, index]
         mean = mean * scale
         if shift is not None:
             mean = mean + shift.to(mean.dtype)
-        out.mean, out.lam, out.cov = mean, self.lam * s2, out.cov * s2
-        out.inv_sqrt = self.inv_sqrt / abs(float(scale))
+        out.mean, out.R, out._cov = mean, R / abs(float(scale)), cov * s2
+        out._cut = self._cut * s2
         out.log_pdet = self.log_pdet + self.rank * math.log(s2)
         if self.rows is not None:
             G, b = self.rows
@@ -398,8 +392,7 @@ class DegenerateGaussian:
         """shape: x (..., *batch, N) -> (..., *batch)."""
         out_dtype = torch.promote_types(x.dtype, self.dtype)
         d = x.to(F64) - self.mean.to(F64)
-        z = (d.unsqueeze(-2) @ self.V).squeeze(-2) * self.inv_sqrt
-        quad = z.square().sum(-1)
+        quad = (d.unsqueeze(-2) @ self.R).squeeze(-2).square().sum(-1)
         res = -0.5 * (self.rank * math.log(2 * math.pi) + self.log_pdet + quad)
         if self.rows is not None:
             G, b = self.rows
