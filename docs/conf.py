@@ -42,9 +42,6 @@ html_static_path: list[str] = []
 
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
-# The guide pages include README sections at their README heading levels (## and ###) until the
-# README is split (docs/MOVING.md); remove this line with the split.
-suppress_warnings = ["myst.header"]
 
 # The API pages: one per public module, one stub per name of its `__all__`.
 _apigen.write_api_pages(HERE / "api")
