@@ -60,7 +60,10 @@ def test_every_readme_section_is_on_a_page():
 
 def test_every_example_has_a_gallery_page():
     examples = {p.name for p in (ROOT / "examples").iterdir() if p.suffix == ".py" or p.is_dir()}
-    examples -= {"__pycache__", "figures"}  # figures/: the committed figures of the top-level scripts
+    examples -= {
+        "__pycache__",
+        "figures",
+    }  # figures/: the committed figures of the top-level scripts
     assert examples == set(GALLERY), "an example without a gallery page (or a page without one)"
     for name, page in GALLERY.items():
         text = (DOCS / "gallery" / f"{page}.md").read_text()
