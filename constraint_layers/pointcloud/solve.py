@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._tolerance import tolerance
+from .._tolerance import REACH_RTOL, rank_cutoff, tolerance
 from ..conservation.constraint import Conservation, IntegralConservation
 from ..conservation.gaussian import Gaussian
 from ..errors import GridError, IncompatibleConstraintsError
@@ -180,7 +180,7 @@ def _dense(dense, shape, inputs, call, device) -> tuple[Tensor | None, Tensor | 
 
 def _local_dense(u, W, fixed, gval, nrm, D, d, dtype, call):
     """Steps 1-3 of the module docstring in float64. Returns ``(x, diag S, A^+, S D^T)``."""
-    batch, n_points, _ = u.shape
+    batch, n_points, n_ch = u.shape
     tol = tolerance(dtype).residual
     free = ~fixed
     w = torch.ones_like(u) if W is None else W
@@ -194,7 +194,10 @@ def _local_dense(u, W, fixed, gval, nrm, D, d, dtype, call):
         nf = torch.where(free, n, 0.0)
         g = g - (n * torch.where(fixed, gval, 0.0)).sum(-1)  # fixed entries moved right
         K = (nf * wf * nf).sum(-1)  # (batch, P)
-        ok = active & (K > 0)  # exact zero: every channel it reads is held (or has no variance)
+        # numerically zero (rank_cutoff of the row's full size): every channel it reads is held,
+        # or carries no variance at the problem's scale
+        full = (n * w * n).sum(-1)
+        ok = active & (K > rank_cutoff(F64, full, n_ch))
         r = (nf * x).sum(-1) - g
         bad = active & ~ok & (r.detach().abs() > tol * (scale[..., 0] * n.abs().sum(-1) + g.abs()))
         if bool(bad.any()):
@@ -233,13 +236,14 @@ def _pinv_consistent(A: Tensor, r: Tensor, size: Tensor, tol: float, call: str) 
     """``A^+`` for ``A`` (batch, M, M) PSD; a residual in a direction no move reaches must be
     rounding (``tol`` of the terms it balances), else the rows are incompatible."""
     diag = A.detach().diagonal(dim1=-2, dim2=-1)
+    tiny = torch.finfo(F64).tiny
     L, info = torch.linalg.cholesky_ex(A)
     if not bool((info != 0).any()):
-        ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.clamp_min(1e-300)
-        if bool((ratio > 1e-10).all()):
+        ratio = L.detach().diagonal(dim1=-2, dim2=-1).square() / diag.clamp_min(tiny)
+        if bool((ratio > REACH_RTOL).all()):  # squared pivots well above the rows' dependence
             return torch.cholesky_inverse(L)
     lam, V = torch.linalg.eigh(A)
-    keep = lam > 1e-10 * lam.amax(-1, keepdim=True).clamp_min(1e-300)
+    keep = lam > REACH_RTOL * lam.amax(-1, keepdim=True).clamp_min(tiny)
     rv = (V.mT @ r.unsqueeze(-1)).squeeze(-1)
     off = torch.where(keep, 0.0, rv).abs()
     lim = tol * (V.abs().mT @ size.unsqueeze(-1)).squeeze(-1)

@@ -78,7 +78,7 @@ def run(seed: int, m: float, frames=(0.25, 0.5, 0.75, 1.0), per_frame=30, n_trai
         for name, model in (("GP", gp), ("GP + conservation", wrapped)):
             f = model(pts)
             mu = f.mean
-            var = f.variance.clamp_min(1e-10) + lik.noise.detach()  # predictive, as observed
+            var = f.variance.clamp_min(0) + lik.noise.detach()  # predictive, as observed
             ll = -0.5 * (math.log(2 * math.pi) + var.log() + (truth - mu).square() / var)
             out[name] = {
                 "ce": float((W @ mu - mass).abs().max()),

@@ -341,3 +341,23 @@ def test_noise_softens_the_integral_only():
     assert float(((mean[..., 0] * w).sum(-1) - 1.0).abs().min()) > 1e-6  # soft: not exact
     with pytest.raises(ValueError, match="no integral row"):
         cl.wrap(Head(), cl.Dirichlet(0.0, points=[1]), noise=0.1, layout="points")((u, var))
+
+
+def test_a_normal_row_without_variance_at_rounding_counts_as_held():
+    """Whether a normal row has freedom left is judged relative to the row's scale, not against
+    an absolute zero: variance 1e-30 next to 1 is no freedom (a consistent row passes unchanged,
+    an inconsistent one raises), while 1e-3 next to 1 is conditioned on."""
+    u = torch.tensor([[[0.5, 2.0]]], dtype=F64)
+    n = torch.tensor([[1.0, 1.0]], dtype=F64)
+    cons = [cl.Dirichlet(2.0, points=[0], channels=1),
+            cl.NormalComponent(2.5, normals=n, points=[0], channels=(0, 1))]  # fmt: skip
+    model = cl.wrap(Head(), *cons, layout="points")
+    tiny = torch.tensor([[[1e-30, 1.0]]], dtype=F64)
+    mean, _ = model((u, tiny))  # consistent: u0 + 2 = 2.5 already
+    assert torch.equal(mean, u)
+    with pytest.raises(IncompatibleConstraintsError, match="point 0"):
+        model((u + torch.tensor([0.1, 0.0], dtype=F64), tiny))
+    small = torch.tensor([[[1e-3, 1.0]]], dtype=F64)
+    mean, var = model((u + torch.tensor([0.1, 0.0], dtype=F64), small))
+    assert abs(float((mean[0, 0] * n[0]).sum()) - 2.5) < 1e-12
+    assert abs(float(var[0, 0, 0])) < 1e-15  # no variance left along the one free channel
