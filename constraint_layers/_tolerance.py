@@ -247,3 +247,28 @@ def dependence_tol(eps_rows: float, m: int, n: int) -> float:
 def consistency_tol(eps_rhs: float, m: int) -> float:
     """The relative size below which a vanishing combination of ``m`` right-hand sides is 0."""
     return CONSISTENCY_FACTOR * max(m, 1) ** 0.5 * eps_rhs
+
+
+# --- local rows (``constraint_layers/local``): matrix-free solves, float64 work ---
+#: CG stops when every row's residual is below this fraction of ``row_scale max|u| + max|f|``.
+CG_RTOL = 1e-13
+#: The largest rows' residual accepted after CG (relative, as above).
+ACCEPT_RTOL = 1e-11
+#: A residual left beyond this (relative) means the rows cannot hold: incompatible data.
+INCONSISTENT_RTOL = 1e-7
+#: An eigenvalue of ``C C^T`` (or of a Schur complement, or a squared symbol) below this fraction
+#: of the largest is zero.
+NULL_RTOL = 1e-10
+#: A row takes part in an incompatible combination when its weight in it exceeds this.
+INVOLVED_RTOL = 1e-6
+#: The most CG iterations.
+MAXITER = 2000
+#: The window (nodes per axis) over which the variance is averaged for the preconditioner.
+BOX_WINDOW = 9
+#: CG stops when the residual has not halved for this many iterations (non-monotone residuals of
+#: ill-conditioned operators recover within it), or grows beyond ``GROWTH`` times its start.
+PATIENCE = 200
+GROWTH = 1e8
+#: Values the local bounded solver reads as inside their bounds: violations at most this fraction
+#: of the problem's scale (the largest value and finite bound) are rounding.
+LOCAL_BOUND_RTOL = 1e-12

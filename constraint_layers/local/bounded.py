@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tolerance import LOCAL_BOUND_RTOL
 from ..errors import IncompatibleConstraintsError
 from .implicit import project_cg
 from .operator import LocalOperator
@@ -127,7 +128,9 @@ def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
     if hi_b is not None:
         viol_hi = torch.where(free, (u - hi_b).clamp_min(0.0), 0.0)
         neg_hi = torch.where(at_hi, (hi_b - zd + ct).clamp_min(0.0), 0.0)
-    tol = 1e-12 * (float(zd.abs().max()) + 1.0)
+    bounds = [t[t.isfinite()] for t in (lo_b, hi_b) if t is not None]
+    scale = max([float(zd.abs().max())] + [float(t.abs().max()) for t in bounds if t.numel()])
+    tol = LOCAL_BOUND_RTOL * max(scale, torch.finfo(zd.dtype).tiny)
     return tuple(torch.where(x > tol, x, 0.0) for x in (viol_lo, viol_hi, neg_lo, neg_hi))
 
 

@@ -16,8 +16,9 @@ eliminated):
   ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
   backward is implicit: one more solve with ``K``, never autograd through the iterations.
 
-Thresholds (all relative; every threshold of the local package is here): :data:`CG_RTOL` (the
-target of the rows' residual, float64 work), :data:`ACCEPT_RTOL` (the largest accepted; beyond
+Thresholds (all relative; every threshold of the local package lives in
+``constraint_layers._tolerance``, re-exported here): :data:`CG_RTOL` (the target of the rows'
+residual, float64 work), :data:`ACCEPT_RTOL` (the largest accepted; beyond
 :data:`INCONSISTENT_RTOL` the data are incompatible), :data:`NULL_RTOL` (an eigenvalue or symbol
 treated as zero), :data:`INVOLVED_RTOL`, :data:`PATIENCE` and :data:`GROWTH` (CG's stop on
 incompatible data).
@@ -32,6 +33,18 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+# the thresholds live in the one tolerance module (section "local rows"); re-exported here
+from .._tolerance import (
+    ACCEPT_RTOL,
+    BOX_WINDOW,
+    CG_RTOL,
+    GROWTH,
+    INCONSISTENT_RTOL,
+    INVOLVED_RTOL,
+    MAXITER,
+    NULL_RTOL,
+    PATIENCE,
+)
 from ..errors import (
     ConstraintViolationError,
     IncompatibleConstraintsError,
@@ -52,25 +65,6 @@ __all__ = [
 ]
 
 F64 = torch.float64
-#: CG stops when every row's residual is below this fraction of ``row_scale max|u| + max|f|``.
-CG_RTOL = 1e-13
-#: The largest rows' residual accepted after CG (relative, as above).
-ACCEPT_RTOL = 1e-11
-#: A residual left beyond this (relative) means the rows cannot hold: incompatible data.
-INCONSISTENT_RTOL = 1e-7
-#: An eigenvalue of ``C C^T`` (or of a Schur complement, or a squared symbol) below this fraction
-#: of the largest is zero.
-NULL_RTOL = 1e-10
-#: A row takes part in an incompatible combination when its weight in it exceeds this.
-INVOLVED_RTOL = 1e-6
-#: The most CG iterations.
-MAXITER = 2000
-#: The window (nodes per axis) over which the variance is averaged for the preconditioner.
-BOX_WINDOW = 9
-#: CG stops when the residual has not halved for this many iterations (non-monotone residuals of
-#: ill-conditioned operators recover within it), or grows beyond ``GROWTH`` times its start.
-PATIENCE = 200
-GROWTH = 1e8
 
 
 def _scale(op: LocalOperator, z: Tensor, f: Tensor) -> Tensor:
