@@ -27,7 +27,7 @@ from linear_operator.operators import (
     RootLinearOperator,
     SumLinearOperator,
 )
-from linear_operator.utils.memoize import cached
+from linear_operator.utils.memoize import _is_in_cache_ignore_args, cached
 from torch import Tensor
 
 from constraint_layers.conservation.linalg import sparse_rows
@@ -200,6 +200,29 @@ class SparseCrossSum(SumLinearOperator):
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             return sum(_times_sparse(op, rhs, rows.csr) for op in self.linear_ops)
+
+    def add_low_rank(
+        self,
+        low_rank_mat: Tensor | LinearOperator,
+        root_decomp_method: str | None = None,
+        root_inv_decomp_method: str | None = None,
+        generate_roots: bool | None = True,
+        **root_decomp_kwargs: Any,
+    ) -> LinearOperator:
+        """``self + B B^T`` kept lazy (a :class:`SparseCrossSum` with a low-rank root term)
+        when no root decomposition is asked for; linear_operator's own method forms the dense
+        ``N x N`` product ``B B^T`` (the PSD repair of the conditioning adds a rank-``M``
+        term along the constraint rows: ``O(N M)`` here instead of ``O(N^2 M)``)."""
+        has_roots = any(
+            _is_in_cache_ignore_args(self, key)
+            for key in ("root_decomposition", "root_inv_decomposition")
+        )
+        if generate_roots or has_roots:
+            return super().add_low_rank(
+                low_rank_mat, root_decomp_method, root_inv_decomp_method, generate_roots,
+                **root_decomp_kwargs,
+            )  # fmt: skip
+        return SparseCrossSum(*self.linear_ops, LowRankRootLinearOperator(low_rank_mat))
 
 
 def _times_sparse(op: LinearOperator, rhs: Tensor, sparse: Tensor) -> Tensor:

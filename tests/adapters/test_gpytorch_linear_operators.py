@@ -17,7 +17,11 @@ import torch
 
 pytest.importorskip("gpytorch")
 
-from linear_operator.operators import DenseLinearOperator, SumLinearOperator
+from linear_operator.operators import (
+    DenseLinearOperator,
+    LowRankRootLinearOperator,
+    SumLinearOperator,
+)
 from linear_operator.test.linear_operator_test_case import LinearOperatorTestCase
 
 import constraint_layers as cl
@@ -156,3 +160,24 @@ class TestSparseCrossSum(LinearOperatorTestCase, unittest.TestCase):
 
     def test_type(self):
         assert isinstance(self.create_linear_op(), SumLinearOperator)
+
+
+def test_sparse_cross_sum_adds_a_low_rank_term_lazily():
+    """The PSD repair's ``add_low_rank(H, generate_roots=False)`` keeps the sum lazy (no dense
+    ``N x N`` ``H H^T``) and equals linear_operator's own result; with roots asked for, the
+    library's own method runs."""
+    g = torch.Generator().manual_seed(3)
+    A, B = _psd(N, 2), _psd(N, 3)
+    H = torch.randn(N, 2, generator=g, dtype=A.dtype)
+    op = SparseCrossSum(DenseLinearOperator(A), DenseLinearOperator(B))
+    lazy = op.add_low_rank(H, generate_roots=False)
+    assert isinstance(lazy, SparseCrossSum)
+    assert len(lazy.linear_ops) == 3
+    assert isinstance(lazy.linear_ops[-1], LowRankRootLinearOperator)
+    expected = A + B + H @ H.mT
+    torch.testing.assert_close(lazy.to_dense(), expected)
+    rhs = torch.randn(N, 5, generator=g, dtype=A.dtype)
+    torch.testing.assert_close(lazy @ rhs, expected @ rhs)
+    torch.testing.assert_close(lazy.diagonal(), expected.diagonal())
+    eager = op.add_low_rank(H, generate_roots=True)
+    torch.testing.assert_close(eager.to_dense(), expected)
