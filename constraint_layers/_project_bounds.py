@@ -257,31 +257,25 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
         bp = torch.zeros((B, 0), dtype=F64, device=u.device)
     # the values the step sets, as functions of v: x_m = W_m v + f_m (zero rows: Dirichlet)
     idx, W, T, settable = _wall_rows(bplan, moved, shape)
-    ninf = torch.full((idx.numel(),), -math.inf, dtype=F64, device=u.device)
-    out: list[Tensor] = []
-    held_lo: list[Tensor] = []
-    held_hi: list[Tensor] = []
-    for s in range(B):
-        fs = f0[s, idx]
-        wl = ninf if lo is None else lo.reshape(B, n)[s, idx].to(F64) - fs
-        wh = -ninf if hi is None else hi.reshape(B, n)[s, idx].to(F64) - fs
-        outside = ~settable & ((wl.detach() > 0) | (wh.detach() < 0))
-        if bool(outside.any()):
-            m = int(idx[outside.nonzero()[0, 0]])
-            raise _wall_outside(bnd, shape, s, m, float(f0[s, m]), lo, hi, call)
-        v, at_wl, at_wh = project_faces_bounded(
-            flat[s], Gp_b[s], bp[s], W[settable], T, wl[settable], wh[settable],
-            _row(lo_v, s), _row(hi_v, s), call,
-        )  # fmt: skip
-        out.append(v)
-        held_lo.append(idx[settable][at_wl])
-        held_hi.append(idx[settable][at_wh])
-    z = apply_plan(torch.stack(out).to(u.dtype).reshape(shape), bplan, rhs).reshape(B, n)
+    fs = f0[:, idx]
+    wl = torch.full_like(fs, -math.inf) if lo is None else lo.reshape(B, n)[:, idx].to(F64) - fs
+    wh = torch.full_like(fs, math.inf) if hi is None else hi.reshape(B, n)[:, idx].to(F64) - fs
+    outside = ~settable & ((wl.detach() > 0) | (wh.detach() < 0))
+    if bool(outside.any()):
+        s, m = (int(i) for i in outside.nonzero()[0])
+        raise _wall_outside(bnd, shape, s, int(idx[m]), float(f0[s, idx[m]]), lo, hi, call)
+    v, at_wl, at_wh = project_faces_bounded(
+        flat, Gp_b, bp if bp.ndim == 2 else bp.expand(B, -1), W[settable], T,
+        wl[:, settable], wh[:, settable], lo_v, hi_v, call,
+    )  # fmt: skip
+    z = apply_plan(v.to(u.dtype).reshape(shape), bplan, rhs).reshape(B, n)
     # wall values held at a bound: on it exactly (the pivot re-solve rounds)
-    for s in range(B):
-        for pos, bound in ((held_lo[s], lo), (held_hi[s], hi)):
-            if pos.numel():
-                z = z.index_put((torch.full_like(pos, s), pos), bound.reshape(B, n)[s, pos])
+    pos = idx[settable]
+    for held, bound in ((at_wl, lo), (at_wh, hi)):
+        if bound is not None and bool(held.any()):
+            mask = torch.zeros((B, n), dtype=torch.bool, device=z.device)
+            mask[:, pos] = held.to(z.device)
+            z = torch.where(mask, bound.reshape(B, n).to(z.dtype), z)
     return _walls_exact(z, lo, hi, B, n).reshape(shape)
 
 

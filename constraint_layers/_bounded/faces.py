@@ -2,7 +2,7 @@
 
 With boundary rows on a deterministic output the step ``B(v) = S v + f`` keeps its meaning (the
 face-local rows are eliminated: the values the step sets are affine in the others), and what is
-left is, per sample::
+left is, for each sample (the batch iterates together, each sample with its own active sets)::
 
     minimise   |v - u|^2
     subject to E v = e                 (the few dense rows on the freedom left: G' = G S)
@@ -10,7 +10,7 @@ left is, per sample::
                l <= W v <= h           (the bounds on the values the step sets: W = S's rows there)
 
 Method (exact; finite once the active sets settle): the dual. Every wall bound is an inequality
-row ``R_i v >= r_i`` (``W_m`` with ``l_m``, ``-W_m`` with ``-h_m``; infinite ones dropped) with a
+row ``R_i v >= r_i`` (``W_m`` with ``l_m``, ``-W_m`` with ``-h_m``; an infinite one keeps y_i = 0) with a
 multiplier ``y_i >= 0``; the dense rows have free multipliers. For given multipliers the box
 problem separates: ``v(y) = clip(u + R^T y, lo, hi)``, and the dual
 ``D(y) = min_box |v - u|^2 / 2 - y^T (R v - r)`` is concave and piecewise quadratic with gradient
@@ -19,8 +19,9 @@ gradient points out stay there, the others take the Newton step ``(R_F R_F^T) d 
 the free entries ``F`` (the separable solver's step, for several rows), projected on ``y >= 0``
 with a backtracking line search on ``D``. Once the active sets settle the step solves the linear
 system of those sets: the iteration ends on the exact solution. The wall rows are stored over
-the columns near the walls only (``t`` of them): a step costs ``O(M n + k^2 t + k^3)`` for ``M``
-dense rows and ``k`` rows that move, where the dense general solver
+the columns near the walls only (``t`` of them): a step costs ``O(M n + k^2 t + k^3)`` per sample
+for ``M`` dense rows and ``k`` rows that move (the batch's systems padded to its largest ``k``
+and solved in one batched call), where the dense general solver
 (:func:`~constraint_layers._bounded.project_bounded`) costs ``O(n^2)`` per active bound.
 
 The solution is re-derived, with autograd, from the final active sets: the equality-only
@@ -59,113 +60,141 @@ def _free(w: Tensor, lo: Tensor | None, hi: Tensor | None) -> Tensor:
 
 
 class _Stack:
-    """The rows ``[E; W]``: ``E`` (M, n) dense, ``W`` (K, t) dense over the ``t`` columns ``T``
-    that any wall row reads (the values near the walls): products cost ``O(M n + K t)``."""
+    """The rows ``[E; W]`` of a batch: ``E`` (B, M, n) dense, ``W`` (K, t) dense over the ``t``
+    columns ``T`` that any wall row reads (the values near the walls), shared by the batch:
+    products cost ``O(B (M n + K t))``."""
 
     def __init__(self, E: Tensor, W: Tensor, T: Tensor, n: int) -> None:
         self.E, self.W, self.T, self.n = E, W, T, n
-        self.M = E.shape[0]
-        self._pairs: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(k, l, c)``: every pair of wall rows that read the same column ``c`` (each wall row
-        reads a few values: a few pairs per column)."""
-        if self._pairs is None:
-            rows, cols = (self.W != 0).nonzero(as_tuple=True)  # sorted by row
-            order = torch.argsort(cols, stable=True)
-            rows, cols = rows[order], cols[order]
-            t = self.W.shape[1]
-            count = torch.bincount(cols, minlength=t)
-            width = int(count.max()) if count.numel() else 0
-            start = torch.cumsum(count, 0) - count
-            slot = torch.arange(rows.numel()) - start[cols]
-            table = torch.full((t, max(width, 1)), -1, dtype=torch.long)
-            table[cols, slot] = rows
-            a = table[:, :, None].expand(t, table.shape[1], table.shape[1])
-            b = table[:, None, :].expand_as(a)
-            c = torch.arange(t)[:, None, None].expand_as(a)
-            ok = (a >= 0) & (b >= 0)
-            self._pairs = (a[ok], b[ok], c[ok])
-        return self._pairs
+        self.M = E.shape[-2]
 
     @property
     def k(self) -> int:
         return self.M + self.W.shape[0]
 
     def rt(self, y: Tensor) -> Tensor:
-        """``R^T y``: (n,)."""
-        out = y[: self.M] @ self.E if self.M else self.E.new_zeros(self.n)
-        return out.index_add(0, self.T, y[self.M :] @ self.W) if self.W.shape[0] else out
+        """``R^T y``: (B, n) for ``y`` (B, k)."""
+        B = y.shape[0]
+        if self.M:
+            out = (y[:, None, : self.M] @ self.E).squeeze(-2)
+        else:
+            out = y.new_zeros((B, self.n))
+        if not self.W.shape[0]:
+            return out
+        return out.index_add(1, self.T, y[:, self.M :] @ self.W)
 
     def r(self, x: Tensor) -> Tensor:
-        """``R x``: (k,)."""
-        return torch.cat([self.E @ x, self.W @ x[self.T]])
+        """``R x``: (B, k) for ``x`` (B, n)."""
+        return torch.cat([(self.E @ x.unsqueeze(-1)).squeeze(-1), x[:, self.T] @ self.W.mT], -1)
 
     def norms(self) -> Tensor:
-        return torch.cat([self.E.square().sum(-1), self.W.square().sum(-1)])
+        """The rows' squared norms: (B, k)."""
+        B = self.E.shape[0]
+        return torch.cat([self.E.square().sum(-1), self.W.square().sum(-1).expand(B, -1)], -1)
 
-    def select(self, rows: Tensor) -> _Stack:
-        return _Stack(self.E[rows[: self.M]], self.W[rows[self.M :]], self.T, self.n)
-
-    def gram(self, free: Tensor) -> Tensor:
-        """``R_F R_F^T`` over the entries ``free`` (n,) bool: (k, k)."""
-        EF = self.E * free
+    def gram_kept(self, free: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``R_KF R_KF^T`` over the entries ``free`` (B, n) bool and, per sample, the rows
+        ``keep`` (B, k) only: ``(J, sel, valid)``, ``J`` (B, k', k') over the rows ``sel``
+        (B, k') (the dense rows first, then the kept wall rows, padded to the most any sample
+        keeps); ``valid`` (B, k') marks the kept ones. Each wall row reads a few values near
+        the walls: ``O(k'^2 t)`` per sample, never ``O(k^2)``."""
+        B, M = free.shape[0], self.M
+        selW, validW = _compact(keep[:, M:])
+        sel = torch.cat([torch.arange(M).expand(B, M), M + selW], -1)
+        valid = torch.cat([keep[:, :M], validW], -1)
+        EF = self.E * free.unsqueeze(-2)
+        Ws = self.W[selW]  # (B, k'w, t)
+        Ws = torch.where(validW.unsqueeze(-1), Ws, torch.zeros((), dtype=Ws.dtype))
         EE = EF @ self.E.mT
-        EW = EF[:, self.T] @ self.W.mT
-        # each wall row reads a few values: summed over the pairs that share a column, O(pairs)
-        # rather than O(K^2 t)
-        K = self.W.shape[0]
-        a, b, c = self.pairs()
-        prod = self.W[a, c] * self.W[b, c] * free[self.T[c]]
-        WW = self.W.new_zeros((K, K)).index_put((a, b), prod, accumulate=True)
-        return torch.cat([torch.cat([EE, EW], 1), torch.cat([EW.mT, WW], 1)])
+        EW = EF[..., self.T] @ Ws.mT
+        WW = (Ws * free[:, self.T].unsqueeze(-2)) @ Ws.mT
+        J = torch.cat([torch.cat([EE, EW], -1), torch.cat([EW.mT, WW], -1)], -2)
+        both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        J = torch.where(both, J, torch.zeros((), dtype=J.dtype))
+        return J + torch.diag_embed((~valid).to(J.dtype)), sel, valid
 
 
-def _solve_dual(u, R: _Stack, r, lo, hi, tol, call) -> Tensor:
-    """The multipliers ``y`` (float64, no autograd): ``y[M:] >= 0`` (see the module
-    docstring)."""
-    k = R.k
-    y = torch.zeros(k, dtype=F64)
+def _compact(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample, the positions of the rows ``keep`` (B, k) first: ``(sel, valid)``, both
+    (B, k'), ``k'`` the most rows kept by any sample (``valid``: a kept row, else padding)."""
+    width = int(keep.sum(-1).amax()) if keep.numel() else 0
+    sel = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :width]
+    return sel, keep.gather(1, sel)
+
+
+def _solve_kept(R: _Stack, free: Tensor, rhs: Tensor, keep: Tensor, ridge: Tensor) -> Tensor:
+    """Per sample, ``x`` (B, k) with ``x_K = (R_KF R_KF^T + diag(ridge_K))^{-1} rhs_K`` over the
+    rows ``K = keep`` and 0 elsewhere: the batch's systems over their own row sets, padded with
+    identity rows, in one batched solve (the pseudo-inverse for a singular one)."""
+    J, sel, valid = R.gram_kept(free, keep)
+    if not sel.shape[1]:
+        return torch.zeros_like(rhs)
+    J = J + torch.diag_embed(torch.where(valid, ridge.gather(1, sel), 0.0))
+    rc = torch.where(valid, rhs.gather(1, sel), 0.0).unsqueeze(-1)
+    xc, info = torch.linalg.solve_ex(J, rc)
+    if bool((info != 0).any()):
+        fail = info != 0
+        xc[fail] = torch.linalg.pinv(J[fail], hermitian=True) @ rc[fail]
+    return torch.zeros_like(rhs).scatter(1, sel, torch.where(valid, xc.squeeze(-1), 0.0))
+
+
+def _solve_dual(u, R: _Stack, r, enabled, lo, hi, tol, call) -> Tensor:
+    """The multipliers ``y`` (B, k) (float64, no autograd): ``y[:, M:] >= 0``, zero where a row
+    is not ``enabled`` (an infinite wall bound); see the module docstring. The batch's samples
+    iterate together, each with its own active sets and line search."""
+    B, k = u.shape[0], R.k
+    y = torch.zeros((B, k), dtype=F64)
     if k == 0:
         return y
-    ineq = torch.arange(k) >= R.M
+    ineq = (torch.arange(k) >= R.M).expand(B, k)
     norms = R.norms()
 
-    def at(y: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    def at(y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         w = u + R.rt(y)
         x = _clip(w, lo, hi)
-        g = r - R.r(x)  # the dual's gradient
-        return w, x, g, 0.5 * float((x - u).square().sum()) + float(y @ g)
+        g = torch.where(enabled, r - R.r(x), 0.0)  # the dual's gradient
+        return w, x, g, 0.5 * (x - u).square().sum(-1) + (y * g).sum(-1)
 
     w, _, g, dual = at(y)
     for _ in range(MAX_NEWTON):
         # optimal: the rows hold, the inequalities hold, and a held one (y > 0) holds with
         # equality
         bad = torch.where(ineq, torch.where(y > 0, g.abs(), g.clamp_min(0)), g.abs())
-        if float(bad.max()) <= tol:
+        worst = bad.amax(-1)
+        done = worst <= tol
+        if bool(done.all()):
             return y
-        # multipliers at 0 whose gradient points out stay at 0
-        move = ~(ineq & (y <= 0) & (g <= 0))
-        J = R.gram(_free(w, lo, hi))[move][:, move]
+        # multipliers at 0 whose gradient points out stay at 0; converged samples stay
+        move = enabled & ~(ineq & (y <= 0) & (g <= 0)) & ~done.unsqueeze(-1)
         # a ridge relative to each row's full norm: a row whose entries all sit at a bound
         # gets a long step (cut back by the line search) instead of none
-        ridge = FACES_RIDGE * norms[move] + 1e-300
-        d = torch.zeros(k, dtype=F64)
-        Jr = J + torch.diag(ridge)
-        step, info = torch.linalg.solve_ex(Jr, g[move])
-        d[move] = step if int(info) == 0 else torch.linalg.pinv(Jr, hermitian=True) @ g[move]
-        t = 1.0
+        d = _solve_kept(R, _free(w, lo, hi), g, move, FACES_RIDGE * norms + 1e-300)
+        t = torch.ones(B, dtype=F64)
+        accepted = done.clone()
+        yn, wn, gn, dn = y, w, g, dual
         while True:
-            yn = y + t * d
-            yn = torch.where(ineq, yn.clamp_min(0), yn)
-            wn, _, gn, dn = at(yn)
-            if dn >= dual + ARMIJO * float(g @ (yn - y)) - 1e-15 * abs(dual):
+            yt = y + t.unsqueeze(-1) * d
+            yt = torch.where(ineq, yt.clamp_min(0), yt)
+            wt, _, gt, dt = at(yt)
+            ok = dt >= dual + ARMIJO * (g * (yt - y)).sum(-1) - 1e-15 * dual.abs()
+            take = ok & ~accepted
+            if bool(take.any()):
+                col = take.unsqueeze(-1)
+                yn, wn, gn = (
+                    torch.where(col, yt, yn),
+                    torch.where(col, wt, wn),
+                    torch.where(col, gt, gn),
+                )
+                dn = torch.where(take, dt, dn)
+                accepted = accepted | take
+            if bool(accepted.all()):
                 break
-            t *= 0.5
-            if t < 1e-14:
-                raise _no_progress(call, float(bad.max()))
+            t = torch.where(accepted, t, 0.5 * t)
+            stuck = ~accepted & (t < 1e-14)
+            if bool(stuck.any()):
+                raise _no_progress(call, float(worst[stuck].amax()))
         y, w, g, dual = yn, wn, gn, dn
-    raise _no_progress(call, float(bad.max()))
+    raise _no_progress(call, float(worst.amax()))
 
 
 def _no_progress(call: str, residual: float) -> ConstraintError:
@@ -188,76 +217,90 @@ def project_faces_bounded(
     hi: Tensor | None,
     call: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve the problem of the module docstring for one sample.
+    """Solve the problem of the module docstring for a batch of samples, together.
 
     Parameters
     ----------
     u : Tensor
-        shape: (n,).
+        shape: (B, n).
     E, e : Tensor
-        shape: (M, n) float64 and (M,): the dense rows.
+        shape: (B, M, n) float64 and (B, M): the dense rows.
     W, T : Tensor
         shape: (K, t) float64 and (t,) long: the wall rows, as functions of ``v``, over the
-        columns ``T`` they read.
+        columns ``T`` they read (shared by the batch).
     wl, wh : Tensor
-        shape: (K,): the wall rows' bounds (``-inf`` / ``+inf`` where none).
+        shape: (B, K): the wall rows' bounds (``-inf`` / ``+inf`` where none).
     lo, hi : Tensor, optional
-        shape: (n,): the box (``-inf`` / ``+inf`` allowed).
+        shape: (B, n): the box (``-inf`` / ``+inf`` allowed).
 
     Returns
     -------
     tuple of Tensor
-        ``v`` (n,) float64, differentiable; the wall rows (K,) held at their lower bound, and
-        at their upper bound.
+        ``v`` (B, n) float64, differentiable; the wall rows (B, K) held at their lower bound,
+        and at their upper bound.
     """
-    n = u.shape[0]
-    M = E.shape[0]
+    B, n = u.shape
+    M, K = E.shape[-2], W.shape[0]
+    W2 = torch.cat([W, -W])  # lower rows W v >= wl, upper rows -W v >= -wh
     with torch.no_grad():
         u64 = u.detach().to(F64)
         lo64 = None if lo is None else lo.detach().to(F64)
         hi64 = None if hi is None else hi.detach().to(F64)
-        W64, wl64, wh64 = W.detach().to(F64), wl.detach().to(F64), wh.detach().to(F64)
-        has_lo, has_hi = torch.isfinite(wl64), torch.isfinite(wh64)
-        R = _Stack(E.detach().to(F64), torch.cat([W64[has_lo], -W64[has_hi]]), T, n)
-        r = torch.cat([e.detach().to(F64), wl64[has_lo], -wh64[has_hi]])
-        finite = [t[torch.isfinite(t)] for t in (r, lo64, hi64) if t is not None]
-        scale = float(u64.abs().max()) if n else 0.0
-        scale = max([scale, 1e-300] + [float(t.abs().max()) for t in finite if t.numel()])
-        y = _solve_dual(u64, R, r, lo64, hi64, FACES_ROUNDING * EPS * scale, call)
+        r_w = torch.cat([wl.detach().to(F64), -wh.detach().to(F64)], -1)  # (B, 2K)
+        enabled = torch.cat([torch.ones((B, M), dtype=torch.bool), torch.isfinite(r_w)], -1)
+        r = torch.where(enabled, torch.cat([e.detach().to(F64), r_w], -1), 0.0)
+        R = _Stack(E.detach().to(F64), W2.detach().to(F64), T, n)
+        scale = u64.abs().amax(-1) if n else torch.zeros(B, dtype=F64)
+        for t in (r, lo64, hi64):
+            if t is not None and t.shape[-1]:
+                scale = torch.maximum(scale, torch.where(torch.isfinite(t), t.abs(), 0).amax(-1))
+        tol = FACES_ROUNDING * EPS * scale.clamp_min(1e-300)
+        y = _solve_dual(u64, R, r, enabled, lo64, hi64, tol, call)
         w = u64 + R.rt(y) if R.k else u64
-        at_lo = torch.zeros(n, dtype=torch.bool) if lo64 is None else w <= lo64
-        at_hi = torch.zeros(n, dtype=torch.bool) if hi64 is None else w >= hi64
-        held = torch.cat([torch.ones(M, dtype=torch.bool), y[M:] > 0])
-        K = W.shape[0]
-        at_wl = torch.zeros(K, dtype=torch.bool)
-        at_wh = torch.zeros(K, dtype=torch.bool)
-        nl = int(has_lo.sum())
-        at_wl[has_lo] = y[M : M + nl] > 0
-        at_wh[has_hi] = y[M + nl :] > 0
+        at_lo = torch.zeros((B, n), dtype=torch.bool) if lo64 is None else w <= lo64
+        at_hi = torch.zeros((B, n), dtype=torch.bool) if hi64 is None else w >= hi64
+        held = torch.cat([torch.ones((B, M), dtype=torch.bool), y[:, M:] > 0], -1)
+        at_wl, at_wh = y[:, M : M + K] > 0, y[:, M + K :] > 0
     # the solution on the active sets, with autograd: the rows and the held wall values over
     # the free entries, the box-active entries at their bound
     dev = u.device
-    Wg = torch.cat([W.to(F64)[has_lo], -W.to(F64)[has_hi]])
-    Rg = _Stack(E.to(F64), Wg, T, n).select(held)
-    rg = torch.cat([e.to(F64), wl.to(F64)[has_lo], -wh.to(F64)[has_hi]])[held]
+    Rg = _Stack(E.to(F64), W2.to(F64), T, n)
+    rg = torch.cat([e.to(F64), wl.to(F64), -wh.to(F64)], -1)
     fixed = at_lo | at_hi
-    xa = torch.zeros(n, dtype=F64, device=dev)
+    xa = torch.zeros((B, n), dtype=F64, device=dev)
     if lo is not None:
         xa = torch.where(at_lo, lo.to(F64), xa)
     if hi is not None:
         xa = torch.where(at_hi, hi.to(F64), xa)
     base = torch.where(fixed, xa, u.to(F64))
-    # rows with no free entry left hold already (the dual solve converged): left out
-    reach = torch.cat([(Rg.E * ~fixed).abs().sum(-1), (Rg.W * ~fixed[T]).abs().sum(-1)]) > 0
-    Rg, rg = Rg.select(reach.detach()), rg[reach.detach()]
     if not Rg.k:
         return base, at_wl, at_wh
-    A = Rg.gram(~fixed)
-    rhs = rg - Rg.r(base)
-    L, info = torch.linalg.cholesky_ex(A.detach())
-    pivots = L.diagonal().square() / A.detach().diagonal().clamp_min(1e-300)
-    if int(info) == 0 and bool((pivots > FACES_PIVOT_RTOL).all()):
+    # rows with no free entry left hold already (the dual solve converged): left out
+    free = ~fixed
+    reach = (
+        torch.cat(
+            [
+                (Rg.E.detach().abs() * free.unsqueeze(-2)).sum(-1),
+                free[:, T].to(F64) @ Rg.W.detach().abs().mT,
+            ],
+            -1,
+        )
+        > 0
+    )
+    act = held & reach
+    if not bool(act.any()):
+        return base, at_wl, at_wh
+    # the held rows over the free entries, per sample, compacted (identity rows pad the batch)
+    A, sel, valid = Rg.gram_kept(free, act)
+    rhs = torch.where(valid, (torch.where(act, rg, 0.0) - Rg.r(base)).gather(1, sel), 0.0)
+    Ad = A.detach()
+    L, info = torch.linalg.cholesky_ex(Ad)
+    pivots = L.diagonal(dim1=-2, dim2=-1).square() / Ad.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300)
+    if bool((info == 0).all()) and bool((pivots > FACES_PIVOT_RTOL).all()):
         coef = torch.cholesky_solve(rhs.unsqueeze(-1), torch.linalg.cholesky(A)).squeeze(-1)
     else:  # dependent rows over the free entries (consistent: the dual solve converged)
-        coef = torch.linalg.pinv(A, hermitian=True) @ rhs
+        coef = (torch.linalg.pinv(A, hermitian=True) @ rhs.unsqueeze(-1)).squeeze(-1)
+    coef = torch.zeros((B, Rg.k), dtype=F64, device=dev).scatter(
+        1, sel, torch.where(valid, coef, 0.0)
+    )
     return base + torch.where(fixed, 0.0, Rg.rt(coef)), at_wl, at_wh

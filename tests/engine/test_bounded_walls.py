@@ -168,3 +168,46 @@ def test_walls_totals_and_boxes_equal_the_dense_qp(case):
             want, _ = reference_prediction(pred, cons, lift=lift)
             scale = float(want.abs().max()) + 1e-2
             torch.testing.assert_close(y, want, rtol=0, atol=1e-10 * scale)
+
+
+def test_a_batch_solves_as_its_samples_do_alone():
+    """The faces solver iterates the whole batch together, each sample with its own active sets
+    (here: per-sample bounds, from inactive to active on most nodes, and a sample already
+    feasible): every sample equals its own call and the dense QP reference."""
+    g = _gen(11)
+    x = 0.3 * torch.randn(6, 1, 10, 9, dtype=F64, generator=g)
+    x[2] = x[2].abs() + 0.5  # inside the bounds already, the total aside
+    lower = torch.tensor([-1.0, 0.0, -0.2, 0.05, -0.01, 0.02], dtype=F64).reshape(6, 1, 1, 1)
+    lower = lower.expand(6, 1, 10, 9)
+    upper = lower + torch.tensor([3.0, 0.6, 5.0, 0.5, 0.4, 2.0], dtype=F64).reshape(6, 1, 1, 1)
+    totals = torch.tensor([0.2, 0.1, 0.9, 0.3, 0.15, 0.4], dtype=F64)
+    cons = [
+        cl.Neumann(0.0, dim=0),
+        cl.Dirichlet(0.1, dim=1, side="low"),
+        cl.Conservation.integral(totals[:, None], dim=(0, 1)),
+        cl.Bounds(lower=cl.Given("lo"), upper=cl.Given("hi")),
+    ]  # fmt: skip
+    model = cl.wrap(nn.Identity(), *cons)
+    y = model(x, lo=lower, hi=upper)
+    for s in range(6):
+        alone = [
+            cons[0], cons[1],
+            cl.Conservation.integral(float(totals[s]), dim=(0, 1)),
+            cl.Bounds(lower=lower[s : s + 1], upper=upper[s : s + 1]),
+        ]  # fmt: skip
+        ys = cl.wrap(nn.Identity(), *alone)(x[s : s + 1])
+        scale = float(ys.abs().max()) + 1e-2
+        torch.testing.assert_close(y[s : s + 1], ys, rtol=0, atol=1e-12 * scale)
+        pred = cl.functional.Gaussian(x[s : s + 1], event_ndim=3)
+        want, _ = reference_prediction(pred, alone)
+        torch.testing.assert_close(ys, want, rtol=0, atol=1e-10 * scale)
+
+
+def test_gradients_through_a_batch_with_different_active_sets():
+    g = _gen(4)
+    x = (0.3 * torch.randn(3, 1, 6, 5, dtype=F64, generator=g)).requires_grad_(True)
+    lower = torch.tensor([-1.0, 0.0, 0.05], dtype=F64).reshape(3, 1, 1, 1).expand(3, 1, 6, 5)
+    cons = [cl.Neumann(0.0, dim=0), cl.Conservation.integral(0.3, dim=(0, 1)),
+            cl.Bounds(lower=lower)]  # fmt: skip
+    model = cl.wrap(nn.Identity(), *cons)
+    assert torch.autograd.gradcheck(model, (x,))
