@@ -127,9 +127,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import GridError
-from .conditions import Periodic
-from .spectral import (
+from ...errors import GridError
+from ..conditions import Periodic
+from ..spectral import (
     SpectralKernel,
     Symbol,
     cbmm,
