@@ -80,6 +80,31 @@ class TestNoSlipBox(_Grid2d):
         return [cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1)]
 
 
+class TestNoSlipOnAnExtent(_Grid2d):
+    """No-slip walls on a rectangle of extent 2 x 0.5: the rows' spacing is the wrapper's."""
+
+    grid = (9, 8)
+
+    def options(self):
+        return {"extent": (2.0, 0.5)}
+
+    def make_constraints(self):
+        return [cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1)]
+
+
+class TestLiftedWall(_Grid2d):
+    """A Dirichlet wall with a smooth lift (``lift=2``): the boundary step keeps its meaning and
+    the local rows act on the freedom it leaves."""
+
+    grid = (8, 9)
+
+    def options(self):
+        return {"lift": 2}
+
+    def make_constraints(self):
+        return [cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0)]
+
+
 class TestFreeSlipChannel(_Grid2d):
     """Periodic along x, free-slip walls along y: a Neumann wall keeps its boundary step and the
     local rows act on the freedom it leaves."""
