@@ -16,7 +16,8 @@ the rest::
 
 Checks: every row holds to the tolerance table's residual (float64 and float32), every value lies
 within the bounds (``cl.Bounds``, exactly), the base model violated the rows (non-vacuity),
-agreement with the dense reference (values and gradients; with bounds, the dense QP),
+agreement with the dense reference (values and gradients; with bounds, the dense QP; local rows
+such as ``cl.DivergenceFree`` as a dense matrix built from their operator's Kronecker factors),
 idempotence, batching, the output dtype, the ``state_dict`` round trip, ``unwrap`` identity, and
 that neither the input nor the base model changes. Works with pytest (``Test*`` classes) and
 ``unittest.TestCase``.
@@ -141,11 +142,18 @@ class ConstraintLayerTests:
             g, _ = _to_physical(g, norm)
         shape = grid_view(g.mean, g.event_ndim, layer.grid_shape, "worst_residual")
         u = g.mean.detach().reshape(shape[0], -1)
-        brows, crows = rows_of(layer.constraints, shape, grid=layer.grid, inputs=x)
+        # local rows (one per node) are judged as the library states them: relative to the
+        # terms each row balances (LocalRows.relative_residual); the others as Rows
+        local = [c for c in layer.constraints if c.family == "local"]
+        other = [c for c in layer.constraints if c.family != "local"]
+        brows, crows = rows_of(other, shape, grid=layer.grid, inputs=x)
         worst = 0.0
         for r in [*brows, *crows]:
             if r.num_rows:
                 worst = max(worst, float(r.relative_residual(u).max()))
+        for c in local:
+            rows = c.rows(shape, grid=layer.grid, inputs=x)
+            worst = max(worst, float(rows.relative_residual(u.reshape(shape)).max()))
         return worst
 
     def ref_tol(self, dtype: torch.dtype | None = None) -> float:

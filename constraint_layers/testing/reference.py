@@ -3,10 +3,19 @@
 They build ``C`` (and the directions of the boundary step) densely and solve with
 pseudo-inverses: slow and simple on purpose, independent of the fast paths they check. Keep the
 grids small.
+
+Local rows (``cl.DivergenceFree``, ``cl.Continuity``, ``cl.LinearPDE``: one row per node, stated
+by the constraint as an operator) enter as a dense matrix built from the operator's Kronecker
+factors (:func:`dense_local`), next to the conservation rows: the Euclidean projection onto all
+of them on the freedom the boundary step leaves, or the conditioning on all rows stacked. That
+is the library's semantics for local rows with Dirichlet walls (the Dirichlet nodes held, the
+other nodes moved), with other walls (``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``), with
+totals and with bounds.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,15 +23,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._project import _noise_rows, dense_projection, split_families
+from .._project import _noise_rows, dense_projection
 from ..boundary.enforce import boundary_rows
 from ..conservation.enforce import grid_view
 from ..conservation.gaussian import Gaussian
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 
 __all__ = [
+    "dense_local",
     "dense_qp",
     "dense_update",
+    "local_as_rows",
     "reference_enforce",
     "reference_prediction",
     "relative_residual",
@@ -262,16 +273,68 @@ def rows_of(
     include_overridden: bool = False,
     lift: int = 0,
 ) -> tuple[list[Rows], list[Rows]]:
-    """``(boundary rows, conservation rows)`` of ``constraints`` for an output grid ``shape``."""
-    bnd, con = split_families(constraints)
+    """``(boundary rows, the other equality rows)`` of ``constraints`` for an output grid
+    ``shape``: the other rows are the conservation rows and the local rows (as dense rows,
+    :func:`local_as_rows`), in the order the constraints are given. Bounds state no rows."""
+    bnd = [c for c in constraints if c.family == "boundary"]
     brows = []
     if bnd:
         brows = boundary_rows(
             shape, bnd, spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint,
             inputs=inputs, include_overridden=include_overridden, lift=lift,
         )  # fmt: skip
-    crows = [c.rows(shape, grid=grid, inputs=inputs) for c in con]
+    crows = []
+    for c in constraints:
+        if c.family == "conservation":
+            crows.append(c.rows(shape, grid=grid, inputs=inputs))
+        elif c.family == "local":
+            crows.append(local_as_rows(c.rows(shape, grid=grid, inputs=inputs)))
     return brows, crows
+
+
+def dense_local(rows: Any) -> Tensor:
+    """The dense float64 ``C`` of local rows, from the Kronecker factors of their operator.
+
+    ``C u = sum_k a_k D_k u_{c_k}`` on a grid output flattened in C order over ``(channels, d1,
+    ..., dn)``: the column block of channel ``c`` is ``sum_{k: c_k = c} a_k (I x ... x D_k x ...
+    x I)``, ``D_k`` the (n, n) matrix of term ``k``'s one-dimensional derivative along its axis.
+    Built without the operator's matrix-free ``apply`` over the grid; small grids only.
+
+    Parameters
+    ----------
+    rows : LocalRows
+        ``constraint.rows(shape)`` of a local constraint (``cl.DivergenceFree``,
+        ``cl.Continuity``, ``cl.LinearPDE``).
+
+    Returns
+    -------
+    Tensor
+        shape: (prod(grid), channels * prod(grid)), float64.
+    """
+    op = rows.operator
+    grid = op.grid
+    m = math.prod(grid)
+    blocks = [torch.zeros(m, m, dtype=F64) for _ in range(op.shape[0])]
+    for term, d1 in zip(op.terms, op.ops):
+        factors = [
+            d1.dense().to(F64).contiguous() if a == term.axis else torch.eye(n, dtype=F64)
+            for a, n in enumerate(grid)
+        ]
+        blocks[term.channel] = blocks[term.channel] + term.coefficient * functools.reduce(
+            torch.kron, factors
+        )
+    return torch.cat(blocks, 1)
+
+
+def local_as_rows(rows: Any) -> Rows:
+    """Local rows as sparse :class:`~constraint_layers.rows.Rows` (their dense ``C`` from
+    :func:`dense_local`, each row's non-zero entries first, padded with zeros), rhs (batch, M)."""
+    C = dense_local(rows)
+    nonzero = C != 0
+    k = max(int(nonzero.sum(1).max()), 1)
+    index = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)[:, :k]
+    rhs = rows.rhs.to(F64).reshape(rows.rhs.shape[0], -1)
+    return Rows(index, C.gather(1, index), rhs)
 
 
 def reference_prediction(
@@ -329,9 +392,9 @@ def reference_prediction(
             G, b = _stack_dense(crows, shape[0], n)
             Gp = G @ S
             r = (G @ z.unsqueeze(-1)).squeeze(-1) - b
-            A = Gp @ Gp.mT
-            coef = (torch.linalg.pinv(A, hermitian=True) @ r.unsqueeze(-1)).squeeze(-1)
-            z = step(u - (Gp.mT @ coef.unsqueeze(-1)).squeeze(-1))
+            # Gp^T (Gp Gp^T)^+ = Gp^+, by the SVD of Gp itself: its condition number, not its
+            # square (local rows, one per node, are ill-conditioned enough for that to matter)
+            z = step(u - (torch.linalg.pinv(Gp) @ r.unsqueeze(-1)).squeeze(-1))
         return z.reshape(mean.shape), None
     # the boundary constraint set: the fixed points of the (dense) boundary step, I - S rows
     brows, crows = rows_of(constraints, shape, grid=grid, inputs=inputs, include_overridden=True)

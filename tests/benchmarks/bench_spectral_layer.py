@@ -3,7 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_spectral_layer.py [--repeats 15] [--threads 1]
 
 ``mode="refine"`` evaluates a stock ``SpectralConv`` in one pass from its weights (see
-``constraint_layers/boundary/refine.py``). Its cost against the plain FNO therefore mixes two
+``constraint_layers/boundary/refine/``). Its cost against the plain FNO therefore mixes two
 things: the refinement (T2 on the spectrum, T1 rows, the boundary blocks rebuilt from the weights
 when training) and how the layer's spectral product is computed (neuraloperator: a complex
 ``einsum``; the library: one real batched product, FFTs on the kept columns only). This script
