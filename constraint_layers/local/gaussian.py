@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..rows import GridSpec
 from .constraint import LocalRows
+from .covariance import LocalConditioned, condition_covariance
 from .implicit import project_cg
 from .project import _check_grid_output, _dirichlet_only, _split, _walls
 from .solve import NULL_RTOL
@@ -129,47 +130,64 @@ def _totals_step(x: Tensor, G: Tensor, b: Tensor, V: Tensor, Ap: Tensor) -> Tens
 
 def condition_local(
     mean: Tensor,
-    variance: Tensor,
+    variance: Tensor | None,
     constraint: Any,
     *walls: Any,
+    covariance: Any = None,
+    low_rank: Tensor | None = None,
     spacing: float | Sequence[float] | None = None,
     extent: float | Sequence[float] | None = None,
     endpoint: bool = True,
     inputs: Any = None,
     call: str = "condition_local",
-) -> LocalGaussian:
-    """Condition a Gaussian with diagonal variance on a local constraint (with Dirichlet walls
-    and totals).
+) -> LocalGaussian | LocalConditioned:
+    """Condition a Gaussian on a local constraint (with walls and totals).
 
     Parameters
     ----------
-    mean, variance : Tensor
-        shape: (batch, channels, d1, ..., dn); variances >= 0 (positive on the nodes the rows
-        read). Not modified.
+    mean : Tensor
+        shape: (batch, channels, d1, ..., dn). Not modified.
+    variance : Tensor or None
+        shape: the mean's (broadcastable); variances >= 0 (positive on the nodes the rows read).
+        With ``low_rank``: the diagonal part of ``Sigma = diag(variance) + L L^T`` (optional).
+        None with ``covariance``.
     constraint, walls, spacing, extent, endpoint, inputs
-        As for :func:`enforce_local`. Totals are conditioned on jointly, by the Schur
-        complement over the local solver in the variance metric.
+        As for :func:`enforce_local`. Walls of any kind (``cl.Dirichlet``, ``cl.Neumann``,
+        periodic) and totals are conditioned on jointly with the local rows (Dirichlet nodes
+        take their values, with zero variance).
+    covariance : Tensor or linear operator, optional
+        The full covariance over the flattened event ``N = channels * prod(grid)`` (C order),
+        shape (N, N) or (batch, N, N): a dense tensor, or any object with ``matmul`` (or ``@``)
+        and ``diagonal()`` (e.g. a GP's ``lazy_covariance_matrix``), conditioned matrix-free.
+    low_rank : Tensor, optional
+        ``L``, shape (N, K) or (batch, N, K): ``Sigma = diag(variance) + L L^T``.
 
     Returns
     -------
-    LocalGaussian
+    LocalGaussian or LocalConditioned
         ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
-        64 nodes), ``.estimate_variance(probes)`` (Hutchinson, with its standard error),
-        ``.sample(n)`` (exact draws).
+        64 nodes per channel), ``.estimate_variance(probes)`` (Hutchinson, with its standard
+        error), ``.sample(n)`` (exact draws). A diagonal variance with Dirichlet walls (or none)
+        gives a :class:`LocalGaussian`; a full covariance, a low-rank one or other walls a
+        :class:`~constraint_layers.local.covariance.LocalConditioned` (the same methods, and
+        ``.covariance()``, ``.log_prob``).
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
     if any(c.family == "bounds" for c in totals):
         raise NotImplementedError(
-            f"{call}: Gaussian outputs with bounds and local rows are not supported yet "
-            "(deterministic outputs take both)."
-        )
-    if not _dirichlet_only(walls_):
-        raise NotImplementedError(
-            f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
-            "only; Neumann / periodic walls are not supported yet there."
+            f"{call}: Gaussian outputs with bounds and local rows are not supported (a Gaussian "
+            "conditioned on bounds is not Gaussian); deterministic outputs take both, and a "
+            "Gaussian with local rows takes walls and totals."
         )
     grid = GridSpec(spacing, extent, endpoint)
+    if covariance is not None or low_rank is not None or not _dirichlet_only(walls_):
+        return condition_covariance(
+            mean, local, walls_, totals, covariance=covariance, low_rank=low_rank,
+            variance=variance, grid=grid, inputs=inputs, call=call,
+        )  # fmt: skip
+    if variance is None:
+        raise ValueError(f"{call}: no uncertainty given: pass variance=, covariance= or low_rank=.")
     variance = torch.broadcast_to(variance, mean.shape)
     if not bool((variance.detach() >= 0).all()):
         raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
