@@ -329,7 +329,8 @@ class _LocalStage:
         return self._systems[rep]
 
     def _solve(self, rhs: Tensor, rep: int, scale: Tensor, check: bool) -> Tensor:
-        lam, it = self._system(rep).solve(rhs, scale, self.call, check=check)
+        with torch.no_grad():  # never autograd through the iterations
+            lam, it = self._system(rep).solve(rhs, scale, self.call, check=check)
         self.iterations.append(it)
         return lam
 
