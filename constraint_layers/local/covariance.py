@@ -62,6 +62,8 @@ class Prior:
                  d: Tensor | None = None) -> None:  # fmt: skip
         self.B, self.N = B, N
         self.lazy = S is not None and not isinstance(S, Tensor)
+        if self.lazy and getattr(S, "dtype", F64) != F64 and hasattr(S, "to"):
+            S = S.to(F64)  # products in float64 (a float32 model's operator, evaluated in float64)
         self.S = S.to(F64) if isinstance(S, Tensor) else S
         self.L = None if L is None else L.to(F64)
         self.d = None if d is None else d.to(F64)
@@ -237,40 +239,67 @@ class _RangeSolve:
 # --------------------------------------------------------------------------------- stages
 class _RowsStage:
     """A few rows ``A u = d`` (walls or totals) conditioned on by the Schur complement:
-    ``Sigma' = Sigma - V^T K^+ V`` with ``V = A Sigma``, ``K = A V^T``."""
+    ``Sigma' = Sigma - V^T K^+ V`` with ``V = A Sigma``, ``K = A V^T``.
 
-    def __init__(self, prev: Any, A: Tensor, d: Tensor, labels: list[str], call: str) -> None:
-        self.prev, self.A, self.d, self.labels, self.call = prev, A, d, labels, call
+    On a diagonal prior ``V`` lives on the columns the rows touch (``U``, a few per row): it is
+    kept there, dense (``r x |U|``), so that wall rows cost ``O(r^2 |U| / r)`` on any grid."""
+
+    def __init__(self, prev: Any, rows: Rows, labels: list[str], call: str) -> None:
+        self.prev, self.labels, self.call = prev, labels, call
         B, N = prev.B, prev.N
         self.B, self.N = B, N
-        At = A.expand(B, *A.shape[-2:]).permute(1, 0, 2)  # (r, B, N)
-        self.V = prev.mv(At).permute(1, 0, 2)  # (B, r, N)
-        K = A.expand(B, *A.shape[-2:]) @ self.V.mT
+        dev = rows.rhs.device
+        self.d = rows.rhs.to(F64)
+        diagonal = isinstance(prev, Prior) and prev.S is None and prev.L is None
+        if diagonal:
+            index = rows.index.to(dev)
+            self.U = torch.unique(index)  # sorted
+            pos = torch.searchsorted(self.U, index)
+            coeff = rows.coeff.to(dev, F64)
+            A = torch.zeros((*coeff.shape[:-1], self.U.numel()), dtype=F64, device=dev)
+            self.A = A.scatter_add_(-1, pos.expand(*coeff.shape), coeff)  # (B?, r, |U|)
+            self.V = self.A * prev.d[..., self.U].unsqueeze(-2)  # (B, r, |U|)
+        else:
+            self.U = None
+            self.A = rows.dense(N).to(dev)
+            At = self.A.expand(B, *self.A.shape[-2:]).permute(1, 0, 2)  # (r, B, N)
+            self.V = prev.mv(At).permute(1, 0, 2)  # (B, r, N)
+        K = self.A @ self.V.mT
         self.K = 0.5 * (K + K.mT)
         self.solve = _RangeSolve(self.K)
 
+    def _take(self, x: Tensor) -> Tensor:
+        return x if self.U is None else x[..., self.U]
+
+    def _put(self, v: Tensor) -> Tensor:
+        if self.U is None:
+            return v
+        out = torch.zeros((*v.shape[:-1], self.N), dtype=v.dtype, device=v.device)
+        return out.index_add(-1, self.U, v)
+
     def _rows(self, x: Tensor) -> Tensor:  # (..., B, N) -> (..., B, r)
-        return (self.A @ x.unsqueeze(-1)).squeeze(-1)
+        return (self.A @ self._take(x).unsqueeze(-1)).squeeze(-1)
+
+    def _step(self, mu: Tensor) -> Tensor:  # V^T mu: (..., B, r) -> (..., B, N)
+        return self._put((mu.unsqueeze(-2) @ self.V).squeeze(-2))
 
     def mv(self, X: Tensor) -> Tensor:
-        sx = self.prev.mv(X)
-        mu = self.solve((self.V @ X.unsqueeze(-1)).squeeze(-1))
-        return sx - (mu.unsqueeze(-2) @ self.V).squeeze(-2)
+        mu = self.solve((self.V @ self._take(X).unsqueeze(-1)).squeeze(-1))
+        return self.prev.mv(X) - self._step(mu)
 
     def project(self, x: Tensor, dtype: torch.dtype, check: bool = True) -> Tensor:
         r = self._rows(x) - self.d
         if check:
             with torch.no_grad():
-                scale = (self.A.abs() @ x.detach().abs().unsqueeze(-1)).squeeze(-1) + self.d.abs()
+                ax = (self.A.abs() @ self._take(x.detach()).abs().unsqueeze(-1)).squeeze(-1)
                 K = self.K.detach().expand(*r.shape[:-1], *self.K.shape[-2:])
-                solve_small(K, r.detach(), scale, tolerance(dtype).residual, self.labels,
-                            self.call)  # fmt: skip
-        mu = self.solve(r)
-        return x - (mu.unsqueeze(-2) @ self.V).squeeze(-2)
+                solve_small(K, r.detach(), ax + self.d.abs(), tolerance(dtype).residual,
+                            self.labels, self.call)  # fmt: skip
+        return x - self._step(self.solve(r))
 
     def diag(self) -> Tensor:
-        H = self.solve.half(self.V)  # (B, r, N)
-        return self.prev.diag() - H.square().sum(-2)
+        H = self.solve.half(self.V)  # (B, r, |U|)
+        return self.prev.diag() - self._put(H.square().sum(-2))
 
 
 class _CovSystem(System):
@@ -556,6 +585,12 @@ def condition_covariance(
     from ..boundary.enforce import boundary_rows
     from .project import _dirichlet_only, _walls
 
+    if any(getattr(c, "family", None) == "bounds" for c in totals):
+        raise NotImplementedError(
+            f"{call}: Gaussian outputs with bounds and local rows are supported with a diagonal "
+            "variance and cl.Dirichlet walls (or none), without totals; not yet with a full or "
+            "low-rank covariance or other walls."
+        )
     shape = tuple(mean.shape)
     B, N = shape[0], math.prod(shape[1:])
     lead = (B,) if lead is None else tuple(lead)
@@ -578,9 +613,9 @@ def condition_covariance(
         wrows = [r for r in wrows if r.num_rows]
         if wrows:
             st = Rows.stack(wrows, B)
+            st = st._replace(rhs=st.rhs.to(dev))
             labels = [f"{c!r} row {i}" for c, p in zip(walls, wrows) for i in range(p.num_rows)]
-            A = st.dense(N).to(dev)
-            stages.append(_RowsStage(prior, A, st.rhs.to(dev), labels, call))
+            stages.append(_RowsStage(prior, st, labels, call))
             parts_all.append(st)
     rows = local.rows(shape, grid=grid, inputs=inputs)
     op, f = rows.operator, rows.rhs.to(dev)
@@ -589,7 +624,8 @@ def condition_covariance(
         tparts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
         st = Rows.stack(tparts, B)
         labels = [f"{c!r} row {i}" for c, p in zip(totals, tparts) for i in range(p.num_rows)]
-        stages.append(_RowsStage(stages[-1], st.dense(N).to(dev), st.rhs.to(dev), labels, call))
+        st = st._replace(rhs=st.rhs.to(dev))
+        stages.append(_RowsStage(stages[-1], st, labels, call))
         parts_all.append(st)
 
     def dense_rows() -> tuple[Tensor, Tensor]:

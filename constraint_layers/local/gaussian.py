@@ -49,6 +49,9 @@ class LocalGaussian:
         self._totals = totals  # None or (G, b, V, A^+): the Schur complement of the totals
         self._dtype, self._call = dtype, call
         self._variance: Tensor | None = None
+        #: bounds with variance="rows": the bounded mean minus the equality-only one (draws of
+        #: the equality-only posterior, shifted onto the bounded mean)
+        self._shift: Tensor | None = None
 
     def _project(self, x: Tensor, f: Tensor, w: Tensor) -> Tensor:
         """The projection onto the local rows in the variance metric (``x`` (k, *event))."""
@@ -118,6 +121,8 @@ class LocalGaussian:
         out = self._project(x, f, ww).reshape(n, *w.shape)
         if self._totals is not None:
             out = _totals_step(out.reshape(n, w.shape[0], -1), *self._totals).reshape(out.shape)
+        if self._shift is not None:
+            out = out + self._shift
         return out.to(self._dtype)
 
 
@@ -174,13 +179,20 @@ def condition_local(
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
-    if any(c.family == "bounds" for c in totals):
-        raise NotImplementedError(
-            f"{call}: Gaussian outputs with bounds and local rows are not supported (a Gaussian "
-            "conditioned on bounds is not Gaussian); deterministic outputs take both, and a "
-            "Gaussian with local rows takes walls and totals."
-        )
+    bounds = [c for c in totals if c.family == "bounds"]
+    totals = [c for c in totals if c.family != "bounds"]
     grid = GridSpec(spacing, extent, endpoint)
+    if bounds:
+        if covariance is not None or low_rank is not None or totals or not _dirichlet_only(walls_):
+            raise NotImplementedError(
+                f"{call}: Gaussian outputs with bounds and local rows are supported with a "
+                "diagonal variance and cl.Dirichlet walls (or none), without totals; not yet "
+                "with a full or low-rank covariance, other walls or totals (deterministic "
+                "outputs take bounds with Dirichlet walls)."
+            )
+        if variance is None:
+            raise ValueError(f"{call}: no uncertainty given: pass variance=.")
+        return _condition_bounded(mean, variance, local, walls_, bounds, grid, inputs, call)
     if covariance is not None or low_rank is not None or not _dirichlet_only(walls_):
         return condition_covariance(
             mean, local, walls_, totals, covariance=covariance, low_rank=low_rank,
@@ -261,3 +273,71 @@ def _dense_variance(op: Any, var: Tensor, mask: Tensor | None) -> Tensor:
         B = (V[:, keep] * lam[keep].rsqrt()).T @ (C * wf)  # (r, n)
         out.append((wf - B.square().sum(0)).clamp_min(0.0).reshape(op.shape))
     return torch.stack(out)
+
+
+def _condition_bounded(mean, variance, local, walls, bounds, grid, inputs, call) -> LocalGaussian:
+    """Bounds with local rows on a diagonal-variance Gaussian, the semantics of the engine's
+    Gaussian + bounds (:mod:`constraint_layers._project_bounds`): the mean is the bounded
+    projection in the variance metric (the mode of the conditioned Gaussian restricted to the
+    box: :func:`~constraint_layers.local.bounded.project_local_bounded` with the metric); the
+    uncertainty, by the bounds' ``variance``: ``"rows"`` (every bound's default) the
+    equality-only posterior around the bounded mean (draws shifted onto it), ``"active"`` the
+    Gaussian conditioned on the rows and on the active bounds held as equalities (variance 0
+    there; its draws satisfy every row and sit on the active bounds)."""
+    from ..bounds import resolve_bounds
+    from .bounded import project_local_bounded
+
+    variance = torch.broadcast_to(variance, mean.shape)
+    if not bool((variance.detach() >= 0).all()):
+        raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
+    z, mask = _walls(mean, walls, grid, inputs, call)
+    lo, hi = resolve_bounds(bounds, tuple(mean.shape), dtype=F64, device=mean.device,
+                            inputs=inputs, flat_shape=None, call=call)  # fmt: skip
+    _check_walls_in_bounds(z, mask, lo, hi, bounds, call)
+    rows: LocalRows = local.rows(tuple(mean.shape), grid=grid, inputs=inputs)
+    op, f = rows.operator, rows.rhs.to(mean.device)
+    w = variance.to(F64)
+    if mask is not None:
+        w = torch.where(mask, w, torch.zeros_like(w))
+    x = project_local_bounded(op, z.to(F64), f, mask, lo, hi, call, weight=w)
+    out = x.to(mean.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
+    if lo is not None:  # the cast to the output dtype may round across a bound
+        out = torch.maximum(out, lo.to(mean.dtype))
+    if hi is not None:
+        out = torch.minimum(out, hi.to(mean.dtype))
+    if all(getattr(b, "variance", "rows") == "rows" for b in bounds):
+        g = condition_local(mean, variance, local, *walls, spacing=grid.spacing, extent=grid.extent,
+                            endpoint=grid.endpoint, inputs=inputs, call=call)  # fmt: skip
+        g._shift = (x - g.mean.to(F64)).detach()
+        g.mean = out
+        return g
+    held = torch.zeros(mean.shape, dtype=torch.bool, device=mean.device)
+    if lo is not None:
+        held |= x.detach() <= lo.detach()
+    if hi is not None:
+        held |= x.detach() >= hi.detach()
+    # the held nodes get zero variance: conditioned on as equalities (per sample), they do not
+    # move in the variance metric
+    zh = torch.where(held, x.to(mean.dtype), z)
+    vh = torch.where(held, torch.zeros_like(w), w)
+    return LocalGaussian(out, vh, op, mask, f, zh, None, mean.dtype, call)
+
+
+def _check_walls_in_bounds(z, mask, lo, hi, bounds, call) -> None:
+    """A Dirichlet wall value outside the bounds raises (nothing can move it)."""
+    if mask is None:
+        return
+    fixed = z.detach().to(F64)
+    bad = torch.zeros_like(fixed, dtype=torch.bool)
+    if lo is not None:
+        bad |= (fixed < lo.detach()) & ~mask
+    if hi is not None:
+        bad |= (fixed > hi.detach()) & ~mask
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
+            f"bounds {list(bounds)}; nothing can move a Dirichlet value."
+        )
