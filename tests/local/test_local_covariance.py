@@ -366,3 +366,40 @@ def test_gpytorch_velocity_gp_posterior_is_divergence_free():
     lp = post.log_prob(s)
     assert lp.shape == (4,) and bool(torch.isfinite(lp).all())
     assert float(post.log_prob(plain.mean)) == -math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_operator_and_low_rank_record(dtype):
+    """A batched operator (batch, N, N) and (1, N, N); a low-rank record with a batch axis and a
+    wall (``project_record``): as dense conditioning, draws on the rows and the wall."""
+    from constraint_layers.functional import Gaussian
+    from constraint_layers.local.project import project_record
+
+    g = torch.Generator().manual_seed(19)
+    grid, N = (6, 7), 84
+    shape = (2, 2, *grid)
+    m = torch.randn(shape, dtype=F64, generator=g)
+    S = random_covariance(N, batch=2, seed=20)
+    C = dense_div(shape[1:], [1 / 5, 1 / 6])
+    tol = TOL[dtype]
+    for cov, ref in ((S, S), (S[:1], S[:1].expand(2, N, N))):
+        post = condition_local(m.to(dtype), None, cl.DivergenceFree(), covariance=Operator(cov))
+        mean, var = dense_conditioning(m.to(dtype).to(F64), ref, C)
+        assert float((post.mean.to(F64) - mean).abs().max()) <= tol * float(m.abs().max())
+        assert float((post.variance.to(F64) - var).abs().max()) <= tol * float(S.max())
+    L = (0.3 * torch.randn(2, N, 5, dtype=F64, generator=g)).to(dtype)
+    d = (0.5 + torch.rand(shape, dtype=F64, generator=g)).to(dtype)
+    rec = Gaussian(m.to(dtype), d, None, L, None, 3)
+    out = project_record(rec, [cl.DivergenceFree(), cl.Dirichlet(0.0, dim=0)])
+    free = torch.ones(shape[1:], dtype=torch.bool)
+    free[:, 0] = free[:, -1] = False
+    Sl = L.to(F64) @ L.to(F64).mT + torch.diag_embed(d.to(F64).reshape(2, N))
+    E = torch.eye(N, dtype=F64)[~free.flatten()]
+    mean, var = dense_conditioning(m.to(dtype).to(F64), Sl, torch.cat([C, E]))
+    assert out.mean.dtype == dtype and out.low_rank is None and out.conditioned is not None
+    assert float((out.mean.to(F64) - mean).abs().max()) <= tol * float(m.abs().max())
+    assert float((out.variance.to(F64) - var).abs().max()) <= tol * float(Sl.max())
+    s = out.conditioned.sample(3, generator=torch.Generator().manual_seed(0))
+    scale = float(C.abs().sum(1).max()) * float(s.abs().max())
+    assert float((s.to(F64).flatten(2) @ C.T).abs().max()) <= tol * scale
+    assert bool((s[:, :, ~free] == 0).all())
