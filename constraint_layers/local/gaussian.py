@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..rows import GridSpec
 from .constraint import LocalRows
-from .covariance import LocalConditioned, condition_covariance
+from .covariance import DENSE_VARIANCE_MAX_NODES, LocalConditioned, condition_covariance
 from .implicit import project_cg
 from .project import _check_grid_output, _dirichlet_only, _split, _walls
 from .solve import NULL_RTOL
@@ -28,8 +28,6 @@ from .totals import solve_small
 __all__ = ["DENSE_VARIANCE_MAX_NODES", "LocalGaussian", "condition_local"]
 
 F64 = torch.float64
-#: The largest grid (nodes per channel) whose marginal variances are formed densely.
-DENSE_VARIANCE_MAX_NODES = 64 * 64
 
 
 class LocalGaussian:
