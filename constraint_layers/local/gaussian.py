@@ -1,4 +1,9 @@
-"""Gaussians with a diagonal variance conditioned on local rows (with Dirichlet walls and totals).
+"""Gaussians conditioned on local rows: the entry :func:`condition_local`, and the diagonal path.
+
+A diagonal variance with Dirichlet walls (or none) takes the path below; a full covariance, a
+low-rank one, or walls of other kinds go to :mod:`constraint_layers.local.covariance`; bounds
+(diagonal variance, Dirichlet walls) to :func:`_condition_bounded` (the bounded projection in the
+variance metric, the engine's ``variance="rows"`` / ``"active"`` uncertainty).
 
 ProbConserv's conditioning at every node: mean ``z - W M C^T (C W M C^T)^+ (C z - f)`` by CG
 (:func:`~constraint_layers.local.implicit.project_cg` in the variance metric), the Dirichlet
