@@ -7,12 +7,16 @@ noise-free linear rows in stages is the joint conditioning):
 
 1. the wall rows (``cl.Dirichlet``, ``cl.Neumann``, periodic: a few sparse rows, those of
    :func:`~constraint_layers.boundary.enforce.boundary_rows` that a joint projection conditions
-   on) by the Schur complement: ``V = A Sigma`` (one product of ``Sigma`` per row),
-   ``K = A Sigma A^T`` factored densely;
+   on) by the Schur complement: ``V = A Sigma`` (one product of ``Sigma`` per row; on a
+   diagonal prior only the columns the rows touch), ``K = A Sigma A^T`` factored densely
+   (``r x N`` memory for a full or low-rank prior: wall rows with those fit grids up to about
+   128 x 128);
 2. the local rows ``C u = f`` matrix-free: CG on ``K = C Sigma_1 C^T`` preconditioned by the
    constant-coefficient fast solve of ``C C^T`` scaled on each side by the diagonal of
    ``Sigma_1`` averaged over a window (the mean variance, locally); the Dirichlet nodes are
-   eliminated (the free-node mask) as for a diagonal variance;
+   eliminated (the free-node mask) as for a diagonal variance; after other wall rows the fast
+   solve is that of ``C Pi C^T``, ``Pi`` the wall rows' null-space projector along each
+   channel's own axis (:func:`_wall_fast_solve`);
 3. the totals (a few dense rows) by the Schur complement over the local stage (one local solve
    per row).
 
