@@ -9,12 +9,14 @@
 - ``totals``: a few dense rows next to the local ones (Schur complement);
 - ``bounded``: box bounds with local rows (active set over the local solver);
 - ``project``: the deterministic entry points (walls of any kind, totals);
-- ``gaussian``: diagonal Gaussians conditioned on local rows.
+- ``gaussian``: Gaussians conditioned on local rows (the entry; diagonal variances, bounds);
+- ``covariance``: full, low-rank and operator covariances, walls of any kind (staged, CG).
 """
 
 from __future__ import annotations
 
 from .constraint import Continuity, DivergenceFree, LinearPDE, LocalRows, Term
+from .covariance import LocalConditioned
 from .gaussian import LocalGaussian, condition_local
 from .operator import LocalOperator
 from .project import enforce_local, is_local, project_local
@@ -23,6 +25,7 @@ __all__ = [
     "Continuity",
     "DivergenceFree",
     "LinearPDE",
+    "LocalConditioned",
     "LocalGaussian",
     "LocalOperator",
     "LocalRows",

@@ -29,9 +29,11 @@ F64 = torch.float64
 MAX_SWEEPS = 1000
 
 
-def _multipliers(op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str) -> Tensor:
-    """``C^T lam`` of the masked projection of ``z`` (1, channels, *grid), no autograd."""
-    system = System(op, free, None)
+def _multipliers(op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str,
+                 w: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``C^T lam`` of the masked projection of ``z`` (1, channels, *grid), no autograd (metric
+    ``w``: a diagonal variance, or None)."""
+    system = System(op, free, w)
     lam, _ = system.solve(op.apply(z) - f, _scale(op, z, f), call)
     return op.transpose(lam)
 
@@ -44,20 +46,24 @@ def project_local_bounded(
     lower: Tensor | None,
     upper: Tensor | None,
     call: str,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """``argmin |u - z|`` s.t. ``C u = f``, the wall nodes (``walls`` False) as in ``z``, and the
-    bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None)."""
+    bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None).
+    ``weight`` (z's shape, > 0 on the free nodes): the metric ``|u - z|^2_{W^-1}`` (a diagonal
+    variance; the multipliers become ``nu = W^-1 (u - z) + C^T lam``)."""
     shape = z.shape[1:]
     free0 = torch.ones(shape, dtype=torch.bool, device=z.device) if walls is None else walls
     lo = None if lower is None else torch.broadcast_to(lower.to(F64), z.shape)
     hi = None if upper is None else torch.broadcast_to(upper.to(F64), z.shape)
     out = []
     for b in range(z.shape[0]):
-        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call))
+        w = None if weight is None else weight[b : b + 1].to(F64)
+        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call, w))
     return torch.cat(out)
 
 
-def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
+def _one(op, z, f, free0, lo, hi, b, call: str, w=None) -> Tensor:
     lo_b = None if lo is None else lo[b : b + 1].detach()
     hi_b = None if hi is None else hi[b : b + 1].detach()
     zd = z.detach()
@@ -66,7 +72,8 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
     seen: set[bytes] = set()
     single = False  # after a cycle: one change at a time
     for _ in range(MAX_SWEEPS):
-        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call)
+        wd = None if w is None else w.detach()
+        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call, wd)
         if state is None:  # the held nodes leave no solution: hold fewer
             if not single:
                 single, at_lo, at_hi = True, *_fewer(at_lo, at_hi)
@@ -97,7 +104,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
     if hi is not None:
         target = torch.where(at_hi, hi[b : b + 1], target)
     free = free0 & ~(at_lo | at_hi)[0]
-    out = project_cg(op, target, f, mask=free, call=call)
+    out = project_cg(op, target, f, mask=free, weight=w, call=call)
     # free nodes inside to rounding (1e-12): clipped, so that every value is within its bounds
     if lo is not None:
         out = torch.where(free, torch.maximum(out, lo[b : b + 1]), out)
@@ -106,7 +113,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
     return out
 
 
-def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
+def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call, w=None):
     """The violations of the free nodes and the negative multipliers of the held ones (as
     amounts, 0 where none), or None when the held nodes leave the rows no solution."""
     target = zd
@@ -116,9 +123,11 @@ def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
         target = torch.where(at_hi, hi_b, target)
     free = free0 & ~(at_lo | at_hi)[0]
     try:
-        ct = _multipliers(op, target, f, free, call)
+        ct = _multipliers(op, target, f, free, call, w)
     except IncompatibleConstraintsError:
         return None
+    if w is not None:
+        ct = w * ct  # W C^T lam: the move, and the multipliers' terms in units of u
     u = torch.where(free, target - ct, target)
     zero = torch.zeros_like(zd)
     viol_lo = viol_hi = neg_lo = neg_hi = zero

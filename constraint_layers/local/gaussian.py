@@ -1,4 +1,9 @@
-"""Gaussians with a diagonal variance conditioned on local rows (with Dirichlet walls and totals).
+"""Gaussians conditioned on local rows: the entry :func:`condition_local`, and the diagonal path.
+
+A diagonal variance with Dirichlet walls (or none) takes the path below; a full covariance, a
+low-rank one, or walls of other kinds go to :mod:`constraint_layers.local.covariance`; bounds
+(diagonal variance, Dirichlet walls) to :func:`_condition_bounded` (the bounded projection in the
+variance metric, the engine's ``variance="rows"`` / ``"active"`` uncertainty).
 
 ProbConserv's conditioning at every node: mean ``z - W M C^T (C W M C^T)^+ (C z - f)`` by CG
 (:func:`~constraint_layers.local.implicit.project_cg` in the variance metric), the Dirichlet
@@ -19,6 +24,7 @@ from torch import Tensor
 
 from ..rows import GridSpec
 from .constraint import LocalRows
+from .covariance import DENSE_VARIANCE_MAX_NODES, LocalConditioned, condition_covariance
 from .implicit import project_cg
 from .project import _check_grid_output, _dirichlet_only, _split, _walls
 from .solve import NULL_RTOL
@@ -27,8 +33,6 @@ from .totals import solve_small
 __all__ = ["DENSE_VARIANCE_MAX_NODES", "LocalGaussian", "condition_local"]
 
 F64 = torch.float64
-#: The largest grid (nodes per channel) whose marginal variances are formed densely.
-DENSE_VARIANCE_MAX_NODES = 64 * 64
 
 
 class LocalGaussian:
@@ -48,6 +52,9 @@ class LocalGaussian:
         self._totals = totals  # None or (G, b, V, A^+): the Schur complement of the totals
         self._dtype, self._call = dtype, call
         self._variance: Tensor | None = None
+        #: bounds with variance="rows": the bounded mean minus the equality-only one (draws of
+        #: the equality-only posterior, shifted onto the bounded mean)
+        self._shift: Tensor | None = None
 
     def _project(self, x: Tensor, f: Tensor, w: Tensor) -> Tensor:
         """The projection onto the local rows in the variance metric (``x`` (k, *event))."""
@@ -117,6 +124,8 @@ class LocalGaussian:
         out = self._project(x, f, ww).reshape(n, *w.shape)
         if self._totals is not None:
             out = _totals_step(out.reshape(n, w.shape[0], -1), *self._totals).reshape(out.shape)
+        if self._shift is not None:
+            out = out + self._shift
         return out.to(self._dtype)
 
 
@@ -129,47 +138,71 @@ def _totals_step(x: Tensor, G: Tensor, b: Tensor, V: Tensor, Ap: Tensor) -> Tens
 
 def condition_local(
     mean: Tensor,
-    variance: Tensor,
+    variance: Tensor | None,
     constraint: Any,
     *walls: Any,
+    covariance: Any = None,
+    low_rank: Tensor | None = None,
     spacing: float | Sequence[float] | None = None,
     extent: float | Sequence[float] | None = None,
     endpoint: bool = True,
     inputs: Any = None,
     call: str = "condition_local",
-) -> LocalGaussian:
-    """Condition a Gaussian with diagonal variance on a local constraint (with Dirichlet walls
-    and totals).
+) -> LocalGaussian | LocalConditioned:
+    """Condition a Gaussian on a local constraint (with walls and totals).
 
     Parameters
     ----------
-    mean, variance : Tensor
-        shape: (batch, channels, d1, ..., dn); variances >= 0 (positive on the nodes the rows
-        read). Not modified.
+    mean : Tensor
+        shape: (batch, channels, d1, ..., dn). Not modified.
+    variance : Tensor or None
+        shape: the mean's (broadcastable); variances >= 0 (positive on the nodes the rows read).
+        With ``low_rank``: the diagonal part of ``Sigma = diag(variance) + L L^T`` (optional).
+        None with ``covariance``.
     constraint, walls, spacing, extent, endpoint, inputs
-        As for :func:`enforce_local`. Totals are conditioned on jointly, by the Schur
-        complement over the local solver in the variance metric.
+        As for :func:`enforce_local`. Walls of any kind (``cl.Dirichlet``, ``cl.Neumann``,
+        periodic) and totals are conditioned on jointly with the local rows (Dirichlet nodes
+        take their values, with zero variance).
+    covariance : Tensor or linear operator, optional
+        The full covariance over the flattened event ``N = channels * prod(grid)`` (C order),
+        shape (N, N) or (batch, N, N): a dense tensor, or any object with ``matmul`` (or ``@``)
+        and ``diagonal()`` (e.g. a GP's ``lazy_covariance_matrix``), conditioned matrix-free.
+    low_rank : Tensor, optional
+        ``L``, shape (N, K) or (batch, N, K): ``Sigma = diag(variance) + L L^T``.
 
     Returns
     -------
-    LocalGaussian
+    LocalGaussian or LocalConditioned
         ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
-        64 nodes), ``.estimate_variance(probes)`` (Hutchinson, with its standard error),
-        ``.sample(n)`` (exact draws).
+        64 nodes per channel), ``.estimate_variance(probes)`` (Hutchinson, with its standard
+        error), ``.sample(n)`` (exact draws). A diagonal variance with Dirichlet walls (or none)
+        gives a :class:`LocalGaussian`; a full covariance, a low-rank one or other walls a
+        :class:`~constraint_layers.local.covariance.LocalConditioned` (the same methods, and
+        ``.covariance()``, ``.log_prob``).
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
-    if any(c.family == "bounds" for c in totals):
-        raise NotImplementedError(
-            f"{call}: Gaussian outputs with bounds and local rows are not supported yet "
-            "(deterministic outputs take both)."
-        )
-    if not _dirichlet_only(walls_):
-        raise NotImplementedError(
-            f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
-            "only; Neumann / periodic walls are not supported yet there."
-        )
+    bounds = [c for c in totals if c.family == "bounds"]
+    totals = [c for c in totals if c.family != "bounds"]
     grid = GridSpec(spacing, extent, endpoint)
+    if bounds:
+        if covariance is not None or low_rank is not None or totals or not _dirichlet_only(walls_):
+            raise NotImplementedError(
+                f"{call}: Gaussian outputs with bounds and local rows are supported with a "
+                "diagonal variance and cl.Dirichlet walls (or none), without totals; not yet "
+                "with a full or low-rank covariance, other walls or totals (deterministic "
+                "outputs take bounds with Dirichlet walls)."
+            )
+        if variance is None:
+            raise ValueError(f"{call}: no uncertainty given: pass variance=.")
+        return _condition_bounded(mean, variance, local, walls_, bounds, grid, inputs, call)
+    if covariance is not None or low_rank is not None or not _dirichlet_only(walls_):
+        return condition_covariance(
+            mean, local, walls_, totals, covariance=covariance, low_rank=low_rank,
+            variance=variance, grid=grid, inputs=inputs, call=call,
+        )  # fmt: skip
+    if variance is None:
+        raise ValueError(f"{call}: no uncertainty given: pass variance=, covariance= or low_rank=.")
     variance = torch.broadcast_to(variance, mean.shape)
     if not bool((variance.detach() >= 0).all()):
         raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
@@ -243,3 +276,71 @@ def _dense_variance(op: Any, var: Tensor, mask: Tensor | None) -> Tensor:
         B = (V[:, keep] * lam[keep].rsqrt()).T @ (C * wf)  # (r, n)
         out.append((wf - B.square().sum(0)).clamp_min(0.0).reshape(op.shape))
     return torch.stack(out)
+
+
+def _condition_bounded(mean, variance, local, walls, bounds, grid, inputs, call) -> LocalGaussian:
+    """Bounds with local rows on a diagonal-variance Gaussian, the semantics of the engine's
+    Gaussian + bounds (:mod:`constraint_layers._project_bounds`): the mean is the bounded
+    projection in the variance metric (the mode of the conditioned Gaussian restricted to the
+    box: :func:`~constraint_layers.local.bounded.project_local_bounded` with the metric); the
+    uncertainty, by the bounds' ``variance``: ``"rows"`` (every bound's default) the
+    equality-only posterior around the bounded mean (draws shifted onto it), ``"active"`` the
+    Gaussian conditioned on the rows and on the active bounds held as equalities (variance 0
+    there; its draws satisfy every row and sit on the active bounds)."""
+    from ..bounds import resolve_bounds
+    from .bounded import project_local_bounded
+
+    variance = torch.broadcast_to(variance, mean.shape)
+    if not bool((variance.detach() >= 0).all()):
+        raise ValueError(f"{call}: the variance holds negative values; expected variances >= 0.")
+    z, mask = _walls(mean, walls, grid, inputs, call)
+    lo, hi = resolve_bounds(bounds, tuple(mean.shape), dtype=F64, device=mean.device,
+                            inputs=inputs, flat_shape=None, call=call)  # fmt: skip
+    _check_walls_in_bounds(z, mask, lo, hi, bounds, call)
+    rows: LocalRows = local.rows(tuple(mean.shape), grid=grid, inputs=inputs)
+    op, f = rows.operator, rows.rhs.to(mean.device)
+    w = variance.to(F64)
+    if mask is not None:
+        w = torch.where(mask, w, torch.zeros_like(w))
+    x = project_local_bounded(op, z.to(F64), f, mask, lo, hi, call, weight=w)
+    out = x.to(mean.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
+    if lo is not None:  # the cast to the output dtype may round across a bound
+        out = torch.maximum(out, lo.to(mean.dtype))
+    if hi is not None:
+        out = torch.minimum(out, hi.to(mean.dtype))
+    if all(getattr(b, "variance", "rows") == "rows" for b in bounds):
+        g = condition_local(mean, variance, local, *walls, spacing=grid.spacing, extent=grid.extent,
+                            endpoint=grid.endpoint, inputs=inputs, call=call)  # fmt: skip
+        g._shift = (x - g.mean.to(F64)).detach()
+        g.mean = out
+        return g
+    held = torch.zeros(mean.shape, dtype=torch.bool, device=mean.device)
+    if lo is not None:
+        held |= x.detach() <= lo.detach()
+    if hi is not None:
+        held |= x.detach() >= hi.detach()
+    # the held nodes get zero variance: conditioned on as equalities (per sample), they do not
+    # move in the variance metric
+    zh = torch.where(held, x.to(mean.dtype), z)
+    vh = torch.where(held, torch.zeros_like(w), w)
+    return LocalGaussian(out, vh, op, mask, f, zh, None, mean.dtype, call)
+
+
+def _check_walls_in_bounds(z, mask, lo, hi, bounds, call) -> None:
+    """A Dirichlet wall value outside the bounds raises (nothing can move it)."""
+    if mask is None:
+        return
+    fixed = z.detach().to(F64)
+    bad = torch.zeros_like(fixed, dtype=torch.bool)
+    if lo is not None:
+        bad |= (fixed < lo.detach()) & ~mask
+    if hi is not None:
+        bad |= (fixed > hi.detach()) & ~mask
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
+            f"bounds {list(bounds)}; nothing can move a Dirichlet value."
+        )

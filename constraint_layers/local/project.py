@@ -227,42 +227,103 @@ def project_record(
     call: str = "project",
 ) -> Any:
     """The layer's entry: a prediction record (:class:`~constraint_layers.functional.Gaussian`)
-    with local rows. Deterministic: :func:`project_local`; a diagonal variance:
-    :func:`condition_local` (``metric="covariance"``) or the Euclidean move of the mean with the
-    variance kept (``metric="euclidean"``)."""
+    with local rows.
+
+    - Deterministic: :func:`project_local`.
+    - ``metric="euclidean"``: the Euclidean move of the mean, the uncertainty kept as given.
+    - A diagonal variance with ``cl.Dirichlet`` walls (or none): :func:`condition_local`'s
+      diagonal path; the record gets the conditioned mean and marginal variances.
+    - A full covariance (a tensor or a linear operator), a low-rank one, or walls of any kind:
+      :func:`~constraint_layers.local.covariance.condition_covariance`; the record gets the
+      mean, the marginal variances and, for a full covariance, the ``downdate`` ``F``
+      (posterior covariance ``covariance - F F^T``) and the structured posterior
+      (``conditioned``: exact roots and the density on the rows, for the adapters). Dense
+      algebra, so up to 64 x 64 nodes per channel; beyond that use
+      ``functional.condition_local`` and its variance estimator.
+
+    The record's event is ``(channels, d1, ..., dn)`` (leading axes: the batch); with
+    ``grid_shape`` a flat event ``(n,)`` or ``(channels, n)``, ``n = prod(grid_shape)`` (C
+    order), as a gpytorch GP gives it.
+    """
     from ..conservation.gaussian import Gaussian
     from .gaussian import condition_local
 
-    if grid_shape is not None or pred.event_ndim != pred.mean.ndim - 1:
-        raise NotImplementedError(
-            f"{call}: local constraints act on channel-first grid outputs (batch, channels, d1, "
-            "..., dn); flat outputs (grid_shape=) are not supported."
-        )
+    mean = pred.mean
+    k = pred.event_ndim
+    lead = tuple(mean.shape[: mean.ndim - k])
+    event = tuple(mean.shape[mean.ndim - k :])
+    B = math.prod(lead)
+    if grid_shape is not None:
+        gs = tuple(int(g) for g in grid_shape)
+        n = math.prod(gs)
+        if k not in (1, 2) or event[-1] != n:
+            raise ValueError(
+                f"{call}: with grid_shape={gs} local rows read a flat event (n,) or (channels, "
+                f"n) with n = {n}; got an event of shape {event}."
+            )
+        gshape = (1 if k == 1 else event[0], *gs)
+    else:
+        if k < 2:
+            raise ValueError(
+                f"{call}: local constraints act on channel-first grid outputs (batch, channels, "
+                f"d1, ..., dn); got an event of shape {event}. For a flat event give the grid it "
+                "lies on: grid_shape=(d1, ..., dn)."
+            )
+        gshape = event
     if not (isinstance(noise, (int, float)) and noise == 0):
         raise NotImplementedError(f"{call}: local rows are exact; noise must be 0, got {noise}.")
-    if pred.covariance is not None or pred.low_rank is not None:
+
+    def to_grid(x: Tensor | None) -> Tensor | None:
+        return None if x is None else torch.broadcast_to(x, mean.shape).reshape(B, *gshape)
+
+    full = pred.covariance is not None or pred.low_rank is not None
+    if (pred.variance is None and not full) or metric == "euclidean":
+        out = project_local(to_grid(mean), constraints, grid=grid, inputs=inputs, lift=lift,
+                            call=call)  # fmt: skip
+        return pred._replace(mean=out.reshape(mean.shape), downdate=None, conditioned=None)
+    local, walls, totals = _split(constraints, call)
+    if lift:
         raise NotImplementedError(
-            f"{call}: local rows condition Gaussians with a diagonal variance; a dense or "
-            "low-rank covariance is not supported yet."
+            f"{call}: Gaussian outputs are conditioned on local rows with lift=0 only "
+            "(metric='euclidean' moves the mean with a lift)."
         )
-    mean = pred.mean
-    if pred.variance is None or metric == "euclidean":
-        out = project_local(mean, constraints, grid=grid, inputs=inputs, lift=lift, call=call)
-        var = pred.variance
-    else:
-        local, walls, totals = _split(constraints, call)
-        if lift or not _dirichlet_only(walls):
-            raise NotImplementedError(
-                f"{call}: Gaussian outputs are conditioned on local rows with cl.Dirichlet walls "
-                "(lift=0) only; Neumann / periodic walls or a lift are not supported yet there "
-                "(metric='euclidean' moves the mean with them)."
-            )
+    if not full and _dirichlet_only(walls):
         g = condition_local(
-            mean, pred.variance, local, *walls, *totals, spacing=grid.spacing, extent=grid.extent,
-            endpoint=grid.endpoint, inputs=inputs, call=call,
+            to_grid(mean), to_grid(pred.variance), local, *walls, *totals, spacing=grid.spacing,
+            extent=grid.extent, endpoint=grid.endpoint, inputs=inputs, call=call,
         )  # fmt: skip
-        out, var = g.mean, g.variance
-    return Gaussian(out, var, event_ndim=pred.event_ndim)
+        return Gaussian(g.mean.reshape(mean.shape), g.variance.reshape(mean.shape),
+                        event_ndim=k)  # fmt: skip
+    from .covariance import condition_covariance
+
+    N = math.prod(gshape)
+    cov, low = pred.covariance, pred.low_rank
+    for name, x in (("covariance", cov), ("low_rank", low)):
+        if x is not None and len(x.shape) > 3:
+            if not isinstance(x, Tensor):
+                raise NotImplementedError(
+                    f"{call}: a {name} linear operator with several batch axes "
+                    f"{tuple(x.shape[:-2])} is not supported with local rows; flatten the "
+                    "batch into one axis."
+                )
+            x = x.reshape(-1, *x.shape[-2:])
+        if name == "covariance":
+            cov = x
+        else:
+            low = x
+    g = condition_covariance(
+        to_grid(mean), local, walls, totals, covariance=cov, low_rank=low,
+        variance=to_grid(pred.variance), grid=grid, inputs=inputs, lead=lead, call=call,
+    )  # fmt: skip
+    var = g.variance.reshape(mean.shape)
+    out = g.mean.reshape(mean.shape)
+    if pred.covariance is None:
+        if pred.low_rank is None:  # a diagonal variance with other walls: the fast path's record
+            return Gaussian(out, var, event_ndim=k)
+        return Gaussian(out, var, None, None, None, k, g)
+    F = g.factor.to(mean.dtype)
+    F = F.reshape(*lead, N, F.shape[-1])
+    return Gaussian(out, var, pred.covariance, None, F, k, g)
 
 
 def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tensor:

@@ -278,6 +278,7 @@ class System:
         self.weight = weight  # (batch, channels, *grid) float64, or None
         self.pre = fast_solve(op_key(op), _free_lines(op, mask))
         self.check = True
+        self.patience = PATIENCE  # CG iterations without halving the residual before it stops
         self.row_scale = None
         if weight is not None:
             # K = C W C^T ~ D (C C^T) D with D^2 the variance averaged over a window of
@@ -337,7 +338,7 @@ class System:
                     + " (the largest entry of the right-hand side's component in the null space "
                     "of C^T: the combinations of rows that every field leaves at zero)"
                 )
-        lam, res, it = pcg(self.matvec, self.precondition, rhs, scale)
+        lam, res, it = pcg(self.matvec, self.precondition, rhs, scale, patience=self.patience)
         rel = float((res / scale).amax()) if res.numel() else 0.0
         if rel > ACCEPT_RTOL:
             if not self.op.separable:
@@ -375,6 +376,7 @@ def pcg(
     scale: Tensor,
     rtol: float = CG_RTOL,
     maxiter: int = MAXITER,
+    patience: int = PATIENCE,
 ) -> tuple[Tensor, Tensor, int]:
     """Preconditioned CG on a symmetric PSD ``K`` (singular allowed, consistent ``b``), batched.
 
@@ -411,7 +413,7 @@ def pcg(
         improved = res < 0.5 * best
         best = torch.minimum(best, res)
         since = 0 if bool(improved.any()) else since + 1
-        if since > PATIENCE:
+        if since > patience:
             break  # stagnating: incompatible data (or a residual at rounding)
         z = precond(r)
         rz_new = (r * z).sum(dims)

@@ -71,5 +71,7 @@ def test_bounds_float32_and_refusals():
     assert float((out.double().flatten(1) @ C.T).abs().max()) <= 1e-5 * float(C.abs().sum(1).max())
     with pytest.raises(ValueError, match="outside the bounds"):
         enforce_local(u, cl.DivergenceFree(), cl.Dirichlet(1.0, dim=0), cl.Bounds(-0.5, 0.5))
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        cl.functional.condition_local(u, torch.ones_like(u), cl.DivergenceFree(), cl.Bounds(0.0))
+    with pytest.raises(NotImplementedError, match="not yet"):
+        cl.functional.condition_local(
+            u, None, cl.DivergenceFree(), cl.Bounds(0.0), covariance=torch.eye(128)
+        )
