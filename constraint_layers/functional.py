@@ -5,11 +5,11 @@ A layer's ``forward`` is the model call plus the projection these functions comp
 
 from __future__ import annotations
 
-from ._project import dense_projection
+from ._engine.dense import dense_projection
+from ._engine.gaussian import conserve
+from ._engine.streaming import enforce_conservation
 from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
-from .conservation.conserve import conserve
 from .conservation.constraint import conservation_rows
-from .conservation.enforce import enforce_conservation
 from .conservation.gaussian import Gaussian
 from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture
 from .conservation.posterior import ConstrainedGaussian, DegenerateGaussian

@@ -48,10 +48,11 @@ import torch
 from torch import Tensor, nn
 
 from ._bind_grid import bind_grid
+from ._engine.dense import project as _engine_project
+from ._engine.dense import split_families
+from ._engine.streaming import METRICS, flat_event, grid_view
 from ._grid import check_grid_options, resolve_spacing
 from ._messages import under_call
-from ._project import project as _engine_project
-from ._project import split_families
 from ._tolerance import tolerance
 from ._values import bind_given, check_finite_now, given_names
 from .boundary.enforce import boundary_residuals, check_lift
@@ -59,7 +60,6 @@ from .boundary.enforce import conditions as boundary_conditions
 from .boundary.refine import KERNEL_GRADS, Refinement, RefinementContext
 from .bounds import resolve_bounds
 from .conservation.constraint import constraints_of
-from .conservation.enforce import METRICS, flat_event, grid_view
 from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError, GridError
 from .local.project import is_local, project_record
@@ -494,7 +494,7 @@ class ConstraintLayer(nn.Module):
         The model's Gaussian as its adapter reads it (for an ensemble: its moment-matched
         Gaussian); in physical units when a normaliser is set.
         """
-        from .conservation.enforce import _posterior
+        from ._engine.streaming import _posterior
 
         kwargs = dict(kwargs)
         constraints = self._bind(kwargs)

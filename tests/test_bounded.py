@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constraint_layers._bounded import active_bounds, project_bounded, project_bounded_rows
+from constraint_layers._engine.bounded import active_bounds, project_bounded, project_bounded_rows
 from constraint_layers.errors import ConstraintError
 from constraint_layers.functional import conserve
 

@@ -389,7 +389,7 @@ def test_bad_bounds():
 def test_debug_checks_the_bounds(monkeypatch):
     """debug=True checks every value against the bounds, exactly: a projection that leaves a
     value outside (simulated) raises and names it; the correct projection passes."""
-    from constraint_layers import _project_bounds
+    from constraint_layers._engine.bounded import joint as _project_bounds
     from constraint_layers.errors import ConstraintViolationError
 
     u, mass = _problem(0)

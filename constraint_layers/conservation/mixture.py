@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .conserve import conserve
+from .._engine.gaussian import conserve
 from .gaussian import (
     F64,
 )

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import constraint_layers as cl
-from constraint_layers.conservation import conserve as ops
+from constraint_layers._engine import gaussian as ops
 from constraint_layers.testing import dense_update
 
 F64 = torch.float64

@@ -49,18 +49,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._bounded import project_bounded, project_bounded_rows
-from ._bounded.faces import project_faces_bounded
-from ._dependence import data_rounding, independent_rows
-from ._grid import resolve_spacing
-from ._project import _labels, _pull_back, _stack, split_families
-from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
-from .bounds import Bounds, resolve_bounds
-from .conservation.conserve import conserve
-from .conservation.constraint import IntegralConservation
-from .conservation.enforce import flat_event, grid_view
-from .conservation.gaussian import Gaussian
-from .errors import ConstraintError, IncompatibleConstraintsError
+from ..._grid import resolve_spacing
+from ...boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
+from ...bounds import Bounds, resolve_bounds
+from ...conservation.constraint import IntegralConservation
+from ...conservation.gaussian import Gaussian
+from ...errors import ConstraintError, IncompatibleConstraintsError
+from ..dense import _labels, _pull_back, _stack, split_families
+from ..dependence import data_rounding, independent_rows
+from ..gaussian import conserve
+from ..streaming import flat_event, grid_view
+from . import project_bounded, project_bounded_rows
+from .faces import project_faces_bounded
 
 __all__ = ["project_with_bounds"]
 
