@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
-from ._engine.dense import _noise_rows, dense_projection, project, split_families
+from ._engine.dense import _noise_rows, dense_projection, split_families
+from ._engine.dispatch import project
 
 __all__ = ["_noise_rows", "dense_projection", "project", "split_families"]

@@ -125,6 +125,8 @@ class Bounds:
 
     #: Which step of the engine enforces the constraint.
     family: ClassVar[str] = "bounds"
+    #: The structure tag the engine's dispatcher reads: box bounds, solved on top of the rows.
+    structure: ClassVar[str] = "bounded"
     #: The attributes holding the constraint's values (``cl.Given`` binding).
     value_attr: ClassVar[tuple[str, str]] = ("lower", "upper")
 

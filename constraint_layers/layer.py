@@ -4,7 +4,7 @@ A wrapper holds the model under the single name ``model`` (its ``state_dict`` is
 the prefix ``model.``; ``unwrap`` returns the very object). Each call runs the same path:
 
     read the output through the adapter -> bind ``cl.Given`` values -> un-normalise ->
-    project (the engine, :mod:`constraint_layers._project`) -> re-normalise -> write back
+    project (the engine, :mod:`constraint_layers._engine.dispatch`) -> re-normalise -> write back
     (-> optional debug check)
 
 :class:`BoundaryCorrection` and :class:`ConservationProjection` are presets of it that accept one
@@ -48,8 +48,8 @@ import torch
 from torch import Tensor, nn
 
 from ._bind_grid import bind_grid
-from ._engine.dense import project as _engine_project
 from ._engine.dense import split_families
+from ._engine.dispatch import project as _engine_project
 from ._engine.streaming import METRICS, flat_event, grid_view
 from ._grid import check_grid_options, resolve_spacing
 from ._messages import under_call
@@ -62,12 +62,10 @@ from .bounds import resolve_bounds
 from .conservation.constraint import constraints_of
 from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError, GridError
-from .local.project import is_local, project_record
 from .pointcloud.solve import (
     check_point_constraints,
     check_point_residual,
     point_residual,
-    project_points,
 )
 from .rows import FAMILIES, GridSpec
 
@@ -450,26 +448,19 @@ class ConstraintLayer(nn.Module):
         scale = None
         if norm is not None:
             pred, scale = _to_physical(pred, norm, call)
-        # rows tagged structure="local" (one per node) go to the local engine
-        engine = project_record if is_local(constraints) else _engine_project
-        with under_call(call):
-            if self.layout == "points":
-                post = project_points(
-                    pred, constraints, noise=self.noise, metric=self.metric, inputs=inputs,
-                    call=call,
-                )  # fmt: skip
-            else:
-                post = engine(
-                    pred,
-                    constraints,
-                    grid=self.grid,
-                    lift=self.lift,
-                    noise=self.noise,
-                    metric=self.metric,
-                    grid_shape=self.grid_shape,
-                    inputs=inputs,
-                    call=call,
-                )
+        with under_call(call):  # the dispatcher picks the solver by the rows' structure tags
+            post = _engine_project(
+                pred,
+                constraints,
+                layout=self.layout,
+                grid=self.grid,
+                lift=self.lift,
+                noise=self.noise,
+                metric=self.metric,
+                grid_shape=self.grid_shape,
+                inputs=inputs,
+                call=call,
+            )
         check_finite_now(post.mean, call, "constrained output (the projection overflowed the "
                          f"output dtype {post.mean.dtype}; use a wider dtype)")  # fmt: skip
         if self.debug:

@@ -43,23 +43,31 @@ from torch import Tensor
 from .._grid import resolve_spacing
 from .._tolerance import CULPRIT_FRACTION, REACH_RTOL, tolerance
 from ..boundary.enforce import apply_plan, condition_rhs, plan
-from ..conservation.constraint import Conservation, IntegralConservation
+from ..conservation.constraint import Conservation
 from ..conservation.gaussian import Gaussian
 from ..errors import IncompatibleConstraintsError
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 from .dependence import data_rounding, describe_rows, independent_rows
 from .gaussian import conserve
 from .streaming import condition, flat_event, grid_view
+from .tags import structure_of
 
-__all__ = ["dense_projection", "project", "split_families"]
+__all__ = [
+    "condition_rows",
+    "dense_projection",
+    "is_deterministic",
+    "split_families",
+    "with_walls",
+]
 
 F64 = torch.float64
 
 
 def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """``(boundary, conservation)`` constraints, each in the order given."""
-    bnd = [c for c in constraints if c.family == "boundary"]
-    con = [c for c in constraints if c.family == "conservation"]
+    """``(boundary, conservation)`` constraints, each in the order given: the face-local ones
+    (tag ``face``) and the ones with few dense or per-frame rows (tags ``dense``, ``frame``)."""
+    bnd = [c for c in constraints if structure_of(c) == "face"]
+    con = [c for c in constraints if structure_of(c) in ("dense", "frame")]
     return bnd, con
 
 
@@ -76,7 +84,7 @@ def _may_depend(con: Sequence[Any]) -> bool:
     if len(con) > 1:
         return True
     c = con[0]
-    return not isinstance(c, IntegralConservation) and (c.num_rows or 0) > 1
+    return structure_of(c) != "frame" and (c.num_rows or 0) > 1
 
 
 def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[Any]:
@@ -181,9 +189,45 @@ def _noise_rows(noise: Any, bnd_counts: Sequence[int], con_counts: Sequence[int]
     )
 
 
-def project(
+def condition_rows(
     pred: Gaussian,
-    constraints: Sequence[Any],
+    con: Sequence[Any],
+    *,
+    noise: Any = 0.0,
+    metric: str = "covariance",
+    grid_shape: Sequence[int] | None = None,
+    inputs: Any = None,
+    call: str = "project",
+) -> Gaussian:
+    """Conservation rows without boundary rows: rows that follow from the others dropped (their
+    values must agree), then conditioning (:func:`~constraint_layers._engine.streaming.condition`:
+    one-row updates per frame, or the stacked rows through the Gaussian kernel)."""
+    k = pred.event_ndim
+    mean = pred.mean
+    if _may_depend(con) and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
+        con = _without_dependent_rows(con, mean, k, grid_shape, inputs, call)
+    if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
+        shape = grid_view(mean, k, grid_shape, call)
+        counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
+        noise = _noise_rows(noise, [], counts)
+    return condition(  # the layer checked the output already
+        mean,
+        con,
+        variance=pred.variance,
+        covariance=pred.covariance,
+        low_rank=pred.low_rank,
+        noise=noise,
+        metric=metric,
+        event_ndim=k,
+        grid_shape=grid_shape,
+        inputs=inputs,
+    )
+
+
+def with_walls(
+    pred: Gaussian,
+    bnd: Sequence[Any],
+    con: Sequence[Any],
     *,
     grid: GridSpec = DEFAULT_GRID,
     lift: int = 0,
@@ -193,54 +237,20 @@ def project(
     inputs: Any = None,
     call: str = "project",
 ) -> Gaussian:
-    """Enforce ``constraints`` on one prediction (a deterministic one: a Gaussian without
-    uncertainty); returns the constrained prediction in the same layout and dtype.
+    """Boundary rows (face-local) and conservation rows (few, dense) on one prediction.
 
-    ``noise``: a number (conservation rows; boundary rows are exact) or one value per
-    constraint. See the module docstring for the solvers.
+    Deterministic: the face-local step ``B``, and the conservation rows on the freedom it leaves
+    (:func:`_joint_deterministic`). Gaussian: conditioning on all rows at once
+    (:func:`_joint_gaussian`).
     """
-    if any(c.family == "bounds" for c in constraints):  # the bounded step (_project_bounds)
-        from .bounded.joint import project_with_bounds
-
-        rows = [c for c in constraints if c.family != "bounds"]
-        opts = dict(grid=grid, lift=lift, noise=noise, metric=metric, grid_shape=grid_shape,
-                    inputs=inputs, call=call)  # fmt: skip
-        return project_with_bounds(
-            pred,
-            rows,
-            [c for c in constraints if c.family == "bounds"],
-            equality=lambda p: project(p, rows, **opts),
-            **opts,
-        )
-    bnd, con = split_families(constraints)
     k = pred.event_ndim
     mean = pred.mean
-    if not bnd:
-        if _may_depend(con) and not isinstance(noise, (list, tuple, Tensor)) and noise == 0:
-            con = _without_dependent_rows(con, mean, k, grid_shape, inputs, call)
-        if isinstance(noise, (list, tuple)):  # one value per constraint: one per row
-            shape = grid_view(mean, k, grid_shape, call)
-            counts = [c.rows(shape, inputs=inputs).num_rows for c in con]
-            noise = _noise_rows(noise, [], counts)
-        return condition(  # the layer checked the output already
-            mean,
-            con,
-            variance=pred.variance,
-            covariance=pred.covariance,
-            low_rank=pred.low_rank,
-            noise=noise,
-            metric=metric,
-            event_ndim=k,
-            grid_shape=grid_shape,
-            inputs=inputs,
-        )
     shape = grid_view(mean, k, grid_shape, call)
     lead = mean.shape[: mean.ndim - k]
     hs = resolve_spacing(
         shape[2:], spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint, call=call
     )
-    deterministic = pred.variance is None and pred.covariance is None and pred.low_rank is None
-    if deterministic:
+    if is_deterministic(pred):
         bplan = plan(shape, bnd, hs, lift, grid.endpoint, call)
         rhs = [
             condition_rhs(c, bc, shape[0], mean.dtype, mean.device, inputs, call)
@@ -253,6 +263,11 @@ def project(
         return Gaussian(z.reshape(mean.shape), event_ndim=k)
     plan(shape, bnd, hs, lift, grid.endpoint, call)  # one condition per face (cached; checks)
     return _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs, call)
+
+
+def is_deterministic(pred: Gaussian) -> bool:
+    """Whether a prediction record carries no uncertainty (no variance, covariance, low rank)."""
+    return pred.variance is None and pred.covariance is None and pred.low_rank is None
 
 
 def _joint_deterministic(u, z1, bplan, rhs, con, shape, inputs, call) -> Tensor:

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from .._values import check_finite_now
-from ..conservation.constraint import Conservation, IntegralConservation, constraints_of
+from ..conservation.constraint import Conservation, constraints_of
 from ..conservation.gaussian import Gaussian
 from ..conservation.posterior import ConstrainedGaussian
 from ..errors import GridError
 from .gaussian import conserve
+from .tags import structure_of
 
 __all__ = ["METRICS", "condition", "enforce_conservation", "flat_event", "grid_view"]
 
@@ -158,7 +159,7 @@ def condition(
                 f"mean's shape {tuple(mean.shape)}."
             ) from None
     structured = covariance is None and low_rank is None
-    if len(cons) == 1 and isinstance(cons[0], IntegralConservation) and structured:
+    if len(cons) == 1 and structure_of(cons[0]) == "frame" and structured:
         return _enforce_integral(mean, variance, cons[0], shape, k, noise, metric, inputs, call)
     post = _posterior(
         mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs

@@ -52,13 +52,13 @@ from torch import Tensor
 from ..._grid import resolve_spacing
 from ...boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
 from ...bounds import Bounds, resolve_bounds
-from ...conservation.constraint import IntegralConservation
 from ...conservation.gaussian import Gaussian
 from ...errors import ConstraintError, IncompatibleConstraintsError
 from ..dense import _labels, _pull_back, _stack, split_families
 from ..dependence import data_rounding, independent_rows
 from ..gaussian import conserve
 from ..streaming import flat_event, grid_view
+from ..tags import structure_of
 from . import project_bounded, project_bounded_rows
 from .faces import project_faces_bounded
 
@@ -178,7 +178,7 @@ def _deterministic(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Tens
         return _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call)
     if not con:
         return _clip(u, lo, hi)
-    if len(con) == 1 and isinstance(con[0], IntegralConservation):
+    if len(con) == 1 and structure_of(con[0]) == "frame":
         return _separable(u, None, con[0], lo, hi, shape, inputs, call)[0]
     B = shape[0]
     G, b = _equality_rows([], con, shape, grid, inputs, call)
@@ -380,7 +380,7 @@ def _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, bounds, inputs, c
     euclid = metric == "euclidean"
     keep = euclid or all(getattr(b, "variance", "rows") == "rows" for b in bounds)
     diag = pred.covariance is None and pred.low_rank is None
-    single = len(con) == 1 and isinstance(con[0], IntegralConservation)
+    single = len(con) == 1 and structure_of(con[0]) == "frame"
     var_grid = None if pred.variance is None else pred.variance.reshape(shape)
     if diag and not bnd and (single or not con):
         weight = None if euclid else var_grid
