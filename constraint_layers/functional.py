@@ -1,12 +1,14 @@
 """Pure tensor functions behind the constraint layers (no module state; imports no layer).
 
-A layer's ``forward`` is the model call plus the projection these functions compute.
+A layer's ``forward`` is the model call plus the projection these functions compute:
+:func:`condition_gaussian` the Gaussian conditioning kernel (``conserve`` is its deprecated
+alias); the others serve one family each.
 """
 
 from __future__ import annotations
 
 from ._engine.dense import dense_projection
-from ._engine.gaussian import conserve
+from ._engine.gaussian import condition_gaussian, conserve
 from ._engine.streaming import enforce_conservation
 from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
 from .conservation.constraint import conservation_rows
@@ -31,6 +33,7 @@ __all__ = [
     "RunningMoments",
     "boundary_residuals",
     "boundary_rows",
+    "condition_gaussian",
     "condition_local",
     "conservation_rows",
     "conserve",

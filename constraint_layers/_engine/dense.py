@@ -20,7 +20,7 @@ deterministic output        conservation rows act on the remaining freedom with 
                             ``u~ = B(u - G'^T (G' G'^T)^+ (G B(u) - b))``
 any rows, Gaussian output   conditioning on ALL rows at once (boundary rows at the face points
                             each condition is in charge of, then the conservation rows):
-                            :func:`~constraint_layers.functional.conserve`
+                            :func:`~constraint_layers.functional.condition_gaussian`
 bounds (``cl.Bounds``)      the equality-only result first, returned unchanged when it lies in
 with any of the above       the bounds; else the bounded step of
                             :mod:`constraint_layers._project_bounds`
@@ -48,7 +48,7 @@ from ..conservation.gaussian import Gaussian
 from ..errors import IncompatibleConstraintsError
 from ..rows import DEFAULT_GRID, GridSpec, Rows
 from .dependence import data_rounding, describe_rows, independent_rows
-from .gaussian import conserve
+from .gaussian import condition_gaussian
 from .streaming import condition, flat_event, grid_view
 from .tags import structure_of
 
@@ -379,7 +379,7 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
     b = b.to(mean.device).reshape(*lead, -1)
     if G.ndim == 3:
         G = G.reshape(*lead, *G.shape[-2:])
-    post = conserve(
+    post = condition_gaussian(
         flat_event(mean, k),
         G,
         b,

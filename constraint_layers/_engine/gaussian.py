@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .._messages import under_call
 from .._tolerance import model_rounding, psd_floor
 from ..conservation.gaussian import (
     F64,
@@ -57,7 +58,7 @@ from ..conservation.linalg import (
 from ..conservation.posterior import ConstrainedGaussian
 from ..errors import IndefiniteCovarianceWarning
 
-__all__ = ["conserve"]
+__all__ = ["condition_gaussian", "conserve"]
 
 #: Points per chunk of the streaming diagonal path (float64 temporaries stay in cache).
 CHUNK = 1 << 17
@@ -102,7 +103,7 @@ class _Solved(NamedTuple):
     prior: Any = None  # the prior as conditioned (jittered or symmetrised), when it changed
 
 
-def conserve(
+def condition_gaussian(
     mean: Tensor,
     G: Tensor,
     b: float | Tensor = 0.0,
@@ -172,7 +173,8 @@ def conserve(
     >>> import torch, constraint_layers as cl
     >>> mu = torch.tensor([1.0, 2.0, 3.0, 4.0])
     >>> var = torch.tensor([0.1, 0.1, 1.0, 0.1])
-    >>> post = cl.functional.conserve(mu, torch.ones(1, 4), torch.tensor([8.0]), variance=var)
+    >>> G, b = torch.ones(1, 4), torch.tensor([8.0])
+    >>> post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     >>> post.mean  # the uncertain point moves most
     tensor([0.8462, 1.8462, 1.4615, 3.8462])
     >>> float(post.mean.sum())
@@ -183,7 +185,7 @@ def conserve(
     Hansen, Maddix, Alizadeh, Gupta, Mahoney. Learning Physical Models that Can Respect
     Conservation Laws. ICML 2023. arXiv:2302.11002.
     """
-    call = "conserve"
+    call = "condition_gaussian"
     _float_tensor(mean, "mean", call)
     if mean.ndim == 0:
         raise ValueError(f"{call}: mean must have shape (*batch, N), got a scalar.")
@@ -216,6 +218,38 @@ def conserve(
     out._polish = solved.polish
     out._F = solved.factor  # F = W G^T R, already formed for the variance (or None)
     return out
+
+
+def conserve(
+    mean: Tensor,
+    G: Tensor,
+    b: float | Tensor = 0.0,
+    *,
+    variance: Tensor | None = None,
+    covariance: Any = None,
+    low_rank: Tensor | None = None,
+    noise: float | Tensor = 0.0,
+    metric: str = "covariance",
+) -> ConstrainedGaussian:
+    """Deprecated alias of :func:`condition_gaussian` (the same arguments and result).
+
+    The general Gaussian conditioning kernel was first named ``conserve`` after the conservation
+    layer that used it; it conditions on any linear rows, so it is now named for what it does.
+    Calling ``conserve`` warns (``DeprecationWarning``) and runs :func:`condition_gaussian`;
+    error messages name ``conserve``.
+    """
+    warnings.warn(
+        "cl.functional.conserve is deprecated: it is the general Gaussian conditioning kernel, "
+        "now named cl.functional.condition_gaussian (same arguments, same result). Replace "
+        "conserve(...) by condition_gaussian(...); the alias will be removed in a later release.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    with under_call("conserve"):
+        return condition_gaussian(
+            mean, G, b, variance=variance, covariance=covariance, low_rank=low_rank, noise=noise,
+            metric=metric,
+        )  # fmt: skip
 
 
 def _solve(mean, G, b, prior, s, metric, call) -> _Solved:

@@ -1,6 +1,6 @@
 """Conditioning a model output on conservation constraints (private; public names in
 ``functional``): the grid view of an output, the per-frame fast path of integral constraints, and
-the stacked general path through :func:`~constraint_layers.functional.conserve`."""
+the stacked general path through :func:`~constraint_layers.functional.condition_gaussian`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ..conservation.constraint import Conservation, constraints_of
 from ..conservation.gaussian import Gaussian
 from ..conservation.posterior import ConstrainedGaussian
 from ..errors import GridError
-from .gaussian import conserve
+from .gaussian import condition_gaussian
 from .tags import structure_of
 
 __all__ = ["METRICS", "condition", "enforce_conservation", "flat_event", "grid_view"]
@@ -72,7 +72,7 @@ def enforce_conservation(
     """Make a (Gaussian or deterministic) model output satisfy conservation constraints.
 
     The functional behind :class:`.ConservationProjection`: the constraints' rows are stated on
-    the output's layout and :func:`~constraint_layers.functional.conserve` conditions the
+    the output's layout and :func:`~constraint_layers.functional.condition_gaussian` conditions the
     Gaussian on them (or projects a deterministic output orthogonally). A single integral
     constraint on a diagonal (or no) covariance runs as independent single-row updates, one per
     frame (O(N) time and memory).
@@ -92,7 +92,7 @@ def enforce_conservation(
     low_rank : Tensor, optional
         shape: (*batch, N, K).
     noise, metric
-        As for :func:`~constraint_layers.functional.conserve`.
+        As for :func:`~constraint_layers.functional.condition_gaussian`.
     event_ndim : int, optional
         Number of trailing event axes (default: all but the first axis, i.e. a (batch, ...)
         output).
@@ -176,7 +176,7 @@ def condition(
 def _posterior(
     mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs
 ) -> ConstrainedGaussian:
-    """The general path: every constraint's rows stacked, one ``conserve`` call."""
+    """The general path: every constraint's rows stacked, one ``condition_gaussian`` call."""
     n = math.prod(shape[1:])
     Gs, bs = [], []
     for con in cons:
@@ -191,7 +191,7 @@ def _posterior(
     if per_sample:
         G = G.reshape(*lead, *G.shape[-2:])
     b = b.reshape(*lead, b.shape[-1])
-    return conserve(
+    return condition_gaussian(
         flat_event(mean, k),
         G,
         b,
@@ -210,7 +210,7 @@ def _enforce_integral(mean, variance, con, shape, k, noise, metric, inputs, call
     var_grid = None if variance is None else variance.reshape(shape)
     w = con.weights(lay.sizes, device=mean.device).reshape(1, -1)
     total = con._totals(lay, inputs, call).to(mean.device).unsqueeze(-1)
-    post = conserve(
+    post = condition_gaussian(
         lay.to_rows(grid),
         w,
         total,

@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from .._engine.gaussian import conserve
+from .._engine.gaussian import condition_gaussian, conserve
 
-__all__ = ["conserve"]
+__all__ = ["condition_gaussian", "conserve"]

@@ -31,7 +31,7 @@ import torch
 import constraint_layers as cl
 from constraint_layers._bounded import project_bounded_rows
 
-conserve = cl.functional.conserve
+conserve = cl.functional.condition_gaussian  # the conditioning kernel (formerly conserve)
 
 
 def interleaved(repeats: int, calls: dict, budget: float = 60.0) -> dict[str, list[float]]:

@@ -200,6 +200,6 @@ def test_badly_conditioned_full_covariance_still_conserves_to_rounding():
     con = cl.Conservation.integral(torch.zeros(11), dim=1, grid=x)
     G, b = con.dense((1, 1, 11, 201))
     mean = torch.randn(2211, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    post = cl.functional.conserve(mean, G, b[0], covariance=cov)
+    post = cl.functional.condition_gaussian(mean, G, b[0], covariance=cov)
     assert torch.linalg.cond(G @ cov @ G.T) > 1e8
     assert (G @ post.mean - b[0]).abs().max() < 1e-14

@@ -9,7 +9,7 @@ The problem, for a prediction ``u`` and a metric ``W`` (symmetric positive semid
 HardC), the boundary mobility, or the model's covariance (a Gaussian output, ProbConserv). An
 entry with zero weight (a zero row and column of ``W``) is fixed: it cannot move. Without active
 bounds the solution is the equality-only projection ``u - W C^T (C W C^T)^{-1} (C u - d)``
-(:func:`constraint_layers.functional.conserve` with ``noise = 0``).
+(:func:`constraint_layers.functional.condition_gaussian` with ``noise = 0``).
 
 Three solvers:
 
@@ -46,8 +46,8 @@ set ``C u = d`` the conditioned density is ``exp(-(x - u)^T W^{-1} (x - u) / 2)`
 so its maximiser over the box is the bounded projection in the covariance metric). The variance
 is set to 0 where a bound is active and the free entries are conditioned on the equality rows
 over the free set: that is the equality-only conditioning with the active entries' variance set
-to zero (e.g. ``conserve(x, G, d, variance=torch.where(active, 0, var))``, whose mean is ``x``
-itself because ``x`` already satisfies the rows).
+to zero (e.g. ``condition_gaussian(x, G, d, variance=torch.where(active, 0, var))``, whose mean
+is ``x`` itself because ``x`` already satisfies the rows).
 
 Exactness: rows hold to rounding (the algebra runs in float64, results come back in the input
 dtype); bounds hold exactly (no value outside, the bounds rounded to the output dtype). Infeasible

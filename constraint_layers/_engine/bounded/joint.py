@@ -56,7 +56,7 @@ from ...conservation.gaussian import Gaussian
 from ...errors import ConstraintError, IncompatibleConstraintsError
 from ..dense import _labels, _pull_back, _stack, split_families
 from ..dependence import data_rounding, independent_rows
-from ..gaussian import conserve
+from ..gaussian import condition_gaussian
 from ..streaming import flat_event, grid_view
 from ..tags import structure_of
 from . import project_bounded, project_bounded_rows
@@ -424,7 +424,7 @@ def _condition_active(pred, x, G, b, lo, hi, cov, shape, lead, ev, call) -> Gaus
         labels = [f"row {i}" for i in range(Gs.shape[0])] + [f"bound at {int(i)}" for i in idx]
         rows, rhs = independent_rows(rows, rhs, labels, call)
         if B == 1 and len(lead) <= 1:
-            post = conserve(
+            post = condition_gaussian(
                 flat_event(pred.mean, k),
                 rows,
                 rhs.reshape(*lead, -1),
@@ -433,7 +433,7 @@ def _condition_active(pred, x, G, b, lo, hi, cov, shape, lead, ev, call) -> Gaus
                 low_rank=pred.low_rank,
             )
         else:
-            post = conserve(
+            post = condition_gaussian(
                 pred.mean.reshape(B, n)[s],
                 rows,
                 rhs[0],
