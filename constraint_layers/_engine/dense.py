@@ -1,11 +1,12 @@
-"""The projection engine: every constraint family through one entry point (private).
+"""Few dense rows, with or without face-local rows: the joint solvers of the engine (private).
 
 All constraints are rows of ``C u = d`` (:mod:`constraint_layers.rows`); the constrained output is
 
     u~ = u - W C^T (C W C^T)^{-1} (C u - d)
 
-with a mobility ``W`` chosen by what the output is and which rows act. The solver follows from
-the structure:
+with a mobility ``W`` chosen by what the output is and which rows act. The dispatcher
+(:mod:`constraint_layers._engine.dispatch`) reads the rows' structure tags and calls the solvers
+here (:func:`with_walls`, :func:`condition_rows`) or the bounded and local ones:
 
 ==========================  ===============================================================
 what acts                   solver
@@ -23,7 +24,7 @@ any rows, Gaussian output   conditioning on ALL rows at once (boundary rows at t
                             :func:`~constraint_layers.functional.condition_gaussian`
 bounds (``cl.Bounds``)      the equality-only result first, returned unchanged when it lies in
 with any of the above       the bounds; else the bounded step of
-                            :mod:`constraint_layers._project_bounds`
+                            :mod:`constraint_layers._engine.bounded.joint`
 ==========================  ===============================================================
 
 Rows that cannot hold together raise :class:`~constraint_layers.errors.IncompatibleConstraintsError`

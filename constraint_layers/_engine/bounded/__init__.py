@@ -36,7 +36,7 @@ Three solvers:
   samples; cost per sample O(N^2 (M + k)) for ``k`` active bounds. (A primal-dual active-set
   search, only (M + k)-sized systems, was tried: it cycled on smooth, GP-like covariances.)
 
-* :func:`~constraint_layers._bounded.faces.project_faces_bounded`, the path with the boundary
+* :func:`~constraint_layers._engine.bounded.faces.project_faces_bounded`, the path with the boundary
   step eliminated (deterministic outputs with walls): a few dense rows, the box, and sparse
   inequality rows on the values the step sets, by a projected Newton method on the dual (exact).
 

@@ -50,7 +50,7 @@ def active_bounds(value: Tensor, lower: Bound = None, upper: Bound = None) -> Te
     Examples
     --------
     >>> import torch
-    >>> from constraint_layers._bounded import active_bounds
+    >>> from constraint_layers._engine.bounded import active_bounds
     >>> active_bounds(torch.tensor([0.0, 0.5, 1.0]), lower=0.0, upper=1.0)
     tensor([ True, False,  True])
     """
@@ -272,7 +272,7 @@ def project_bounded(
     Examples
     --------
     >>> import torch
-    >>> from constraint_layers._bounded import project_bounded
+    >>> from constraint_layers._engine.bounded import project_bounded
     >>> u = torch.tensor([0.5, -0.2, 1.0, 0.3], dtype=torch.float64)
     >>> C = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, -1.0]], dtype=torch.float64)
     >>> x = project_bounded(u, C, torch.tensor([1.2, 0.0]), lower=0.0)

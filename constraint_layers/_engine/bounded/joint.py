@@ -2,12 +2,12 @@
 
 The constrained output minimises ``(v - u)^T W^{-1} (v - u)`` subject to the equality rows of
 the other constraints (boundary, conservation) and ``lower <= v <= upper`` (:class:`Bounds`).
-The equality-only result comes first (:func:`constraint_layers._project.project`); when it
-already lies in the bounds it is returned unchanged, so inactive bounds cost one comparison and
-change nothing. Otherwise the solver follows from the structure:
+The equality-only result comes first (through :func:`constraint_layers._engine.dispatch.project`);
+when it already lies in the bounds it is returned unchanged, so inactive bounds cost one
+comparison and change nothing. Otherwise the solver follows from the structure:
 
 ==============================  ===============================================================
-what acts                       bounded solver (:mod:`constraint_layers._bounded`)
+what acts                       bounded solver (:mod:`constraint_layers._engine.bounded`)
 ==============================  ===============================================================
 bounds alone, no metric or a    the clip (exact: the problem separates by entry)
 diagonal one
@@ -19,7 +19,7 @@ output                          face-local rows eliminated): the bounded Euclide
                                 of ``u`` onto ``G S v = b - G f`` with the bounds on the values
                                 ``B`` leaves unchanged AND on the values it sets (Neumann pivots,
                                 a lift: affine in ``v``, sparse rows), then ``B``;
-                                :func:`~constraint_layers._bounded.faces.project_faces_bounded`
+                                :func:`~constraint_layers._engine.bounded.faces.project_faces_bounded`
                                 (a projected Newton method on the dual, exact); a Dirichlet wall
                                 value outside the bounds raises (no other value changes it)
 anything else (a dense or       :func:`project_bounded`: the dual active-set method on the
@@ -226,7 +226,7 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
     """Boundary rows on a deterministic output: the face-local rows eliminated (``B(v) = S v +
     f``), the bounded projection of ``u`` onto the substituted rows ``G S v = b - G f`` with the
     bounds on the values ``B`` leaves unchanged and on the values it sets (affine in ``v``):
-    :func:`~constraint_layers._bounded.faces.project_faces_bounded`, then ``B``."""
+    :func:`~constraint_layers._engine.bounded.faces.project_faces_bounded`, then ``B``."""
     B, n = shape[0], math.prod(shape[1:])
     hs = resolve_spacing(
         shape[2:], spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint, call=call
