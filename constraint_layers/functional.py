@@ -1,6 +1,7 @@
 """Pure tensor functions behind the constraint layers (no module state; imports no layer).
 
 A layer's ``forward`` is the model call plus the projection these functions compute:
+:func:`project` is the joint entry (any mix of constraints, the layer's path);
 :func:`condition_gaussian` the Gaussian conditioning kernel (``conserve`` is its deprecated
 alias); the others serve one family each.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from ._engine.dense import dense_projection
 from ._engine.gaussian import condition_gaussian, conserve
 from ._engine.streaming import enforce_conservation
+from ._joint import project
 from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
 from .conservation.constraint import conservation_rows
 from .conservation.gaussian import Gaussian
@@ -42,4 +44,5 @@ __all__ = [
     "enforce_boundary",
     "enforce_conservation",
     "enforce_local",
+    "project",
 ]

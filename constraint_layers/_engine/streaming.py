@@ -19,7 +19,14 @@ from ..errors import GridError
 from .gaussian import condition_gaussian
 from .tags import structure_of
 
-__all__ = ["METRICS", "condition", "enforce_conservation", "flat_event", "grid_view"]
+__all__ = [
+    "METRICS",
+    "condition",
+    "enforce_conservation",
+    "flat_event",
+    "grid_view",
+    "stacked_posterior",
+]
 
 METRICS = ("covariance", "euclidean")
 
@@ -161,7 +168,7 @@ def condition(
     structured = covariance is None and low_rank is None
     if len(cons) == 1 and structure_of(cons[0]) == "frame" and structured:
         return _enforce_integral(mean, variance, cons[0], shape, k, noise, metric, inputs, call)
-    post = _posterior(
+    post = stacked_posterior(
         mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs
     )
     ev = mean.shape[mean.ndim - k :]
@@ -173,7 +180,7 @@ def condition(
     return Gaussian(post.mean.reshape(*lead, *ev), var, cov, None, down, k, post)
 
 
-def _posterior(
+def stacked_posterior(
     mean, variance, covariance, low_rank, cons, shape, lead, k, noise, metric, inputs
 ) -> ConstrainedGaussian:
     """The general path: every constraint's rows stacked, one ``condition_gaussian`` call."""

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 from .._engine.streaming import (
     METRICS,
-    _posterior,
     condition,
     enforce_conservation,
     flat_event,
     grid_view,
+    stacked_posterior,
 )
+from .._engine.streaming import stacked_posterior as _posterior  # noqa: F401  (former name)
 
-__all__ = ["METRICS", "_posterior", "condition", "enforce_conservation", "flat_event", "grid_view"]
+__all__ = [
+    "METRICS",
+    "condition",
+    "enforce_conservation",
+    "flat_event",
+    "grid_view",
+    "stacked_posterior",
+]
