@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from ._bind_grid import bind_grid
-from ._engine.dense import split_families
 from ._engine.dispatch import project as dispatch
+from ._engine.faces import check_lift
+from ._engine.rowops import split_families
 from ._engine.streaming import grid_view
 from ._grid import check_grid_options
 from ._layer_checks import (
@@ -35,7 +36,6 @@ from ._layer_checks import (
 )
 from ._messages import under_call
 from ._values import bind_given, check_finite_now, given_names
-from .boundary.enforce import check_lift
 from .conservation.gaussian import Gaussian
 from .rows import DEFAULT_GRID, GridSpec
 

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._engine.dense import split_families
+from ._engine.faces import boundary_residuals
+from ._engine.rowops import split_families
 from ._engine.streaming import grid_view
 from ._grid import resolve_spacing
 from ._tolerance import tolerance
 from ._values import check_finite_now
-from .boundary.enforce import boundary_residuals
 from .bounds import resolve_bounds
 from .conservation.gaussian import Gaussian
 from .errors import ConstraintViolationError, GridError

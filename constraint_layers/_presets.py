@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .boundary.enforce import conditions as boundary_conditions
+from ._engine.faces import conditions as boundary_conditions
 from .conservation.constraint import constraints_of
 from .layer import ConstraintLayer
 

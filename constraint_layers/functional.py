@@ -8,11 +8,11 @@ alias); the others serve one family each.
 
 from __future__ import annotations
 
-from ._engine.dense import dense_projection
+from ._engine.faces import boundary_residuals, boundary_rows, enforce_boundary
 from ._engine.gaussian import condition_gaussian, conserve
+from ._engine.reference import dense_projection
 from ._engine.streaming import enforce_conservation
 from ._joint import project
-from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
 from .conservation.constraint import conservation_rows
 from .conservation.gaussian import Gaussian
 from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture

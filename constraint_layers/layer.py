@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from . import _layer_checks as checks
 from ._bind_grid import bind_grid
+from ._engine.faces import check_lift
 from ._grid import check_grid_options
 from ._joint import check_posterior, check_record, project_prediction, structured_posterior
 from ._normalise import check_normalizer, current_normalizer, from_physical, to_physical
 from ._values import bind_given, given_names
-from .boundary.enforce import check_lift
 from .boundary.refine import Refinement, RefinementContext
 from .conservation.gaussian import Gaussian
 from .rows import GridSpec

@@ -237,8 +237,8 @@ def qp_moved_free(u, C, d, lo, hi, moved) -> np.ndarray:
 
 def _step_rows(shape, bcs):
     """The boundary rows where each condition is in charge and the positions the step sets."""
+    from constraint_layers._engine.faces import boundary_rows, plan
     from constraint_layers._grid import resolve_spacing
-    from constraint_layers.boundary.enforce import boundary_rows, plan
 
     hs = resolve_spacing(shape[2:])
     rows = boundary_rows(shape, bcs, spacing=hs, include_overridden=False)

@@ -18,10 +18,13 @@ ENGINE = {
     "__init__.py",
     "dispatch.py",
     "tags.py",
+    "rowops.py",
+    "faces.py",
     "dense.py",
     "streaming.py",
     "gaussian.py",
     "dependence.py",
+    "reference.py",
     "bounded/__init__.py",
     "bounded/joint.py",
     "bounded/general.py",
@@ -30,13 +33,16 @@ ENGINE = {
     "bounded/checks.py",
 }
 #: The engine modules the rest of the package may import (public names only): the dispatcher,
-#: the tags, the conditioning entries and the grid view, the family split and the reference.
-ENGINE_ENTRIES = {"dispatch", "tags", "streaming", "gaussian", "dense"}
+#: the tags and row operations, the solvers that are public functions as well
+#: (``enforce_boundary``, ``enforce_conservation``, ``condition_gaussian``) and the reference.
+#: The other solvers (dense, dependence, bounded) are the dispatcher's to call.
+ENGINE_ENTRIES = {"dispatch", "tags", "rowops", "faces", "streaming", "gaussian", "reference"}
 #: Old module paths kept as re-export shims (other code and users import them).
 SHIMS = {
     "constraint_layers._project",
     "constraint_layers._bounded",
     "constraint_layers._bounded.general",
+    "constraint_layers.boundary.enforce",
     "constraint_layers.conservation.conserve",
     "constraint_layers.conservation.enforce",
 }

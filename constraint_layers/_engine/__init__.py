@@ -6,17 +6,23 @@ Every constraint states rows of ``C u = d`` (:mod:`constraint_layers.rows`); the
 
 (and the conditioned Gaussian for Gaussian outputs), choosing the solver by the rows' structure:
 
-- ``dense``: the joint entry for grid outputs, few dense rows (``M x M`` Cholesky with the
-  consistency check), boundary rows eliminated first (deterministic) or conditioned on jointly
-  (Gaussian), and the dense float64 reference;
+- ``dispatch``: the one entry; reads the structure tags and picks the solver;
+- ``tags``: the tag vocabulary (``face``, ``frame``, ``dense``, ``local``, ``bounded``);
+- ``rowops``: row operations (split by tag, stack, label, per-row noise, pull back through the
+  face-local step);
+- ``faces``: the face-local step (Dirichlet, Neumann, periodic rows in closed form, face by
+  face; ``enforce_boundary``);
+- ``dense``: few dense rows (``M x M`` Cholesky with the consistency check), with the face-local
+  rows eliminated (deterministic) or conditioned on jointly (Gaussian);
 - ``streaming``: conditioning on conservation rows, one-row updates per frame when the rows are
-  disjoint and the covariance diagonal;
-- ``gaussian``: the general Gaussian conditioning kernel (ProbConserv's update, any covariance);
+  disjoint and the covariance diagonal (``enforce_conservation``);
+- ``gaussian``: the general Gaussian conditioning kernel (``condition_gaussian``, ProbConserv's
+  update, any covariance);
 - ``dependence``: which rows follow from the others, judged at rounding;
-- ``bounded``: box bounds on top of the equality rows (separable, face-eliminated, general
-  active-set solvers, and the joint entry that chooses among them).
+- ``bounded``: box bounds on top of the equality rows (separable, face-eliminated and general
+  active-set solvers, and ``joint``, the bounded step that chooses among them);
+- ``reference``: the dense float64 reference every solver is tested against.
 
-The face-local closed forms stay with their family (:mod:`constraint_layers.boundary.enforce`), as
-do the local (stencil) solvers (:mod:`constraint_layers.local`) and the point-cloud rows
-(:mod:`constraint_layers.pointcloud`).
+The local (stencil) solvers stay with their family (:mod:`constraint_layers.local`), as do the
+point-cloud rows (:mod:`constraint_layers.pointcloud`); the dispatcher calls them.
 """

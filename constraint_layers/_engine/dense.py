@@ -29,7 +29,8 @@ with any of the above       the bounds; else the bounded step of
 
 Rows that cannot hold together raise :class:`~constraint_layers.errors.IncompatibleConstraintsError`
 naming them; redundant rows whose right-hand sides agree are accepted.
-:func:`dense_projection` is the float64 reference the tests compare every path with.
+:func:`~constraint_layers._engine.reference.dense_projection` is the float64 reference the tests
+compare every path with.
 """
 
 from __future__ import annotations
@@ -43,40 +44,27 @@ from torch import Tensor
 
 from .._grid import resolve_spacing
 from .._tolerance import CULPRIT_FRACTION, REACH_RTOL, tolerance
-from ..boundary.enforce import apply_plan, condition_rhs, plan
 from ..conservation.constraint import Conservation
 from ..conservation.gaussian import Gaussian
 from ..errors import IncompatibleConstraintsError
-from ..rows import DEFAULT_GRID, GridSpec, Rows
+from ..rows import DEFAULT_GRID, GridSpec
 from .dependence import data_rounding, describe_rows, independent_rows
+from .faces import apply_plan, condition_rhs, plan
 from .gaussian import condition_gaussian
+from .rowops import noise_per_row as _noise_rows
+from .rowops import pull_back as _pull_back
+from .rowops import row_labels as _labels
+from .rowops import stack_dense as _stack
 from .streaming import condition, flat_event, grid_view
 from .tags import structure_of
 
 __all__ = [
     "condition_rows",
-    "dense_projection",
     "is_deterministic",
-    "split_families",
     "with_walls",
 ]
 
 F64 = torch.float64
-
-
-def split_families(constraints: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """``(boundary, conservation)`` constraints, each in the order given: the face-local ones
-    (tag ``face``) and the ones with few dense or per-frame rows (tags ``dense``, ``frame``)."""
-    bnd = [c for c in constraints if structure_of(c) == "face"]
-    con = [c for c in constraints if structure_of(c) in ("dense", "frame")]
-    return bnd, con
-
-
-def _labels(constraints: Sequence[Any], counts: Sequence[int]) -> list[str]:
-    out = []
-    for c, m in zip(constraints, counts):
-        out += [f"{c!r} row {i}" for i in range(m)]
-    return out
 
 
 def _may_depend(con: Sequence[Any]) -> bool:
@@ -114,31 +102,6 @@ def _without_dependent_rows(con, mean, k, grid_shape, inputs, call) -> Sequence[
     return [Conservation(torch.stack([Gk for Gk, _ in parts]), torch.cat([bk for _, bk in parts]))]
 
 
-def _stack(rows: Sequence[Rows], batch: int, n: int) -> tuple[Tensor, Tensor]:
-    """Dense stacked ``(G, b)``: (M, N) or (batch, M, N) float64, and (batch, M)."""
-    s = Rows.stack(rows, batch)
-    return s.dense(n), s.rhs
-
-
-def _pull_back(G: Tensor, bplan: Any, shape: tuple[int, ...]) -> Tensor:
-    """``G S``: the rows ``G`` composed with the linear part of the boundary step (float64).
-
-    ``S`` is the adjoint taken by autograd through the step on a zero input with zero values:
-    one batched pass over ``M`` grids (outside inference mode, where autograd is off: the
-    result is a plain constant, also under ``torch.inference_mode()``).
-    """
-    lead = G.shape[:-1]
-    m = math.prod(lead)
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.zeros((m, *shape[1:]), dtype=F64, device=G.device, requires_grad=True)
-        zeros = [
-            torch.zeros((m, c.index.shape[0]), dtype=F64, device=G.device) for c in bplan.conds
-        ]
-        out = apply_plan(x, bplan, zeros)
-        (gs,) = torch.autograd.grad(out, x, G.detach().reshape(m, *shape[1:]).to(F64))
-    return gs.reshape(*lead, -1)
-
-
 def _solve_consistent(
     A: Tensor, r: Tensor, scale: Tensor, tol: float, labels: Sequence[str], call: str
 ) -> Tensor:
@@ -171,23 +134,6 @@ def _solve_consistent(
             tuple(which),
         )
     return (V @ (inv * rv).unsqueeze(-1)).squeeze(-1)
-
-
-def _noise_rows(noise: Any, bnd_counts: Sequence[int], con_counts: Sequence[int]) -> Any:
-    """Per-row noise of the stacked system: boundary rows exact, conservation rows ``noise``; a
-    sequence gives one value per constraint (boundary first, in the order given)."""
-    if isinstance(noise, (list, tuple)):
-        vals = list(noise)
-        counts = [*bnd_counts, *con_counts]
-        return torch.cat([torch.full((m,), float(v), dtype=F64) for v, m in zip(vals, counts)])
-    if isinstance(noise, Tensor) and noise.numel() > 1:
-        return torch.cat([torch.zeros(sum(bnd_counts), dtype=F64), noise.to(F64).reshape(-1)])
-    value = float(noise)
-    if value == 0.0:
-        return 0.0
-    return torch.cat(
-        [torch.zeros(sum(bnd_counts), dtype=F64), torch.full((sum(con_counts),), value, dtype=F64)]
-    )
 
 
 def condition_rows(
@@ -407,41 +353,3 @@ def _joint_gaussian(pred, bnd, con, shape, lead, hs, grid, noise, metric, inputs
         down = post.factor.to(post.mean.dtype)
     cov = post.used_covariance(pred.covariance)  # jittered or symmetrised by the PSD policy
     return Gaussian(out_mean.reshape(*lead, *ev), var, cov, None, down, k, post)
-
-
-def dense_projection(
-    u: Tensor, rows: Sequence[Rows], W: Tensor | None = None, *, sequential: bool = False
-) -> Tensor:
-    """The dense float64 reference: ``u - W C^T (C W C^T)^+ (C u - d)``.
-
-    Parameters
-    ----------
-    u : Tensor
-        shape: (batch, N). Not modified.
-    rows : sequence of Rows
-        Stacked into one system; with ``sequential=True`` each set is projected in turn with its
-        own mobility (``V = W C^T`` replaced by the rows' directions): the boundary step.
-    W : Tensor, optional
-        shape: (N, N) or (batch, N, N); default the identity.
-
-    Returns
-    -------
-    Tensor
-        shape: (batch, N), float64.
-    """
-    x = u.to(F64)
-    n = x.shape[-1]
-    if sequential:
-        for r in rows:
-            C = r.dense(n).to(x.device)
-            V = r.directions(n).to(x.device)
-            res = x @ C.mT - r.rhs.to(x.device)
-            x = x - (torch.linalg.pinv(C @ V) @ res.unsqueeze(-1)).squeeze(-1) @ V.mT
-        return x
-    C, d = _stack(rows, x.shape[0], n)
-    C, d = C.to(x.device), d.to(x.device)
-    Wm = torch.eye(n, dtype=F64, device=x.device) if W is None else W.to(F64)
-    WC = Wm @ C.mT  # (.., N, M)
-    res = (x.unsqueeze(-2) @ C.mT).squeeze(-2) - d
-    coef = (torch.linalg.pinv(C @ WC) @ res.unsqueeze(-1)).squeeze(-1)
-    return x - (WC @ coef.unsqueeze(-1)).squeeze(-1)

@@ -38,6 +38,7 @@ from typing import Any
 from ..conservation.gaussian import Gaussian
 from ..rows import DEFAULT_GRID, GridSpec
 from . import dense
+from .rowops import split_families
 from .tags import POINTS, structure_of
 
 __all__ = ["SOLVERS", "choose", "project", "tags_of"]
@@ -143,12 +144,12 @@ def _bounded(pred: Gaussian, constraints: Sequence[Any], opts: dict) -> Gaussian
 
 
 def _walls(pred: Gaussian, constraints: Sequence[Any], opts: dict) -> Gaussian:
-    bnd, con = dense.split_families(constraints)
+    bnd, con = split_families(constraints)
     return dense.with_walls(pred, bnd, con, **opts)
 
 
 def _rows(pred: Gaussian, constraints: Sequence[Any], opts: dict) -> Gaussian:
-    _, con = dense.split_families(constraints)
+    _, con = split_families(constraints)
     return dense.condition_rows(
         pred, con, noise=opts["noise"], metric=opts["metric"], grid_shape=opts["grid_shape"],
         inputs=opts["inputs"], call=opts["call"],

@@ -184,7 +184,7 @@ class BoundaryCondition:
         Rows
             One row per face point (and channel), with the mobility of the face-local step.
         """
-        from .enforce import boundary_rows  # the set-level builder (corners, lift)
+        from .._engine.faces import boundary_rows  # the set-level builder (corners, lift)
 
         return boundary_rows(
             shape,

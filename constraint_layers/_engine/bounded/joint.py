@@ -50,13 +50,16 @@ import torch
 from torch import Tensor
 
 from ..._grid import resolve_spacing
-from ...boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
 from ...bounds import Bounds, resolve_bounds
 from ...conservation.gaussian import Gaussian
 from ...errors import ConstraintError, IncompatibleConstraintsError
-from ..dense import _labels, _pull_back, _stack, split_families
 from ..dependence import data_rounding, independent_rows
+from ..faces import apply_plan, boundary_rows, condition_rhs, plan
 from ..gaussian import condition_gaussian
+from ..rowops import pull_back as _pull_back
+from ..rowops import row_labels as _labels
+from ..rowops import split_families
+from ..rowops import stack_dense as _stack
 from ..streaming import flat_event, grid_view
 from ..tags import structure_of
 from . import project_bounded, project_bounded_rows
