@@ -96,6 +96,7 @@ def project(
     variance: Tensor | None = None,
     covariance: Any = None,
     low_rank: Tensor | None = None,
+    grid: GridSpec | None = None,
     spacing: float | Sequence[float] | None = None,
     extent: float | Sequence[float] | None = None,
     endpoint: bool = True,
@@ -134,6 +135,9 @@ def project(
         shape: (*batch, N, N) over the flattened event.
     low_rank : Tensor, optional
         shape: (*batch, N, K).
+    grid : GridSpec, optional
+        The grid at once (:class:`~constraint_layers.rows.GridSpec`: spacing, extent, endpoint),
+        e.g. a wrapper's ``.grid``; or give them one by one.
     spacing, extent, endpoint, lift
         The grid, as for ``cl.wrap`` (the grid of every constraint: a conflict raises).
     noise, metric, grid_shape, layout
@@ -170,6 +174,18 @@ def project(
     if not isinstance(u, Tensor):
         raise TypeError(f"{call}: u must be a tensor (the output to constrain), got "
                         f"{type(u).__name__}.")  # fmt: skip
+    if grid is not None:
+        if not isinstance(grid, GridSpec):
+            raise TypeError(
+                f"{call}: grid must be a constraint_layers.rows.GridSpec(spacing, extent, "
+                f"endpoint), got {type(grid).__name__}; or give spacing=, extent=, endpoint=."
+            )
+        if spacing is not None or extent is not None or endpoint is not True:
+            raise ValueError(
+                f"{call}: give the grid either as grid=GridSpec(...) or by spacing=, extent=, "
+                "endpoint=, not both."
+            )
+        spacing, extent, endpoint = grid
     if len(constraints) == 1 and isinstance(constraints[0], (list, tuple)):
         constraints = tuple(constraints[0])
     items = check_constraints(constraints, call)

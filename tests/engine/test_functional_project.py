@@ -112,6 +112,21 @@ def test_euclidean_metric_and_noise_as_for_wrap():
         torch.testing.assert_close(got.variance, v, rtol=0, atol=0)
 
 
+def test_the_grid_at_once():
+    from constraint_layers.rows import GridSpec
+
+    u = _u((2, 1, 17), F64)
+    cons = [cl.Neumann(0.0), cl.Conservation.integral(0.4)]
+    wrapped = cl.wrap(nn.Identity(), *cons, extent=3.0)
+    got = project(u, *cons, grid=wrapped.grid)
+    torch.testing.assert_close(got, wrapped(u), rtol=0, atol=0)
+    torch.testing.assert_close(got, project(u, *cons, extent=3.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        project(u, *cons, grid=GridSpec(extent=3.0), extent=3.0)
+    with pytest.raises(TypeError, match="GridSpec"):
+        project(u, *cons, grid=(None, 3.0, True))
+
+
 def test_point_clouds():
     u = _u((2, 7, 2), F64, seed=6)
     cons = [cl.Dirichlet(1.0, points=torch.tensor([0, 3]))]
