@@ -111,3 +111,20 @@ def test_the_named_solver_runs(monkeypatch, constraints, solver):
         assert float(out.min()) >= -0.5
     ref = cl.wrap(torch.nn.Identity(), *constraints)(u)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_streaming_and_dense_are_different_paths():
+    """The per-frame path forms no structured posterior; the stacked one does (and both hold
+    the rows)."""
+    u = torch.randn(2, 1, 9, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    var = torch.full_like(u, 0.5)
+    total = cl.Conservation.integral(0.2)
+    pred = Gaussian(u, var, event_ndim=3)
+    assert choose([total], pred) == "streaming"
+    assert dispatch.project(pred, [total]).conditioned is None
+    both = [total, cl.Conservation.integral(0.2, dim=1)]
+    assert choose(both, pred) == "dense"
+    post = dispatch.project(pred, both)
+    assert isinstance(post.conditioned, cl.functional.ConstrainedGaussian)
+    for c in both:
+        assert float(cl.metrics.conservation_error(post.mean, c).abs().max()) < 1e-12
