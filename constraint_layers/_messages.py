@@ -1,6 +1,6 @@
 """Errors raised inside the engine, reported under the user's call (private).
 
-The engine's building blocks are public functions with their own names (``conserve``,
+The engine's building blocks are public functions with their own names (``condition_gaussian``,
 ``enforce_conservation``, ``Conservation.rows``); when a wrapper runs them, a message that starts
 with one of those names is re-headed with the wrapper's (``ConservationProjection: ...``), so
 that every message names the call the user made.
@@ -17,6 +17,7 @@ __all__ = ["INTERNAL_CALLS", "under_call"]
 INTERNAL_CALLS = frozenset(
     {
         "conserve",
+        "condition_gaussian",
         "enforce_conservation",
         "enforce_boundary",
         "boundary_rows",

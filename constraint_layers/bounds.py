@@ -1,9 +1,9 @@
 """Box bounds on a model's output: ``lower <= u <= upper``, composable with equality rows.
 
 Densities, concentrations and saturations are non-negative, temperatures and fractions are
-bounded above. :class:`Bounds` states such limits; the engine (:mod:`constraint_layers._project`,
-with the bounded step of :mod:`constraint_layers._project_bounds`) returns the point closest to
-the model's prediction in the model's own metric (Euclidean for deterministic outputs, the
+bounded above. :class:`Bounds` states such limits; the engine (:mod:`constraint_layers._engine`,
+with the bounded step of :mod:`constraint_layers._engine.bounded.joint`) returns the point closest
+to the model's prediction in the model's own metric (Euclidean for deterministic outputs, the
 covariance for Gaussian ones) that satisfies every equality row of the other constraints AND the
 bounds. Without equality rows and with a diagonal (or no) metric that is the clip.
 
@@ -125,6 +125,8 @@ class Bounds:
 
     #: Which step of the engine enforces the constraint.
     family: ClassVar[str] = "bounds"
+    #: The structure tag the engine's dispatcher reads: box bounds, solved on top of the rows.
+    structure: ClassVar[str] = "bounded"
     #: The attributes holding the constraint's values (``cl.Given`` binding).
     value_attr: ClassVar[tuple[str, str]] = ("lower", "upper")
 

@@ -1,15 +1,19 @@
 """Pure tensor functions behind the constraint layers (no module state; imports no layer).
 
-A layer's ``forward`` is the model call plus the projection these functions compute.
+A layer's ``forward`` is the model call plus the projection these functions compute:
+:func:`project` is the joint entry (any mix of constraints, the layer's path);
+:func:`condition_gaussian` the Gaussian conditioning kernel (``conserve`` is its deprecated
+alias); the others serve one family each.
 """
 
 from __future__ import annotations
 
-from ._project import dense_projection
-from .boundary.enforce import boundary_residuals, boundary_rows, enforce_boundary
-from .conservation.conserve import conserve
+from ._engine.faces import boundary_residuals, boundary_rows, enforce_boundary
+from ._engine.gaussian import condition_gaussian, conserve
+from ._engine.reference import dense_projection
+from ._engine.streaming import enforce_conservation
+from ._joint import project
 from .conservation.constraint import conservation_rows
-from .conservation.enforce import enforce_conservation
 from .conservation.gaussian import Gaussian
 from .conservation.mixture import MixtureMoments, RunningMoments, conserve_mixture
 from .conservation.posterior import ConstrainedGaussian, DegenerateGaussian
@@ -31,6 +35,7 @@ __all__ = [
     "RunningMoments",
     "boundary_residuals",
     "boundary_rows",
+    "condition_gaussian",
     "condition_local",
     "conservation_rows",
     "conserve",
@@ -39,4 +44,5 @@ __all__ = [
     "enforce_boundary",
     "enforce_conservation",
     "enforce_local",
+    "project",
 ]

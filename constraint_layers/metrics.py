@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._engine.faces import boundary_residuals
 from ._grid import check_grid
-from .boundary.enforce import boundary_residuals
 
 __all__ = [
     "boundary_error",

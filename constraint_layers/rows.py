@@ -4,7 +4,7 @@ Every constraint here is linear in the model's output ``u`` (one sample, flatten
 its event axes: ``(channels, d1, ..., dn)`` for a grid). A Dirichlet value, a Neumann stencil,
 periodicity and a conservation integral are all rows ``c . u = d``. A constraint states its rows
 for an output shape through ``Constraint.rows``; the projection engine
-(:mod:`constraint_layers._project`) picks a solver from their structure.
+(:mod:`constraint_layers._engine.dispatch`) picks a solver from their structure tags.
 
 Besides the coefficients, a row may carry its **mobility**: the nodes the face-local output step
 moves to satisfy it and the direction of the move (``u <- u + v t`` with
@@ -84,10 +84,16 @@ class Rows(NamedTuple):
 
     @property
     def structure(self) -> str:
-        """The structure tag the engine dispatches on: ``"sparse"`` (rows of a few entries);
-        local rows (one per node, an operator) are :class:`~constraint_layers.local.LocalRows`,
-        tagged ``"local"``."""
-        return "sparse"
+        """The structure tag the engine dispatches on (:mod:`constraint_layers._engine.tags`):
+        ``"face"`` for rows with a face-local mobility (boundary rows), ``"frame"`` for rows
+        that read disjoint positions (one total per frame), ``"dense"`` otherwise. Local rows
+        (one per node, an operator) are :class:`~constraint_layers.local.LocalRows`, tagged
+        ``"local"``."""
+        if self.moves is not None:
+            return "face"
+        if self.index.numel() == torch.unique(self.index).numel():
+            return "frame"
+        return "dense"
 
     def dense(self, size: int) -> Tensor:
         """The dense float64 matrix ``C``: shape (M, size), or (batch, M, size) per sample."""

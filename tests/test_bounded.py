@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from constraint_layers._bounded import active_bounds, project_bounded, project_bounded_rows
+from constraint_layers._engine.bounded import active_bounds, project_bounded, project_bounded_rows
 from constraint_layers.errors import ConstraintError
-from constraint_layers.functional import conserve
+from constraint_layers.functional import condition_gaussian
 
 F64 = torch.float64
 INF = math.inf
@@ -152,7 +152,7 @@ def test_inactive_bounds_equal_the_equality_only_projection():
     C = block_rows(c.expand(3, 6))
     for weight, kwargs in ((w, {"variance": w.reshape(4, 18)}), (None, {})):
         x = project_bounded_rows(u, c, d, weight=weight, lower=-50.0, upper=50.0)
-        ref = conserve(u.reshape(4, 18), C, d, **kwargs).mean.reshape(4, 3, 6)
+        ref = condition_gaussian(u.reshape(4, 18), C, d, **kwargs).mean.reshape(4, 3, 6)
         torch.testing.assert_close(x, ref, rtol=0, atol=1e-13)
         Wm = torch.eye(18, dtype=F64) if weight is None else None
         for b in range(4):  # the dense float64 formula u - W C^T (C W C^T)^-1 (C u - d)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_bounded import enumerate_qp
 
-from constraint_layers._bounded import active_bounds, project_bounded
+from constraint_layers._engine.bounded import active_bounds, project_bounded
 
 F64 = torch.float64
 INF = math.inf

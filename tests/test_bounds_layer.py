@@ -237,8 +237,8 @@ def qp_moved_free(u, C, d, lo, hi, moved) -> np.ndarray:
 
 def _step_rows(shape, bcs):
     """The boundary rows where each condition is in charge and the positions the step sets."""
+    from constraint_layers._engine.faces import boundary_rows, plan
     from constraint_layers._grid import resolve_spacing
-    from constraint_layers.boundary.enforce import boundary_rows, plan
 
     hs = resolve_spacing(shape[2:])
     rows = boundary_rows(shape, bcs, spacing=hs, include_overridden=False)
@@ -389,7 +389,7 @@ def test_bad_bounds():
 def test_debug_checks_the_bounds(monkeypatch):
     """debug=True checks every value against the bounds, exactly: a projection that leaves a
     value outside (simulated) raises and names it; the correct projection passes."""
-    from constraint_layers import _project_bounds
+    from constraint_layers._engine.bounded import joint as _project_bounds
     from constraint_layers.errors import ConstraintViolationError
 
     u, mass = _problem(0)

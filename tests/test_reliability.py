@@ -1711,30 +1711,32 @@ CASES: list[Case] = [
         R(ValueError, r"enforce_conservation.*variance of shape \(4,\).*\(2, 1, 9\)"),
     ),
     Case(
-        "conserve G NaN",
-        lambda: cl.functional.conserve(
+        "condition_gaussian G NaN",
+        lambda: cl.functional.condition_gaussian(
             torch.zeros(2, 9, dtype=F64), torch.full((1, 9), NAN, dtype=F64), 0.0
         ),
-        R(ValueError, r"conserve.*G.*(NaN|finite)"),
+        R(ValueError, r"condition_gaussian.*G.*(NaN|finite)"),
     ),
     Case(
-        "conserve b NaN",
-        lambda: cl.functional.conserve(
+        "condition_gaussian b NaN",
+        lambda: cl.functional.condition_gaussian(
             torch.zeros(2, 9, dtype=F64), G6, torch.tensor([NAN], dtype=F64)
         ),
-        R(ValueError, r"conserve.*b.*(NaN|finite)"),
+        R(ValueError, r"condition_gaussian.*b.*(NaN|finite)"),
     ),
     Case(
-        "conserve variance inf",
-        lambda: cl.functional.conserve(
+        "condition_gaussian variance inf",
+        lambda: cl.functional.condition_gaussian(
             torch.zeros(2, 9, dtype=F64), G6, 0.0, variance=torch.full((2, 9), INF, dtype=F64)
         ),
-        R(ValueError, r"conserve.*variance.*(inf|finite)"),
+        R(ValueError, r"condition_gaussian.*variance.*(inf|finite)"),
     ),
     Case(
-        "conserve complex mean",
-        lambda: cl.functional.conserve(torch.zeros(2, 9, dtype=torch.complex128), G6, 0.0),
-        R(TypeError, r"conserve.*floating-point.*complex128"),
+        "condition_gaussian complex mean",
+        lambda: cl.functional.condition_gaussian(
+            torch.zeros(2, 9, dtype=torch.complex128), G6, 0.0
+        ),
+        R(TypeError, r"condition_gaussian.*floating-point.*complex128"),
     ),
     Case(
         "metrics.boundary_error(list)",

@@ -53,6 +53,8 @@ class BoundaryCondition:
 
     #: Which layer step enforces the constraint (``cl.wrap`` dispatches on it).
     family: ClassVar[str] = "boundary"
+    #: The structure tag the engine's dispatcher reads: rows solved face by face, in closed form.
+    structure: ClassVar[str] = "face"
     #: The attribute holding the constraint's value (``cl.Given`` binding).
     value_attr: ClassVar[str] = "value"
     #: Whether the row is a derivative (its residual compares with ``value * h``).
@@ -182,7 +184,7 @@ class BoundaryCondition:
         Rows
             One row per face point (and channel), with the mobility of the face-local step.
         """
-        from .enforce import boundary_rows  # the set-level builder (corners, lift)
+        from .._engine.faces import boundary_rows  # the set-level builder (corners, lift)
 
         return boundary_rows(
             shape,

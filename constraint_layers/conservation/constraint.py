@@ -81,6 +81,8 @@ class Conservation:
 
     #: Which step of the engine enforces the constraint.
     family: ClassVar[str] = "conservation"
+    #: The structure tag the engine's dispatcher reads: a few dense rows (``M x M`` solves).
+    structure: ClassVar[str] = "dense"
     #: The attribute holding the constraint's value (``cl.Given`` binding).
     value_attr: ClassVar[str] = "b"
 
@@ -311,6 +313,9 @@ class IntegralConservation(Conservation):
     >>> (w * 12).round(decimals=12).tolist()
     [1.0, 4.0, 2.0, 4.0, 1.0]
     """
+
+    #: The structure tag the engine's dispatcher reads: disjoint rows, one per frame (streamed).
+    structure: ClassVar[str] = "frame"
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .conserve import conserve
+from .._engine.gaussian import condition_gaussian
 from .gaussian import (
     F64,
 )
@@ -122,15 +122,16 @@ def conserve_mixture(
 
     For several samples of one model (latent samples of a neural process, ensemble members,
     MC-dropout passes): each member ``N(mean_s, diag(variance_s))`` is conditioned on ``G u = b``
-    (:func:`conserve`), and the conditioned members are moment-matched with running sums. The
-    mixture mean satisfies ``G mean = b`` exactly (an average of exact means).
+    (:func:`~constraint_layers.functional.condition_gaussian`), and the conditioned members are
+    moment-matched with running sums. The mixture mean satisfies ``G mean = b`` exactly (an
+    average of exact means).
 
     Parameters
     ----------
     means : Tensor or iterable of Tensor
         shape: (S, *batch, N) with the members along ``dim``, or an iterable of (*batch, N).
     G, b, noise, metric
-        As for :func:`conserve`.
+        As for :func:`~constraint_layers.functional.condition_gaussian`.
     variances : Tensor or iterable of Tensor, optional
         Like ``means``; None: deterministic members (Euclidean projection each).
     dim : int, default 0
@@ -162,7 +163,7 @@ def conserve_mixture(
     acc = RunningMoments(covariance=covariance)
     pairs = zip(means, variances) if variances is not None else ((m, None) for m in means)
     for mu, var in pairs:
-        post = conserve(mu, G, b, variance=var, noise=noise, metric=metric)
+        post = condition_gaussian(mu, G, b, variance=var, noise=noise, metric=metric)
         cov = post.covariance() if covariance and var is not None else None
         acc.add(post.mean, post.variance if var is not None else None, cov)
     return acc.result()

@@ -178,7 +178,7 @@ class ConstrainedGaussian:
         --------
         >>> import torch, constraint_layers as cl
         >>> ones = torch.ones(5)
-        >>> post = cl.functional.conserve(torch.zeros(5), ones, 1.0, variance=ones)
+        >>> post = cl.functional.condition_gaussian(torch.zeros(5), ones, 1.0, variance=ones)
         >>> s = post.sample(3, generator=torch.Generator().manual_seed(0))
         >>> s.shape, bool(torch.allclose(s.sum(-1), torch.ones(3)))
         (torch.Size([3, 5]), True)

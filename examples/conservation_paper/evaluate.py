@@ -311,13 +311,13 @@ def shock_samples(means: Tensor, variances: Tensor, w: Tensor, b: float, draws: 
         con = cl.Conservation(w.unsqueeze(0), torch.tensor([float(b)], dtype=F64))
         bounds = cl.Bounds(lo, hi, variance="active")
         bm, bv = cl.wrap(_Pair(), con, bounds)(means, variances)  # (S, X)
-        post = cl.functional.conserve(bm, w, b, variance=bv)
+        post = cl.functional.condition_gaussian(bm, w, b, variance=bv)
         return post.sample(k, generator=gen).reshape(-1, means.shape[-1])[:draws]
     if kind == "none":
         eps = torch.randn((k, *means.shape), dtype=F64, generator=gen)
         samples = means + variances.sqrt() * eps
     else:
-        post = cl.functional.conserve(means, w, b, variance=variances, metric=kind)
+        post = cl.functional.condition_gaussian(means, w, b, variance=variances, metric=kind)
         samples = post.sample(k, generator=gen)
     return samples.reshape(-1, means.shape[-1])[:draws]
 

@@ -49,7 +49,7 @@ def _rows() -> torch.Tensor:
 
 def _conditioned(S: torch.Tensor, noise: float):
     """The conditioning of N(0, S) on G u = 0 (with constraint noise std ``noise``)."""
-    return cl.functional.conserve(
+    return cl.functional.condition_gaussian(
         torch.zeros(S.shape[:-1], dtype=S.dtype), _rows(), 0.0, covariance=S.detach(), noise=noise
     )
 

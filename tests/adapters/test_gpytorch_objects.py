@@ -212,7 +212,7 @@ def test_multitask_layout_is_the_plain_models(dtype):
     perm = torch.arange(48).reshape(24, 2).mT.reshape(-1)  # task-major j <- interleaved perm[j]
     cov = plain.covariance_matrix.double()[perm][:, perm]
     G, b = task1.dense((1, 2, 4, 6))
-    ref = cl.functional.conserve(
+    ref = cl.functional.condition_gaussian(
         plain.mean.mT.reshape(-1).double(), G, b[0], covariance=0.5 * (cov + cov.mT)
     )
     inv = torch.argsort(perm)
@@ -249,7 +249,7 @@ def test_torch_head_log_prob_is_the_degenerate_density(kind, dtype):
         s = out.sample(torch.Size([5]))
         lp = out.log_prob(s)
         raw = head(x)
-        ref = cl.functional.conserve(
+        ref = cl.functional.condition_gaussian(
             raw.mean.double(), TWO_ROWS.G, TWO_ROWS.b, covariance=raw.covariance_matrix.double()
         )
         cov = ref.covariance()

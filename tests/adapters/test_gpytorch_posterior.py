@@ -211,7 +211,7 @@ def test_torch_distribution_heads(kind, dtype):
     with torch.no_grad():
         raw = head(x)
         cov = raw.covariance_matrix
-        ref = cl.functional.conserve(raw.mean, G, b, covariance=cov.double())
+        ref = cl.functional.condition_gaussian(raw.mean, G, b, covariance=cov.double())
     torch.testing.assert_close(out.mean, ref.mean.to(dtype), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
         out.covariance_matrix.double(), ref.covariance().double(), rtol=1e-4, atol=1e-5
@@ -299,7 +299,9 @@ def test_multitask_gp_per_task_and_across_tasks(dtype):
         cov = plain.covariance_matrix.double()[perm][:, perm]
         cov = 0.5 * (cov + cov.mT)
         G, b = cons.dense(shape)
-        ref = cl.functional.conserve(plain.mean.mT.reshape(-1).double(), G, b[0], covariance=cov)
+        ref = cl.functional.condition_gaussian(
+            plain.mean.mT.reshape(-1).double(), G, b[0], covariance=cov
+        )
         tol = 1e-9 if dtype == F64 else 1e-4
         torch.testing.assert_close(post.mean.mT.reshape(-1).double(), ref.mean, rtol=tol, atol=tol)
 
@@ -386,7 +388,7 @@ def test_fit_hyperparameters_with_the_constraint_in_place():
         out = wrapped(x)
         K = gp.covar_module(x).to_dense()
         G, b = MASS.dense((1, 1, *shape))
-        cond = cl.functional.conserve(torch.zeros(20, dtype=F64), G, b[0], covariance=K)
+        cond = cl.functional.condition_gaussian(torch.zeros(20, dtype=F64), G, b[0], covariance=K)
         noise = gp.likelihood.noise * torch.eye(20, dtype=F64)
         ref = torch.distributions.MultivariateNormal(cond.mean, cond.covariance() + noise)
         torch.testing.assert_close(mll(out, y), ref.log_prob(y) / 20, rtol=1e-6, atol=1e-8)
@@ -417,7 +419,7 @@ def test_sparse_product_path_matches_the_dense_reference_with_gradients():
     def dense():
         f = gp(x)
         G, b = MASS.dense((1, 1, 6, 8))
-        post = cl.functional.conserve(f.mean, G, b[0], covariance=f.covariance_matrix)
+        post = cl.functional.condition_gaussian(f.mean, G, b[0], covariance=f.covariance_matrix)
         return post.mean, post.variance
 
     (l1, g1), (l2, g2) = loss_and_grads(wrapped), loss_and_grads(dense)

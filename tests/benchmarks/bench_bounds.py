@@ -3,8 +3,9 @@
 Diagonal metric (a variance per node), one conservation row per time frame, the lower bound 0
 active on about 10% of the nodes. Each case times, in the same run:
 
-* ``conserve``: the equality-only ProbConserv update ``cl.functional.conserve`` with a diagonal
-  variance (the frames as a batch of one-row problems: its fastest layout for per-frame rows);
+* ``conserve``: the equality-only ProbConserv update ``cl.functional.condition_gaussian`` (formerly
+  ``conserve``) with a diagonal variance (the frames as a batch of one-row problems: its fastest
+  layout for per-frame rows);
 * ``bounded``: ``project_bounded_rows`` with the bound;
 * ``bounded, no bound``: ``project_bounded_rows`` without bounds (the same solver, equality only);
 * ``layer``: the whole layer, ``cl.wrap(head, mass, cl.Bounds(lower=0.0))`` on a Gaussian head
@@ -31,7 +32,7 @@ import torch
 import constraint_layers as cl
 from constraint_layers._bounded import project_bounded_rows
 
-conserve = cl.functional.conserve
+conserve = cl.functional.condition_gaussian  # the conditioning kernel (formerly conserve)
 
 
 def interleaved(repeats: int, calls: dict, budget: float = 60.0) -> dict[str, list[float]]:

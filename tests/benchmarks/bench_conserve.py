@@ -48,7 +48,7 @@ def copy(*tensors):
     return [t.clone() for t in tensors]
 
 
-conserve = cl.functional.conserve
+conserve = cl.functional.condition_gaussian  # the conditioning kernel (formerly conserve)
 
 
 def naive(mean, G, b, cov):

@@ -11,7 +11,7 @@ import constraint_layers as cl
 from constraint_layers.errors import GridError, SingularConstraintError
 
 F64 = torch.float64
-conserve = cl.functional.conserve
+condition_gaussian = cl.functional.condition_gaussian
 
 
 @pytest.fixture
@@ -53,9 +53,9 @@ def test_conserve_bad_input(data, name, over, exc, words):
     args = {"mu": mu, "var": var, "G": G, "b": b, **over}
     kw = {k: v for k, v in over.items() if k in ("noise", "metric")}
     with pytest.raises(exc) as info:
-        conserve(args["mu"], args["G"], args["b"], variance=args["var"], **kw)
+        condition_gaussian(args["mu"], args["G"], args["b"], variance=args["var"], **kw)
     msg = str(info.value)
-    assert msg.startswith("conserve:"), msg
+    assert msg.startswith("condition_gaussian:"), msg
     for w in words:
         assert w in msg, (w, msg)
 
@@ -67,17 +67,17 @@ def test_zero_variance_row_is_singular_not_nan(data):
     G[1, :5] = 0.0
     var[:, 5:] = 0.0  # row 1 reads only points with zero variance
     with pytest.raises(SingularConstraintError) as info:
-        conserve(mu, G, b, variance=var)
+        condition_gaussian(mu, G, b, variance=var)
     msg = str(info.value)
     assert "zero variance" in msg and "noise" in msg and 'metric="euclidean"' in msg
     assert "row 1" in msg
-    ok = conserve(mu, G, b, variance=var, noise=1e-3)  # the fix the message names
+    ok = condition_gaussian(mu, G, b, variance=var, noise=1e-3)  # the fix the message names
     assert bool(torch.isfinite(ok.mean).all())
-    ok = conserve(mu, G, b, variance=var, metric="euclidean")
+    ok = condition_gaussian(mu, G, b, variance=var, metric="euclidean")
     torch.testing.assert_close(ok.mean @ G.mT, b, rtol=0, atol=1e-12)
     with torch.enable_grad():  # the autograd path says the same
         with pytest.raises(SingularConstraintError, match="zero variance"):
-            conserve(mu.requires_grad_(), G, b, variance=var)
+            condition_gaussian(mu.requires_grad_(), G, b, variance=var)
 
 
 def test_zero_row_and_dependent_rows(data):
@@ -85,10 +85,10 @@ def test_zero_row_and_dependent_rows(data):
     Z = G.clone()
     Z[0] = 0
     with pytest.raises(SingularConstraintError, match="row 0 of G is all zeros"):
-        conserve(mu, Z, b, variance=var)
+        condition_gaussian(mu, Z, b, variance=var)
     D = torch.stack([G[0], 2 * G[0]])
     with pytest.raises(SingularConstraintError, match="linearly dependent"):
-        conserve(mu, D, b, variance=var)
+        condition_gaussian(mu, D, b, variance=var)
 
 
 def test_bad_covariance(data):
@@ -96,26 +96,30 @@ def test_bad_covariance(data):
     S = torch.eye(10, dtype=F64)
     S[0, 1] = 0.5
     with pytest.raises(ValueError, match="symmetric"):
-        conserve(mu, G, b, covariance=S)
+        condition_gaussian(mu, G, b, covariance=S)
     S = -torch.eye(10, dtype=F64)
     with pytest.raises(ValueError, match="negative"):
-        conserve(mu, G, b, covariance=S)
+        condition_gaussian(mu, G, b, covariance=S)
     S = torch.eye(10, dtype=F64)
     S[0, 1] = S[1, 0] = 3.0  # symmetric, unit diagonal, indefinite
     E = torch.zeros(2, 10, dtype=F64)
     E[0, 0], E[0, 1], E[1, 2] = 1.0, -1.0, 1.0  # row 0 reads the negative direction of S
     with pytest.raises((ValueError, SingularConstraintError), match="positive"):
-        conserve(mu, E, b, covariance=S)
+        condition_gaussian(mu, E, b, covariance=S)
     with pytest.raises(ValueError, match=r"\(\*batch, 10, 10\)"):
-        conserve(mu, G, b, covariance=torch.eye(9, dtype=F64))
+        condition_gaussian(mu, G, b, covariance=torch.eye(9, dtype=F64))
     with pytest.raises(ValueError, match="once"):
-        conserve(mu, G, b, covariance=torch.eye(10, dtype=F64), variance=torch.ones(10, dtype=F64))
+        condition_gaussian(
+            mu, G, b, covariance=torch.eye(10, dtype=F64), variance=torch.ones(10, dtype=F64)
+        )
 
 
 def test_no_nan_anywhere_on_degenerate_but_valid_input():
     mu = torch.zeros(1, 4, dtype=F64)
     var = torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=F64)  # some zero variances: fine
-    post = conserve(mu, torch.ones(1, 4, dtype=F64), torch.tensor([[2.0]], dtype=F64), variance=var)
+    post = condition_gaussian(
+        mu, torch.ones(1, 4, dtype=F64), torch.tensor([[2.0]], dtype=F64), variance=var
+    )
     expected = torch.tensor([[0.0, 1.0, 0.0, 1.0]], dtype=F64)
     torch.testing.assert_close(post.mean, expected, rtol=0, atol=1e-15)
     assert bool(torch.isfinite(post.variance).all())
@@ -200,6 +204,6 @@ def test_badly_conditioned_full_covariance_still_conserves_to_rounding():
     con = cl.Conservation.integral(torch.zeros(11), dim=1, grid=x)
     G, b = con.dense((1, 1, 11, 201))
     mean = torch.randn(2211, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    post = cl.functional.conserve(mean, G, b[0], covariance=cov)
+    post = cl.functional.condition_gaussian(mean, G, b[0], covariance=cov)
     assert torch.linalg.cond(G @ cov @ G.T) > 1e8
     assert (G @ post.mean - b[0]).abs().max() < 1e-14

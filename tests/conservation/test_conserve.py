@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import constraint_layers as cl
-from constraint_layers.conservation import conserve as ops
+from constraint_layers._engine import gaussian as ops
 from constraint_layers.testing import dense_update
 
 F64 = torch.float64
@@ -45,7 +45,7 @@ def kkt(mu, S, G, b):
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_diagonal_matches_dense_reference(per_sample):
     mu, var, G, b = problem(per_sample=per_sample)
-    post = cl.functional.conserve(mu, G, b, variance=var)
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     ref_mean, ref_cov = dense_update(mu, G, b, variance=var)
     torch.testing.assert_close(post.mean, ref_mean, rtol=TOL, atol=TOL)
     torch.testing.assert_close(
@@ -58,8 +58,8 @@ def test_matches_kkt_solution():
     mu, var, G, b = problem(n=25, m=4, batch=(3,))
     S = spd((3,), 25)
     for post, cov in [
-        (cl.functional.conserve(mu, G, b, variance=var), torch.diag_embed(var)),
-        (cl.functional.conserve(mu, G, b, covariance=S), S),
+        (cl.functional.condition_gaussian(mu, G, b, variance=var), torch.diag_embed(var)),
+        (cl.functional.condition_gaussian(mu, G, b, covariance=S), S),
     ]:
         for i in range(3):
             torch.testing.assert_close(
@@ -69,18 +69,18 @@ def test_matches_kkt_solution():
 
 def test_exact_at_zero_noise_and_posterior_rank():
     mu, var, G, b = problem(n=60, m=5)
-    post = cl.functional.conserve(mu, G, b, variance=var)
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     torch.testing.assert_close(post.mean @ G.mT, b, rtol=0, atol=1e-12)
     gsg = G @ post.covariance() @ G.mT
     assert float(gsg.abs().max()) < 1e-12
-    post = cl.functional.conserve(mu, G, b, covariance=spd((4,), 60))
+    post = cl.functional.condition_gaussian(mu, G, b, covariance=spd((4,), 60))
     assert float((G @ post.covariance() @ G.mT).abs().max()) < 1e-12
 
 
 def test_noise_limits():
     mu, var, G, b = problem()
     for noise in (1e-9, 0.3, torch.tensor([0.1, 1.0, 10.0])):
-        post = cl.functional.conserve(mu, G, b, variance=var, noise=noise)
+        post = cl.functional.condition_gaussian(mu, G, b, variance=var, noise=noise)
         s = torch.as_tensor(noise, dtype=F64)
         ref_mean, ref_cov = dense_update(mu, G, b, variance=var)  # noise 0 for the shape
         A = G @ torch.diag_embed(var) @ G.mT + torch.diag_embed(s.expand(3) ** 2)
@@ -88,28 +88,30 @@ def test_noise_limits():
         ref = mu - (K @ (mu @ G.mT - b).unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(post.mean, ref, rtol=TOL, atol=TOL)
         del ref_mean, ref_cov
-    big = cl.functional.conserve(mu, G, b, variance=var, noise=1e8)
+    big = cl.functional.condition_gaussian(mu, G, b, variance=var, noise=1e8)
     torch.testing.assert_close(big.mean, mu, rtol=0, atol=1e-12)
-    inf = cl.functional.conserve(mu, G, b, variance=var, noise=math.inf)
+    inf = cl.functional.condition_gaussian(mu, G, b, variance=var, noise=math.inf)
     assert torch.equal(inf.mean, mu) and torch.equal(inf.variance, var)
-    part = cl.functional.conserve(mu, G, b, variance=var, noise=torch.tensor([0.0, math.inf, 0.0]))
-    only = cl.functional.conserve(mu, G[[0, 2]], b[:, [0, 2]], variance=var)
+    part = cl.functional.condition_gaussian(
+        mu, G, b, variance=var, noise=torch.tensor([0.0, math.inf, 0.0])
+    )
+    only = cl.functional.condition_gaussian(mu, G[[0, 2]], b[:, [0, 2]], variance=var)
     torch.testing.assert_close(part.mean, only.mean, rtol=TOL, atol=TOL)
 
 
 def test_diagonal_low_rank_full_agree():
     mu, var, G, b = problem(n=30, m=2, batch=(2, 3))
     L = torch.randn(2, 3, 30, 4, dtype=F64)
-    lr = cl.functional.conserve(mu, G, b, variance=var, low_rank=L)
-    full = cl.functional.conserve(mu, G, b, covariance=torch.diag_embed(var) + L @ L.mT)
+    lr = cl.functional.condition_gaussian(mu, G, b, variance=var, low_rank=L)
+    full = cl.functional.condition_gaussian(mu, G, b, covariance=torch.diag_embed(var) + L @ L.mT)
     torch.testing.assert_close(lr.mean, full.mean, rtol=TOL, atol=TOL)
     torch.testing.assert_close(lr.variance, full.variance, rtol=TOL, atol=TOL)
     torch.testing.assert_close(lr.covariance(), full.covariance(), rtol=TOL, atol=TOL)
-    diag = cl.functional.conserve(mu, G, b, variance=var)
-    dense = cl.functional.conserve(mu, G, b, covariance=torch.diag_embed(var))
+    diag = cl.functional.condition_gaussian(mu, G, b, variance=var)
+    dense = cl.functional.condition_gaussian(mu, G, b, covariance=torch.diag_embed(var))
     torch.testing.assert_close(diag.mean, dense.mean, rtol=TOL, atol=TOL)
     torch.testing.assert_close(diag.covariance(), dense.covariance(), rtol=TOL, atol=TOL)
-    only_lr = cl.functional.conserve(mu, G, b, low_rank=L)  # K = 4 >= M = 2
+    only_lr = cl.functional.condition_gaussian(mu, G, b, low_rank=L)  # K = 4 >= M = 2
     ref, _ = dense_update(
         mu.reshape(6, 30), G, b.reshape(6, 2), covariance=(L @ L.mT).reshape(6, 30, 30)
     )
@@ -118,41 +120,42 @@ def test_diagonal_low_rank_full_agree():
 
 def test_euclidean_is_orthogonal_projection():
     mu, var, G, b = problem()
-    post = cl.functional.conserve(mu, G, b, variance=var, metric="euclidean")
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var, metric="euclidean")
     Q = torch.linalg.pinv(G)  # G^+ : projection onto {G u = b} is u - G^+ (G u - b)
     ref = mu - (mu @ G.mT - b) @ Q.mT
     torch.testing.assert_close(post.mean, ref, rtol=TOL, atol=TOL)
     assert torch.equal(post.variance, var)  # HardC: the uncertainty as given
-    det = cl.functional.conserve(mu, G, b)  # no uncertainty: Euclidean
+    det = cl.functional.condition_gaussian(mu, G, b)  # no uncertainty: Euclidean
     torch.testing.assert_close(det.mean, ref, rtol=TOL, atol=TOL)
     assert det.variance is None and det.factor is None
 
 
 def test_batching_and_broadcasting():
     mu, var, G, b = problem(batch=(2, 3))
-    post = cl.functional.conserve(mu, G, b, variance=var)
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     for i in range(2):
         for j in range(3):
-            one = cl.functional.conserve(mu[i, j], G, b[i, j], variance=var[i, j])
+            one = cl.functional.condition_gaussian(mu[i, j], G, b[i, j], variance=var[i, j])
             torch.testing.assert_close(post.mean[i, j], one.mean, rtol=TOL, atol=TOL)
-    shared_var = cl.functional.conserve(mu, G, b, variance=var[0, 0])  # (N,) broadcasts
+    shared_var = cl.functional.condition_gaussian(mu, G, b, variance=var[0, 0])  # (N,) broadcasts
     ref = dense_update(mu.reshape(6, -1), G, b.reshape(6, -1), variance=var[0, 0].expand(6, -1))
     torch.testing.assert_close(shared_var.mean.reshape(6, -1), ref[0], rtol=TOL, atol=TOL)
-    one_row = cl.functional.conserve(mu, G[0], b[..., 0], variance=var)  # G (N,), b (*batch,)
+    # G (N,), b (*batch,)
+    one_row = cl.functional.condition_gaussian(mu, G[0], b[..., 0], variance=var)
     torch.testing.assert_close(one_row.mean @ G[0], b[..., 0], rtol=0, atol=1e-12)
-    scalar_b = cl.functional.conserve(mu, G, 1.5, variance=var)
+    scalar_b = cl.functional.condition_gaussian(mu, G, 1.5, variance=var)
     torch.testing.assert_close(scalar_b.mean @ G.mT, torch.full_like(b, 1.5), rtol=0, atol=1e-12)
 
 
 def test_streaming_equals_autograd_path(monkeypatch):
     monkeypatch.setattr(ops, "CHUNK", 64)  # many chunks
     mu, var, G, b = problem(n=1000, m=3, batch=(2,))
-    fast = cl.functional.conserve(mu, G, b, variance=var)
-    slow = cl.functional.conserve(mu.requires_grad_(), G, b, variance=var)
+    fast = cl.functional.condition_gaussian(mu, G, b, variance=var)
+    slow = cl.functional.condition_gaussian(mu.requires_grad_(), G, b, variance=var)
     torch.testing.assert_close(fast.mean, slow.mean.detach(), rtol=TOL, atol=TOL)
     torch.testing.assert_close(fast.variance, slow.variance.detach(), rtol=TOL, atol=TOL)
     x32 = mu.detach().float()
-    f32 = cl.functional.conserve(x32, G.float(), b.float(), variance=var.float())
+    f32 = cl.functional.condition_gaussian(x32, G.float(), b.float(), variance=var.float())
     assert f32.mean.dtype == torch.float32 and f32.variance.dtype == torch.float32
     res = f32.mean.double() @ G.float().double().mT - b.float().double()
     assert float(res.abs().max()) < 1e-5
@@ -161,9 +164,9 @@ def test_streaming_equals_autograd_path(monkeypatch):
 def test_dtype_device_and_inputs_untouched():
     mu, var, G, b = problem()
     copies = [t.clone() for t in (mu, var, G, b)]
-    post = cl.functional.conserve(mu.float(), G, b, variance=var.float())
+    post = cl.functional.condition_gaussian(mu.float(), G, b, variance=var.float())
     assert post.mean.dtype == torch.float32 and post.variance.dtype == torch.float32
-    cl.functional.conserve(mu, G, b, variance=var).sample(3)
+    cl.functional.condition_gaussian(mu, G, b, variance=var).sample(3)
     for t, c in zip((mu, var, G, b), copies):
         assert torch.equal(t, c)
 
@@ -171,7 +174,7 @@ def test_dtype_device_and_inputs_untouched():
 def test_sampler_statistics():
     mu, var, G, b = problem(n=12, m=2, batch=(2,))
     for kw in ({"variance": var}, {"covariance": spd((2,), 12)}, {"variance": var, "noise": 0.5}):
-        post = cl.functional.conserve(mu, G, b, **kw)
+        post = cl.functional.condition_gaussian(mu, G, b, **kw)
         n = 40000
         s = post.sample(n, generator=torch.Generator().manual_seed(0))
         assert s.shape == (n, 2, 12)
@@ -189,7 +192,7 @@ def test_sampler_statistics():
 
 def test_condition_maps_prior_samples_to_posterior():
     mu, var, G, b = problem(n=10, m=2, batch=(1,))
-    post = cl.functional.conserve(mu, G, b, variance=var)
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     x = mu + var.sqrt() * torch.randn(
         50000, 1, 10, dtype=F64, generator=torch.Generator().manual_seed(1)
     )
@@ -203,15 +206,15 @@ def test_gradcheck_through_conserve():
     S = spd((2,), 7)
 
     def diag(m, v, gg, bb):
-        p = cl.functional.conserve(m, gg, bb, variance=v)
+        p = cl.functional.condition_gaussian(m, gg, bb, variance=v)
         return p.mean, p.variance
 
     def full(m, s, bb):
-        p = cl.functional.conserve(m, G, bb, covariance=0.5 * (s + s.mT))
+        p = cl.functional.condition_gaussian(m, G, bb, covariance=0.5 * (s + s.mT))
         return p.mean, p.variance
 
     def noisy(m, v, s):
-        return cl.functional.conserve(m, G, b, variance=v, noise=s).mean
+        return cl.functional.condition_gaussian(m, G, b, variance=v, noise=s).mean
 
     args = [t.clone().requires_grad_() for t in (mu, var, G, b)]
     assert torch.autograd.gradcheck(diag, args)
@@ -261,14 +264,14 @@ def test_property_exact_and_kkt(n, m, batch, seed, log_scale):
     var = (torch.rand(*batch, n, dtype=F64, generator=g) + 0.01) * 10 ** (2 * log_scale)
     G = torch.randn(m, n, dtype=F64, generator=g)
     b = torch.randn(*batch, m, dtype=F64, generator=g) * 10**log_scale
-    post = cl.functional.conserve(mu, G, b, variance=var)
+    post = cl.functional.condition_gaussian(mu, G, b, variance=var)
     scale = (G.abs() @ mu.abs().unsqueeze(-1)).squeeze(-1) + b.abs() + 10**log_scale
     assert bool(((post.mean @ G.mT - b).abs() <= 1e-9 * scale).all())
     ref, _ = dense_update(mu.reshape(-1, n), G, b.reshape(-1, m), variance=var.reshape(-1, n))
     err = (post.mean.reshape(-1, n) - ref).abs().max()
     assert float(err) <= 1e-8 * float(ref.abs().max() + 10**log_scale)
     assert bool((post.variance <= var * (1 + 1e-12)).all())  # conditioning never adds variance
-    again = cl.functional.conserve(post.mean, G, b, variance=var)  # idempotent
+    again = cl.functional.condition_gaussian(post.mean, G, b, variance=var)  # idempotent
     torch.testing.assert_close(again.mean, post.mean, rtol=1e-9, atol=1e-9 * 10**log_scale)
 
 
@@ -280,7 +283,7 @@ def test_ill_conditioned_system_stays_exact():
     G = torch.randn(5, 40, dtype=F64, generator=g)
     b = torch.randn(3, 5, dtype=F64, generator=g)
     L = torch.randn(3, 40, 2, dtype=F64, generator=g)
-    post = cl.functional.conserve(mu, G, b, low_rank=L)
+    post = cl.functional.condition_gaussian(mu, G, b, low_rank=L)
     assert float((post.mean @ G.mT - b).abs().max()) < 1e-12
     s = post.sample(8, generator=g)
     assert float((s @ G.mT - b).abs().max()) < 1e-10
@@ -289,7 +292,9 @@ def test_ill_conditioned_system_stays_exact():
     pts = torch.cartesian_prod(t, x)
     K = torch.exp(-0.5 * torch.cdist(pts, pts).square() / 0.8**2)  # smooth in t: masses ~ low rank
     rows = cl.Conservation.integral(0.0, dim=1).dense((1, 1, 12, 15))[0]
-    post = cl.functional.conserve(torch.sin(6 * pts[:, 1]) + pts[:, 0], rows, 0.0, covariance=K)
+    post = cl.functional.condition_gaussian(
+        torch.sin(6 * pts[:, 1]) + pts[:, 0], rows, 0.0, covariance=K
+    )
     assert float((post.mean @ rows.mT).abs().max()) < 1e-12
     assert bool(torch.isfinite(post.variance).all())
 
@@ -297,7 +302,7 @@ def test_ill_conditioned_system_stays_exact():
 def test_per_sample_rows_with_shared_dense_covariance():
     mu, _, G, b = problem(n=12, m=2, batch=(3,), per_sample=True)
     S = spd((), 12)
-    post = cl.functional.conserve(mu, G, b, covariance=S)
+    post = cl.functional.condition_gaussian(mu, G, b, covariance=S)
     ref, _ = dense_update(mu, G, b, covariance=S.expand(3, 12, 12))
     torch.testing.assert_close(post.mean, ref, rtol=TOL, atol=TOL)
 
@@ -312,7 +317,7 @@ def test_row_outside_the_covariance_range_is_enforced_by_the_polish():
     G[0] = G[0] - Q @ (Q.mT @ G[0])  # g_0 orthogonal to range(L): g_0 Sigma g_0 = 0 (rounding)
     mu = torch.randn(2, 20, dtype=F64, generator=g)
     b = torch.randn(2, 3, dtype=F64, generator=g)
-    post = cl.functional.conserve(mu, G, b, low_rank=L)
+    post = cl.functional.condition_gaussian(mu, G, b, low_rank=L)
     assert float((post.mean @ G.mT - b).abs().max()) < 1e-12
 
 
@@ -339,7 +344,7 @@ def test_sparse_rows_are_recomputed_for_new_values(dtype):
     dense_rows = torch.randn(t, n, dtype=F64, generator=g)
     assert linalg.sparse_rows(dense_rows) is None  # dense: no sparse form
     for rows in (G, G * 2.0, G.clone().mul_(-1.0), dense_rows, G):
-        post = cl.functional.conserve(mu.to(dtype), rows, b, covariance=S.to(dtype))
+        post = cl.functional.condition_gaussian(mu.to(dtype), rows, b, covariance=S.to(dtype))
         ref, ref_cov = dense_update(
             mu.to(dtype).to(F64)[None], rows, b[None], covariance=S.to(dtype).to(F64)[None]
         )
@@ -353,8 +358,8 @@ def test_sparse_rows_are_recomputed_for_new_values(dtype):
             1e-10 if dtype == F64 else 1e-3
         )
     H = G.clone()
-    first = cl.functional.conserve(mu, H, b, covariance=S).mean
+    first = cl.functional.condition_gaussian(mu, H, b, covariance=S).mean
     H[0, :x] *= 3.0  # the same tensor, changed in place
-    post = cl.functional.conserve(mu, H, b, covariance=S)
+    post = cl.functional.condition_gaussian(mu, H, b, covariance=S)
     assert float((post.mean @ H.mT - b).abs().max()) < 1e-10
     assert not torch.allclose(post.mean, first)

@@ -37,7 +37,7 @@ def constrained(ref, **kw):
     G = ref["G"].unsqueeze(-2)  # (F, 1, N): one row per test function
     mass = ref["mass"].unsqueeze(-1)  # (F, 1)
     var = ref["anp_std"].square()  # the ANP gives standard deviations
-    return cl.functional.conserve(ref["anp_mean"], G, mass, variance=var, **kw)
+    return cl.functional.condition_gaussian(ref["anp_mean"], G, mass, variance=var, **kw)
 
 
 def test_probconserv_posterior(ref):

@@ -21,7 +21,7 @@ import constraint_layers as cl
 from constraint_layers import _tolerance as tol
 from constraint_layers.conservation import linalg
 from constraint_layers.errors import IndefiniteCovarianceWarning
-from constraint_layers.functional import conserve
+from constraint_layers.functional import condition_gaussian
 
 F64 = torch.float64
 linear_operator = pytest.importorskip("linear_operator")
@@ -79,7 +79,7 @@ def test_rounding_negative_variances_are_clamped_silently(lazy):
         cov = DenseLinearOperator(S) if lazy else S
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            post = conserve(torch.zeros(n, dtype=F64), G, b, covariance=cov)
+            post = condition_gaussian(torch.zeros(n, dtype=F64), G, b, covariance=cov)
         raw = S.diagonal() - post.factor.square().sum(-1)
         seen_negative |= bool((raw < 0).any())
         assert bool((post.variance >= 0).all())
@@ -111,7 +111,9 @@ def test_indefinite_model_covariance_is_clamped_with_a_warning(dtype):
     assert float(lam[0]) < 0  # non-vacuous: the rows see a negative direction
     b = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
     with pytest.warns(IndefiniteCovarianceWarning, match="warnings.filterwarnings"):
-        post = conserve(torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(S))
+        post = condition_gaussian(
+            torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(S)
+        )
     C = post.covariance().double()
     scale = float(S.diagonal().abs().max())
     r = 10 * torch.finfo(dtype).eps * T * X
@@ -122,12 +124,14 @@ def test_indefinite_model_covariance_is_clamped_with_a_warning(dtype):
     assert float((s @ G.double().mT - b).abs().max()) <= 10 * r
     # the same matrix from the caller (a tensor): an error, nothing changed silently
     with pytest.raises(ValueError, match="positive semidefinite"):
-        conserve(torch.zeros(T * X, dtype=dtype), G, b, covariance=S)
+        condition_gaussian(torch.zeros(T * X, dtype=dtype), G, b, covariance=S)
     # and as an error on request
     with warnings.catch_warnings():
         warnings.simplefilter("error", IndefiniteCovarianceWarning)
         with pytest.raises(IndefiniteCovarianceWarning):
-            conserve(torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(S))
+            condition_gaussian(
+                torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(S)
+            )
 
 
 def test_asymmetric_model_covariance_is_symmetrised_and_returned_conditioned():
@@ -140,10 +144,12 @@ def test_asymmetric_model_covariance_is_symmetrised_and_returned_conditioned():
     G = mass_rows(T, X)
     b = torch.zeros(T, dtype=F64)
     with pytest.warns(IndefiniteCovarianceWarning, match="not symmetric"):
-        post = conserve(torch.ones(n, dtype=F64), G, b, covariance=DenseLinearOperator(Sa))
+        post = condition_gaussian(
+            torch.ones(n, dtype=F64), G, b, covariance=DenseLinearOperator(Sa)
+        )
     C = post.covariance()
     assert float((G @ C @ G.mT).abs().max()) <= 1e-14 * float(S.diagonal().max())
-    ref = conserve(torch.ones(n, dtype=F64), G, b, covariance=S)  # the symmetric part
+    ref = condition_gaussian(torch.ones(n, dtype=F64), G, b, covariance=S)  # the symmetric part
     torch.testing.assert_close(post.mean, ref.mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(post.variance, ref.variance, rtol=1e-10, atol=1e-14)
 
@@ -207,7 +213,7 @@ def test_conserve_gradcheck_with_identical_blocks_on_the_pseudo_inverse_path(mon
 
     def f(Z, mu):
         K = Z @ Z.mT
-        post = conserve(mu, G, b, covariance=torch.block_diag(K, K))
+        post = condition_gaussian(mu, G, b, covariance=torch.block_diag(K, K))
         return post.mean, post.variance
 
     Z = Z0.clone().requires_grad_(True)
@@ -470,7 +476,7 @@ def test_decisions_do_not_depend_on_rounding_of_the_blas(lazy):
         Sp = S + 8 * torch.finfo(F64).eps * scale * (E + E.mT)  # rounding, as summed elsewhere
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            post = conserve(mu, G, b, covariance=DenseLinearOperator(Sp) if lazy else Sp)
+            post = condition_gaussian(mu, G, b, covariance=DenseLinearOperator(Sp) if lazy else Sp)
         assert bool((post.variance >= 0).all())
         torch.testing.assert_close(G @ post.mean, b, rtol=0, atol=1e-14)
         outs.append((post.mean, post.variance))
@@ -495,7 +501,7 @@ def test_rounding_amplified_by_an_ill_conditioned_solve_is_still_rounding():
         b = G @ torch.randn(n, dtype=F64, generator=gen) * 1e-3
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            post = conserve(torch.zeros(n, dtype=F64), G, b, covariance=S)
+            post = condition_gaussian(torch.zeros(n, dtype=F64), G, b, covariance=S)
         raw = S.diagonal() - post.factor.square().sum(-1)
         worst = min(worst, float(raw.min() / S.diagonal().max()))
         assert bool((post.variance >= 0).all())
@@ -572,7 +578,9 @@ def test_asymmetric_and_indefinite_model_covariance_is_repaired_not_refused(dtyp
     G = mass_rows(T, X, dtype)
     b = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
     with pytest.warns(IndefiniteCovarianceWarning) as record:
-        post = conserve(torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(Sa))
+        post = condition_gaussian(
+            torch.zeros(T * X, dtype=dtype), G, b, covariance=DenseLinearOperator(Sa)
+        )
     text = " ".join(str(w.message) for w in record)
     assert "not symmetric" in text and "eigenvalue" in text
     C = post.covariance().double()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import constraint_layers as cl
-from constraint_layers._dependence import independent_rows
+from constraint_layers._engine.dependence import independent_rows
 from constraint_layers._tolerance import tolerance
 from constraint_layers.errors import IncompatibleConstraintsError
 

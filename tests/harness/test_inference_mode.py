@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import constraint_layers as cl
-from constraint_layers.boundary import enforce, refine, spectral
+from constraint_layers._engine import faces as enforce  # the face-local step (its plan cache)
+from constraint_layers.boundary import refine, spectral
 from constraint_layers.conservation import linalg
 
 pytest.importorskip("neuralop")

@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._tolerance import FACES_PIVOT_RTOL, FACES_RIDGE, FACES_ROUNDING
-from ..errors import ConstraintError
+from ..._tolerance import FACES_PIVOT_RTOL, FACES_RIDGE, FACES_ROUNDING
+from ...errors import ConstraintError
 from .checks import EPS, F64
 
 __all__ = ["project_faces_bounded"]

@@ -412,7 +412,7 @@ def project_bounded_rows(
     Examples
     --------
     >>> import torch
-    >>> from constraint_layers._bounded import project_bounded_rows
+    >>> from constraint_layers._engine.bounded import project_bounded_rows
     >>> u = torch.tensor([[0.5, -0.2, 1.0, 0.3]], dtype=torch.float64)   # one row
     >>> x = project_bounded_rows(u, torch.ones(4), 1.2, lower=0.0)
     >>> x

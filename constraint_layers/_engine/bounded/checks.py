@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from .._tolerance import SEPARABLE_RTOL
-from ..errors import ConstraintError
+from ..._tolerance import SEPARABLE_RTOL
+from ...errors import ConstraintError
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps

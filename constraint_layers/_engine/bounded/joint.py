@@ -2,12 +2,12 @@
 
 The constrained output minimises ``(v - u)^T W^{-1} (v - u)`` subject to the equality rows of
 the other constraints (boundary, conservation) and ``lower <= v <= upper`` (:class:`Bounds`).
-The equality-only result comes first (:func:`constraint_layers._project.project`); when it
-already lies in the bounds it is returned unchanged, so inactive bounds cost one comparison and
-change nothing. Otherwise the solver follows from the structure:
+The equality-only result comes first (through :func:`constraint_layers._engine.dispatch.project`);
+when it already lies in the bounds it is returned unchanged, so inactive bounds cost one
+comparison and change nothing. Otherwise the solver follows from the structure:
 
 ==============================  ===============================================================
-what acts                       bounded solver (:mod:`constraint_layers._bounded`)
+what acts                       bounded solver (:mod:`constraint_layers._engine.bounded`)
 ==============================  ===============================================================
 bounds alone, no metric or a    the clip (exact: the problem separates by entry)
 diagonal one
@@ -19,7 +19,7 @@ output                          face-local rows eliminated): the bounded Euclide
                                 of ``u`` onto ``G S v = b - G f`` with the bounds on the values
                                 ``B`` leaves unchanged AND on the values it sets (Neumann pivots,
                                 a lift: affine in ``v``, sparse rows), then ``B``;
-                                :func:`~constraint_layers._bounded.faces.project_faces_bounded`
+                                :func:`~constraint_layers._engine.bounded.faces.project_faces_bounded`
                                 (a projected Newton method on the dual, exact); a Dirichlet wall
                                 value outside the bounds raises (no other value changes it)
 anything else (a dense or       :func:`project_bounded`: the dual active-set method on the
@@ -49,18 +49,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._bounded import project_bounded, project_bounded_rows
-from ._bounded.faces import project_faces_bounded
-from ._dependence import data_rounding, independent_rows
-from ._grid import resolve_spacing
-from ._project import _labels, _pull_back, _stack, split_families
-from .boundary.enforce import apply_plan, boundary_rows, condition_rhs, plan
-from .bounds import Bounds, resolve_bounds
-from .conservation.conserve import conserve
-from .conservation.constraint import IntegralConservation
-from .conservation.enforce import flat_event, grid_view
-from .conservation.gaussian import Gaussian
-from .errors import ConstraintError, IncompatibleConstraintsError
+from ..._grid import resolve_spacing
+from ...bounds import Bounds, resolve_bounds
+from ...conservation.gaussian import Gaussian
+from ...errors import ConstraintError, IncompatibleConstraintsError
+from ..dependence import data_rounding, independent_rows
+from ..faces import apply_plan, boundary_rows, condition_rhs, plan
+from ..gaussian import condition_gaussian
+from ..rowops import pull_back as _pull_back
+from ..rowops import row_labels as _labels
+from ..rowops import split_families
+from ..rowops import stack_dense as _stack
+from ..streaming import flat_event, grid_view
+from ..tags import structure_of
+from . import project_bounded, project_bounded_rows
+from .faces import project_faces_bounded
 
 __all__ = ["project_with_bounds"]
 
@@ -178,7 +181,7 @@ def _deterministic(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Tens
         return _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call)
     if not con:
         return _clip(u, lo, hi)
-    if len(con) == 1 and isinstance(con[0], IntegralConservation):
+    if len(con) == 1 and structure_of(con[0]) == "frame":
         return _separable(u, None, con[0], lo, hi, shape, inputs, call)[0]
     B = shape[0]
     G, b = _equality_rows([], con, shape, grid, inputs, call)
@@ -226,7 +229,7 @@ def _after_boundary(u, bnd, con, lo, hi, shape, grid, lift, inputs, call) -> Ten
     """Boundary rows on a deterministic output: the face-local rows eliminated (``B(v) = S v +
     f``), the bounded projection of ``u`` onto the substituted rows ``G S v = b - G f`` with the
     bounds on the values ``B`` leaves unchanged and on the values it sets (affine in ``v``):
-    :func:`~constraint_layers._bounded.faces.project_faces_bounded`, then ``B``."""
+    :func:`~constraint_layers._engine.bounded.faces.project_faces_bounded`, then ``B``."""
     B, n = shape[0], math.prod(shape[1:])
     hs = resolve_spacing(
         shape[2:], spacing=grid.spacing, extent=grid.extent, endpoint=grid.endpoint, call=call
@@ -374,7 +377,7 @@ def _gaussian(pred, eq, bnd, con, lo, hi, shape, grid, metric, bounds, inputs, c
     euclid = metric == "euclidean"
     keep = euclid or all(getattr(b, "variance", "rows") == "rows" for b in bounds)
     diag = pred.covariance is None and pred.low_rank is None
-    single = len(con) == 1 and isinstance(con[0], IntegralConservation)
+    single = len(con) == 1 and structure_of(con[0]) == "frame"
     var_grid = None if pred.variance is None else pred.variance.reshape(shape)
     if diag and not bnd and (single or not con):
         weight = None if euclid else var_grid
@@ -418,7 +421,7 @@ def _condition_active(pred, x, G, b, lo, hi, cov, shape, lead, ev, call) -> Gaus
         labels = [f"row {i}" for i in range(Gs.shape[0])] + [f"bound at {int(i)}" for i in idx]
         rows, rhs = independent_rows(rows, rhs, labels, call)
         if B == 1 and len(lead) <= 1:
-            post = conserve(
+            post = condition_gaussian(
                 flat_event(pred.mean, k),
                 rows,
                 rhs.reshape(*lead, -1),
@@ -427,7 +430,7 @@ def _condition_active(pred, x, G, b, lo, hi, cov, shape, lead, ev, call) -> Gaus
                 low_rank=pred.low_rank,
             )
         else:
-            post = conserve(
+            post = condition_gaussian(
                 pred.mean.reshape(B, n)[s],
                 rows,
                 rhs[0],

@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tolerance import (
+from .._tolerance import (
     CULPRIT_FRACTION,
     GRAM_INDEPENDENT,
     consistency_tol,
     dependence_tol,
     rounding,
 )
-from .errors import IncompatibleConstraintsError
+from ..errors import IncompatibleConstraintsError
 
 __all__ = ["data_rounding", "describe_rows", "independent_rows"]
 
