@@ -38,6 +38,8 @@ from .._tolerance import (
     ACCEPT_RTOL,
     BOX_WINDOW,
     CG_RTOL,
+    DCT_END_ROWS,
+    DCT_MIN_NODES,
     GROWTH,
     INCONSISTENT_RTOL,
     INVOLVED_RTOL,
@@ -51,6 +53,7 @@ from ..errors import (
     SingularConstraintError,
 )
 from .operator import LocalOperator
+from .transforms import dct, dct_eigenvalues, dct_matrix, idct
 
 __all__ = [
     "ACCEPT_RTOL",
@@ -149,44 +152,68 @@ def _symbols(key: tuple, device: torch.device) -> Tensor:
 
 # ------------------------------------------------------------------ the separable solve
 class FastSolve:
-    """The pseudo-inverse of the Kronecker sum ``sum_axes F_axis`` (``C C^T`` when separable):
-    per axis ``F = Q diag(lam) Q^T``, ``x = Q (lam_sum^+ (Q^T r))``. Cost: one dense
-    ``n x n`` product per differentiated axis and node, ``O(N (n_1 + ... + n_d))``."""
+    """The pseudo-inverse of a Kronecker sum ``sum_axes F_axis``: per axis ``F = Q diag(lam)
+    Q^T``, ``x = Q (lam_sum^+ (Q^T r))``.
 
-    def __init__(self, op: LocalOperator, free: tuple | None = None) -> None:
-        self.eig = _eig(op.factors(free))
-        self._on_device: dict = {}
+    Per axis, ``Q`` is either the orthonormal DCT-II (:mod:`~constraint_layers.local.transforms`,
+    ``O(n log n)`` per line, by FFT) or the factor's dense eigenvectors (``O(n^2)`` per line).
+    The DCT serves an axis with at least :data:`DCT_MIN_NODES` nodes whose factor equals, but
+    for a few rows at each end (:data:`DCT_END_ROWS`), the DCT-diagonalised matrix of its
+    interior stencil: the fast solve then inverts that matrix (``approximate``), and the
+    capacitance solve or CG makes up the end rows. ``dct``: force (True) or forbid (False) it
+    (None: by size).
+    """
+
+    def __init__(
+        self, op: LocalOperator, free: tuple | None = None, dct: bool | None = None
+    ) -> None:
+        self.axes: list = []
+        self.approximate = False
         lam = None
-        for axis, e in enumerate(self.eig):
-            if e is None:
+        for axis, f in enumerate(op.factors(free)):
+            if f is None:
+                self.axes.append(None)
                 continue
+            use = f.shape[0] >= DCT_MIN_NODES if dct is None else dct
+            entry = _dct_axis(f) if use and not op.periodic[axis] else None
+            if entry is None:
+                entry = ("dense", *_eigh(f))
+            else:
+                self.approximate = True
+            self.axes.append(entry)
             view = [1] * len(op.grid)
             view[axis] = -1
-            part = e[0].reshape(view)
+            part = entry[1].reshape(view)
             lam = part if lam is None else lam + part
         self.null = lam <= NULL_RTOL * lam.amax()
         # positive definite: the null space (of the fast operator, perhaps not of the system's)
         # is weighted as the smallest non-zero eigenvalue, so CG reaches it where the system
         # needs it (a consistent right-hand side has no component there when they agree)
         low = lam.where(~self.null, lam.amax()).amin()
+        self.low = float(low)
+        self.lam = lam.where(~self.null, 0.0)
         self.inv = 1.0 / torch.where(self.null, low, lam)
+        self._on_device: dict = {}
 
     def _device(self, device: torch.device) -> tuple[list, Tensor, Tensor]:
         """The eigenvectors, inverse and null mask on ``device`` (copied once)."""
         hit = self._on_device.get(device)
         if hit is None:
-            qs = [None if e is None else e[1].to(device) for e in self.eig]
+            qs = [None if e is None or e[0] == "dct" else e[2].to(device) for e in self.axes]
             hit = (qs, self.inv.to(device), self.null.to(device))
             self._on_device[device] = hit
         return hit
 
     def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
         qs = self._device(r.device)[0]
-        for axis, q in enumerate(qs):
-            if q is None:
+        for axis, e in enumerate(self.axes):
+            if e is None:
                 continue
             x = r.movedim(axis + 1, -1)
-            x = x @ q if transpose else x @ q.T
+            if e[0] == "dct":
+                x = dct(x) if transpose else idct(x)
+            else:
+                x = x @ qs[axis] if transpose else x @ qs[axis].T
             r = x.movedim(-1, axis + 1)
         return r
 
@@ -195,13 +222,22 @@ class FastSolve:
         lam``)."""
         return self._rotate(self._rotate(r, True) * self._device(r.device)[1], False)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """``P x`` with ``P`` the Kronecker sum itself (its null space left at zero), for the
+        capacitance solve."""
+        return self._rotate(self._rotate(x, True) * self.lam.to(x.device), False)
+
+    def null_vectors(self, device: torch.device) -> Tensor:
+        """An orthonormal basis of ``P``'s null space, (k, *grid) float64: the solve weights it
+        as :attr:`low`, the smallest non-zero eigenvalue."""
+        idx = self.null.flatten().nonzero().flatten()
+        unit = torch.zeros((idx.numel(), self.null.numel()), dtype=F64)
+        unit[torch.arange(idx.numel()), idx] = 1.0
+        return self._rotate(unit.reshape(-1, *self.null.shape), False).to(device)
+
     def null_part(self, r: Tensor) -> Tensor:
         """The component of ``r`` in the null space: (batch, *grid)."""
         return self._rotate(self._rotate(r, True) * self._device(r.device)[2], False)
-
-
-def _eig(factors: list[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:
-    return [None if f is None else _eigh(f) for f in factors]
 
 
 def _eigh(f: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,11 +245,36 @@ def _eigh(f: Tensor) -> tuple[Tensor, Tensor]:
     return lam.clamp_min(0.0), q
 
 
+def _dct_axis(f: Tensor) -> tuple[str, Tensor] | None:
+    """``("dct", eigenvalues)`` of the DCT-diagonalised matrix of ``f``'s interior stencil when
+    ``f`` differs from it on at most :data:`DCT_END_ROWS` rows at each end (else None)."""
+    n = f.shape[0]
+    mid = n // 2
+    size = float(f.abs().max())
+    row = f[mid]
+    nz = (row.abs() > NULL_RTOL * size).nonzero().flatten()
+    if nz.numel() == 0:
+        return None
+    k = int((nz - mid).abs().max())
+    if mid - k < DCT_END_ROWS or mid + k >= n - DCT_END_ROWS:
+        return None
+    stencil = row[mid - k : mid + k + 1]
+    if float((stencil - stencil.flip(0)).abs().max()) > NULL_RTOL * size:
+        return None  # not symmetric: no cosine transform diagonalises it
+    lam = dct_eigenvalues(stencil, n)
+    t = dct_matrix(n)
+    diff = (f - t.T @ (lam.unsqueeze(1) * t)).abs().amax(1)
+    rows = (diff > NULL_RTOL * size).nonzero().flatten()
+    if bool(((rows >= DCT_END_ROWS) & (rows < n - DCT_END_ROWS)).any()):
+        return None
+    return ("dct", lam.clamp_min(0.0))
+
+
 @lru_cache(maxsize=32)
-def fast_solve(op_key: tuple, free: tuple | None = None) -> FastSolve:
+def fast_solve(op_key: tuple, free: tuple | None = None, dct: bool | None = None) -> FastSolve:
     """The cached fast solve of an operator (keyed by its terms and grid, and the free nodes
     along each term's axis)."""
-    return FastSolve(LocalOperator(*op_key), free)
+    return FastSolve(LocalOperator(*op_key), free, dct)
 
 
 def _free_lines(op: LocalOperator, mask: Tensor | None) -> tuple | None:
@@ -239,11 +300,12 @@ def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float
     ``M C^T`` (each channel held at the walls of its own axis): then no free value can change
     it and ``C u = f`` needs it to vanish. Returns ``(sum |lam|, net (batch,))`` or None.
     """
-    if mask is None or any(t.order != 1 for t in op.terms) or not op.separable:
+    if any(t.order != 1 for t in op.terms) or not op.separable:
         return None
     lam, ct = _gauss_weights(op_key(op))
     lam = lam.to(r.device)
-    if float((ct.to(mask.device) * mask).abs().max()) > NULL_RTOL * float(ct.abs().max()):
+    moving = ct if mask is None else ct.to(mask.device) * mask
+    if float(moving.abs().max()) > NULL_RTOL * float(ct.abs().max()):
         return None
     return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
 
@@ -270,13 +332,29 @@ def _gauss_weights(key: tuple) -> tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------------- CG
 class System:
-    """``K = C W M C^T`` for one call: operator, free-node mask and weight."""
+    """``K = C W M C^T`` for one call: operator, free-node mask and weight.
 
-    def __init__(self, op: LocalOperator, mask: Tensor | None, weight: Tensor | None) -> None:
+    ``exact``: with Dirichlet nodes eliminated (a mask, no weight), precondition by the exact
+    capacitance solve (:mod:`constraint_layers.local.capacitance`, set up once per operator and
+    mask) where the system differs from the fast solve on few nodes; CG then stops after one
+    iteration. False: the fast solve alone (masks that change at every call, e.g. an active set).
+    """
+
+    def __init__(
+        self,
+        op: LocalOperator,
+        mask: Tensor | None,
+        weight: Tensor | None,
+        exact: bool = False,
+    ) -> None:
         self.op = op
         self.mask = mask  # (channels, *grid) bool, True: free
         self.weight = weight  # (batch, channels, *grid) float64, or None
-        self.pre = fast_solve(op_key(op), _free_lines(op, mask))
+        free = _free_lines(op, mask)
+        self.pre = fast_solve(op_key(op), free)
+        self._cap_key = None  # the capacitance solve's cache key, built at the first solve
+        if exact and weight is None and (mask is not None or self.pre.approximate):
+            self._cap_key = (op_key(op), free, None if mask is None else _mask_key(mask))
         self.check = True
         self.row_scale = None
         if weight is not None:
@@ -311,6 +389,10 @@ class System:
         return self.op.apply(self.move(lam))
 
     def precondition(self, r: Tensor) -> Tensor:
+        if self._cap_key is not None:
+            cap = _capacitance(*self._cap_key, r.device)
+            if cap is not None:
+                return cap(r)
         if self.row_scale is None:
             return self.pre(r)
         return self.row_scale * self.pre(self.row_scale * r)
@@ -329,7 +411,8 @@ class System:
                     + " (the wall values' flux through the walls minus the integrated "
                     "right-hand side, with the stencil's exact quadrature)"
                 )
-        if check and self.mask is None and self.weight is None and self.op.separable:
+        exact_null = not self.pre.approximate
+        if check and exact_null and self.mask is None and self.weight is None and self.op.separable:
             off = self.pre.null_part(rhs).flatten(1).abs().amax(1)  # exact: C C^T's null space
             if bool((off > INCONSISTENT_RTOL * scale).any()):
                 raise IncompatibleConstraintsError(
@@ -366,6 +449,26 @@ class System:
                 "constraints and the output shape."
             )
         return lam, it
+
+
+def _mask_key(mask: Tensor) -> tuple:
+    """A hashable copy of a mask (the capacitance cache's key)."""
+    return (tuple(mask.shape), mask.detach().cpu().numpy().tobytes())
+
+
+@lru_cache(maxsize=16)
+def _capacitance(key: tuple, free: tuple | None, mask_key: tuple | None, device):
+    """The cached capacitance solve of ``C M C^T`` (None: not confined to few nodes)."""
+    from .capacitance import build_capacitance
+
+    op = LocalOperator(*key)
+    mask = None
+    if mask_key is not None:
+        shape, raw = mask_key
+        mask = torch.frombuffer(bytearray(raw), dtype=torch.bool).reshape(shape).to(device)
+    pre = fast_solve(key, free)
+    system = System(op, mask, None)
+    return build_capacitance(system.matvec, pre, op.grid, device)
 
 
 def pcg(
