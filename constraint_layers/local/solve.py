@@ -281,10 +281,17 @@ def _free_lines(op: LocalOperator, mask: Tensor | None) -> tuple | None:
     """Per term, the nodes along its axis that are free on some line (None: all free)."""
     if mask is None:
         return None
+    return _free_lines_cached(op_key(op), _mask_key(mask))
+
+
+@lru_cache(maxsize=64)
+def _free_lines_cached(key: tuple, mask_key: tuple) -> tuple:
+    op = LocalOperator(*key)
+    mask = _mask_from_key(mask_key)
     out = []
     for t in op.terms:
         m = mask[t.channel].movedim(t.axis, -1).reshape(-1, op.grid[t.axis]).any(0)
-        out.append(tuple(bool(v) for v in m.cpu()))
+        out.append(tuple(m.tolist()))
     return tuple(out)
 
 
@@ -302,12 +309,19 @@ def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float
     """
     if any(t.order != 1 for t in op.terms) or not op.separable:
         return None
-    lam, ct = _gauss_weights(op_key(op))
-    lam = lam.to(r.device)
-    moving = ct if mask is None else ct.to(mask.device) * mask
-    if float(moving.abs().max()) > NULL_RTOL * float(ct.abs().max()):
+    key = op_key(op)
+    if not _gauss_applies(key, None if mask is None else _mask_key(mask)):
         return None
-    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+    lam = _gauss_weights(key)[0]
+    return float(lam.abs().sum()), (r * lam.to(r.device)).flatten(1).sum(1)
+
+
+@lru_cache(maxsize=64)
+def _gauss_applies(key: tuple, mask_key: tuple | None) -> bool:
+    """Whether ``lam`` is in the null space of ``M C^T`` (cached per operator and mask)."""
+    ct = _gauss_weights(key)[1]
+    moving = ct if mask_key is None else ct * _mask_from_key(mask_key)
+    return float(moving.abs().max()) <= NULL_RTOL * float(ct.abs().max())
 
 
 @lru_cache(maxsize=32)
@@ -452,8 +466,24 @@ class System:
 
 
 def _mask_key(mask: Tensor) -> tuple:
-    """A hashable copy of a mask (the capacitance cache's key)."""
-    return (tuple(mask.shape), mask.detach().cpu().numpy().tobytes())
+    """A hashable copy of a mask (the caches' key), computed once per mask tensor."""
+    hit = _MASK_KEYS.get(id(mask))
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    key = (tuple(mask.shape), mask.detach().cpu().numpy().tobytes())
+    if len(_MASK_KEYS) > 64:
+        _MASK_KEYS.clear()
+    _MASK_KEYS[id(mask)] = (mask, key)
+    return key
+
+
+#: The last masks' keys, by identity (a mask is built once per call and read several times).
+_MASK_KEYS: dict[int, tuple[Tensor, tuple]] = {}
+
+
+def _mask_from_key(mask_key: tuple) -> Tensor:
+    shape, raw = mask_key
+    return torch.frombuffer(bytearray(raw), dtype=torch.bool).reshape(shape)
 
 
 @lru_cache(maxsize=16)
@@ -462,10 +492,7 @@ def _capacitance(key: tuple, free: tuple | None, mask_key: tuple | None, device)
     from .capacitance import build_capacitance
 
     op = LocalOperator(*key)
-    mask = None
-    if mask_key is not None:
-        shape, raw = mask_key
-        mask = torch.frombuffer(bytearray(raw), dtype=torch.bool).reshape(shape).to(device)
+    mask = None if mask_key is None else _mask_from_key(mask_key).to(device)
     pre = fast_solve(key, free)
     system = System(op, mask, None)
     return build_capacitance(system.matvec, pre, op.grid, device)
