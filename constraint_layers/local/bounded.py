@@ -29,11 +29,35 @@ F64 = torch.float64
 MAX_SWEEPS = 1000
 
 
-def _multipliers(op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str) -> Tensor:
-    """``C^T lam`` of the masked projection of ``z`` (1, channels, *grid), no autograd."""
+def _multipliers(
+    op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str, tot=None
+) -> Tensor:
+    """``A^T lambda`` of the masked projection of ``z`` (1, channels, *grid), no autograd:
+    ``C^T lam`` for the local rows; with totals ``tot = (G (M, n), b (M,), labels)`` the rows
+    ``[C; G]`` (the Schur complement over the local solve, as
+    :func:`~constraint_layers.local.totals.with_totals`)."""
     system = System(op, free, None)
     lam, _ = system.solve(op.apply(z) - f, _scale(op, z, f), call)
-    return op.transpose(lam)
+    if tot is None:
+        return op.transpose(lam)
+    from .._tolerance import tolerance
+    from .totals import solve_small
+
+    G, b, labels = tot
+    shape = z.shape[1:]
+    u1 = z - system.move(lam)
+    fields = G.reshape(-1, *shape) * free  # M g_i
+    rhs = op.apply(fields)
+    w, _ = system.solve(rhs, _scale(op, fields, rhs), call, check=False)
+    V = (fields - system.move(w)).flatten(1)  # (M, n)
+    A = G @ V.T
+    flat = u1.flatten()
+    r = G @ flat - b
+    scale = G.abs() @ flat.abs() + b.abs()
+    mu = solve_small(0.5 * (A + A.T), r, scale, tolerance(F64).residual, labels, call)
+    return op.transpose(lam - (mu.reshape(-1, *[1] * (w.ndim - 1)) * w).sum(0, keepdim=True)) + (
+        mu @ G
+    ).reshape(1, *shape)
 
 
 def project_local_bounded(
@@ -44,20 +68,43 @@ def project_local_bounded(
     lower: Tensor | None,
     upper: Tensor | None,
     call: str,
+    totals: tuple | None = None,
 ) -> Tensor:
     """``argmin |u - z|`` s.t. ``C u = f``, the wall nodes (``walls`` False) as in ``z``, and the
-    bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None)."""
+    bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None).
+    ``totals``: ``(constraints, grid, inputs)`` of totals ``G u = b`` held too."""
     shape = z.shape[1:]
     free0 = torch.ones(shape, dtype=torch.bool, device=z.device) if walls is None else walls
     lo = None if lower is None else torch.broadcast_to(lower.to(F64), z.shape)
     hi = None if upper is None else torch.broadcast_to(upper.to(F64), z.shape)
+    dense = None
+    if totals:
+        dense = _dense_totals(totals, tuple(z.shape), z.device)
     out = []
     for b in range(z.shape[0]):
-        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call))
+        tot = None
+        if dense is not None:
+            G, rhs, labels = dense
+            tot = (G if G.ndim == 2 else G[b], rhs[b], labels)
+        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call, tot, totals))
     return torch.cat(out)
 
 
-def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
+def _dense_totals(totals: tuple, shape: tuple, device) -> tuple[Tensor, Tensor, list]:
+    """``(G, b, labels)``: the totals' dense rows ((M, n) or (batch, M, n)) and values."""
+    import math
+
+    from ..rows import Rows
+
+    cons, grid, inputs = totals
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in cons]
+    stacked = Rows.stack(parts, shape[0])
+    G = stacked.dense(math.prod(shape[1:])).to(device)
+    labels = [f"{c!r} row {i}" for c, p in zip(cons, parts) for i in range(p.num_rows)]
+    return G, stacked.rhs.to(device), labels
+
+
+def _one(op, z, f, free0, lo, hi, b, call: str, tot=None, totals=None) -> Tensor:
     lo_b = None if lo is None else lo[b : b + 1].detach()
     hi_b = None if hi is None else hi[b : b + 1].detach()
     zd = z.detach()
@@ -66,7 +113,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
     seen: set[bytes] = set()
     single = False  # after a cycle: one change at a time
     for _ in range(MAX_SWEEPS):
-        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call)
+        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call, tot)
         if state is None:  # the held nodes leave no solution: hold fewer
             if not single:
                 single, at_lo, at_hi = True, *_fewer(at_lo, at_hi)
@@ -98,6 +145,14 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
         target = torch.where(at_hi, hi[b : b + 1], target)
     free = free0 & ~(at_lo | at_hi)[0]
     out = project_cg(op, target, f, mask=free, call=call)
+    if totals:
+        from .totals import with_totals
+
+        def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
+            return project_cg(op, x, rhs, mask=free, call=call, check=check)
+
+        cons, grid, inputs = totals
+        out = with_totals(out, local_projection, free, cons, grid, inputs, F64, call)
     # free nodes inside to rounding (1e-12): clipped, so that every value is within its bounds
     if lo is not None:
         out = torch.where(free, torch.maximum(out, lo[b : b + 1]), out)
@@ -106,7 +161,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str) -> Tensor:
     return out
 
 
-def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
+def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call, tot=None):
     """The violations of the free nodes and the negative multipliers of the held ones (as
     amounts, 0 where none), or None when the held nodes leave the rows no solution."""
     target = zd
@@ -116,7 +171,7 @@ def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call):
         target = torch.where(at_hi, hi_b, target)
     free = free0 & ~(at_lo | at_hi)[0]
     try:
-        ct = _multipliers(op, target, f, free, call)
+        ct = _multipliers(op, target, f, free, call, tot)
     except IncompatibleConstraintsError:
         return None
     u = torch.where(free, target - ct, target)

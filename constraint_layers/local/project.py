@@ -282,10 +282,10 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
     from ..bounds import resolve_bounds
     from .bounded import project_local_bounded
 
-    if totals or lift or not _dirichlet_only(walls):
+    if lift or not _dirichlet_only(walls):
         raise NotImplementedError(
-            f"{call}: bounds with local rows combine with cl.Dirichlet walls only (lift=0, no "
-            "totals) for now."
+            f"{call}: bounds with local rows combine with cl.Dirichlet walls and totals only "
+            "(lift=0) for now."
         )
     z, mask = _walls(y, walls, grid, inputs, call)
     lo, hi = resolve_bounds(bounds, tuple(y.shape), dtype=F64, device=y.device, inputs=inputs,
@@ -305,7 +305,7 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
             )
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
     out = project_local_bounded(rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi,
-                                call)  # fmt: skip
+                                call, (totals, grid, inputs) if totals else None)  # fmt: skip
     out = out.to(y.dtype)
     if mask is not None:
         out = torch.where(mask, out, z)

@@ -73,3 +73,60 @@ def test_totals_with_neumann_walls_gradcheck():
     assert torch.autograd.gradcheck(
         lambda u: enforce_local(u, cl.DivergenceFree(), *walls, tot), (u,)
     )
+
+
+@pytest.mark.parametrize("case", ["walls", "periodic", "no_slip"])
+@pytest.mark.parametrize("seed", range(3))
+def test_bounds_with_totals_equal_dense_active_set(case, seed):
+    from constraint_layers._bounded.general import project_bounded
+
+    g = torch.Generator().manual_seed(10 + seed)
+    grid = (8, 7)
+    u = torch.randn(2, 2, *grid, dtype=F64, generator=g)
+    per = case == "periodic"
+    walls = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1)) if case == "no_slip" else ()
+    hs = [1 / n for n in grid] if per else [1 / (n - 1) for n in grid]
+    C = dense_div((2, *grid), hs, periodic=per)
+    # no-slip: the rows nearly fix the total of u_x (to 0 in the continuum): a small value
+    value = 0.005 if walls else 0.05
+    total = cl.Conservation.integral(value, dim=(0, 1), channels=0)
+    out = enforce_local(u, cl.DivergenceFree(periodic=per), *walls, total, cl.Bounds(-0.8, 0.9))
+    assert float(out.min()) >= -0.8 and float(out.max()) <= 0.9
+    free = torch.ones(2, *grid, dtype=torch.bool)
+    if walls:
+        free[:, 0] = free[:, -1] = free[:, :, 0] = free[:, :, -1] = False
+    n = 2 * math.prod(grid)
+    G = total.rows(u.shape).dense(n)
+    A = torch.cat([C, G])
+    e = torch.zeros(2, A.shape[0], dtype=F64)
+    e[:, -1] = value
+    zero = torch.zeros((), dtype=F64)
+    lo = torch.where(free, zero - 0.8, zero).expand(2, -1, -1, -1).reshape(2, n)
+    hi = torch.where(free, zero + 0.9, zero).expand(2, -1, -1, -1).reshape(2, n)
+    ref = project_bounded((u * free).flatten(1), A, e, lower=lo, upper=hi)
+    assert float((out.flatten(1) - ref).abs().max()) <= 1e-10
+    assert float((out.flatten(1) @ G.T - value).abs().max()) <= 1e-10
+
+
+def test_bounds_with_totals_infeasible_raises():
+    # no-slip, div-free: the total of u_x is nearly fixed; 0.05 needs values beyond the bounds
+    # (the dense exact solver agrees: no point within the bounds satisfies the rows)
+    u = torch.randn(1, 2, 8, 7, dtype=F64, generator=torch.Generator().manual_seed(10))
+    walls = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    total = cl.Conservation.integral(0.05, dim=(0, 1), channels=0)
+    with pytest.raises(cl.errors.IncompatibleConstraintsError, match="cannot hold together"):
+        enforce_local(u, cl.DivergenceFree(), *walls, total, cl.Bounds(-0.8, 0.9))
+
+
+def test_bounds_with_totals_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(1, 2, 5, 6, dtype=F64, generator=g, requires_grad=True)
+    total = cl.Conservation.integral(0.05, dim=(0, 1), channels=0)
+    bounds = cl.Bounds(-0.8, 0.9)
+    out = enforce_local(u.detach(), cl.DivergenceFree(), total, bounds)
+    assert bool(((out == -0.8) | (out == 0.9)).any())  # an active bound
+
+    def f(u):
+        return enforce_local(u, cl.DivergenceFree(), total, bounds)
+
+    assert torch.autograd.gradcheck(f, (u,), eps=1e-7, fast_mode=True)
