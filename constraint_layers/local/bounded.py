@@ -9,6 +9,10 @@ free node outside its bounds is held. It stops when the active set repeats (fini
 conditions hold exactly there) and raises if it cycles or runs out of :data:`MAX_SWEEPS`. The
 result is the masked projection with the final active set, differentiable (the implicit function
 theorem on the active set). One sample at a time (each has its own active set).
+
+Totals ``G u = b`` in the same call: the multipliers are those of the rows ``[C; G]``
+(``nu = u - z + C^T lam + G^T mu``, the Schur complement over the local solve), and the result
+is the masked projection followed by :func:`~constraint_layers.local.totals.with_totals`.
 """
 
 from __future__ import annotations

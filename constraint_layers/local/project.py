@@ -1,6 +1,6 @@
 """The local engine's deterministic entry points, and the layer's (private).
 
-Semantics (one local constraint per call, any boundary conditions, any number of totals):
+Semantics (any boundary conditions, any number of totals):
 
 - ``cl.Dirichlet`` walls: the Dirichlet nodes are set to their values (to the bit, as
   everywhere), then the other nodes move by the Euclidean projection onto the local rows with
@@ -11,8 +11,12 @@ Semantics (one local constraint per call, any boundary conditions, any number of
 - Other walls (Neumann, periodic, ``lift``): the boundary step ``B(v) = S v + g`` keeps its
   meaning and the local rows act on the freedom it leaves:
   ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
-  (:func:`~constraint_layers.local.implicit.project_step`).
-- Bounds (with Dirichlet walls or none): :mod:`constraint_layers.local.bounded`.
+  (:func:`~constraint_layers.local.implicit.project_step`). Totals there: in the step's
+  variable ``v``, the projection onto the local rows and the totals at once
+  (:func:`~constraint_layers.local.totals.with_totals_step`).
+- Several local constraints (Dirichlet walls or none, totals): the projection onto all their
+  rows at once (:mod:`constraint_layers.local.stacked`).
+- Bounds (with Dirichlet walls or none, and totals): :mod:`constraint_layers.local.bounded`.
 - Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
 """
 
