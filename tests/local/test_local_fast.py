@@ -11,7 +11,7 @@ from _local_refs import dense_div, dense_projection
 
 import constraint_layers as cl
 from constraint_layers.functional import enforce_local
-from constraint_layers.local import solve
+from constraint_layers.local import fastsolve, solve
 from constraint_layers.local.transforms import dct, dct_eigenvalues, dct_matrix, idct
 
 F64 = torch.float64
@@ -31,7 +31,7 @@ def force_dct(monkeypatch):
         solve._capacitance.cache_clear()
 
     clear()
-    monkeypatch.setattr(solve, "DCT_MIN_NODES", 5)
+    monkeypatch.setattr(fastsolve, "DCT_MIN_NODES", 5)
     yield
     clear()
 
