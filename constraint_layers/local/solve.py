@@ -14,8 +14,8 @@ eliminated):
   preconditioned by the separable fast solve of ``C C^T``
   (:mod:`~constraint_layers.local.fastsolve`; scaled on each side by ``w`` averaged over a
   window; exact next to Dirichlet walls by the capacitance solve,
-  :mod:`~constraint_layers.local.capacitance`), stopped on the relative residual of the ROWS (CG's residual
-  ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
+  :mod:`~constraint_layers.local.capacitance`), stopped on the relative residual of the ROWS
+  (CG's residual ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
   backward is implicit: one more solve with ``K``, never autograd through the iterations.
 
 Thresholds (all relative; every threshold of the local package lives in
