@@ -34,32 +34,34 @@ _CHUNK = 64
 
 class Capacitance:
     """``K^+`` as ``P^-1`` corrected on the nodes ``B`` and on ``P``'s null space (see the module
-    docstring)."""
+    docstring). The correction is stored over the nodes: ``H = [V 0; 0 I] S^+ [V 0; 0 I]^T``
+    split into its node blocks (``bb``: |B| x |B|, ``bn``, ``nn`` with the k null vectors), so an
+    application costs two fast solves and one |B| x |B| product."""
 
-    def __init__(self, solve, index: Tensor, v: Tensor, null: Tensor, low: float, h: Tensor):
+    def __init__(self, solve, index: Tensor, h: Tensor, null: Tensor, low: float) -> None:
+        m = index.numel()
         self.solve = solve  # P_reg^-1: (batch, *grid) -> (batch, *grid)
-        self.index, self.v, self.null, self.low, self.h = index, v, null, low, h
+        self.index, self.null, self.low = index, null, low
+        self.bb, self.bn, self.nn = h[:m, :m], h[:m, m:], h[m:, m:]
         self._on_device: dict = {}
 
     def _device(self, device: torch.device) -> tuple[Tensor, ...]:
         hit = self._on_device.get(device)
         if hit is None:
-            hit = tuple(t.to(device) for t in (self.index, self.v, self.null, self.h))
+            hit = tuple(t.to(device) for t in (self.index, self.null, self.bb, self.bn, self.nn))
             self._on_device[device] = hit
         return hit
 
     def __call__(self, r: Tensor) -> Tensor:
         """A solution of ``K x = r`` (exact for ``r`` in the range of ``K``): (batch, *grid)."""
-        index, v, null, h = self._device(r.device)
+        index, null, bb, bn, nn = self._device(r.device)
         z = self.solve(r)
         flat = z.flatten(1)
-        y = torch.cat([flat[:, index] @ v, flat @ null.T], 1)  # U^T z
-        t = y @ h  # h symmetric
-        r_ = v.shape[1]
+        zb, zn = flat[:, index], flat @ null.T  # U^T z, over the nodes and the null vectors
         back = torch.zeros_like(flat)
-        back[:, index] = t[:, :r_] @ v.T
+        back[:, index] = zb @ bb + zn @ bn.T  # h symmetric
         out = z - self.solve(back.reshape(r.shape))
-        return out - (t[:, r_:] @ null).reshape(r.shape) / self.low
+        return out - ((zb @ bn + zn @ nn) @ null).reshape(r.shape) / self.low
 
 
 def build_capacitance(matvec, pre, grid: tuple[int, ...], device) -> Capacitance | None:
@@ -114,4 +116,10 @@ def build_capacitance(matvec, pre, grid: tuple[int, ...], device) -> Capacitance
     ok = mu.abs() > NULL_RTOL * mu.abs().amax()
     inv = torch.where(ok, 1.0 / torch.where(ok, mu, 1.0), 0.0)
     h = (w * inv) @ w.T
-    return Capacitance(pre, index, v, null, low, 0.5 * (h + h.T))
+    h = 0.5 * (h + h.T)
+    # over the nodes: [V 0; 0 I] h [V 0; 0 I]^T
+    r_ = v.shape[1]
+    lift = torch.zeros((m + k, r_ + k), dtype=F64, device=device)
+    lift[:m, :r_] = v
+    lift[m:, r_:] = torch.eye(k, dtype=F64, device=device)
+    return Capacitance(pre, index, lift @ h @ lift.T, null, low)
