@@ -289,7 +289,8 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
     if lift or not _dirichlet_only(walls):
         raise NotImplementedError(
             f"{call}: bounds with local rows combine with cl.Dirichlet walls and totals only "
-            "(lift=0) for now."
+            f"(lift=0) for now; got walls {list(walls)} and lift={lift}. Use cl.Dirichlet walls "
+            "with lift=0, or leave the bounds out (the walls and the rows then hold exactly)."
         )
     z, mask = _walls(y, walls, grid, inputs, call)
     lo, hi = resolve_bounds(bounds, tuple(y.shape), dtype=F64, device=y.device, inputs=inputs,
@@ -328,7 +329,9 @@ def _stacked(y, locals_, walls, totals, bounds, grid, inputs, lift, call) -> Ten
     if bounds or lift or not _dirichlet_only(walls):
         raise NotImplementedError(
             f"{call}: several local constraints in one call combine with cl.Dirichlet walls and "
-            "totals (lift=0, no bounds) for now."
+            f"totals (lift=0, no bounds) for now; got walls {list(walls)}, lift={lift}, bounds "
+            f"{list(bounds)}. State them as one cl.LinearPDE where they can be, or drop the "
+            "bounds / use cl.Dirichlet walls."
         )
     z, mask = _walls(y, walls, grid, inputs, call)
     rows = [c.rows(tuple(y.shape), grid=grid, inputs=inputs) for c in locals_]

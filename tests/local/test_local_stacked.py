@@ -94,3 +94,12 @@ def test_stacked_conflicting_constraints_raise():
         b = cl.DivergenceFree(periodic=p, value=f)  # the same rows, another value
         with pytest.raises(IncompatibleConstraintsError):
             enforce_local(u, a, b)
+
+
+def test_stacked_refusals_name_what_was_given():
+    u = torch.randn(1, 3, 6, 6, dtype=F64)
+    cons = CASES["overlap"](False)
+    with pytest.raises(NotImplementedError, match="lift=0"):
+        enforce_local(u, *cons, cl.Neumann(0.0, dim=0))
+    with pytest.raises(NotImplementedError, match="bounds"):
+        enforce_local(u, *cons, cl.Bounds(-1.0, 1.0))
