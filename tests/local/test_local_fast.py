@@ -123,3 +123,30 @@ def test_cg_iterations_bounded_in_n(count_cg, walls):
         rows = cl.DivergenceFree().rows(out.shape)
         assert float(rows.relative_residual(out.detach()).max()) <= 1e-10
         assert len(count_cg) == 2 and max(count_cg) <= 2, (n, count_cg)
+
+
+LAYOUTS = {
+    # (the border must be under half the nodes: 6^3 grids fall back to CG, 12^3 do not)
+    "3d_no_slip": ((1, 3, 12, 13, 12), [cl.Dirichlet(0.0, dim=j) for j in range(3)]),
+    "cavity": ((1, 2, 10, 9), [
+        cl.Dirichlet(0.0, dim=0),
+        cl.Dirichlet(0.0, dim=1, side="low"),
+        cl.Dirichlet(1.0, dim=1, side="high", channels=0),
+        cl.Dirichlet(0.0, dim=1, side="high", channels=1),
+    ]),
+    "plug": ((1, 2, 9, 8), [cl.Dirichlet(1.0, dim=0, channels=0),
+                            cl.Dirichlet(0.0, dim=1, channels=1)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_capacitance_serves_every_wall_layout(count_cg, layout):
+    shape, walls = LAYOUTS[layout]
+    d = len(shape) - 2
+    con = cl.DivergenceFree(tuple(range(d)))
+    u = torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    out = enforce_local(u, con, *walls)
+    assert max(count_cg) <= 2, count_cg
+    rows = con.rows(out.shape)
+    scale = rows.operator.row_scale() * float(out.abs().max())
+    assert float(rows.residual(out).abs().max()) <= 1e-10 * scale
