@@ -14,6 +14,7 @@ Run (not collected by pytest; on an idle machine, GPU if there is one)::
     .venv/bin/python tests/benchmarks/bench_local.py            # the full table
     .venv/bin/python tests/benchmarks/bench_local.py --quick    # smaller sizes
     .venv/bin/python tests/benchmarks/bench_local.py --profile  # where a step's time goes
+    .venv/bin/python tests/benchmarks/bench_local.py --dct      # the DCT fast solve forced
 
 ``--profile`` (no timing table): per constrained FNO step, the CG iterations of each local solve
 and the share of the step's CPU time spent in ``constraint_layers`` (cProfile, cumulative time of
@@ -190,7 +191,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true", help="iterations and time shares only")
+    p.add_argument(
+        "--dct", action="store_true", help="force the DCT fast solve (off by default) on walls"
+    )
     args = p.parse_args()
+    if args.dct:
+        from constraint_layers.local import fastsolve
+
+        fastsolve.DCT_MIN_NODES = 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.size, args.width, args.batch, args.repeats = 64, 16, 4, 5
