@@ -272,3 +272,18 @@ GROWTH = 1e8
 #: Values the local bounded solver reads as inside their bounds: violations at most this fraction
 #: of the problem's scale (the largest value and finite bound) are rounding.
 LOCAL_BOUND_RTOL = 1e-12
+#: The exact (capacitance) solve corrects the fast solve on the nodes where the system differs from
+#: it (next to Dirichlet nodes) when they number at most this (a dense |B| x |B| matrix, set up
+#: once per operator and mask); beyond it, CG preconditioned by the fast solve alone.
+CAPACITANCE_MAX_NODES = 4096
+#: The fast solve diagonalises an axis's factor by the DCT (O(n log n), by FFT) from this many
+#: nodes on (below: its dense eigenvectors, O(n^2) per line but one matrix product), where the
+#: factor differs from the DCT-diagonalised matrix of its interior stencil on at most
+#: ``DCT_END_ROWS`` rows at each end. Off (2^30) by default: measured for the divergence with
+#: walls, the DCT solve with its capacitance correction (about 16 n nodes) is slower per solve than
+#: the dense eigenvectors up to 129^2 and its set-up grows like n^3; without the correction CG's
+#: iterations grow with n (docs/guide/local-constraints.md).
+DCT_MIN_NODES = 1 << 30
+DCT_END_ROWS = 6
+#: A node belongs to that set when the difference there exceeds this fraction of the probe's scale.
+CAPACITANCE_SUPPORT_RTOL = 1e-11

@@ -5,6 +5,9 @@
 - ``constraint``: :class:`LinearPDE` and its presets :class:`DivergenceFree`,
   :class:`Continuity` (rows tagged ``structure = "local"``);
 - ``solve``: the FFT projection, the separable fast solve, preconditioned CG;
+- ``transforms``: the DCT-II by FFT (the fast solve's cosine transform);
+- ``capacitance``: the exact solve next to Dirichlet walls (Woodbury over the nodes beside them);
+- ``stacked``: several local constraints in one call;
 - ``implicit``: the CG projections as autograd functions with an implicit backward;
 - ``totals``: a few dense rows next to the local ones (Schur complement);
 - ``bounded``: box bounds with local rows (active set over the local solver);

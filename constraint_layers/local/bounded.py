@@ -9,6 +9,10 @@ free node outside its bounds is held. It stops when the active set repeats (fini
 conditions hold exactly there) and raises if it cycles or runs out of :data:`MAX_SWEEPS`. The
 result is the masked projection with the final active set, differentiable (the implicit function
 theorem on the active set). One sample at a time (each has its own active set).
+
+Totals ``G u = b`` in the same call: the multipliers are those of the rows ``[C; G]``
+(``nu = u - z + C^T lam + G^T mu``, the Schur complement over the local solve), and the result
+is the masked projection followed by :func:`~constraint_layers.local.totals.with_totals`.
 """
 
 from __future__ import annotations
@@ -29,13 +33,40 @@ F64 = torch.float64
 MAX_SWEEPS = 1000
 
 
-def _multipliers(op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str,
-                 w: Tensor | None = None) -> Tensor:  # fmt: skip
-    """``C^T lam`` of the masked projection of ``z`` (1, channels, *grid), no autograd (metric
-    ``w``: a diagonal variance, or None)."""
+def _multipliers(
+    op: LocalOperator, z: Tensor, f: Tensor, free: Tensor, call: str,
+    w: Tensor | None = None, tot=None,
+) -> Tensor:  # fmt: skip
+    """``A^T lambda`` of the masked projection of ``z`` (1, channels, *grid), no autograd, in the
+    metric ``w`` (a diagonal variance, or None: Euclidean): ``C^T lam`` for the local rows; with
+    totals ``tot = (G (M, n), b (M,), labels)`` (Euclidean only) the rows ``[C; G]`` (the Schur
+    complement over the local solve, as :func:`~constraint_layers.local.totals.with_totals`)."""
+    if tot is not None and w is not None:
+        raise NotImplementedError(
+            f"{call}: bounds with totals and local rows are solved in the Euclidean metric only."
+        )
     system = System(op, free, w)
     lam, _ = system.solve(op.apply(z) - f, _scale(op, z, f), call)
-    return op.transpose(lam)
+    if tot is None:
+        return op.transpose(lam)
+    from .._tolerance import tolerance
+    from .totals import solve_small
+
+    G, b, labels = tot
+    shape = z.shape[1:]
+    u1 = z - system.move(lam)
+    fields = G.reshape(-1, *shape) * free  # M g_i
+    rhs = op.apply(fields)
+    w, _ = system.solve(rhs, _scale(op, fields, rhs), call, check=False)
+    V = (fields - system.move(w)).flatten(1)  # (M, n)
+    A = G @ V.T
+    flat = u1.flatten()
+    r = G @ flat - b
+    scale = G.abs() @ flat.abs() + b.abs()
+    mu = solve_small(0.5 * (A + A.T), r, scale, tolerance(F64).residual, labels, call)
+    return op.transpose(lam - (mu.reshape(-1, *[1] * (w.ndim - 1)) * w).sum(0, keepdim=True)) + (
+        mu @ G
+    ).reshape(1, *shape)
 
 
 def project_local_bounded(
@@ -47,23 +78,51 @@ def project_local_bounded(
     upper: Tensor | None,
     call: str,
     weight: Tensor | None = None,
+    totals: tuple | None = None,
 ) -> Tensor:
     """``argmin |u - z|`` s.t. ``C u = f``, the wall nodes (``walls`` False) as in ``z``, and the
     bounds; float64 ``z`` (batch, channels, *grid), bounds broadcastable to it (or None).
     ``weight`` (z's shape, > 0 on the free nodes): the metric ``|u - z|^2_{W^-1}`` (a diagonal
-    variance; the multipliers become ``nu = W^-1 (u - z) + C^T lam``)."""
+    variance; the multipliers become ``nu = W^-1 (u - z) + C^T lam``). ``totals``:
+    ``(constraints, grid, inputs)`` of totals ``G u = b`` held too (Euclidean only)."""
+    if weight is not None and totals:
+        raise NotImplementedError(
+            f"{call}: bounds with totals and local rows on a Gaussian output (the variance "
+            "metric) are not supported; deterministic outputs take them."
+        )
     shape = z.shape[1:]
     free0 = torch.ones(shape, dtype=torch.bool, device=z.device) if walls is None else walls
     lo = None if lower is None else torch.broadcast_to(lower.to(F64), z.shape)
     hi = None if upper is None else torch.broadcast_to(upper.to(F64), z.shape)
+    dense = None
+    if totals:
+        dense = _dense_totals(totals, tuple(z.shape), z.device)
     out = []
     for b in range(z.shape[0]):
         w = None if weight is None else weight[b : b + 1].to(F64)
-        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call, w))
+        tot = None
+        if dense is not None:
+            G, rhs, labels = dense
+            tot = (G if G.ndim == 2 else G[b], rhs[b], labels)
+        out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call, w, tot, totals))
     return torch.cat(out)
 
 
-def _one(op, z, f, free0, lo, hi, b, call: str, w=None) -> Tensor:
+def _dense_totals(totals: tuple, shape: tuple, device) -> tuple[Tensor, Tensor, list]:
+    """``(G, b, labels)``: the totals' dense rows ((M, n) or (batch, M, n)) and values."""
+    import math
+
+    from ..rows import Rows
+
+    cons, grid, inputs = totals
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in cons]
+    stacked = Rows.stack(parts, shape[0])
+    G = stacked.dense(math.prod(shape[1:])).to(device)
+    labels = [f"{c!r} row {i}" for c, p in zip(cons, parts) for i in range(p.num_rows)]
+    return G, stacked.rhs.to(device), labels
+
+
+def _one(op, z, f, free0, lo, hi, b, call: str, w=None, tot=None, totals=None) -> Tensor:
     lo_b = None if lo is None else lo[b : b + 1].detach()
     hi_b = None if hi is None else hi[b : b + 1].detach()
     zd = z.detach()
@@ -73,7 +132,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str, w=None) -> Tensor:
     single = False  # after a cycle: one change at a time
     for _ in range(MAX_SWEEPS):
         wd = None if w is None else w.detach()
-        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call, wd)
+        state = _state(op, zd, f.detach(), free0, at_lo, at_hi, lo_b, hi_b, call, wd, tot)
         if state is None:  # the held nodes leave no solution: hold fewer
             if not single:
                 single, at_lo, at_hi = True, *_fewer(at_lo, at_hi)
@@ -105,6 +164,14 @@ def _one(op, z, f, free0, lo, hi, b, call: str, w=None) -> Tensor:
         target = torch.where(at_hi, hi[b : b + 1], target)
     free = free0 & ~(at_lo | at_hi)[0]
     out = project_cg(op, target, f, mask=free, weight=w, call=call)
+    if totals:
+        from .totals import with_totals
+
+        def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
+            return project_cg(op, x, rhs, mask=free, call=call, check=check)
+
+        cons, grid, inputs = totals
+        out = with_totals(out, local_projection, free, cons, grid, inputs, F64, call)
     # free nodes inside to rounding (1e-12): clipped, so that every value is within its bounds
     if lo is not None:
         out = torch.where(free, torch.maximum(out, lo[b : b + 1]), out)
@@ -113,7 +180,7 @@ def _one(op, z, f, free0, lo, hi, b, call: str, w=None) -> Tensor:
     return out
 
 
-def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call, w=None):
+def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call, w=None, tot=None):
     """The violations of the free nodes and the negative multipliers of the held ones (as
     amounts, 0 where none), or None when the held nodes leave the rows no solution."""
     target = zd
@@ -123,7 +190,7 @@ def _state(op, zd, f, free0, at_lo, at_hi, lo_b, hi_b, call, w=None):
         target = torch.where(at_hi, hi_b, target)
     free = free0 & ~(at_lo | at_hi)[0]
     try:
-        ct = _multipliers(op, target, f, free, call, w)
+        ct = _multipliers(op, target, f, free, call, w, tot)
     except IncompatibleConstraintsError:
         return None
     if w is not None:

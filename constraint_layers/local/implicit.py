@@ -66,6 +66,7 @@ def project_cg(
     weight: Tensor | None = None,
     call: str = "project",
     check: bool = True,
+    exact: bool = False,
 ) -> Tensor:
     """``z - W M C^T (C W M C^T)^+ (C z - f)`` by preconditioned CG (float64 in and out).
 
@@ -73,8 +74,10 @@ def project_cg(
     free; None: all), ``weight`` (batch, channels, *grid) or None (Euclidean). ``check=False``:
     skip the compatibility checks before CG (the caller knows ``f`` is in the range: ``f = 0``
     with nothing eliminated); an incompatible right-hand side still fails after CG.
+    ``exact=True``: a fixed mask (walls) is solved by the cached capacitance solve (see
+    :class:`~constraint_layers.local.solve.System`).
     """
-    system = System(op, mask, None if weight is None else weight.detach())
+    system = System(op, mask, None if weight is None else weight.detach(), exact=exact)
     system.check = check
     return _Project.apply(z, f, weight, system, call)
 
@@ -128,10 +131,20 @@ def project_step(
     affine: Callable[[Tensor], Tensor],
     f: Tensor,
     call: str = "project",
+    totals: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor] | None = None,
 ) -> Tensor:
     """``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``: the local rows on the freedom a boundary
     step ``B = affine`` (linear part ``S = step``) leaves, float64; the walls then hold as the
-    step makes them hold."""
+    step makes them hold. ``totals(v, project0)``: moves ``v`` (before the step) onto the
+    totals' rows too, given ``project0`` (``x -> x - S^T C^T K^+ C S x``, the projection onto the
+    local rows' null space in the step's variable)."""
     system = StepSystem(op, step)
     v = _ProjectStep.apply(u, affine(u), f, system, call)
+    if totals is not None:
+
+        def project0(x: Tensor) -> Tensor:
+            zero = torch.zeros((x.shape[0], *op.grid), dtype=x.dtype, device=x.device)
+            return _ProjectStep.apply(x, step(x), zero, system, call)
+
+        v = totals(v, project0)
     return affine(v)

@@ -1,6 +1,6 @@
 """The local engine's deterministic entry points, and the layer's (private).
 
-Semantics (one local constraint per call, any boundary conditions, any number of totals):
+Semantics (any boundary conditions, any number of totals):
 
 - ``cl.Dirichlet`` walls: the Dirichlet nodes are set to their values (to the bit, as
   everywhere), then the other nodes move by the Euclidean projection onto the local rows with
@@ -11,8 +11,12 @@ Semantics (one local constraint per call, any boundary conditions, any number of
 - Other walls (Neumann, periodic, ``lift``): the boundary step ``B(v) = S v + g`` keeps its
   meaning and the local rows act on the freedom it leaves:
   ``B(u - S^T C^T (C S S^T C^T)^+ (C B(u) - f))``
-  (:func:`~constraint_layers.local.implicit.project_step`).
-- Bounds (with Dirichlet walls or none): :mod:`constraint_layers.local.bounded`.
+  (:func:`~constraint_layers.local.implicit.project_step`). Totals there: in the step's
+  variable ``v``, the projection onto the local rows and the totals at once
+  (:func:`~constraint_layers.local.totals.with_totals_step`).
+- Several local constraints (Dirichlet walls or none, totals): the projection onto all their
+  rows at once (:mod:`constraint_layers.local.stacked`).
+- Bounds (with Dirichlet walls or none, and totals): :mod:`constraint_layers.local.bounded`.
 - Gaussian outputs with a diagonal variance: :mod:`constraint_layers.local.gaussian`.
 """
 
@@ -32,7 +36,7 @@ from ..rows import DEFAULT_GRID, GridSpec
 from .constraint import LocalRows
 from .implicit import project_cg, project_step
 from .solve import fft_project
-from .totals import with_totals
+from .totals import with_totals, with_totals_step
 
 __all__ = [
     "enforce_local",
@@ -51,6 +55,18 @@ def is_local(constraints: Sequence[Any]) -> bool:
 
 def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[Any]]:
     """``(the local constraint, boundary conditions, totals (conservation rows) then bounds)``."""
+    local, walls, rest = _split_many(constraints, call)
+    if len(local) != 1:
+        raise NotImplementedError(
+            f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
+            f"call is supported here, got {len(local)}: {local}. Combine them into one "
+            "cl.LinearPDE where they share the right-hand side, or open an issue."
+        )
+    return local[0], walls, rest
+
+
+def _split_many(constraints: Sequence[Any], call: str) -> tuple[list, list[Any], list[Any]]:
+    """``(the local constraints, boundary conditions, totals then bounds)``."""
     local = [c for c in constraints if getattr(c, "structure", None) == "local"]
     walls = [c for c in constraints if getattr(c, "family", None) == "boundary"]
     totals = [c for c in constraints if getattr(c, "family", None) == "conservation"]
@@ -59,18 +75,12 @@ def _split(constraints: Sequence[Any], call: str) -> tuple[Any, list[Any], list[
         c for c in constraints if c not in local and c not in walls and c not in totals
         and c not in bounds
     ]  # fmt: skip
-    if len(local) != 1:
-        raise NotImplementedError(
-            f"{call}: one local constraint (cl.DivergenceFree, cl.Continuity, cl.LinearPDE) per "
-            f"call is supported, got {len(local)}: {local}. Combine them into one cl.LinearPDE "
-            "where they share the right-hand side, or open an issue."
-        )
     if other:
         raise NotImplementedError(
             f"{call}: a local constraint combines with boundary conditions and conservation "
             f"totals and bounds only (got {other})."
         )
-    return local[0], walls, totals + bounds
+    return local, walls, totals + bounds
 
 
 def _dirichlet_only(walls: Sequence[Any]) -> bool:
@@ -175,22 +185,28 @@ def project_local(
 ) -> Tensor:
     """The deterministic projection (see the module docstring): ``y`` (batch, channels, *grid)."""
     _check_grid_output(y, call)
-    local, walls, totals = _split(constraints, call)
+    locals_, walls, totals = _split_many(constraints, call)
     bounds = [c for c in totals if c.family == "bounds"]
     totals = [c for c in totals if c.family != "bounds"]
     if y.shape[0] == 0:
         return y
+    if len(locals_) > 1:
+        return _stacked(y, locals_, walls, totals, bounds, grid, inputs, lift, call)
+    local = locals_[0]
     if bounds:
         return _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call)
     if (walls and not _dirichlet_only(walls)) or lift:
-        if totals:
-            raise NotImplementedError(
-                f"{call}: totals with local rows and non-Dirichlet walls (or lift) are not "
-                "supported yet."
-            )
         rows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
         affine, linear = _step(y.to(F64), walls, grid, lift, inputs, call)
-        out = project_step(rows.operator, y.to(F64), linear, affine, rows.rhs.to(y.device), call)
+        schur = None
+        if totals:
+
+            def schur(v1: Tensor, project0) -> Tensor:
+                return with_totals_step(v1, project0, affine, linear, totals, grid, inputs,
+                                        y.dtype, call)  # fmt: skip
+
+        out = project_step(rows.operator, y.to(F64), linear, affine, rows.rhs.to(y.device), call,
+                           totals=schur)  # fmt: skip
         return out.to(y.dtype)
     z, mask = _walls(y, walls, grid, inputs, call)
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
@@ -201,7 +217,7 @@ def project_local(
     def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
         if mask is None and op.fourier:  # f = 0: no transform of it, nothing to check
             return fft_project(op, x, None if not check else rhs, call)
-        return project_cg(op, x, rhs, mask=mask, call=call, check=check)
+        return project_cg(op, x, rhs, mask=mask, call=call, check=check, exact=True)
 
     # f = 0 with nothing eliminated: the right-hand side C z is in the range by construction
     homogeneous = mask is None and isinstance(local.value, float) and local.value == 0.0
@@ -331,10 +347,11 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
     from ..bounds import resolve_bounds
     from .bounded import project_local_bounded
 
-    if totals or lift or not _dirichlet_only(walls):
+    if lift or not _dirichlet_only(walls):
         raise NotImplementedError(
-            f"{call}: bounds with local rows combine with cl.Dirichlet walls only (lift=0, no "
-            "totals) for now."
+            f"{call}: bounds with local rows combine with cl.Dirichlet walls and totals only "
+            f"(lift=0) for now; got walls {list(walls)} and lift={lift}. Use cl.Dirichlet walls "
+            "with lift=0, or leave the bounds out (the walls and the rows then hold exactly)."
         )
     z, mask = _walls(y, walls, grid, inputs, call)
     lo, hi = resolve_bounds(bounds, tuple(y.shape), dtype=F64, device=y.device, inputs=inputs,
@@ -354,7 +371,7 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
             )
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
     out = project_local_bounded(rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi,
-                                call)  # fmt: skip
+                                call, (totals, grid, inputs) if totals else None)  # fmt: skip
     out = out.to(y.dtype)
     if mask is not None:
         out = torch.where(mask, out, z)
@@ -362,4 +379,48 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
         out = torch.maximum(out, lo.to(y.dtype))
     if hi is not None:
         out = torch.minimum(out, hi.to(y.dtype))
+    return out
+
+
+def _stacked(y, locals_, walls, totals, bounds, grid, inputs, lift, call) -> Tensor:
+    """Several local constraints (with Dirichlet walls or none, and totals):
+    :mod:`constraint_layers.local.stacked`."""
+    from .stacked import disjoint, fft_project_stacked, project_stacked
+
+    if bounds or lift or not _dirichlet_only(walls):
+        raise NotImplementedError(
+            f"{call}: several local constraints in one call combine with cl.Dirichlet walls and "
+            f"totals (lift=0, no bounds) for now; got walls {list(walls)}, lift={lift}, bounds "
+            f"{list(bounds)}. State them as one cl.LinearPDE where they can be, or drop the "
+            "bounds / use cl.Dirichlet walls."
+        )
+    z, mask = _walls(y, walls, grid, inputs, call)
+    rows = [c.rows(tuple(y.shape), grid=grid, inputs=inputs) for c in locals_]
+    ops = [r.operator for r in rows]
+    z64 = z.to(F64)
+    f = torch.stack([r.rhs.to(z.device) for r in rows], 1)  # (batch, L, *grid)
+    separate = disjoint(ops)
+    fourier = mask is None and all(op.fourier for op in ops)
+
+    def local_projection(x: Tensor, rhs: Tensor, check: bool = True) -> Tensor:
+        if rhs.ndim == x.ndim - 1:  # one right-hand side for all (zero: totals' fields)
+            rhs = rhs.unsqueeze(1).expand(-1, len(ops), *rhs.shape[1:])
+        if separate:  # orthogonal rows: one projection after the other
+            for i, op in enumerate(ops):
+                if mask is None and op.fourier:
+                    x = fft_project(op, x, rhs[:, i] if check else None, call)
+                else:
+                    x = project_cg(op, x, rhs[:, i], mask=mask, call=call, check=check,
+                                   exact=True)  # fmt: skip
+            return x
+        if fourier:
+            return fft_project_stacked(ops, x, rhs, call)
+        return project_stacked(ops, x, rhs, mask, call)
+
+    out = local_projection(z64, f)
+    if totals:
+        out = with_totals(out, local_projection, mask, totals, grid, inputs, y.dtype, call)
+    out = out.to(y.dtype)
+    if mask is not None:
+        out = torch.where(mask, out, z)
     return out

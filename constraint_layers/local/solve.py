@@ -11,9 +11,11 @@ eliminated):
   projection per wavenumber (exact; wavenumbers whose row vanishes are left as they are, their
   right-hand side must vanish).
 - Otherwise: :func:`project_cg`, conjugate gradients on ``K = C W M C^T`` in float64,
-  preconditioned by the separable fast solve of ``C C^T`` (scaled on each side by ``w``
-  averaged over a window), stopped on the relative residual of the ROWS (CG's residual
-  ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
+  preconditioned by the separable fast solve of ``C C^T``
+  (:mod:`~constraint_layers.local.fastsolve`; scaled on each side by ``w`` averaged over a
+  window; exact next to Dirichlet walls by the capacitance solve,
+  :mod:`~constraint_layers.local.capacitance`), stopped on the relative residual of the ROWS
+  (CG's residual ``C z - f - K lam`` is the rows' residual of the current iterate ``C u~ - f``). The
   backward is implicit: one more solve with ``K``, never autograd through the iterations.
 
 Thresholds (all relative; every threshold of the local package lives in
@@ -49,6 +51,14 @@ from ..errors import (
     ConstraintViolationError,
     IncompatibleConstraintsError,
     SingularConstraintError,
+)
+from .fastsolve import (
+    FastSolve,
+    _free_lines,
+    _mask_from_key,
+    _mask_key,
+    fast_solve,
+    op_key,
 )
 from .operator import LocalOperator
 
@@ -147,90 +157,6 @@ def _symbols(key: tuple, device: torch.device) -> Tensor:
     return LocalOperator(*key).symbols().to(device)
 
 
-# ------------------------------------------------------------------ the separable solve
-class FastSolve:
-    """The pseudo-inverse of the Kronecker sum ``sum_axes F_axis`` (``C C^T`` when separable):
-    per axis ``F = Q diag(lam) Q^T``, ``x = Q (lam_sum^+ (Q^T r))``. Cost: one dense
-    ``n x n`` product per differentiated axis and node, ``O(N (n_1 + ... + n_d))``."""
-
-    def __init__(self, op: LocalOperator, free: tuple | None = None) -> None:
-        self.eig = _eig(op.factors(free))
-        self._on_device: dict = {}
-        lam = None
-        for axis, e in enumerate(self.eig):
-            if e is None:
-                continue
-            view = [1] * len(op.grid)
-            view[axis] = -1
-            part = e[0].reshape(view)
-            lam = part if lam is None else lam + part
-        self.null = lam <= NULL_RTOL * lam.amax()
-        # positive definite: the null space (of the fast operator, perhaps not of the system's)
-        # is weighted as the smallest non-zero eigenvalue, so CG reaches it where the system
-        # needs it (a consistent right-hand side has no component there when they agree)
-        low = lam.where(~self.null, lam.amax()).amin()
-        self.inv = 1.0 / torch.where(self.null, low, lam)
-
-    def _device(self, device: torch.device) -> tuple[list, Tensor, Tensor]:
-        """The eigenvectors, inverse and null mask on ``device`` (copied once)."""
-        hit = self._on_device.get(device)
-        if hit is None:
-            qs = [None if e is None else e[1].to(device) for e in self.eig]
-            hit = (qs, self.inv.to(device), self.null.to(device))
-            self._on_device[device] = hit
-        return hit
-
-    def _rotate(self, r: Tensor, transpose: bool) -> Tensor:
-        qs = self._device(r.device)[0]
-        for axis, q in enumerate(qs):
-            if q is None:
-                continue
-            x = r.movedim(axis + 1, -1)
-            x = x @ q if transpose else x @ q.T
-            r = x.movedim(-1, axis + 1)
-        return r
-
-    def __call__(self, r: Tensor) -> Tensor:
-        """``(sum F)^+ r`` for ``r`` (batch, *grid) float64 (on the null space: ``r / max
-        lam``)."""
-        return self._rotate(self._rotate(r, True) * self._device(r.device)[1], False)
-
-    def null_part(self, r: Tensor) -> Tensor:
-        """The component of ``r`` in the null space: (batch, *grid)."""
-        return self._rotate(self._rotate(r, True) * self._device(r.device)[2], False)
-
-
-def _eig(factors: list[Tensor | None]) -> list[tuple[Tensor, Tensor] | None]:
-    return [None if f is None else _eigh(f) for f in factors]
-
-
-def _eigh(f: Tensor) -> tuple[Tensor, Tensor]:
-    lam, q = torch.linalg.eigh(f)
-    return lam.clamp_min(0.0), q
-
-
-@lru_cache(maxsize=32)
-def fast_solve(op_key: tuple, free: tuple | None = None) -> FastSolve:
-    """The cached fast solve of an operator (keyed by its terms and grid, and the free nodes
-    along each term's axis)."""
-    return FastSolve(LocalOperator(*op_key), free)
-
-
-def _free_lines(op: LocalOperator, mask: Tensor | None) -> tuple | None:
-    """Per term, the nodes along its axis that are free on some line (None: all free)."""
-    if mask is None:
-        return None
-    out = []
-    for t in op.terms:
-        m = mask[t.channel].movedim(t.axis, -1).reshape(-1, op.grid[t.axis]).any(0)
-        out.append(tuple(bool(v) for v in m.cpu()))
-    return tuple(out)
-
-
-def op_key(op: LocalOperator) -> tuple:
-    return (op.terms, op.shape, op.spacing, op.stencil, op.periodic)
-
-
 # ----------------------------------------------------------------- the discrete Gauss law
 def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float, Tensor] | None:
     """The discrete net flux ``lam^T r`` with ``lam = w_1 x ... x w_d`` (per differentiated
@@ -239,13 +165,21 @@ def gauss_flux(op: LocalOperator, mask: Tensor | None, r: Tensor) -> tuple[float
     ``M C^T`` (each channel held at the walls of its own axis): then no free value can change
     it and ``C u = f`` needs it to vanish. Returns ``(sum |lam|, net (batch,))`` or None.
     """
-    if mask is None or any(t.order != 1 for t in op.terms) or not op.separable:
+    if any(t.order != 1 for t in op.terms) or not op.separable:
         return None
-    lam, ct = _gauss_weights(op_key(op))
-    lam = lam.to(r.device)
-    if float((ct.to(mask.device) * mask).abs().max()) > NULL_RTOL * float(ct.abs().max()):
+    key = op_key(op)
+    if not _gauss_applies(key, None if mask is None else _mask_key(mask)):
         return None
-    return float(lam.abs().sum()), (r * lam).flatten(1).sum(1)
+    lam = _gauss_weights(key)[0]
+    return float(lam.abs().sum()), (r * lam.to(r.device)).flatten(1).sum(1)
+
+
+@lru_cache(maxsize=64)
+def _gauss_applies(key: tuple, mask_key: tuple | None) -> bool:
+    """Whether ``lam`` is in the null space of ``M C^T`` (cached per operator and mask)."""
+    ct = _gauss_weights(key)[1]
+    moving = ct if mask_key is None else ct * _mask_from_key(mask_key)
+    return float(moving.abs().max()) <= NULL_RTOL * float(ct.abs().max())
 
 
 @lru_cache(maxsize=32)
@@ -270,13 +204,29 @@ def _gauss_weights(key: tuple) -> tuple[Tensor, Tensor]:
 
 # --------------------------------------------------------------------------------- CG
 class System:
-    """``K = C W M C^T`` for one call: operator, free-node mask and weight."""
+    """``K = C W M C^T`` for one call: operator, free-node mask and weight.
 
-    def __init__(self, op: LocalOperator, mask: Tensor | None, weight: Tensor | None) -> None:
+    ``exact``: with Dirichlet nodes eliminated (a mask, no weight), precondition by the exact
+    capacitance solve (:mod:`constraint_layers.local.capacitance`, set up once per operator and
+    mask) where the system differs from the fast solve on few nodes; CG then stops after one
+    iteration. False: the fast solve alone (masks that change at every call, e.g. an active set).
+    """
+
+    def __init__(
+        self,
+        op: LocalOperator,
+        mask: Tensor | None,
+        weight: Tensor | None,
+        exact: bool = False,
+    ) -> None:
         self.op = op
         self.mask = mask  # (channels, *grid) bool, True: free
         self.weight = weight  # (batch, channels, *grid) float64, or None
-        self.pre = fast_solve(op_key(op), _free_lines(op, mask))
+        free = _free_lines(op, mask)
+        self.pre = fast_solve(op_key(op), free)
+        self._cap_key = None  # the capacitance solve's cache key, built at the first solve
+        if exact and weight is None and (mask is not None or self.pre.approximate):
+            self._cap_key = (op_key(op), free, None if mask is None else _mask_key(mask))
         self.check = True
         self.patience = PATIENCE  # CG iterations without halving the residual before it stops
         self.row_scale = None
@@ -312,6 +262,10 @@ class System:
         return self.op.apply(self.move(lam))
 
     def precondition(self, r: Tensor) -> Tensor:
+        if self._cap_key is not None:
+            cap = _capacitance(*self._cap_key, r.device)
+            if cap is not None:
+                return cap(r)
         if self.row_scale is None:
             return self.pre(r)
         return self.row_scale * self.pre(self.row_scale * r)
@@ -330,7 +284,8 @@ class System:
                     + " (the wall values' flux through the walls minus the integrated "
                     "right-hand side, with the stencil's exact quadrature)"
                 )
-        if check and self.mask is None and self.weight is None and self.op.separable:
+        exact_null = not self.pre.approximate
+        if check and exact_null and self.mask is None and self.weight is None and self.op.separable:
             off = self.pre.null_part(rhs).flatten(1).abs().amax(1)  # exact: C C^T's null space
             if bool((off > INCONSISTENT_RTOL * scale).any()):
                 raise IncompatibleConstraintsError(
@@ -345,12 +300,19 @@ class System:
                 raise SingularConstraintError(
                     f"{call}: CG on the local rows stopped at a relative residual of {rel:.3e} "
                     f"after {it} iterations. This operator is not separable (a channel is "
-                    "differentiated along several axes, e.g. u_t - nu u_xx), so the fast solve is "
-                    "only an approximate preconditioner and such operators are nearly square and "
-                    "ill-conditioned: CG converges on small grids only (measured: the heat "
-                    "operator on 17 x 17, not on 33 x 33). Use a coarser grid, or state the "
-                    "constraint on several channels (e.g. the flux as its own channel: "
-                    "cl.Continuity), or the data may be incompatible with the rows."
+                    "differentiated along several axes, e.g. u_t - nu u_xx on a (t, x) grid): "
+                    "one row per node on one channel makes C square, and with central "
+                    "differences in time C is nearly singular (its near-null fields are the "
+                    "growing modes of the leapfrog scheme, held only by the one-sided rows at "
+                    "the time walls). Measured for u_t - 0.1 u_xx: cond(C) = 1.6e6 on 17 x 17, "
+                    "3.6e7 on 25 x 25, 3.2e8 on 33 x 33; CG works on C C^T, whose condition "
+                    "number is the square, beyond float64's 1/eps from 25 x 25 on: no solver "
+                    "of these normal equations reaches the rows' residual target there (the "
+                    "limit is the operator's, not the preconditioner's). Use a coarser grid "
+                    "(17 x 17 converges for nu = 0.1, 13 x 13 for nu = 0.01), or state the law "
+                    "on several channels (the flux as its own channel: cl.Continuity, "
+                    "separable and solved exactly), or the data may be incompatible with the "
+                    "rows."
                 )
             if rel > INCONSISTENT_RTOL:
                 raise IncompatibleConstraintsError(
@@ -367,6 +329,18 @@ class System:
                 "constraints and the output shape."
             )
         return lam, it
+
+
+@lru_cache(maxsize=16)
+def _capacitance(key: tuple, free: tuple | None, mask_key: tuple | None, device):
+    """The cached capacitance solve of ``C M C^T`` (None: not confined to few nodes)."""
+    from .capacitance import build_capacitance
+
+    op = LocalOperator(*key)
+    mask = None if mask_key is None else _mask_from_key(mask_key).to(device)
+    pre = fast_solve(key, free)
+    system = System(op, mask, None)
+    return build_capacitance(system.matvec, pre, op.grid, device)
 
 
 def pcg(

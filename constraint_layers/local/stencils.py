@@ -54,6 +54,7 @@ class Stencil1D:
     def __init__(self, n: int, h: float, order: int, stencil: str, periodic: bool) -> None:
         self.n, self.h, self.order, self.stencil, self.periodic = n, h, order, stencil, periodic
         self._on_device: dict = {}
+        self._zeros: dict = {}
         self.offsets: tuple[int, ...] = ()
         self.weights: Tensor | None = None
         self.symbol_rfft: Tensor | None = None
@@ -103,8 +104,10 @@ class Stencil1D:
         return self._banded(v, axis, transpose=True)
 
     def _banded(self, u: Tensor, axis: int, transpose: bool) -> Tensor:
-        """``sum_j W[i, j] u[i + j - K]`` over the ``2K + 1`` window of each node (one pad, one
-        unfold): ``W`` the band of ``D`` (or of ``D^T``), indices modulo ``n`` when periodic."""
+        """``sum_j W[i, j] u[i + j - K]`` over the ``2K + 1`` window of each node: ``W`` the band
+        of ``D`` (or of ``D^T``), indices modulo ``n`` when periodic. One shifted slice per
+        non-zero diagonal (walls: along the axis in place, no padding or transposed copy)."""
+        axis = axis % u.ndim
         x = u.movedim(axis, -1)
         k = self.bandwidth
         key = (x.device, x.dtype, transpose)
@@ -112,12 +115,39 @@ class Stencil1D:
         if w is None:  # one copy per device and dtype, not one per call
             w = (self.band_t if transpose else self.band).to(device=x.device, dtype=x.dtype)
             self._on_device[key] = w
+        n = self.n
+        if not self.periodic:  # one shifted slice per diagonal along the axis, no padding
+            view = (-1,) + (1,) * (u.ndim - 1 - axis)
+            out = u * w[:, k].reshape(view)
+            for j in range(2 * k + 1):
+                o = j - k  # out[i] += W[i, j] u[i + o] for 0 <= i + o < n
+                if o == 0 or self._zero_band(transpose, j):
+                    continue
+                lo, hi = max(0, -o), n - max(0, o)
+                out.narrow(axis, lo, hi - lo).add_(
+                    u.narrow(axis, lo + o, hi - lo) * w[lo:hi, j].reshape(view)
+                )
+            return out
         lead = x.shape[:-1]
-        flat = x.reshape(-1, 1, self.n)
-        mode = "circular" if self.periodic else "constant"
-        padded = torch.nn.functional.pad(flat, (k, k), mode=mode).reshape(*lead, self.n + 2 * k)
-        out = (padded.unfold(-1, 2 * k + 1, 1) * w).sum(-1)
+        flat = x.reshape(-1, 1, n)
+        padded = torch.nn.functional.pad(flat, (k, k), mode="circular").reshape(*lead, n + 2 * k)
+        out = None  # one shifted slice per diagonal: no (..., n, 2K + 1) window tensor
+        for j in range(2 * k + 1):
+            if self._zero_band(transpose, j):
+                continue
+            term = padded[..., j : j + n] * w[:, j]
+            out = term if out is None else out + term
         return out.movedim(-1, axis)
+
+    def _zero_band(self, transpose: bool, j: int) -> bool:
+        """Whether diagonal ``j`` of the band (of ``D`` or ``D^T``) is zero everywhere."""
+        key = (transpose, j)
+        hit = self._zeros.get(key)
+        if hit is None:
+            band = self.band_t if transpose else self.band
+            hit = bool((band[:, j] == 0).all()) and j != self.bandwidth
+            self._zeros[key] = hit
+        return hit
 
     # ------------------------------------------------------------------- the fast solvers
     def symbol(self) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .solve import INVOLVED_RTOL, NULL_RTOL
 
-__all__ = ["solve_small", "with_totals"]
+__all__ = ["solve_small", "with_totals", "with_totals_step"]
 
 F64 = torch.float64
 
@@ -49,6 +49,42 @@ def with_totals(u1, local_projection, mask, totals, grid, inputs, dtype, call) -
     mu = solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
     step = mu @ V if V.ndim == 2 else (mu.unsqueeze(-2) @ V).squeeze(-2)
     return (flat - step).reshape(shape)
+
+
+def with_totals_step(v1, project0, affine, step, totals, grid, inputs, dtype, call) -> Tensor:
+    """Totals ``G B(v) = b`` next to local rows on the freedom of a boundary step
+    ``B(v) = S v + g`` (Neumann, periodic or lifted walls): in the step's variable ``v``, the rows
+    ``G S`` with the Schur complement over the local projection ``project0`` (one local solve
+    per total and sample): ``v = v1 - V mu``, ``V = P0(S^T G^T)``, ``(G S V) mu = G B(v1) - b``.
+    Returns ``v`` (float64; the caller applies ``B``)."""
+    from .._tolerance import tolerance
+    from ..rows import Rows
+
+    shape = tuple(v1.shape)
+    batch, n = shape[0], math.prod(shape[1:])
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
+    stacked = Rows.stack(parts, batch)
+    G = stacked.dense(n).to(v1.device)
+    G = G.expand(batch, *G.shape[-2:]) if G.ndim == 2 else G  # (batch, M, n)
+    b = stacked.rhs.to(v1.device)  # (batch, M)
+    m = G.shape[1]
+    fields = []
+    for i in range(m):  # S^T g_i per sample, then its part off the local rows' span
+        g = G[:, i].reshape(shape)
+        x = torch.zeros_like(g, requires_grad=True)
+        with torch.enable_grad():
+            (st,) = torch.autograd.grad(step(x), x, g)
+        fields.append(project0(st))
+    V = torch.stack(fields, 1).reshape(batch, m, n)  # (batch, M, n)
+    SV = torch.stack([step(V[:, j].reshape(shape)).reshape(batch, n) for j in range(m)], 1)
+    A = G @ SV.mT
+    A = 0.5 * (A + A.mT)
+    out1 = affine(v1).reshape(batch, n)
+    r = (G @ out1.unsqueeze(-1)).squeeze(-1) - b
+    scale = (G.abs() @ out1.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
+    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
+    mu = solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
+    return v1 - (mu.unsqueeze(-2) @ V).squeeze(-2).reshape(shape)
 
 
 def solve_small(A: Tensor, r: Tensor, scale: Tensor, tol: float, labels, call: str) -> Tensor:

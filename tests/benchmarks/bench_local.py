@@ -13,6 +13,12 @@ Run (not collected by pytest; on an idle machine, GPU if there is one)::
 
     .venv/bin/python tests/benchmarks/bench_local.py            # the full table
     .venv/bin/python tests/benchmarks/bench_local.py --quick    # smaller sizes
+    .venv/bin/python tests/benchmarks/bench_local.py --profile  # where a step's time goes
+    .venv/bin/python tests/benchmarks/bench_local.py --dct      # the DCT fast solve forced
+
+``--profile`` (no timing table): per constrained FNO step, the CG iterations of each local solve
+and the share of the step's CPU time spent in ``constraint_layers`` (cProfile, cumulative time of
+the layer's ``project``): shares and counts, meaningful on a loaded machine too.
 """
 
 from __future__ import annotations
@@ -76,17 +82,74 @@ def fno_steps(args, device) -> None:
         print(f"  {k:9s} {min(t) * 1e3:9.2f} ms   {min(t) / base:5.2f}x plain")
 
 
+def profile(args, device) -> None:
+    import cProfile
+    import pstats
+
+    from neuralop.models import FNO
+
+    n, width, batch = args.size, args.width, args.batch
+    torch.manual_seed(0)
+    net = FNO(n_modes=(16, 16), hidden_channels=width, in_channels=1, out_channels=2).to(device)
+    x = torch.randn(batch, 1, n, n, device=device)
+    walls = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    models = {
+        "periodic": cl.wrap(net, cl.DivergenceFree(periodic=True)),
+        "walls": cl.wrap(net, cl.DivergenceFree()),
+        "no-slip": cl.wrap(net, cl.DivergenceFree(), *walls),
+    }
+    iterations: list[int] = []
+    orig = solve.pcg
+
+    def counting(*a, **k):
+        out = orig(*a, **k)
+        iterations.append(out[2])
+        return out
+
+    def step(model):
+        net.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    solve.pcg = counting
+    try:
+        print(f"profile: FNO step {n}^2, width {width}, batch {batch} ({device})")
+        for k, m in models.items():
+            step(m)  # warm-up: caches (fast solves, capacitance) are built here
+            iterations.clear()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.repeats):
+                step(m)
+            prof.disable()
+            stats = pstats.Stats(prof).stats
+            total = sum(v[2] for v in stats.values())  # own time of every function
+            proj = sum(v[3] for key, v in stats.items() if key[2] == "project"
+                       and "constraint_layers" in key[0])  # fmt: skip
+            back = sum(v[3] for key, v in stats.items() if key[2] == "backward"
+                       and "constraint_layers/local" in key[0])  # fmt: skip
+            per = iterations[: len(iterations) // args.repeats]
+            print(
+                f"  {k:9s} forward projection {proj / total:6.1%} of the step, its backward "
+                f"{back / total:6.1%}; CG iterations per solve {per}"
+            )
+    finally:
+        solve.pcg = orig
+
+
 def scaling(args, device) -> None:
     print("projection alone (batch 8, float32)")
-    for label, con, sizes in (
-        ("periodic", cl.DivergenceFree(periodic=True), args.periodic_sizes),
-        ("walls", cl.DivergenceFree(), args.wall_sizes),
+    no_slip = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    for label, con, sizes, bcs in (
+        ("periodic", cl.DivergenceFree(periodic=True), args.periodic_sizes, ()),
+        ("walls", cl.DivergenceFree(), args.wall_sizes, ()),
+        ("no-slip", cl.DivergenceFree(), args.wall_sizes, no_slip),
     ):
         best = []
         for n in sizes:
             u = torch.randn(8, 2, n, n, device=device)
-            cl.functional.enforce_local(u, con)
-            best.append(min(timed(lambda u=u, c=con: cl.functional.enforce_local(u, c), device, 5)))
+            run = lambda u=u, c=con, b=bcs: cl.functional.enforce_local(u, c, *b)  # noqa: E731
+            run()  # set-up (cached fast solves)
+            best.append(min(timed(run, device, 5)))
         n0, n1 = sizes[0], sizes[-1]
         nlogn = (n1 * n1 * math.log(n1 * n1)) / (n0 * n0 * math.log(n0 * n0))
         print(
@@ -127,7 +190,15 @@ def gaussian(args, device) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile", action="store_true", help="iterations and time shares only")
+    p.add_argument(
+        "--dct", action="store_true", help="force the DCT fast solve (off by default) on walls"
+    )
     args = p.parse_args()
+    if args.dct:
+        from constraint_layers.local import fastsolve
+
+        fastsolve.DCT_MIN_NODES = 5
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.size, args.width, args.batch, args.repeats = 64, 16, 4, 5
@@ -136,6 +207,10 @@ def main() -> None:
         args.size, args.width, args.batch, args.repeats = 128, 32, 8, 20
         args.periodic_sizes, args.wall_sizes = (64, 256), (33, 129)
         args.gaussian_sizes = (64, 128, 256)
+    if args.profile:
+        args.repeats = 3
+        profile(args, device)
+        return
     fno_steps(args, device)
     scaling(args, device)
     gaussian(args, device)
