@@ -89,3 +89,12 @@ def test_wall_conditions_match_the_data(cavity):
     assert side[0, 0, -1] == 1.0 and side[0, 0, :-1].abs().max() == 0
     assert (top[0, 0] == 1.0).all() and top[0, 1].abs().max() == 0
     assert bottom.abs().max() == 0
+
+
+def test_data_only_reports_the_reference_data(cavity, capsys):
+    out = cavity.main(["--smoke", "--data-only"])
+    truth = out["truth"]
+    assert {"div_gradient_lid_max", "projected_rel_l2", "div_box"} <= set(truth)
+    # the data's velocity is central differences of a stream function: div-free inside
+    assert truth["div_gradient_interior"]["max"] <= 1e-5
+    assert 0 < truth["projected_rel_l2"] < 1
