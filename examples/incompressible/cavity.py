@@ -27,6 +27,7 @@ whole field and over the interior nodes; seconds per training step (indicative).
 
     .venv/bin/python examples/incompressible/cavity.py --quick          # CPU, one thread
     .venv/bin/python examples/incompressible/cavity.py --smoke          # tiny grid, 1 epoch
+    .venv/bin/python examples/incompressible/cavity.py --data-only      # the data's metrics alone
 """
 
 from __future__ import annotations
