@@ -218,6 +218,11 @@ def condition_local(
     if totals:
         schur = _totals_schur(out, op, mask, w, totals, grid, inputs, mean.dtype, call)
         out = _totals_step(out.reshape(out.shape[0], -1), *schur).reshape(out.shape)
+        # the totals' step moves along V, whose local rows hold to the solver's rounding of V's
+        # own scale only: a second pass (idempotent in exact arithmetic; the same Schur factors)
+        # puts both back to rounding of the output's scale
+        out = project_cg(op, out, f, mask=mask, weight=w, call=call)
+        out = _totals_step(out.reshape(out.shape[0], -1), *schur).reshape(out.shape)
     out = out.to(mean.dtype)
     if mask is not None:
         out = torch.where(mask, out, z)

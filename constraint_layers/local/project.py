@@ -370,8 +370,10 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
                 f"bounds {list(bounds)}; nothing can move a Dirichlet value."
             )
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
-    out = project_local_bounded(rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi,
-                                call, totals=(totals, grid, inputs) if totals else None)  # fmt: skip
+    out = project_local_bounded(
+        rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi, call,
+        totals=(totals, grid, inputs) if totals else None,
+    )  # fmt: skip
     out = out.to(y.dtype)
     if mask is not None:
         out = torch.where(mask, out, z)
