@@ -11,8 +11,8 @@ left is, for each sample (the batch iterates together, each sample with its own 
 
 Method (exact; finite once the active sets settle): the dual. Every wall bound is an inequality
 row ``R_i v >= r_i`` (``W_m`` with ``l_m``, ``-W_m`` with ``-h_m``; an infinite one keeps its
-multiplier at 0) with a multiplier ``y_i >= 0``; the dense rows have free multipliers. For given multipliers the box
-problem separates: ``v(y) = clip(u + R^T y, lo, hi)``, and the dual
+multiplier at 0) with a multiplier ``y_i >= 0``; the dense rows have free multipliers. For given
+multipliers the box problem separates: ``v(y) = clip(u + R^T y, lo, hi)``, and the dual
 ``D(y) = min_box |v - u|^2 / 2 - y^T (R v - r)`` is concave and piecewise quadratic with gradient
 ``r - R v(y)``. It is maximised by a projected Newton method (Bertsekas): multipliers at 0 whose
 gradient points out stay there, the others take the Newton step ``(R_F R_F^T) d = r - R v`` over
