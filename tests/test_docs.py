@@ -30,6 +30,7 @@ GALLERY = {
     "boundary_paper": "boundary-paper",
     "conservation_paper": "conservation-paper",
     "pointcloud": "pointcloud",
+    "incompressible": "incompressible",
 }
 
 
