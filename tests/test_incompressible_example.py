@@ -9,6 +9,7 @@ figures written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import constraint_layers as cl
 
 pytest.importorskip("neuralop")
 pytest.importorskip("matplotlib")
@@ -73,17 +77,57 @@ def test_constrained_models_divergence_free_under_their_own_operator(results):
     res, _ = results
     n = res["config"]["n"]
     # max |u| <= 10 * rms velocity; a derivative row sums to at most 1 / h = n (central) or
-    # about pi n (spectral); float32 rounding ~ 6e-8: 1e-5 leaves a wide margin
-    bound = 1e-5 * 10 * res["velocity_scale"] * n
-    own = {"central": "central", "spectral": "spectral", "hodge": "spectral"}
+    # about pi n (spectral); float32 rounding 6e-8 per operation: 1e-6 leaves a margin of ~100
+    # over what the constrained models give (~0.2 eps32 * max|u| * n)
+    bound = 1e-6 * 10 * res["velocity_scale"] * n
+    own = {"central": "central", "spectral": "spectral"}
     for name, op in own.items():
         for r in res["runs"][name]:
             assert r[f"div_{op}_max"] < bound, (name, op, r[f"div_{op}_max"], bound)
-    for r in res["runs"]["plain"]:  # non-vacuity
-        assert r["div_central_max"] > 1e3 * bound
+    for plain, hodge in zip(res["runs"]["plain"], res["runs"]["hodge"]):
+        assert plain["div_central_max"] > 1e2 * bound  # non-vacuity
+        # the re-implemented projection leaves the Nyquist modes' divergence (test below)
+        assert hodge["div_spectral_max"] < 0.1 * plain["div_spectral_max"]
     # the solver's fields are spectrally divergence-free (float64)
     assert res["truth"]["div_spectral_max"] < 1e-9 * res["velocity_scale"] * n
     g = res["gaussian"]
     assert g["conditioned (central)"]["div_central_max"] < bound
     assert g["conditioned (spectral)"]["div_spectral_max"] < bound
-    assert g["ensemble"]["div_central_max"] > 1e3 * bound
+    assert g["ensemble"]["div_central_max"] > 1e2 * bound
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("_incompressible_ns", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n", [12, 16, 15])
+def test_hodge_projection_is_the_spectral_option_except_at_nyquist(n):
+    """The re-implemented Helmholtz-Hodge projection equals the library's spectral option on
+    fields without Nyquist content (float64 rounding); with Nyquist content (even n) it differs
+    there only, and is not idempotent there (the Nyquist column of rfft2 holds conjugate pairs
+    whose wavevectors fftfreq does not negate)."""
+    mod = _script()
+    g = torch.Generator().manual_seed(n)
+    u = torch.randn(3, 2, n, 13 if n == 15 else n, dtype=torch.float64, generator=g)
+    lib = cl.DivergenceFree(periodic=True, stencil="spectral")
+    hodge = mod.HodgeProjection(extent=1.0)
+    if n % 2:  # odd n: no Nyquist mode at all
+        assert torch.allclose(hodge(u), cl.functional.enforce_local(u, lib), atol=1e-13)
+        return
+    spec = torch.fft.fft2(u)
+    spec[..., n // 2, :] = 0
+    spec[..., :, n // 2] = 0
+    smooth = torch.fft.ifft2(spec).real
+    out = hodge(smooth)
+    assert torch.allclose(out, cl.functional.enforce_local(smooth, lib), atol=1e-13)
+    assert float(lib.residual(out).abs().max()) < 1e-10
+    diff = (torch.fft.fft2(hodge(u)) - torch.fft.fft2(cl.functional.enforce_local(u, lib))).abs()
+    off = diff.amax((0, 1)) > 1e-10
+    k = torch.arange(n)
+    assert bool(off.any())
+    assert bool(((k == n // 2).view(-1, 1) | (k == n // 2).view(1, -1))[off].all())
+    assert float((hodge(hodge(u)) - hodge(u)).abs().max()) > 1e-3
