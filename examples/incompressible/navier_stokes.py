@@ -203,10 +203,13 @@ class HodgeProjection(nn.Module):
         return torch.fft.irfft2(out, s=(n1, n2))
 
 
-def make_fno(b: Budget, seed: int) -> nn.Module:
+def make_fno(b: Budget, seed: int, embedding: bool = True) -> nn.Module:
+    """neuraloperator's FNO, seeded; ``embedding=False``: without its (non-periodic) ``grid``
+    positional embedding."""
     from neuralop.models import FNO
 
     torch.manual_seed(seed)
+    extra = {} if embedding else {"positional_embedding": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return FNO(
@@ -215,6 +218,7 @@ def make_fno(b: Budget, seed: int) -> nn.Module:
             out_channels=2,
             hidden_channels=b.width,
             n_layers=b.layers,
+            **extra,
         )
 
 
@@ -278,8 +282,10 @@ def rollout(model: nn.Module, traj: Tensor, steps: int, scale: float) -> dict:
     }
 
 
-def train_one(name: str, seed: int, b: Budget, data: dict, scale: float) -> tuple[dict, Tensor]:
-    model = build(name, make_fno(b, seed))
+def train_one(
+    name: str, seed: int, b: Budget, data: dict, scale: float, embedding: bool = True
+) -> tuple[dict, Tensor]:
+    model = build(name, make_fno(b, seed, embedding))
     x, y = pairs(data["train"], b.frames)
     x, y = (x / scale).float(), (y / scale).float()
     steps_per_epoch = math.ceil(len(x) / b.batch)
@@ -463,10 +469,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", type=Path, default=None, help="data and runs (default out/)")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached runs")
     ap.add_argument("--gaussian-every", type=int, default=None, help="every k-th test pair")
+    ap.add_argument(
+        "--no-embedding",
+        action="store_true",
+        help="FNOs without the grid positional embedding (results named *_noemb; no figures)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     budget = "smoke" if args.smoke else "quick" if args.quick else "full"
     b = BUDGETS[budget]
+    label = budget + ("_noemb" if args.no_embedding else "")
     cache = args.cache or (args.out / "out")
     data = load_data(b, cache)
     print(f"data: {budget}, generated in {float(data['seconds']):.1f} s", flush=True)
@@ -477,12 +489,12 @@ def main(argv: list[str] | None = None) -> dict:
     preds: dict[str, dict[int, Tensor]] = {m: {} for m in args.models}
     for seed in args.seeds:
         for name in args.models:  # interleaved per seed: the same load for each model
-            path = cache / "runs" / f"{budget}_{name}_{seed}"
+            path = cache / "runs" / f"{label}_{name}_{seed}"
             if path.with_suffix(".json").exists() and not args.retrain:
                 r = json.loads(path.with_suffix(".json").read_text())
                 p = torch.load(path.with_suffix(".pt"), weights_only=True)
             else:
-                r, p = train_one(name, seed, b, data, scale)
+                r, p = train_one(name, seed, b, data, scale, not args.no_embedding)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.with_suffix(".json").write_text(json.dumps(r))
                 torch.save(p, path.with_suffix(".pt"))
@@ -499,6 +511,7 @@ def main(argv: list[str] | None = None) -> dict:
         truth[f"rel_l2_projected_{name}"] = float(rel_l2(moved, ty).mean())
     res = {
         "budget": budget,
+        "positional_embedding": not args.no_embedding,
         "config": asdict(b),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "velocity_scale": scale,
@@ -524,10 +537,12 @@ def main(argv: list[str] | None = None) -> dict:
         every = args.gaussian_every or max(1, len(ty) // 50)
         res["gaussian"] = gaussian_case([preds["plain"][s] for s in args.seeds], ty, every)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"navier_stokes_{budget}.json").write_text(json.dumps(res, indent=1))
-    seed0 = args.seeds[0]
-    i = min(len(ty) - 1, b.frames // 2)  # trajectory 0, a middle frame
-    figures({m: preds[m][seed0][i] for m in args.models}, ty[i], args.out / "figures", budget)
+    (args.out / f"navier_stokes_{label}.json").write_text(json.dumps(res, indent=1))
+    if not args.no_embedding:
+        seed0 = args.seeds[0]
+        i = min(len(ty) - 1, b.frames // 2)  # trajectory 0, a middle frame
+        fields = {m: preds[m][seed0][i] for m in args.models}
+        figures(fields, ty[i], args.out / "figures", budget)
     print(tables(res))
     return res
 
