@@ -22,8 +22,9 @@ import re
 import sys
 from pathlib import Path
 
-# README sections a newcomer reads first: they stay in the README.
-KEEP = ("intro", "quickstart")
+# README sections a newcomer reads first, and the measured cost the README states with its
+# command: they stay in the README.
+KEEP = ("intro", "quickstart", "local-measured")
 
 SECTION = re.compile(
     r"<!-- section:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /section:(?P=name) -->\n", re.S
