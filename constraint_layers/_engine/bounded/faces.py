@@ -67,6 +67,28 @@ class _Stack:
     def __init__(self, E: Tensor, W: Tensor, T: Tensor, n: int) -> None:
         self.E, self.W, self.T, self.n = E, W, T, n
         self.M = E.shape[-2]
+        self._pairs: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k, l, c)``: every pair of wall rows that read the same column ``c`` (each wall row
+        reads a few values: a few pairs per column)."""
+        if self._pairs is None:
+            rows, cols = (self.W != 0).nonzero(as_tuple=True)  # sorted by row
+            order = torch.argsort(cols, stable=True)
+            rows, cols = rows[order], cols[order]
+            t = self.W.shape[1]
+            count = torch.bincount(cols, minlength=t)
+            width = int(count.max()) if count.numel() else 0
+            start = torch.cumsum(count, 0) - count
+            slot = torch.arange(rows.numel()) - start[cols]
+            table = torch.full((t, max(width, 1)), -1, dtype=torch.long)
+            table[cols, slot] = rows
+            a = table[:, :, None].expand(t, table.shape[1], table.shape[1])
+            b = table[:, None, :].expand_as(a)
+            c = torch.arange(t)[:, None, None].expand_as(a)
+            ok = (a >= 0) & (b >= 0)
+            self._pairs = (a[ok], b[ok], c[ok])
+        return self._pairs
 
     @property
     def k(self) -> int:
@@ -97,7 +119,7 @@ class _Stack:
         ``keep`` (B, k) only: ``(J, sel, valid)``, ``J`` (B, k', k') over the rows ``sel``
         (B, k') (the dense rows first, then the kept wall rows, padded to the most any sample
         keeps); ``valid`` (B, k') marks the kept ones. Each wall row reads a few values near
-        the walls: ``O(k'^2 t)`` per sample, never ``O(k^2)``."""
+        the walls: ``O(M n + M k' t + pairs)`` per sample, never ``O(k^2)``."""
         B, M = free.shape[0], self.M
         selW, validW = _compact(keep[:, M:])
         sel = torch.cat([torch.arange(M).expand(B, M), M + selW], -1)
@@ -107,7 +129,20 @@ class _Stack:
         Ws = torch.where(validW.unsqueeze(-1), Ws, torch.zeros((), dtype=Ws.dtype))
         EE = EF @ self.E.mT
         EW = EF[..., self.T] @ Ws.mT
-        WW = (Ws * free[:, self.T].unsqueeze(-2)) @ Ws.mT
+        # the kept wall rows' Gram over the pairs of rows that share a column (each wall row
+        # reads a few values): O(pairs) per sample, not O(k'^2 t)
+        kw, K = selW.shape[1], self.W.shape[0]
+        pos = torch.full((B, K), -1, dtype=torch.long)
+        pos = pos.scatter(1, selW, torch.where(validW, torch.arange(kw).expand(B, kw), -1))
+        a, b, c = self.pairs()
+        pa, pb = pos[:, a], pos[:, b]  # (B, pairs)
+        both = (pa >= 0) & (pb >= 0)
+        prod = (self.W[a, c] * self.W[b, c]) * (free[:, self.T[c]] & both)
+        index = torch.where(both, pa * kw + pb, 0)
+        WW = self.W.new_zeros((B, kw * kw))
+        if kw:
+            WW = WW.scatter_add(1, index, prod)
+        WW = WW.reshape(B, kw, kw)
         J = torch.cat([torch.cat([EE, EW], -1), torch.cat([EW.mT, WW], -1)], -2)
         both = valid.unsqueeze(-1) & valid.unsqueeze(-2)
         J = torch.where(both, J, torch.zeros((), dtype=J.dtype))
@@ -241,12 +276,17 @@ def project_faces_bounded(
     """
     B, n = u.shape
     M, K = E.shape[-2], W.shape[0]
-    W2 = torch.cat([W, -W])  # lower rows W v >= wl, upper rows -W v >= -wh
+    # lower rows W v >= wl, upper rows -W v >= -wh; a row infinite in every sample left out
+    side = torch.cat([torch.isfinite(wl.detach()).any(0), torch.isfinite(wh.detach()).any(0)])
+    rows2 = side.nonzero().flatten()  # positions in [lower rows; upper rows]
+    sign = torch.where(rows2 < K, 1.0, -1.0).to(F64).unsqueeze(-1)
+    W2 = sign * W.to(F64)[rows2 % K]
+    bounds2 = torch.cat([wl.to(F64), -wh.to(F64)], -1)[:, rows2]  # (B, K2)
     with torch.no_grad():
         u64 = u.detach().to(F64)
         lo64 = None if lo is None else lo.detach().to(F64)
         hi64 = None if hi is None else hi.detach().to(F64)
-        r_w = torch.cat([wl.detach().to(F64), -wh.detach().to(F64)], -1)  # (B, 2K)
+        r_w = bounds2.detach()
         enabled = torch.cat([torch.ones((B, M), dtype=torch.bool), torch.isfinite(r_w)], -1)
         r = torch.where(enabled, torch.cat([e.detach().to(F64), r_w], -1), 0.0)
         R = _Stack(E.detach().to(F64), W2.detach().to(F64), T, n)
@@ -260,12 +300,15 @@ def project_faces_bounded(
         at_lo = torch.zeros((B, n), dtype=torch.bool) if lo64 is None else w <= lo64
         at_hi = torch.zeros((B, n), dtype=torch.bool) if hi64 is None else w >= hi64
         held = torch.cat([torch.ones((B, M), dtype=torch.bool), y[:, M:] > 0], -1)
-        at_wl, at_wh = y[:, M : M + K] > 0, y[:, M + K :] > 0
+        at_w = torch.zeros((B, 2 * K), dtype=torch.bool)
+        at_w[:, rows2] = y[:, M:] > 0
+        at_wl, at_wh = at_w[:, :K], at_w[:, K:]
     # the solution on the active sets, with autograd: the rows and the held wall values over
     # the free entries, the box-active entries at their bound
     dev = u.device
-    Rg = _Stack(E.to(F64), W2.to(F64), T, n)
-    rg = torch.cat([e.to(F64), wl.to(F64), -wh.to(F64)], -1)
+    Rg = _Stack(E.to(F64), W2, T, n)
+    Rg._pairs = R._pairs  # the same wall rows
+    rg = torch.cat([e.to(F64), bounds2], -1)
     fixed = at_lo | at_hi
     xa = torch.zeros((B, n), dtype=F64, device=dev)
     if lo is not None:
