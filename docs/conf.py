@@ -87,7 +87,7 @@ nitpick_ignore_regex = [
     # private helpers that public signatures mention (constraint_layers._tolerance.Tolerance, a
     # TypeVar of the registry) and the internal types of the refinement machinery
     (r"py:.*", r"constraint_layers(\.\w+)*\._\w+.*"),
-    (r"py:.*", r"constraint_layers\.boundary\.(refine|spectral)\.\w+"),
+    (r"py:.*", r"constraint_layers\.boundary\.(refine|spectral)(\.\w+)+"),
     (r"py:.*", r"(torch|numpy|np|nn|gpytorch|linear_operator|neuralop|scipy|lightning)(\..*)?"),
     (r"py:.*", r"(typing|collections\.abc|collections|abc|types|pathlib|os|enum|dataclasses)\..*"),
     (r"py:.*", r"(Tensor|Module|Parameter|LinearOperator|MultivariateNormal|Path|PathLike)"),

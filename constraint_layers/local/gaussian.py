@@ -176,7 +176,7 @@ def condition_local(
         ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
         64 nodes per channel), ``.estimate_variance(probes)`` (Hutchinson, with its standard
         error), ``.sample(n)`` (exact draws). A diagonal variance with Dirichlet walls (or none)
-        gives a :class:`LocalGaussian`; a full covariance, a low-rank one or other walls a
+        gives a :class:`~constraint_layers.local.LocalGaussian`; a full covariance, a low-rank one or other walls a
         :class:`~constraint_layers.local.covariance.LocalConditioned` (the same methods, and
         ``.covariance()``, ``.log_prob``).
     """

@@ -275,7 +275,7 @@ def rows_of(
 ) -> tuple[list[Rows], list[Rows]]:
     """``(boundary rows, the other equality rows)`` of ``constraints`` for an output grid
     ``shape``: the other rows are the conservation rows and the local rows (as dense rows,
-    :func:`local_as_rows`), in the order the constraints are given. Bounds state no rows."""
+    ``local_as_rows``), in the order the constraints are given. Bounds state no rows."""
     bnd = [c for c in constraints if c.family == "boundary"]
     brows = []
     if bnd:
