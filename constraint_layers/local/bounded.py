@@ -69,6 +69,24 @@ def _multipliers(
     ).reshape(1, *shape)
 
 
+def check_walls_in_bounds(z, mask, lo, hi, bounds, call) -> None:
+    """A Dirichlet wall value outside the bounds raises (nothing can move it)."""
+    if mask is None:
+        return
+    fixed = z.detach().to(F64)
+    bad = torch.zeros_like(fixed, dtype=torch.bool)
+    if lo is not None:
+        bad |= (fixed < lo.detach()) & ~mask
+    if hi is not None:
+        bad |= (fixed > hi.detach()) & ~mask
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
+            f"bounds {list(bounds)}; nothing can move a Dirichlet value."
+        )
+
+
 def project_local_bounded(
     op: LocalOperator,
     z: Tensor,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..rows import GridSpec
+from .bounded import check_walls_in_bounds
 from .constraint import LocalRows
 from .covariance import DENSE_VARIANCE_MAX_NODES, LocalConditioned, condition_covariance
 from .implicit import project_cg
@@ -176,9 +177,9 @@ def condition_local(
         ``.mean`` (differentiable: implicit backward), ``.variance`` (exact, dense, up to 64 x
         64 nodes per channel), ``.estimate_variance(probes)`` (Hutchinson, with its standard
         error), ``.sample(n)`` (exact draws). A diagonal variance with Dirichlet walls (or none)
-        gives a :class:`~constraint_layers.local.LocalGaussian`; a full covariance, a low-rank one or other walls a
-        :class:`~constraint_layers.local.covariance.LocalConditioned` (the same methods, and
-        ``.covariance()``, ``.log_prob``).
+        gives a :class:`~constraint_layers.local.LocalGaussian`; a full covariance, a low-rank
+        one or other walls a :class:`~constraint_layers.local.covariance.LocalConditioned` (the
+        same methods, and ``.covariance()``, ``.log_prob``).
     """
     _check_grid_output(mean, call)
     local, walls_, totals = _split([constraint, *walls], call)
@@ -301,7 +302,7 @@ def _condition_bounded(mean, variance, local, walls, bounds, grid, inputs, call)
     z, mask = _walls(mean, walls, grid, inputs, call)
     lo, hi = resolve_bounds(bounds, tuple(mean.shape), dtype=F64, device=mean.device,
                             inputs=inputs, flat_shape=None, call=call)  # fmt: skip
-    _check_walls_in_bounds(z, mask, lo, hi, bounds, call)
+    check_walls_in_bounds(z, mask, lo, hi, bounds, call)
     rows: LocalRows = local.rows(tuple(mean.shape), grid=grid, inputs=inputs)
     op, f = rows.operator, rows.rhs.to(mean.device)
     w = variance.to(F64)
@@ -331,21 +332,3 @@ def _condition_bounded(mean, variance, local, walls, bounds, grid, inputs, call)
     zh = torch.where(held, x.to(mean.dtype), z)
     vh = torch.where(held, torch.zeros_like(w), w)
     return LocalGaussian(out, vh, op, mask, f, zh, None, mean.dtype, call)
-
-
-def _check_walls_in_bounds(z, mask, lo, hi, bounds, call) -> None:
-    """A Dirichlet wall value outside the bounds raises (nothing can move it)."""
-    if mask is None:
-        return
-    fixed = z.detach().to(F64)
-    bad = torch.zeros_like(fixed, dtype=torch.bool)
-    if lo is not None:
-        bad |= (fixed < lo.detach()) & ~mask
-    if hi is not None:
-        bad |= (fixed > hi.detach()) & ~mask
-    if bool(bad.any()):
-        idx = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
-            f"bounds {list(bounds)}; nothing can move a Dirichlet value."
-        )

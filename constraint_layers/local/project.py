@@ -345,7 +345,7 @@ def project_record(
 def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tensor:
     """Bounds with local rows (and Dirichlet walls): :mod:`constraint_layers.local.bounded`."""
     from ..bounds import resolve_bounds
-    from .bounded import project_local_bounded
+    from .bounded import check_walls_in_bounds, project_local_bounded
 
     if lift or not _dirichlet_only(walls):
         raise NotImplementedError(
@@ -356,19 +356,7 @@ def _bounded(y, local, walls, totals, bounds, grid, inputs, lift, call) -> Tenso
     z, mask = _walls(y, walls, grid, inputs, call)
     lo, hi = resolve_bounds(bounds, tuple(y.shape), dtype=F64, device=y.device, inputs=inputs,
                             flat_shape=None, call=call)  # fmt: skip
-    if mask is not None:
-        fixed = z.detach().to(F64)
-        bad = torch.zeros_like(fixed, dtype=torch.bool)
-        if lo is not None:
-            bad |= (fixed < lo.detach()) & ~mask
-        if hi is not None:
-            bad |= (fixed > hi.detach()) & ~mask
-        if bool(bad.any()):
-            idx = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"{call}: the wall value {float(fixed[idx])!r} at index {idx} is outside the "
-                f"bounds {list(bounds)}; nothing can move a Dirichlet value."
-            )
+    check_walls_in_bounds(z, mask, lo, hi, bounds, call)
     rows: LocalRows = local.rows(tuple(y.shape), grid=grid, inputs=inputs)
     out = project_local_bounded(
         rows.operator, z.to(F64), rows.rhs.to(y.device), mask, lo, hi, call,

@@ -15,6 +15,7 @@ Run (not collected by pytest; on an idle machine, GPU if there is one)::
     .venv/bin/python tests/benchmarks/bench_local.py --quick    # smaller sizes
     .venv/bin/python tests/benchmarks/bench_local.py --profile  # where a step's time goes
     .venv/bin/python tests/benchmarks/bench_local.py --dct      # the DCT fast solve forced
+    .venv/bin/python tests/benchmarks/bench_local.py --iterations  # + CG counts by variance/walls
 
 ``--profile`` (no timing table): per constrained FNO step, the CG iterations of each local solve
 and the share of the step's CPU time spent in ``constraint_layers`` (cProfile, cumulative time of
@@ -183,8 +184,46 @@ def gaussian(args, device) -> None:
                 run = lambda m=m, v=v, c=con: cl.functional.condition_local(m, v, c)  # noqa: E731
                 t = min(timed(run, device, 3))
                 print(f"  {n}^2 {label:8s} {t * 1e3:9.2f} ms   CG iterations {iterations[-1]}")
+        if args.iterations:
+            _iteration_table(args, device, iterations)
     finally:
         solve.pcg = orig
+
+
+def _variance(kind: str, contrast: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """Variances in ``[1, contrast]``: i.i.d. uniform, or a smooth field."""
+    if kind == "iid":
+        return 1 + (contrast - 1) * torch.rand(1, 2, n, n, dtype=F64, generator=g)
+    x = torch.linspace(0, 1, n, dtype=F64)
+    s = 0.5 + 0.5 * torch.sin(2 * math.pi * x)[:, None] * torch.cos(2 * math.pi * x)[None, :]
+    return (1 + (contrast - 1) * s).expand(1, 2, n, n)
+
+
+def _iteration_table(args, device, iterations: list[int]) -> None:
+    """CG iterations of the Gaussian conditioning (no timings): variance kind and contrast,
+    walls of each kind, against the grid size."""
+    neumann = (cl.Neumann(0.0, dim=0), cl.Neumann(0.0, dim=1))
+    no_slip = (cl.Dirichlet(0.0, dim=0), cl.Dirichlet(0.0, dim=1))
+    cases = (
+        ("periodic", cl.DivergenceFree(periodic=True), ()),
+        ("walls", cl.DivergenceFree(), ()),
+        ("no-slip", cl.DivergenceFree(), no_slip),
+        ("Neumann", cl.DivergenceFree(), neumann),
+    )
+    sizes = args.gaussian_sizes
+    print(f"CG iterations, Gaussian conditioning (diagonal variance), n = {sizes}")
+    for kind in ("iid", "smooth"):
+        for contrast in (10.0, 100.0):
+            for label, con, walls in cases:
+                counts = []
+                for n in sizes:
+                    g = torch.Generator(device="cpu").manual_seed(0)
+                    m = torch.randn(1, 2, n, n, dtype=F64, generator=g).to(device)
+                    v = _variance(kind, contrast, n, g).to(device)
+                    iterations.clear()
+                    cl.functional.condition_local(m, v, con, *walls)
+                    counts.append(max(iterations) if iterations else 0)
+                print(f"  {kind:6s} contrast {contrast:5.0f} {label:8s} {counts}")
 
 
 def main() -> None:
@@ -193,6 +232,11 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="iterations and time shares only")
     p.add_argument(
         "--dct", action="store_true", help="force the DCT fast solve (off by default) on walls"
+    )
+    p.add_argument(
+        "--iterations",
+        action="store_true",
+        help="also the CG iteration counts of the Gaussian conditioning by variance and walls",
     )
     args = p.parse_args()
     if args.dct:
