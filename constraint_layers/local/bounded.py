@@ -25,6 +25,7 @@ from ..errors import IncompatibleConstraintsError
 from .implicit import project_cg
 from .operator import LocalOperator
 from .solve import System, _scale
+from .totals import dense_totals
 
 __all__ = ["MAX_SWEEPS", "project_local_bounded"]
 
@@ -114,7 +115,8 @@ def project_local_bounded(
     hi = None if upper is None else torch.broadcast_to(upper.to(F64), z.shape)
     dense = None
     if totals:
-        dense = _dense_totals(totals, tuple(z.shape), z.device)
+        cons, grid, inputs = totals
+        dense = dense_totals(cons, tuple(z.shape), grid, inputs, z.device)
     out = []
     for b in range(z.shape[0]):
         w = None if weight is None else weight[b : b + 1].to(F64)
@@ -124,20 +126,6 @@ def project_local_bounded(
             tot = (G if G.ndim == 2 else G[b], rhs[b], labels)
         out.append(_one(op, z[b : b + 1], f[b : b + 1], free0, lo, hi, b, call, w, tot, totals))
     return torch.cat(out)
-
-
-def _dense_totals(totals: tuple, shape: tuple, device) -> tuple[Tensor, Tensor, list]:
-    """``(G, b, labels)``: the totals' dense rows ((M, n) or (batch, M, n)) and values."""
-    import math
-
-    from ..rows import Rows
-
-    cons, grid, inputs = totals
-    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in cons]
-    stacked = Rows.stack(parts, shape[0])
-    G = stacked.dense(math.prod(shape[1:])).to(device)
-    labels = [f"{c!r} row {i}" for c, p in zip(cons, parts) for i in range(p.num_rows)]
-    return G, stacked.rhs.to(device), labels
 
 
 def _one(op, z, f, free0, lo, hi, b, call: str, w=None, tot=None, totals=None) -> Tensor:

@@ -29,7 +29,7 @@ from .covariance import DENSE_VARIANCE_MAX_NODES, LocalConditioned, condition_co
 from .implicit import project_cg
 from .project import _check_grid_output, _dirichlet_only, _split, _walls
 from .solve import NULL_RTOL
-from .totals import solve_small
+from .totals import dense_totals, solve_small
 
 __all__ = ["DENSE_VARIANCE_MAX_NODES", "LocalGaussian", "condition_local"]
 
@@ -235,15 +235,11 @@ def _totals_schur(m1, op, mask, w, totals, grid, inputs, dtype, call):
     weighted by the variance, projected onto the local rows in that metric: one local solve per
     row and sample), ``A = G V^T``; the totals must be compatible with ``m1``'s rows."""
     from .._tolerance import tolerance
-    from ..rows import Rows
 
     shape = tuple(m1.shape)
     batch, n = shape[0], math.prod(shape[1:])
-    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
-    stacked = Rows.stack(parts, batch)
-    G = stacked.dense(n).to(m1.device)
+    G, b, labels = dense_totals(totals, shape, grid, inputs, m1.device)
     G = G.expand(batch, *G.shape[-2:]) if G.ndim == 2 else G  # (batch, M, n)
-    b = stacked.rhs.to(m1.device)
     k = G.shape[-2]
     y = (G.reshape(batch, k, *shape[1:]) * w.unsqueeze(1)).flatten(0, 1)
     if mask is not None:
@@ -257,7 +253,6 @@ def _totals_schur(m1, op, mask, w, totals, grid, inputs, dtype, call):
     flat = m1.reshape(batch, n)
     r = (G @ flat.unsqueeze(-1)).squeeze(-1) - b
     scale = (G.abs() @ flat.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
-    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
     solve_small(A, r, scale, tolerance(dtype).residual, labels, call)  # compatibility
     lam, Q = torch.linalg.eigh(A)
     keep = lam > NULL_RTOL * lam.amax(-1, keepdim=True).clamp_min(torch.finfo(F64).tiny)

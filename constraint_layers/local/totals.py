@@ -15,20 +15,29 @@ __all__ = ["solve_small", "with_totals", "with_totals_step"]
 F64 = torch.float64
 
 
+def dense_totals(totals, shape, grid, inputs, device) -> tuple[Tensor, Tensor, list[str]]:
+    """The totals' rows on an output of ``shape``, dense: ``(G, b, labels)``, ``G`` float64
+    (M, n) when every sample shares them, else (batch, M, n); ``b`` (batch, M); one label per
+    row for the messages."""
+    from ..rows import Rows
+
+    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
+    stacked = Rows.stack(parts, shape[0])
+    G = stacked.dense(math.prod(shape[1:])).to(device)
+    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
+    return G, stacked.rhs.to(device), labels
+
+
 def with_totals(u1, local_projection, mask, totals, grid, inputs, dtype, call) -> Tensor:
     """Totals ``G u = b`` (a few dense rows) on top of the local rows, by the Schur complement
     over the local solver: ``u = u1 - V mu`` with ``V = P0(M G^T)`` (each row, as a field on the
     free nodes, projected onto the null space of the local rows: one local solve per row) and
     ``(G V) mu = G u1 - b``. The Euclidean projection onto all rows at once (float64)."""
     from .._tolerance import tolerance
-    from ..rows import Rows
 
     shape = tuple(u1.shape)
     n = math.prod(shape[1:])
-    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
-    stacked = Rows.stack(parts, shape[0])
-    G = stacked.dense(n).to(u1.device)  # (M, n) or (batch, M, n)
-    b = stacked.rhs.to(u1.device)  # (batch, M)
+    G, b, labels = dense_totals(totals, shape, grid, inputs, u1.device)
     lead = G.shape[:-2]
     fields = G.reshape(-1, *shape[1:])
     if mask is not None:
@@ -45,7 +54,6 @@ def with_totals(u1, local_projection, mask, totals, grid, inputs, dtype, call) -
         A = G @ V.mT
         scale = (G.abs() @ flat.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
     A = 0.5 * (A + A.mT)
-    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
     mu = solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
     step = mu @ V if V.ndim == 2 else (mu.unsqueeze(-2) @ V).squeeze(-2)
     return (flat - step).reshape(shape)
@@ -58,15 +66,11 @@ def with_totals_step(v1, project0, affine, step, totals, grid, inputs, dtype, ca
     per total and sample): ``v = v1 - V mu``, ``V = P0(S^T G^T)``, ``(G S V) mu = G B(v1) - b``.
     Returns ``v`` (float64; the caller applies ``B``)."""
     from .._tolerance import tolerance
-    from ..rows import Rows
 
     shape = tuple(v1.shape)
     batch, n = shape[0], math.prod(shape[1:])
-    parts = [c.rows(shape, grid=grid, inputs=inputs) for c in totals]
-    stacked = Rows.stack(parts, batch)
-    G = stacked.dense(n).to(v1.device)
+    G, b, labels = dense_totals(totals, shape, grid, inputs, v1.device)
     G = G.expand(batch, *G.shape[-2:]) if G.ndim == 2 else G  # (batch, M, n)
-    b = stacked.rhs.to(v1.device)  # (batch, M)
     m = G.shape[1]
     fields = []
     for i in range(m):  # S^T g_i per sample, then its part off the local rows' span
@@ -82,7 +86,6 @@ def with_totals_step(v1, project0, affine, step, totals, grid, inputs, dtype, ca
     out1 = affine(v1).reshape(batch, n)
     r = (G @ out1.unsqueeze(-1)).squeeze(-1) - b
     scale = (G.abs() @ out1.abs().unsqueeze(-1)).squeeze(-1) + b.abs()
-    labels = [f"{c!r} row {i}" for c, p in zip(totals, parts) for i in range(p.num_rows)]
     mu = solve_small(A, r, scale, tolerance(dtype).residual, labels, call)
     return v1 - (mu.unsqueeze(-2) @ V).squeeze(-2).reshape(shape)
 
